@@ -1,0 +1,125 @@
+//! `fedstat-coordinator`: run the coordinator, or manage the federation's PKI.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fedstat_shared::identity::Role;
+
+#[derive(Parser)]
+#[command(
+    name = "fedstat-coordinator",
+    version,
+    about = "fedstat coordinator: orchestrates federated rounds"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve nodes and researchers until SIGINT/SIGTERM.
+    Run {
+        /// The coordinator's TOML config (see configs/coordinator.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// The federation's certificate authority.
+    #[command(subcommand)]
+    Pki(Pki),
+}
+
+#[derive(Subcommand)]
+enum Pki {
+    /// Create the federation CA and the coordinator's certificate in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Name of the federation (certificate organisation).
+        #[arg(long, default_value = "fedstat federation")]
+        federation: String,
+        /// DNS names and IP addresses the coordinator is reached at (repeatable).
+        #[arg(long = "san", default_values = ["localhost", "127.0.0.1"])]
+        sans: Vec<String>,
+    },
+    /// Issue a certificate and key for a node, researcher or admin.
+    Issue {
+        /// Folder holding the CA (from `pki init`).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        role: Role,
+        /// The party's name (letters, digits, `.`, `_`, `-`); nodes are known by it.
+        #[arg(long)]
+        name: String,
+        /// Where to write NAME.pem and NAME.key (default: DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = fedstat_shared::pki::DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let cfg = fedstat_coordinator::config::CoordinatorConfig::load(&config)?;
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            rt.block_on(async {
+                let (endpoint, addr) = fedstat_coordinator::server::bind(&cfg)?;
+                // Tests and the demo read the bound address from this line.
+                println!("listening on {addr}");
+                std::io::stdout().flush().context("cannot write to stdout")?;
+                fedstat_coordinator::server::serve(endpoint, &cfg, fedstat_shared::shutdown::signal()).await;
+                anyhow::Ok(())
+            })?;
+            eprintln!("fedstat-coordinator: stopped");
+            Ok(())
+        }
+        Command::Pki(Pki::Init {
+            dir,
+            federation,
+            sans,
+        }) => {
+            fedstat_shared::pki::init(&dir, &federation, &sans)?;
+            println!(
+                "created the federation CA and the coordinator certificate in {}",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Pki(Pki::Issue {
+            dir,
+            role,
+            name,
+            out,
+            days,
+        }) => {
+            let out = out.unwrap_or_else(|| dir.clone());
+            let (cert, key) = fedstat_shared::pki::issue(&dir, role, &name, &out, days)?;
+            println!("issued {role} `{name}`: {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+    }
+}

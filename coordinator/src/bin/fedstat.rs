@@ -1,0 +1,248 @@
+//! `fedstat`: the researcher CLI. Submit and follow experiments, fetch results, list nodes,
+//! or run a whole local federation with `fedstat demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fedstat_coordinator::client::Client;
+use fedstat_coordinator::config::ResearcherConfig;
+use fedstat_coordinator::demo::{self, DemoOptions};
+use fedstat_coordinator::results;
+use fedstat_shared::spec::ExperimentSpec;
+use fedstat_shared::wire::ExperimentState;
+
+#[derive(Parser)]
+#[command(name = "fedstat", version, about = "fedstat researcher CLI")]
+struct Cli {
+    /// Researcher config (see configs/researcher.toml) [env: FEDSTAT_CONFIG, default: researcher.toml]
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit an experiment TOML; prints its id.
+    Submit { experiment: PathBuf },
+    /// Show one experiment, or all.
+    Status { id: Option<u64> },
+    /// Follow an experiment until it ends: round k of n with its pooled test metrics.
+    Watch { id: u64 },
+    /// Write model.json, metrics.csv and parameters.bin of an experiment's latest model.
+    Results {
+        id: u64,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Connected nodes and the dataset names they offer.
+    Nodes,
+    /// Run a complete local federation of real processes on this machine.
+    Demo {
+        /// Folder with one CSV per node (default: the bundled CPS 1988 data, 4 offices).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Experiment TOML (default: logistic regression of wage > 522.32).
+        #[arg(long)]
+        experiment: Option<PathBuf>,
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Where to write the results.
+        #[arg(long, default_value = "fedstat-demo-results")]
+        out: PathBuf,
+        /// One line per round.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_path(cli: &Cli) -> PathBuf {
+    cli.config
+        .clone()
+        .or_else(|| std::env::var_os("FEDSTAT_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("researcher.toml"))
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let path = config_path(cli);
+    let cfg = ResearcherConfig::load(&path).with_context(|| "loading the researcher config (--config)")?;
+    Ok(Client::connect(&cfg).await?)
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Submit { experiment } => {
+            let spec = ExperimentSpec::from_toml_file(experiment)?;
+            let client = connect(&cli).await?;
+            let id = client.submit(spec).await?;
+            if cli.json {
+                print_json(&serde_json::json!({ "experiment": id }))?;
+            } else {
+                println!("{id}");
+            }
+            client.close().await;
+        }
+        Command::Status { id } => {
+            let client = connect(&cli).await?;
+            let all = client.status(*id).await?;
+            if cli.json {
+                print_json(&all)?;
+            } else if let (Some(_), Some(s)) = (id, all.first()) {
+                println!(
+                    "experiment {} \"{}\" ({}) by {}",
+                    s.id,
+                    s.name,
+                    s.model.as_str(),
+                    s.submitter
+                );
+                println!("state: {}", s.state);
+                println!("rounds: {} of {}", s.rounds_done, s.rounds);
+                if !s.participants.is_empty() {
+                    println!("current participants: {}", s.participants.join(", "));
+                }
+                for r in &s.history {
+                    println!("  {}", results::round_line(r, s.rounds));
+                }
+                println!("events:");
+                for e in &s.events {
+                    println!("  +{:>8.1} s  {}", e.at_ms as f64 / 1000.0, e.message);
+                }
+            } else {
+                println!("{:>4}  {:<24} {:<9} {:>9} state", "id", "name", "model", "rounds");
+                for s in &all {
+                    println!("{}", results::status_line(s));
+                }
+            }
+            client.close().await;
+        }
+        Command::Watch { id } => {
+            let client = connect(&cli).await?;
+            let (mut rounds, mut events) = (0, 0);
+            let last = loop {
+                let s = client
+                    .status(Some(*id))
+                    .await?
+                    .pop()
+                    .context("the coordinator returned no status")?;
+                for e in s.events.iter().skip(events) {
+                    if cli.json {
+                        print_json(&serde_json::json!({ "event": e }))?;
+                    } else {
+                        println!("  +{:>8.1} s  {}", e.at_ms as f64 / 1000.0, e.message);
+                    }
+                }
+                for r in s.history.iter().skip(rounds) {
+                    if cli.json {
+                        print_json(&serde_json::json!({ "round": r }))?;
+                    } else {
+                        println!("{}", results::round_line(r, s.rounds));
+                    }
+                }
+                (rounds, events) = (s.history.len(), s.events.len());
+                if s.state.is_finished() {
+                    break s;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            };
+            client.close().await;
+            println!("experiment {}: {}", last.id, last.state);
+            if let ExperimentState::Failed { .. } = last.state {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Results { id, out } => {
+            let client = connect(&cli).await?;
+            let (header, params) = client.results(*id).await?;
+            let files = results::write(out, &header, &params)?;
+            client.close().await;
+            if cli.json {
+                print_json(&results::model_json(&header, &params))?;
+            } else {
+                for f in files {
+                    println!("wrote {}", out.join(f).display());
+                }
+            }
+        }
+        Command::Nodes => {
+            let client = connect(&cli).await?;
+            let nodes = client.nodes().await?;
+            client.close().await;
+            if cli.json {
+                print_json(&nodes)?;
+            } else {
+                for n in nodes {
+                    println!(
+                        "{:<24} connected {:>6} s   datasets: {}",
+                        n.name,
+                        n.connected_secs,
+                        n.datasets.join(", ")
+                    );
+                }
+            }
+        }
+        Command::Demo {
+            data,
+            experiment,
+            rounds,
+            out,
+            verbose,
+        } => {
+            let report = demo::run(DemoOptions {
+                data: data.clone(),
+                experiment: experiment.clone(),
+                rounds: *rounds,
+                out: out.clone(),
+                verbose: *verbose,
+            })
+            .await?;
+            if cli.json {
+                print_json(&serde_json::json!({
+                    "experiment": report.experiment,
+                    "nodes": report.nodes,
+                    "rounds": report.rounds,
+                    "seconds": report.seconds,
+                    "federated": report.federated,
+                    "central": report.central,
+                }))?;
+            } else {
+                println!("demo finished in {:.1} s", report.seconds);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

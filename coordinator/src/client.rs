@@ -1,0 +1,152 @@
+//! The researcher's side of the protocol: one QUIC connection with a researcher (or admin)
+//! certificate, one bidirectional stream per request.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fedstat_shared::identity::Role;
+use fedstat_shared::tls;
+use fedstat_shared::transport::{read_frame, read_tensor, write_frame};
+use fedstat_shared::wire::{
+    ExperimentId, ExperimentStatus, NodeInfo, Request, Response, ResultsHeader, PROTOCOL_VERSION,
+};
+
+use crate::config::ResearcherConfig;
+use crate::{Error, Result};
+
+/// How long one request may take (results of a 100M-parameter model included).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A connected researcher.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    /// Name and role the coordinator read from our certificate.
+    pub name: String,
+    pub role: Role,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("name", &self.name).finish()
+    }
+}
+
+impl Client {
+    pub async fn connect(cfg: &ResearcherConfig) -> Result<Self> {
+        let fail = |problem: String| Error::Connect {
+            addr: cfg.coordinator.clone(),
+            problem,
+        };
+        let addr: SocketAddr = tokio::net::lookup_host(&cfg.coordinator)
+            .await
+            .map_err(|e| fail(format!("cannot resolve the address: {e}")))?
+            .next()
+            .ok_or_else(|| fail("the address resolves to nothing".into()))?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().map_err(|_| fail("bad bind address".into()))?
+        } else {
+            "0.0.0.0:0".parse().map_err(|_| fail("bad bind address".into()))?
+        };
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| fail(format!("cannot open a UDP socket: {e}")))?;
+        endpoint.set_default_client_config(tls::client_config(&cfg.tls)?);
+        let connecting = endpoint
+            .connect(addr, &cfg.server_name)
+            .map_err(|e| fail(e.to_string()))?;
+        let conn = tokio::time::timeout(Duration::from_secs(15), connecting)
+            .await
+            .map_err(|_| fail("no answer within 15 s: is the coordinator running, and is UDP open?".into()))?
+            .map_err(|e| fail(format!("{e} (is our certificate issued by the federation's CA?)")))?;
+        let mut client = Client {
+            endpoint,
+            conn,
+            name: String::new(),
+            role: Role::Researcher,
+        };
+        match client
+            .call(Request::Hello {
+                protocol: PROTOCOL_VERSION,
+            })
+            .await?
+        {
+            Response::Welcome { name, role, .. } => {
+                client.name = name;
+                client.role = role;
+                Ok(client)
+            }
+            other => Err(Error::Protocol(format!("expected a welcome, got {other:?}"))),
+        }
+    }
+
+    async fn open(&self, req: &Request) -> Result<(quinn::RecvStream, Response)> {
+        let (mut send, mut recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::Protocol(format!("cannot open a stream: {e}")))?;
+        write_frame(&mut send, req).await?;
+        let _ = send.finish();
+        let response = read_frame::<Response>(&mut recv, "response")
+            .await?
+            .ok_or_else(|| Error::Protocol("the coordinator closed the stream without answering".into()))?;
+        match response {
+            Response::Error { message } => Err(Error::Refused(message)),
+            r => Ok((recv, r)),
+        }
+    }
+
+    /// Send one request and return its response; an error response becomes [`Error::Refused`].
+    pub async fn call(&self, req: Request) -> Result<Response> {
+        let (_, response) = tokio::time::timeout(REQUEST_TIMEOUT, self.open(&req))
+            .await
+            .map_err(|_| Error::Protocol("request timed out".into()))??;
+        Ok(response)
+    }
+
+    pub async fn submit(&self, spec: fedstat_shared::spec::ExperimentSpec) -> Result<ExperimentId> {
+        match self.call(Request::Submit { spec: Box::new(spec) }).await? {
+            Response::Submitted { experiment } => Ok(experiment),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn status(&self, experiment: Option<ExperimentId>) -> Result<Vec<ExperimentStatus>> {
+        match self.call(Request::Status { experiment }).await? {
+            Response::Status { experiments } => Ok(experiments),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>> {
+        match self.call(Request::Nodes).await? {
+            Response::Nodes { nodes } => Ok(nodes),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The latest global model of an experiment with its metadata.
+    pub async fn results(&self, experiment: ExperimentId) -> Result<(ResultsHeader, Vec<f64>)> {
+        let fetch = async {
+            let (mut recv, response) = self.open(&Request::Results { experiment }).await?;
+            let Response::Results(header) = response else {
+                return Err(unexpected(response));
+            };
+            let values = read_tensor(&mut recv, header.tensor, fedstat_shared::spec::MAX_PARAMS).await?;
+            Ok((*header, values.to_f64()))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fetch)
+            .await
+            .map_err(|_| Error::Protocol("request timed out".into()))?
+    }
+
+    /// Close the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn unexpected(r: Response) -> Error {
+    Error::Protocol(format!("unexpected response {r:?}"))
+}

@@ -1,0 +1,187 @@
+//! Config files of the coordinator and the researcher CLI: a raw `Deserialize` form with
+//! `deny_unknown_fields`, then a validated form whose paths are resolved against the file's
+//! folder. Every key is documented in `configs/*.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use fedstat_shared::tls::TlsFiles;
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl RawTls {
+    fn resolve(self, base: &Path) -> TlsFiles {
+        TlsFiles {
+            ca_cert: base.join(self.ca_cert),
+            cert: base.join(self.cert),
+            key: base.join(self.key),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCoordinator {
+    listen: SocketAddr,
+    tls: RawTls,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_connections: usize,
+    max_concurrent_updates: usize,
+    max_params: u64,
+    handshake_timeout_secs: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_connections: 1000,
+            max_concurrent_updates: 4,
+            max_params: fedstat_shared::spec::MAX_PARAMS,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+/// Validated coordinator configuration.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+    pub limits: Limits,
+}
+
+/// Resource limits; each one keeps a misbehaving peer from hurting the others.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open connections at most (nodes and researchers); more are refused at once.
+    pub max_connections: usize,
+    /// Updates staged at the same time; bounds memory at (this + 1) model sizes whatever the
+    /// number of nodes. Other uploads wait (QUIC flow control holds the senders back).
+    pub max_concurrent_updates: usize,
+    /// Largest model an experiment may declare.
+    pub max_params: u64,
+    /// Time a peer has for its first message after the TLS handshake.
+    pub handshake_timeout: std::time::Duration,
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+    toml::from_str(&text).map_err(|e| {
+        fedstat_shared::Error::Toml {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }
+        .into()
+    })
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_owned).unwrap_or_default()
+}
+
+fn invalid(what: &str, key: &str, problem: &str) -> Error {
+    fedstat_shared::Error::Config {
+        what: what.into(),
+        key: key.into(),
+        problem: problem.into(),
+    }
+    .into()
+}
+
+impl CoordinatorConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let raw: RawCoordinator = read_toml(path)?;
+        let what = format!("coordinator config {}", path.display());
+        let l = raw.limits;
+        if l.max_connections == 0 {
+            return Err(invalid(&what, "limits.max_connections", "must be at least 1"));
+        }
+        if l.max_concurrent_updates == 0 {
+            return Err(invalid(
+                &what,
+                "limits.max_concurrent_updates",
+                "must be at least 1",
+            ));
+        }
+        if l.max_params == 0 || l.max_params > fedstat_shared::spec::MAX_PARAMS {
+            return Err(invalid(
+                &what,
+                "limits.max_params",
+                "must be between 1 and 100000000",
+            ));
+        }
+        if l.handshake_timeout_secs == 0 {
+            return Err(invalid(
+                &what,
+                "limits.handshake_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(CoordinatorConfig {
+            listen: raw.listen,
+            tls: raw.tls.resolve(&base_dir(path)),
+            limits: Limits {
+                max_connections: l.max_connections,
+                max_concurrent_updates: l.max_concurrent_updates,
+                max_params: l.max_params,
+                handshake_timeout: std::time::Duration::from_secs(l.handshake_timeout_secs),
+            },
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResearcher {
+    coordinator: String,
+    #[serde(default = "default_server_name")]
+    server_name: String,
+    tls: RawTls,
+}
+
+fn default_server_name() -> String {
+    "localhost".to_owned()
+}
+
+/// Validated researcher CLI configuration.
+#[derive(Debug, Clone)]
+pub struct ResearcherConfig {
+    /// `host:port` of the coordinator.
+    pub coordinator: String,
+    /// Name the coordinator's certificate must carry.
+    pub server_name: String,
+    pub tls: TlsFiles,
+}
+
+impl ResearcherConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let raw: RawResearcher = read_toml(path)?;
+        if raw.coordinator.trim().is_empty() {
+            return Err(invalid(
+                &format!("researcher config {}", path.display()),
+                "coordinator",
+                "must be host:port",
+            ));
+        }
+        Ok(ResearcherConfig {
+            coordinator: raw.coordinator,
+            server_name: raw.server_name,
+            tls: raw.tls.resolve(&base_dir(path)),
+        })
+    }
+}

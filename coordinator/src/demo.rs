@@ -1,0 +1,464 @@
+//! `fedstat demo`: a whole federation on this machine, from the real binaries. In a temporary
+//! folder it creates a PKI, starts `fedstat-coordinator` and one `fedstat-node` per CSV file
+//! (separate processes talking QUIC on loopback), submits an experiment, shows its progress,
+//! compares the federated model with the same model fitted centrally on the pooled rows, writes
+//! the results and stops everything.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fedstat_shared::data::{column_sums, load_csv, Design, Standardization};
+use fedstat_shared::model::{evaluate, fit_central, metrics, Metrics};
+use fedstat_shared::spec::ExperimentSpec;
+use fedstat_shared::wire::ExperimentState;
+use ndarray::{concatenate, Axis};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::client::Client;
+use crate::config::ResearcherConfig;
+use crate::results;
+use crate::{Error, Result};
+
+/// The bundled data: four simulated offices (see configs/demo/cps1988/README.md).
+const BUNDLED: [(&str, &str); 4] = [
+    ("midwest", include_str!("../../configs/demo/cps1988/midwest.csv")),
+    (
+        "northeast",
+        include_str!("../../configs/demo/cps1988/northeast.csv"),
+    ),
+    ("south", include_str!("../../configs/demo/cps1988/south.csv")),
+    ("west", include_str!("../../configs/demo/cps1988/west.csv")),
+];
+const BUNDLED_README: &str = include_str!("../../configs/demo/cps1988/README.md");
+/// The default experiment: logistic regression of wage > 522.32.
+pub const DEFAULT_EXPERIMENT: &str = include_str!("../../configs/experiment-logit.toml");
+
+#[derive(Debug, Clone, Default)]
+pub struct DemoOptions {
+    /// Folder with one CSV per node (default: the bundled CPS 1988 data).
+    pub data: Option<PathBuf>,
+    /// Experiment TOML (default: configs/experiment-logit.toml, bundled).
+    pub experiment: Option<PathBuf>,
+    pub rounds: Option<u32>,
+    /// Where to write the results (default: ./fedstat-demo-results).
+    pub out: PathBuf,
+    /// Print one line per round.
+    pub verbose: bool,
+}
+
+/// What the demo measured.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    pub experiment: u64,
+    pub federated: Metrics,
+    pub central: Metrics,
+    pub rounds: u32,
+    pub nodes: usize,
+    pub seconds: f64,
+}
+
+/// A child process killed when dropped, so a failing demo leaves nothing running.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    async fn stop(mut self) {
+        // SIGTERM first, so the process closes its QUIC connections and exits 0.
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("{} did not stop within 5 s; killing it", self.name);
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// The folder holding `fedstat-coordinator` and `fedstat-node`: the one `fedstat` runs from.
+pub fn bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| Error::Demo(format!("cannot locate this program: {e}")))?;
+    let dir = exe.parent().map(Path::to_owned).unwrap_or_default();
+    for bin in ["fedstat-coordinator", "fedstat-node"] {
+        if !dir.join(bin).is_file() {
+            return Err(Error::Demo(format!(
+                "{bin} is not next to fedstat in {}; build every binary with `cargo build --release`",
+                dir.display()
+            )));
+        }
+    }
+    Ok(dir)
+}
+
+async fn checked(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| Error::Demo(format!("cannot run {what}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Demo(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| Error::io("cannot write", path, e))
+}
+
+fn toml_path(p: &Path) -> String {
+    // TOML basic strings: escape backslashes and quotes.
+    p.display().to_string().replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// The node names and CSV files of the demo federation.
+fn node_files(opts: &DemoOptions, work: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut files = Vec::new();
+    match &opts.data {
+        None => {
+            let dir = work.join("data");
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
+            write(&dir.join("README.md"), BUNDLED_README)?;
+            for (name, text) in BUNDLED {
+                let path = dir.join(format!("{name}.csv"));
+                write(&path, text)?;
+                files.push((name.to_owned(), path));
+            }
+        }
+        Some(dir) => {
+            let entries = std::fs::read_dir(dir).map_err(|e| Error::io("cannot list", dir, e))?;
+            for entry in entries {
+                let path = entry.map_err(|e| Error::io("cannot list", dir, e))?.path();
+                if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+                    let stem = path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    // Certificate names allow letters, digits, '.', '_' and '-'.
+                    let name: String = stem
+                        .chars()
+                        .map(|c| {
+                            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                                c
+                            } else {
+                                '-'
+                            }
+                        })
+                        .take(64)
+                        .collect();
+                    let path =
+                        std::path::absolute(&path).map_err(|e| Error::io("cannot resolve", &path, e))?;
+                    files.push((name, path));
+                }
+            }
+            files.sort();
+            if files.is_empty() {
+                return Err(Error::Demo(format!("no .csv file in {}", dir.display())));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Run the demo; prints progress to stdout.
+pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
+    let started = Instant::now();
+    let bins = bin_dir()?;
+    let mut spec: ExperimentSpec = match &opts.experiment {
+        Some(path) => ExperimentSpec::from_toml_file(path)?,
+        None => {
+            toml::from_str(DEFAULT_EXPERIMENT).map_err(|e| Error::Demo(format!("bundled experiment: {e}")))?
+        }
+    };
+    if let Some(r) = opts.rounds {
+        spec.rounds = r;
+    }
+    spec.validate()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("fedstat-demo-")
+        .tempdir()
+        .map_err(|e| Error::Demo(format!("cannot create a temporary folder: {e}")))?;
+    let work = tmp.path().to_owned();
+    let files = node_files(&opts, &work)?;
+    let n = files.len();
+    spec.min_nodes = spec.min_nodes.min(n as u32);
+    println!(
+        "fedstat demo: {n} simulated offices, {} model, {} rounds",
+        spec.model.as_str(),
+        spec.rounds
+    );
+    println!("  working folder {}", work.display());
+
+    // 1. PKI: a fresh CA, the coordinator's certificate, one certificate per party.
+    let pki = work.join("pki");
+    let coord_bin = bins.join("fedstat-coordinator");
+    checked(
+        Command::new(&coord_bin)
+            .args(["pki", "init", "--federation", "fedstat demo", "--dir"])
+            .arg(&pki),
+        "pki init",
+    )
+    .await?;
+    let issue = |role: &'static str, name: String| {
+        let mut cmd = Command::new(&coord_bin);
+        cmd.args(["pki", "issue", "--role", role, "--name", &name, "--dir"])
+            .arg(&pki);
+        async move { checked(&mut cmd, &format!("pki issue {role} {name}")).await }
+    };
+    issue("researcher", "demo-researcher".into()).await?;
+    for (name, _) in &files {
+        issue("node", name.clone()).await?;
+    }
+
+    // 2. The coordinator, on a free loopback port.
+    let logs = work.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| Error::io("cannot create", &logs, e))?;
+    let tls = |cert: &str| {
+        format!(
+            "[tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            toml_path(&pki.join("ca.pem")),
+            toml_path(&pki.join(format!("{cert}.pem"))),
+            toml_path(&pki.join(format!("{cert}.key")))
+        )
+    };
+    let coord_cfg = work.join("coordinator.toml");
+    write(
+        &coord_cfg,
+        &format!("listen = \"127.0.0.1:0\"\n{}", tls("coordinator")),
+    )?;
+    let log_file = |name: &str| -> Result<std::fs::File> {
+        let p = logs.join(format!("{name}.log"));
+        std::fs::File::create(&p).map_err(|e| Error::io("cannot create", p, e))
+    };
+    let mut coord = Command::new(&coord_bin)
+        .args(["run", "--config"])
+        .arg(&coord_cfg)
+        .stdout(Stdio::piped())
+        .stderr(log_file("coordinator")?)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Error::Demo(format!("cannot start the coordinator: {e}")))?;
+    let addr = listening_addr(&mut coord).await?;
+    let coord = Proc {
+        name: "coordinator".into(),
+        child: coord,
+    };
+    println!("  coordinator listening on {addr}");
+
+    // 3. One node per CSV file.
+    let mut nodes = Vec::new();
+    for (name, csv) in &files {
+        let cfg = work.join(format!("node-{name}.toml"));
+        write(
+            &cfg,
+            &format!(
+                "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}\n[datasets]\n\"{}\" = \"{}\"\n",
+                tls(name),
+                spec.dataset.replace('"', "\\\""),
+                toml_path(csv)
+            ),
+        )?;
+        let child = Command::new(bins.join("fedstat-node"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(log_file(&format!("node-{name}"))?)
+            .stderr(log_file(&format!("node-{name}.err"))?)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::Demo(format!("cannot start node {name}: {e}")))?;
+        nodes.push(Proc {
+            name: format!("node {name}"),
+            child,
+        });
+    }
+
+    // 4. The researcher: wait for the nodes, submit, follow.
+    let rcfg_path = work.join("researcher.toml");
+    write(
+        &rcfg_path,
+        &format!(
+            "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}",
+            tls("demo-researcher")
+        ),
+    )?;
+    let outcome = follow(&ResearcherConfig::load(&rcfg_path)?, &spec, n, &opts).await;
+
+    for p in nodes {
+        p.stop().await;
+    }
+    coord.stop().await;
+    let (experiment, federated, rounds) = match outcome {
+        Ok(x) => x,
+        Err(e) => {
+            let kept = tmp.keep();
+            return Err(Error::Demo(format!(
+                "{e} (logs kept in {})",
+                kept.join("logs").display()
+            )));
+        }
+    };
+
+    // 5. The same model fitted centrally on the pooled rows.
+    let central = central_fit(&spec, &files)?;
+    print_comparison(&federated, &central);
+    println!("  results written to {}", opts.out.display());
+    Ok(DemoReport {
+        experiment,
+        federated,
+        central,
+        rounds,
+        nodes: n,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn listening_addr(child: &mut Child) -> Result<String> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::Demo("the coordinator's output is not captured".into()))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let read = async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                return Some(addr.trim().to_owned());
+            }
+        }
+        None
+    };
+    let addr = tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::Demo("the coordinator did not start (see its log)".into()))?;
+    // Keep draining stdout so the coordinator never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(addr)
+}
+
+async fn follow(
+    cfg: &ResearcherConfig,
+    spec: &ExperimentSpec,
+    nodes: usize,
+    opts: &DemoOptions,
+) -> Result<(u64, Metrics, u32)> {
+    let client = Client::connect(cfg).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = client.nodes().await?.len();
+        if up == nodes {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Demo(format!(
+                "only {up} of {nodes} nodes connected within 30 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("  {nodes} nodes connected; submitting \"{}\"", spec.name);
+    let id = client.submit(spec.clone()).await?;
+    let mut shown = 0;
+    let status = loop {
+        let s = client
+            .status(Some(id))
+            .await?
+            .pop()
+            .ok_or_else(|| Error::Protocol("empty status".into()))?;
+        for r in s.history.iter().skip(shown) {
+            if opts.verbose || r.round == 1 || r.round == s.rounds || r.round % 5 == 0 {
+                println!("  {}", results::round_line(r, s.rounds));
+            }
+        }
+        shown = s.history.len();
+        if s.state.is_finished() {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if let ExperimentState::Failed { reason } = &status.state {
+        return Err(Error::Demo(format!("the experiment failed: {reason}")));
+    }
+    let (header, params) = client.results(id).await?;
+    results::write(&opts.out, &header, &params)?;
+    client.close().await;
+    let metrics = status
+        .history
+        .last()
+        .and_then(|r| r.metrics.clone())
+        .ok_or_else(|| Error::Demo("no pooled test metrics were computed".into()))?;
+    Ok((id, metrics, status.rounds_done))
+}
+
+/// Fit the experiment's model on all files' rows pooled, as a statistician would without
+/// federation, and score it on the pooled test rows.
+pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result<Metrics> {
+    let schema = spec
+        .schema
+        .as_ref()
+        .ok_or_else(|| Error::Demo("the experiment has no schema".into()))?;
+    let mut train: Vec<Design> = Vec::new();
+    let mut test: Vec<Design> = Vec::new();
+    let mut sums = Vec::new();
+    for (_, path) in files {
+        let d = load_csv(path, schema, spec.model)?;
+        sums.push(column_sums(d.train.x.view()));
+        train.push(d.train);
+        test.push(d.test);
+    }
+    let names: Vec<String> = schema.design_columns().into_iter().skip(1).collect();
+    let st = Standardization::from_sums(&sums, &names)?;
+    let stack = |parts: &[Design]| -> Result<Design> {
+        let xs: Vec<_> = parts.iter().map(|d| d.x.view()).collect();
+        let ys: Vec<_> = parts.iter().map(|d| d.y.view()).collect();
+        let x = concatenate(Axis(0), &xs).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?;
+        let y = concatenate(Axis(0), &ys).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?;
+        Ok(Design { x, y })
+    };
+    let mut pooled_train = stack(&train)?;
+    let mut pooled_test = stack(&test)?;
+    st.apply(&mut pooled_train.x);
+    st.apply(&mut pooled_test.x);
+    let beta = fit_central(
+        spec.model,
+        pooled_train.x.view(),
+        pooled_train.y.view(),
+        spec.training.l2,
+    )?;
+    let sums = evaluate(spec.model, pooled_test.x.view(), pooled_test.y.view(), &beta)?;
+    Ok(metrics(spec.model, &sums))
+}
+
+fn print_comparison(fed: &Metrics, central: &Metrics) {
+    println!();
+    println!(
+        "  pooled test metrics ({} test rows)   federated     central (pooled rows)",
+        fed.n
+    );
+    let row = |name: &str, a: Option<f64>, b: Option<f64>| {
+        if let (Some(a), Some(b)) = (a, b) {
+            println!(
+                "    {name:<32} {a:>10.4}   {b:>10.4}   (difference {:+.4})",
+                a - b
+            );
+        }
+    };
+    row("log-loss", fed.log_loss, central.log_loss);
+    row("accuracy", fed.accuracy, central.accuracy);
+    row("AUC", fed.auc, central.auc);
+    row("RMSE", fed.rmse, central.rmse);
+    row("R²", fed.r2, central.r2);
+    println!();
+}

@@ -1,0 +1,390 @@
+//! The one task that owns all federation state: connected nodes, experiments (each a round
+//! state machine from `fedstat_shared::round`) and their results. Connection tasks only send it
+//! [`Event`]s; it answers through channels. No locks around round state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use fedstat_shared::aggregate::Values;
+use fedstat_shared::identity::{PeerIdentity, Role};
+use fedstat_shared::round::{Experiment, Transmit};
+use fedstat_shared::spec::ExperimentSpec;
+use fedstat_shared::wire::{
+    CoordMsg, ExperimentId, NodeInfo, NodeMsg, Request, Response, ResultsHeader, Task, TensorMeta,
+    UpdateHeader, PROTOCOL_VERSION,
+};
+use tokio::sync::{mpsc, oneshot};
+
+/// What connection tasks tell the federation.
+#[derive(Debug)]
+pub enum Event {
+    NodeUp {
+        conn: u64,
+        name: String,
+        datasets: Vec<String>,
+        tx: mpsc::UnboundedSender<NodeCmd>,
+    },
+    NodeDown {
+        conn: u64,
+        name: String,
+    },
+    FromNode {
+        name: String,
+        msg: NodeMsg,
+    },
+    /// An update header arrived; the answer says whether to read its bytes.
+    UpdateBegin {
+        name: String,
+        header: UpdateHeader,
+        reply: oneshot::Sender<Result<TensorMeta, String>>,
+    },
+    /// An update's bytes were read (or failed to be).
+    UpdateDone {
+        name: String,
+        header: UpdateHeader,
+        values: Result<Values, String>,
+    },
+    Request {
+        who: PeerIdentity,
+        request: Request,
+        reply: oneshot::Sender<Reply>,
+    },
+}
+
+/// What the federation tells a node's connection task.
+#[derive(Debug)]
+pub enum NodeCmd {
+    Task {
+        task: Box<Task>,
+        model: Option<Arc<Vec<u8>>>,
+    },
+    Send(CoordMsg),
+    Close(String),
+}
+
+/// A response to a researcher, with a tensor body for results.
+#[derive(Debug)]
+pub struct Reply {
+    pub response: Response,
+    pub tensor: Option<Arc<Vec<u8>>>,
+}
+
+impl From<Response> for Reply {
+    fn from(response: Response) -> Self {
+        Reply {
+            response,
+            tensor: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct NodeEntry {
+    conn: u64,
+    datasets: Vec<String>,
+    since: Instant,
+    tx: mpsc::UnboundedSender<NodeCmd>,
+}
+
+/// All state of the federation.
+#[derive(Debug)]
+pub struct Federation {
+    nodes: BTreeMap<String, NodeEntry>,
+    experiments: BTreeMap<ExperimentId, Experiment>,
+    next_id: ExperimentId,
+    max_params: u64,
+}
+
+impl Federation {
+    pub fn new(max_params: u64) -> Self {
+        Federation {
+            nodes: BTreeMap::new(),
+            experiments: BTreeMap::new(),
+            next_id: 1,
+            max_params,
+        }
+    }
+
+    /// Apply one event, then send whatever the experiments want sent.
+    pub fn handle(&mut self, now: Instant, event: Event) {
+        match event {
+            Event::NodeUp {
+                conn,
+                name,
+                datasets,
+                tx,
+            } => {
+                if let Some(old) = self.nodes.remove(&name) {
+                    // Same certificate, new connection: the node restarted or its network
+                    // came back before the old connection timed out.
+                    let _ = old
+                        .tx
+                        .send(NodeCmd::Close("replaced by a newer connection".into()));
+                    self.experiments
+                        .values_mut()
+                        .for_each(|e| e.node_gone(now, &name));
+                }
+                tracing::info!(node = %name, datasets = ?datasets, "node connected");
+                self.experiments
+                    .values_mut()
+                    .filter(|e| !e.is_finished())
+                    .for_each(|e| e.node_available(now, &name, &datasets));
+                self.nodes.insert(
+                    name,
+                    NodeEntry {
+                        conn,
+                        datasets,
+                        since: now,
+                        tx,
+                    },
+                );
+            }
+            Event::NodeDown { conn, name } => {
+                if self.nodes.get(&name).is_some_and(|n| n.conn == conn) {
+                    self.nodes.remove(&name);
+                    tracing::info!(node = %name, "node disconnected");
+                    self.experiments
+                        .values_mut()
+                        .for_each(|e| e.node_gone(now, &name));
+                }
+            }
+            Event::FromNode { name, msg } => self.node_message(now, &name, msg),
+            Event::UpdateBegin { name, header, reply } => {
+                let answer = match self.experiments.get(&header.experiment) {
+                    Some(exp) => exp.begin_update(&name, &header).map_err(|r| r.0),
+                    None => Err(format!("unknown experiment {}", header.experiment)),
+                };
+                if let Err(reason) = &answer {
+                    tracing::warn!(node = %name, round = header.round, "ignored update: {reason}");
+                    self.tell(&name, header.experiment, header.round, reason.clone());
+                }
+                let _ = reply.send(answer);
+            }
+            Event::UpdateDone { name, header, values } => {
+                if let Some(exp) = self.experiments.get_mut(&header.experiment) {
+                    if let Err(r) = exp.handle_update(now, &name, &header, values) {
+                        tracing::warn!(node = %name, round = header.round, "update not used: {r}");
+                    }
+                }
+            }
+            Event::Request { who, request, reply } => {
+                let _ = reply.send(self.request(now, &who, request));
+            }
+        }
+        self.flush();
+    }
+
+    fn node_message(&mut self, now: Instant, name: &str, msg: NodeMsg) {
+        let (experiment, round, result) = match msg {
+            NodeMsg::Heartbeat | NodeMsg::Hello { .. } => return,
+            NodeMsg::StatsReply {
+                experiment,
+                round,
+                sums,
+            } => (
+                experiment,
+                round,
+                self.experiments
+                    .get_mut(&experiment)
+                    .map(|e| e.handle_stats(now, name, round, sums)),
+            ),
+            NodeMsg::EvalReply {
+                experiment,
+                round,
+                sums,
+            } => (
+                experiment,
+                round,
+                self.experiments
+                    .get_mut(&experiment)
+                    .map(|e| e.handle_eval(now, name, round, sums)),
+            ),
+            NodeMsg::TaskFailed {
+                experiment,
+                round,
+                phase,
+                reason,
+            } => {
+                tracing::warn!(node = %name, experiment, round, "{phase} failed at the node: {reason}");
+                if let Some(e) = self.experiments.get_mut(&experiment) {
+                    e.handle_failure(now, name, round, phase, &reason);
+                }
+                return;
+            }
+        };
+        match result {
+            None => tracing::warn!(node = %name, experiment, "answer for an unknown experiment ignored"),
+            Some(Err(r)) => tracing::warn!(node = %name, experiment, round, "answer not used: {r}"),
+            Some(Ok(())) => {}
+        }
+    }
+
+    fn tell(&self, node: &str, experiment: ExperimentId, round: u32, reason: String) {
+        if let Some(n) = self.nodes.get(node) {
+            let _ = n.tx.send(NodeCmd::Send(CoordMsg::Rejected {
+                experiment,
+                round,
+                reason,
+            }));
+        }
+    }
+
+    /// Send what the experiments produced.
+    fn flush(&mut self) {
+        for exp in self.experiments.values_mut() {
+            while let Some(t) = exp.poll_transmit() {
+                match t {
+                    Transmit::Task { to, task, model } => {
+                        if let Some(n) = self.nodes.get(&to) {
+                            let _ = n.tx.send(NodeCmd::Task { task, model });
+                        }
+                    }
+                    Transmit::Reject {
+                        to,
+                        experiment,
+                        round,
+                        reason,
+                    } => {
+                        if let Some(n) = self.nodes.get(&to) {
+                            let _ = n.tx.send(NodeCmd::Send(CoordMsg::Rejected {
+                                experiment,
+                                round,
+                                reason,
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The earliest deadline of any experiment.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.experiments.values().filter_map(|e| e.poll_timeout()).min()
+    }
+
+    pub fn on_timeout(&mut self, now: Instant) {
+        for exp in self.experiments.values_mut() {
+            if exp.poll_timeout().is_some_and(|t| t <= now) {
+                exp.handle_timeout(now);
+            }
+        }
+        self.flush();
+    }
+
+    fn request(&mut self, now: Instant, who: &PeerIdentity, request: Request) -> Reply {
+        let refuse = |message: String| Reply::from(Response::Error { message });
+        if !matches!(who.role, Role::Researcher | Role::Admin) {
+            return refuse(format!("{who} may not make researcher requests"));
+        }
+        match request {
+            Request::Hello { .. } => Response::Welcome {
+                protocol: PROTOCOL_VERSION,
+                name: who.name.clone(),
+                role: who.role,
+            }
+            .into(),
+            Request::Submit { spec } => match self.submit(now, who, *spec) {
+                Ok(id) => Response::Submitted { experiment: id }.into(),
+                Err(message) => refuse(message),
+            },
+            Request::Status { experiment: Some(id) } => match self.experiments.get(&id) {
+                Some(e) => Response::Status {
+                    experiments: vec![e.status()],
+                }
+                .into(),
+                None => refuse(format!("no experiment {id}")),
+            },
+            Request::Status { experiment: None } => Response::Status {
+                experiments: self.experiments.values().map(Experiment::status).collect(),
+            }
+            .into(),
+            Request::Nodes => Response::Nodes {
+                nodes: self
+                    .nodes
+                    .iter()
+                    .map(|(name, n)| NodeInfo {
+                        name: name.clone(),
+                        datasets: n.datasets.clone(),
+                        connected_secs: now.saturating_duration_since(n.since).as_secs(),
+                    })
+                    .collect(),
+            }
+            .into(),
+            Request::Results { experiment } => match self.experiments.get(&experiment) {
+                None => refuse(format!("no experiment {experiment}")),
+                Some(e) if e.history().is_empty() => {
+                    refuse(format!("experiment {experiment} has no completed round yet"))
+                }
+                Some(e) => {
+                    let global = e.global();
+                    Reply {
+                        response: Response::Results(Box::new(ResultsHeader {
+                            status: e.status(),
+                            spec: e.spec().clone(),
+                            columns: e
+                                .spec()
+                                .schema
+                                .as_ref()
+                                .map(|s| s.design_columns())
+                                .unwrap_or_default(),
+                            standardization: e.standardization().cloned(),
+                            tensor: TensorMeta {
+                                dtype: global.dtype(),
+                                len: global.len() as u64,
+                            },
+                        })),
+                        tensor: Some(Arc::new(global.to_le_bytes())),
+                    }
+                }
+            },
+        }
+    }
+
+    fn submit(
+        &mut self,
+        now: Instant,
+        who: &PeerIdentity,
+        spec: ExperimentSpec,
+    ) -> Result<ExperimentId, String> {
+        spec.validate().map_err(|e| e.to_string())?;
+        if spec.num_params() > self.max_params {
+            return Err(format!(
+                "the model has {} parameters; this coordinator accepts at most {}",
+                spec.num_params(),
+                self.max_params
+            ));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut exp = Experiment::new(id, spec, who.to_string(), now);
+        for (name, n) in &self.nodes {
+            exp.node_available(now, name, &n.datasets);
+        }
+        tracing::info!(experiment = id, submitter = %who, name = %exp.spec().name, "experiment submitted");
+        self.experiments.insert(id, exp);
+        Ok(id)
+    }
+}
+
+/// Run the federation until every sender of `rx` is gone.
+pub async fn run(mut rx: mpsc::Receiver<Event>, max_params: u64) {
+    let mut fed = Federation::new(max_params);
+    loop {
+        let deadline = fed.next_timeout();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(event) => fed.handle(Instant::now(), event),
+                None => break,
+            },
+            () = sleep => fed.on_timeout(Instant::now()),
+        }
+    }
+}

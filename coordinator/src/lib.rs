@@ -1,0 +1,17 @@
+//! The fedstat coordinator (`fedstat-coordinator`) and the researcher CLI (`fedstat`).
+//!
+//! Data flow: [`server`] accepts QUIC connections and turns every stream into an event for
+//! [`federation`], the one task that owns all experiment state (the round state machines of
+//! `fedstat_shared::round`) and keeps completed results in memory; [`client`] is the researcher's
+//! side of the same protocol, and [`demo`] runs a whole local federation of real processes.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod federation;
+pub mod results;
+pub mod server;
+
+pub use error::{Error, Result};

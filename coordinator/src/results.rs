@@ -1,0 +1,170 @@
+//! What a researcher takes home: `model.json` (named coefficients in original units),
+//! `metrics.csv` (one row per round) and `parameters.bin` (the raw parameters), plus the
+//! human-readable lines `status` and `watch` print.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use fedstat_shared::model::{unstandardize, Metrics};
+use fedstat_shared::spec::ModelKind;
+use fedstat_shared::wire::{DType, ExperimentStatus, ResultsHeader, RoundRecord};
+use serde_json::json;
+
+use crate::{Error, Result};
+
+/// Write the three result files into `dir` (created if needed). Returns the file names.
+pub fn write(dir: &Path, header: &ResultsHeader, params: &[f64]) -> Result<Vec<String>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+    let model = model_json(header, params);
+    let text = serde_json::to_string_pretty(&model).map_err(|e| Error::Protocol(e.to_string()))?;
+    write_file(&dir.join("model.json"), text.as_bytes())?;
+    write_file(
+        &dir.join("metrics.csv"),
+        metrics_csv(&header.status.history).as_bytes(),
+    )?;
+    let bytes: Vec<u8> = match header.tensor.dtype {
+        DType::F64 => params.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F32 => params.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
+    };
+    write_file(&dir.join("parameters.bin"), &bytes)?;
+    Ok(vec![
+        "model.json".into(),
+        "metrics.csv".into(),
+        "parameters.bin".into(),
+    ])
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    // Write then rename, so a reader never sees half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io("cannot write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot write", path, e))
+}
+
+/// The `model.json` document.
+pub fn model_json(header: &ResultsHeader, params: &[f64]) -> serde_json::Value {
+    let spec = &header.spec;
+    let named = |values: &[f64]| -> serde_json::Map<String, serde_json::Value> {
+        header
+            .columns
+            .iter()
+            .zip(values)
+            .map(|(c, v)| (c.clone(), json!(v)))
+            .collect()
+    };
+    let target = spec.schema.as_ref().map(|s| {
+        let t = &s.target;
+        match (spec.model, t.log, t.threshold, &t.positive_level) {
+            (ModelKind::Linear, true, _, _) => format!("ln({})", t.column),
+            (ModelKind::Logistic, _, Some(th), _) => format!("{} > {th}", t.column),
+            (ModelKind::Logistic, _, _, Some(level)) => format!("{} == {level}", t.column),
+            _ => t.column.clone(),
+        }
+    });
+    let mut doc = json!({
+        "experiment": header.status.id,
+        "name": spec.name,
+        "purpose": spec.purpose,
+        "model": spec.model.as_str(),
+        "dataset": spec.dataset,
+        "target": target,
+        "state": header.status.state.to_string(),
+        "rounds_completed": header.status.rounds_done,
+        "rounds": header.status.rounds,
+        "parameters_file": "parameters.bin",
+        "parameters_dtype": format!("{:?}", header.tensor.dtype).to_lowercase(),
+        "parameters_len": header.tensor.len,
+        "final_test_metrics": header.status.history.last().and_then(|r| r.metrics.clone()),
+    });
+    if let (Some(st), false) = (&header.standardization, header.columns.is_empty()) {
+        let raw = unstandardize(params, st);
+        doc["coefficients"] = json!(named(&raw));
+        doc["coefficients_note"] =
+            json!("original units of the features: the intercept and slopes apply to unstandardised columns");
+        doc["coefficients_standardized"] = json!(named(params));
+        let cols = &header.columns[1..];
+        doc["standardization"] = json!({
+            "note": "pooled mean and population sd over all nodes' training rows",
+            "mean": cols.iter().zip(&st.mean).map(|(c, v)| (c.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "sd": cols.iter().zip(&st.sd).map(|(c, v)| (c.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        });
+    }
+    doc
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x}")).unwrap_or_default()
+}
+
+/// One row per completed round.
+pub fn metrics_csv(history: &[RoundRecord]) -> String {
+    let mut out =
+        String::from("round,nodes,train_rows,train_loss,test_rows,log_loss,accuracy,auc,rmse,r2,train_ms,round_ms,retries\n");
+    for r in history {
+        let m = r.metrics.clone().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            r.round,
+            r.participants.len(),
+            r.total_examples,
+            r.train_loss,
+            m.n,
+            opt(m.log_loss),
+            opt(m.accuracy),
+            opt(m.auc),
+            opt(m.rmse),
+            opt(m.r2),
+            r.train_ms,
+            r.round_ms,
+            r.retries
+        );
+    }
+    out
+}
+
+/// Pooled test metrics, compactly: `log-loss 0.5190 accuracy 0.7380 AUC 0.8190`.
+pub fn metrics_line(m: &Metrics) -> String {
+    let mut parts = Vec::new();
+    let mut add = |name: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            parts.push(format!("{name} {v:.4}"));
+        }
+    };
+    add("log-loss", m.log_loss);
+    add("accuracy", m.accuracy);
+    add("AUC", m.auc);
+    add("RMSE", m.rmse);
+    add("R²", m.r2);
+    parts.join("  ")
+}
+
+/// `round 3 of 20: 4 nodes, 22524 rows, train loss 0.5301, test log-loss ...`
+pub fn round_line(r: &RoundRecord, rounds: u32) -> String {
+    let mut line = format!(
+        "round {} of {}: {} node(s), {} rows, train loss {:.4}",
+        r.round,
+        rounds,
+        r.participants.len(),
+        r.total_examples,
+        r.train_loss
+    );
+    if let Some(m) = &r.metrics {
+        let _ = write!(line, ", test {}", metrics_line(m));
+    }
+    let _ = write!(line, " ({} ms)", r.round_ms);
+    line
+}
+
+/// A status summary line for one experiment.
+pub fn status_line(s: &ExperimentStatus) -> String {
+    format!(
+        "{:>4}  {:<24} {:<9} {:>4}/{:<4} {}",
+        s.id,
+        s.name,
+        s.model.as_str(),
+        s.rounds_done,
+        s.rounds,
+        s.state
+    )
+}

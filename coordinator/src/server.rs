@@ -1,0 +1,418 @@
+//! The coordinator's network edge: a QUIC endpoint, one task per connection (in a span naming
+//! the peer), every stream turned into [`Event`]s for the federation task. A failing session is
+//! logged and dropped while every other peer is served.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedstat_shared::identity::{peer_identity, PeerIdentity, Role};
+use fedstat_shared::tls;
+use fedstat_shared::transport::{read_frame, read_tensor, write_frame, write_tensor};
+use fedstat_shared::wire::{CoordMsg, NodeMsg, Request, Response, UpdateHeader, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::Instrument;
+
+use crate::config::CoordinatorConfig;
+use crate::federation::{self, Event, NodeCmd};
+use crate::{Error, Result};
+
+/// A node that sends nothing (not even a heartbeat) for this long is considered gone.
+const NODE_SILENCE: Duration = Duration::from_secs(30);
+/// Longest pause inside an upload before it is abandoned.
+const UPLOAD_IDLE: Duration = Duration::from_secs(60);
+/// Most datasets a node may announce, and the longest name.
+const MAX_DATASETS: usize = 256;
+const MAX_DATASET_NAME: usize = 128;
+
+/// QUIC application close codes.
+pub mod close {
+    pub const SHUTDOWN: u32 = 0;
+    pub const REFUSED: u32 = 1;
+    pub const PROTOCOL: u32 = 2;
+    pub const REPLACED: u32 = 3;
+}
+
+#[derive(Clone)]
+struct Shared {
+    events: mpsc::Sender<Event>,
+    uploads: Arc<Semaphore>,
+    max_params: u64,
+    handshake_timeout: Duration,
+}
+
+/// Bind the endpoint; returns it with its actual address (the config may say port 0).
+pub fn bind(config: &CoordinatorConfig) -> Result<(quinn::Endpoint, SocketAddr)> {
+    let server_config = tls::server_config(&config.tls)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| Error::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let addr = endpoint.local_addr().map_err(|source| Error::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    Ok((endpoint, addr))
+}
+
+/// Serve until `shutdown` resolves, then close every connection with a reason and drain.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    config: &CoordinatorConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (events, rx) = mpsc::channel(4096);
+    let fed = tokio::spawn(federation::run(rx, config.limits.max_params));
+    let shared = Shared {
+        events,
+        uploads: Arc::new(Semaphore::new(config.limits.max_concurrent_updates)),
+        max_params: config.limits.max_params,
+        handshake_timeout: config.limits.handshake_timeout,
+    };
+    let connections = Arc::new(Semaphore::new(config.limits.max_connections));
+    let next_conn = AtomicU64::new(1);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    tracing::warn!(peer = %incoming.remote_address(), "connection limit reached; refusing");
+                    incoming.refuse();
+                    continue;
+                };
+                let id = next_conn.fetch_add(1, Ordering::Relaxed);
+                let shared = shared.clone();
+                let peer = incoming.remote_address();
+                tokio::spawn(async move {
+                    connection(incoming, id, shared).instrument(tracing::info_span!("conn", %peer, id)).await;
+                    drop(permit);
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    tracing::info!("shutting down: closing connections");
+    endpoint.close(close::SHUTDOWN.into(), b"coordinator shutting down");
+    drop(shared);
+    // The federation task ends once every connection task has dropped its sender.
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), fed).await;
+}
+
+async fn connection(incoming: quinn::Incoming, id: u64, shared: Shared) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("refused connection: TLS handshake failed: {e}");
+            return;
+        }
+    };
+    let who = match peer_identity(&conn) {
+        Ok(who) => who,
+        Err(e) => {
+            tracing::warn!("refused connection: {e}");
+            conn.close(close::REFUSED.into(), b"certificate carries no fedstat identity");
+            return;
+        }
+    };
+    let span = tracing::info_span!("peer", %who);
+    async move {
+        match who.role {
+            Role::Node => node_session(conn, id, who, shared).await,
+            Role::Researcher | Role::Admin => researcher_session(conn, who, shared).await,
+            Role::Coordinator => {
+                tracing::warn!("refused connection: a coordinator certificate cannot connect as a client");
+                conn.close(
+                    close::REFUSED.into(),
+                    b"coordinator certificates cannot connect here",
+                );
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn node_session(conn: quinn::Connection, id: u64, who: PeerIdentity, shared: Shared) {
+    let handshake = async {
+        let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let hello = read_frame::<NodeMsg>(&mut recv, "hello")
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((send_hello_answer(&mut send, hello, &who).await?, send, recv))
+    };
+    let (datasets, send, mut recv) = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::warn!("node refused: {e}");
+            conn.close(close::PROTOCOL.into(), b"protocol error in hello");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("node refused: no hello within {:?}", shared.handshake_timeout);
+            conn.close(close::PROTOCOL.into(), b"no hello in time");
+            return;
+        }
+    };
+    let (tx, cmds) = mpsc::unbounded_channel();
+    let name = who.name.clone();
+    if shared
+        .events
+        .send(Event::NodeUp {
+            conn: id,
+            name: name.clone(),
+            datasets,
+            tx,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let writer = tokio::spawn(node_writer(conn.clone(), send, cmds).in_current_span());
+    let uploads = tokio::spawn(accept_updates(conn.clone(), name.clone(), shared.clone()).in_current_span());
+    loop {
+        match tokio::time::timeout(NODE_SILENCE, read_frame::<NodeMsg>(&mut recv, "node message")).await {
+            Ok(Ok(Some(msg))) => {
+                if shared
+                    .events
+                    .send(Event::FromNode {
+                        name: name.clone(),
+                        msg,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok(Ok(None)) => {
+                tracing::info!("node closed its control stream");
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("dropping node: {e}");
+                conn.close(close::PROTOCOL.into(), b"malformed control message");
+                break;
+            }
+            Err(_) => {
+                tracing::warn!("dropping node: silent for {NODE_SILENCE:?}");
+                conn.close(close::PROTOCOL.into(), b"no heartbeat");
+                break;
+            }
+        }
+    }
+    uploads.abort();
+    writer.abort();
+    let _ = shared.events.send(Event::NodeDown { conn: id, name }).await;
+}
+
+/// Check the hello and answer it; returns the datasets the node offers.
+async fn send_hello_answer(
+    send: &mut quinn::SendStream,
+    hello: Option<NodeMsg>,
+    who: &PeerIdentity,
+) -> Result<Vec<String>, String> {
+    let refuse = |reason: String| CoordMsg::Refused { reason };
+    let (answer, result) = match hello {
+        Some(NodeMsg::Hello {
+            protocol, datasets, ..
+        }) if protocol == PROTOCOL_VERSION => {
+            if datasets.len() > MAX_DATASETS
+                || datasets
+                    .iter()
+                    .any(|d| d.is_empty() || d.len() > MAX_DATASET_NAME)
+            {
+                let reason = format!(
+                    "at most {MAX_DATASETS} dataset names of 1 to {MAX_DATASET_NAME} characters may be offered"
+                );
+                (refuse(reason.clone()), Err(reason))
+            } else {
+                let welcome = CoordMsg::Welcome {
+                    protocol: PROTOCOL_VERSION,
+                    name: who.name.clone(),
+                };
+                (welcome, Ok(datasets))
+            }
+        }
+        Some(NodeMsg::Hello { protocol, .. }) => {
+            let reason = format!(
+                "protocol version {protocol} is not supported; this coordinator speaks {PROTOCOL_VERSION}"
+            );
+            (refuse(reason.clone()), Err(reason))
+        }
+        _ => {
+            let reason = "the first message must be a hello".to_owned();
+            (refuse(reason.clone()), Err(reason))
+        }
+    };
+    write_frame(send, &answer).await.map_err(|e| e.to_string())?;
+    result
+}
+
+async fn node_writer(
+    conn: quinn::Connection,
+    mut control: quinn::SendStream,
+    mut cmds: mpsc::UnboundedReceiver<NodeCmd>,
+) {
+    while let Some(cmd) = cmds.recv().await {
+        match cmd {
+            NodeCmd::Send(msg) => {
+                if let Err(e) = write_frame(&mut control, &msg).await {
+                    tracing::warn!("cannot write to node: {e}");
+                    break;
+                }
+            }
+            NodeCmd::Task { task, model } => {
+                // Each task on its own stream and task, so a slow transfer holds up nothing else.
+                let conn = conn.clone();
+                tokio::spawn(
+                    async move {
+                        let sent = async {
+                            let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+                            write_frame(&mut s, &*task).await.map_err(|e| e.to_string())?;
+                            if let Some(m) = model {
+                                write_tensor(&mut s, &m).await.map_err(|e| e.to_string())?;
+                            }
+                            s.finish().map_err(|e| e.to_string())
+                        };
+                        if let Err(e) = sent.await {
+                            tracing::warn!(round = task.round, "cannot send {} task: {e}", task.phase);
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
+            NodeCmd::Close(reason) => {
+                conn.close(close::REPLACED.into(), reason.as_bytes());
+                break;
+            }
+        }
+    }
+}
+
+async fn accept_updates(conn: quinn::Connection, name: String, shared: Shared) {
+    while let Ok(recv) = conn.accept_uni().await {
+        tokio::spawn(update(recv, name.clone(), shared.clone()).in_current_span());
+    }
+}
+
+/// Receive one update: header, admission by the federation, then the bytes into a staging slot.
+async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
+    let header = match tokio::time::timeout(
+        UPLOAD_IDLE,
+        read_frame::<UpdateHeader>(&mut recv, "update header"),
+    )
+    .await
+    {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!("bad update stream: {e}");
+            let _ = recv.stop(close::PROTOCOL.into());
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("update header not received within {UPLOAD_IDLE:?}");
+            let _ = recv.stop(close::PROTOCOL.into());
+            return;
+        }
+    };
+    let (reply, answer) = oneshot::channel();
+    let begin = Event::UpdateBegin {
+        name: name.clone(),
+        header: header.clone(),
+        reply,
+    };
+    if shared.events.send(begin).await.is_err() {
+        return;
+    }
+    let meta = match answer.await {
+        Ok(Ok(meta)) => meta,
+        _ => {
+            let _ = recv.stop(close::REFUSED.into());
+            return;
+        }
+    };
+    // Bounded staging: memory stays flat however many nodes upload at once.
+    let Ok(_permit) = shared.uploads.acquire().await else {
+        return;
+    };
+    let values =
+        match tokio::time::timeout(UPLOAD_IDLE * 10, read_tensor(&mut recv, meta, shared.max_params)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("upload took longer than {:?}", UPLOAD_IDLE * 10)),
+        };
+    if values.is_err() {
+        let _ = recv.stop(close::REFUSED.into());
+    }
+    let _ = shared
+        .events
+        .send(Event::UpdateDone { name, header, values })
+        .await;
+}
+
+async fn researcher_session(conn: quinn::Connection, who: PeerIdentity, shared: Shared) {
+    tracing::info!("researcher connected");
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(request(send, recv, who.clone(), shared.clone()).in_current_span());
+    }
+}
+
+async fn request(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    who: PeerIdentity,
+    shared: Shared,
+) {
+    let req = match tokio::time::timeout(
+        shared.handshake_timeout,
+        read_frame::<Request>(&mut recv, "request"),
+    )
+    .await
+    {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!("bad request: {e}");
+            let _ = write_frame(
+                &mut send,
+                &Response::Error {
+                    message: e.to_string(),
+                },
+            )
+            .await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => return,
+    };
+    let (reply, answer) = oneshot::channel();
+    if shared
+        .events
+        .send(Event::Request {
+            who,
+            request: req,
+            reply,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let Ok(reply) = answer.await else { return };
+    let sent = async {
+        write_frame(&mut send, &reply.response).await?;
+        if let Some(t) = reply.tensor {
+            write_tensor(&mut send, &t).await?;
+        }
+        Ok::<_, fedstat_shared::Error>(())
+    };
+    if let Err(e) = sent.await {
+        tracing::warn!("cannot answer request: {e}");
+    }
+    let _ = send.finish();
+}

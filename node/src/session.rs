@@ -1,0 +1,284 @@
+//! The node's network edge: dial out to the coordinator (offices allow outbound traffic only),
+//! keep one connection, redial with exponential backoff and jitter when it drops, and serve
+//! the tasks the coordinator pushes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedstat_shared::aggregate::Values;
+use fedstat_shared::tls;
+use fedstat_shared::transport::{read_frame, read_tensor, write_frame, write_tensor};
+use fedstat_shared::wire::{CoordMsg, NodeMsg, Task, UpdateHeader, PROTOCOL_VERSION};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::config::NodeConfig;
+use crate::worker::{Outcome, Worker};
+use crate::{Error, Result};
+
+/// Protocol heartbeat: proves the node process (not only its connection) is alive, also during
+/// long local training.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Longest pause while receiving a task.
+const TASK_IDLE: Duration = Duration::from_secs(120);
+
+/// How a session ended: the connection dropped after working; redial soon.
+struct Dropped(String);
+
+/// Run the node until `shutdown` resolves. Connection failures are retried forever (with
+/// backoff); only configuration errors (bad certificate files, ...) end it early.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let me = config.tls.identity()?;
+    let client_config = tls::client_config(&config.tls)?;
+    let worker = Arc::new(Worker::new(me.name.clone(), config.datasets.clone()));
+    tokio::pin!(shutdown);
+    let mut backoff = BACKOFF_START;
+    loop {
+        let attempt = session(&config, client_config.clone(), worker.clone());
+        let ended = tokio::select! {
+            r = attempt => r,
+            () = &mut shutdown => return Ok(()),
+        };
+        match ended {
+            Ok(Dropped(why)) => {
+                tracing::warn!("connection to the coordinator lost: {why}; reconnecting");
+                backoff = BACKOFF_START;
+            }
+            Err(e) => tracing::warn!("cannot connect: {e:#}; retrying in {backoff:?}"),
+        }
+        // Full jitter: nodes that lost the coordinator together do not come back together.
+        let wait = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = &mut shutdown => return Ok(()),
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(
+    config: &NodeConfig,
+    client_config: quinn::ClientConfig,
+    worker: Arc<Worker>,
+) -> Result<Dropped> {
+    let fail = |problem: String| Error::Connect {
+        addr: config.coordinator.clone(),
+        problem,
+    };
+    let addr: SocketAddr = tokio::net::lookup_host(&config.coordinator)
+        .await
+        .map_err(|e| fail(format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| fail("resolves to no address".into()))?;
+    let bind: SocketAddr = if addr.is_ipv6() {
+        SocketAddr::from(([0u16; 8], 0))
+    } else {
+        SocketAddr::from(([0u8; 4], 0))
+    };
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|e| fail(format!("cannot open a UDP socket: {e}")))?;
+    endpoint.set_default_client_config(client_config);
+    let conn = endpoint
+        .connect(addr, &config.server_name)
+        .map_err(|e| fail(e.to_string()))?
+        .await
+        .map_err(|e| fail(format!("handshake failed: {e}")))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+    let hello = NodeMsg::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: format!("fedstat-node {}", env!("CARGO_PKG_VERSION")),
+        datasets: config.datasets.keys().cloned().collect(),
+    };
+    write_frame(&mut send, &hello).await?;
+    match tokio::time::timeout(
+        Duration::from_secs(15),
+        read_frame::<CoordMsg>(&mut recv, "welcome"),
+    )
+    .await
+    {
+        Ok(Ok(Some(CoordMsg::Welcome { name, .. }))) => {
+            tracing::info!(%addr, "connected to the coordinator as node `{name}`");
+            println!("connected to {addr} as node `{name}`");
+        }
+        Ok(Ok(Some(CoordMsg::Refused { reason }))) => return Err(fail(format!("refused: {reason}"))),
+        Ok(Ok(other)) => return Err(fail(format!("unexpected first answer {other:?}"))),
+        Ok(Err(e)) => return Err(fail(e.to_string())),
+        Err(_) => return Err(fail("no welcome within 15 s".into())),
+    }
+
+    // Everything the node says on its control stream goes through one writer.
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<NodeMsg>();
+    let writer = tokio::spawn(async move {
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        loop {
+            let msg = tokio::select! {
+                m = ctl_rx.recv() => match m { Some(m) => m, None => break },
+                _ = beat.tick() => NodeMsg::Heartbeat,
+            };
+            if let Err(e) = write_frame(&mut send, &msg).await {
+                tracing::warn!("cannot write to the coordinator: {e}");
+                break;
+            }
+        }
+    });
+    let reader = {
+        let conn = conn.clone();
+        async move {
+            loop {
+                match read_frame::<CoordMsg>(&mut recv, "coordinator message").await {
+                    Ok(Some(CoordMsg::Rejected {
+                        experiment,
+                        round,
+                        reason,
+                    })) => {
+                        tracing::warn!(
+                            experiment,
+                            round,
+                            "the coordinator did not use our answer: {reason}"
+                        )
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return "the coordinator closed the control stream".to_owned(),
+                    Err(e) => {
+                        conn.close(2u32.into(), b"malformed control message");
+                        return e.to_string();
+                    }
+                }
+            }
+        }
+    };
+    let tasks = async {
+        loop {
+            match conn.accept_uni().await {
+                Ok(stream) => {
+                    let (worker, conn, ctl) = (worker.clone(), conn.clone(), ctl_tx.clone());
+                    tokio::spawn(task(stream, worker, conn, ctl).in_current_span());
+                }
+                Err(e) => return e.to_string(),
+            }
+        }
+    };
+    let why = tokio::select! {
+        why = reader => why,
+        why = tasks => why,
+    };
+    writer.abort();
+    conn.close(0u32.into(), b"node session ended");
+    endpoint.close(0u32.into(), b"");
+    Ok(Dropped(why))
+}
+
+/// Receive one task, run it on a blocking thread, send the answer.
+async fn task(
+    mut stream: quinn::RecvStream,
+    worker: Arc<Worker>,
+    conn: quinn::Connection,
+    ctl: mpsc::UnboundedSender<NodeMsg>,
+) {
+    let received = async {
+        let task =
+            read_frame::<Task>(&mut stream, "task")
+                .await?
+                .ok_or_else(|| fedstat_shared::Error::Wire {
+                    what: "task",
+                    problem: "empty stream".into(),
+                })?;
+        let model = match task.model {
+            Some(meta) => Some(read_tensor(&mut stream, meta, task.spec.num_params()).await?),
+            None => None,
+        };
+        Ok::<_, fedstat_shared::Error>((task, model))
+    };
+    let (task, model) = match tokio::time::timeout(TASK_IDLE, received).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return tracing::warn!("cannot read a task: {e}"),
+        Err(_) => return tracing::warn!("a task did not arrive within {TASK_IDLE:?}"),
+    };
+    let (experiment, round, phase) = (task.experiment, task.round, task.phase);
+    let span = tracing::info_span!("task", experiment, round, %phase);
+    async move {
+        if let Err(e) = task.spec.validate() {
+            return fail(&ctl, &task, format!("the experiment spec is invalid: {e}"));
+        }
+        let spec_model = task.spec.model;
+        let task = Arc::new(task);
+        let t = task.clone();
+        let outcome = tokio::task::spawn_blocking(move || worker.run(&t, model)).await;
+        let outcome = match outcome {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return fail(&ctl, &task, e.to_string()),
+            Err(e) => return fail(&ctl, &task, format!("the task crashed: {e}")),
+        };
+        let sent = match outcome {
+            Outcome::Stats(sums) => ctl
+                .send(NodeMsg::StatsReply {
+                    experiment,
+                    round,
+                    sums,
+                })
+                .map_err(|_| "control stream closed".to_owned()),
+            Outcome::Eval(sums) => ctl
+                .send(NodeMsg::EvalReply {
+                    experiment,
+                    round,
+                    sums,
+                })
+                .map_err(|_| "control stream closed".to_owned()),
+            Outcome::Update {
+                values,
+                num_examples,
+                train_loss,
+            } => send_update(&conn, experiment, round, values, num_examples, train_loss).await,
+        };
+        match sent {
+            Ok(()) => tracing::info!("{phase} done ({})", spec_model.as_str()),
+            Err(e) => tracing::warn!("cannot send the {phase} answer: {e}"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn fail(ctl: &mpsc::UnboundedSender<NodeMsg>, task: &Task, reason: String) {
+    // The reason names files, lines and columns, never values: it is safe to send.
+    tracing::error!("{} failed: {reason}", task.phase);
+    let _ = ctl.send(NodeMsg::TaskFailed {
+        experiment: task.experiment,
+        round: task.round,
+        phase: task.phase,
+        reason,
+    });
+}
+
+async fn send_update(
+    conn: &quinn::Connection,
+    experiment: u64,
+    round: u32,
+    values: Values,
+    num_examples: u64,
+    train_loss: f64,
+) -> Result<(), String> {
+    let header = UpdateHeader {
+        experiment,
+        round,
+        num_examples,
+        train_loss,
+        tensor: fedstat_shared::wire::TensorMeta {
+            dtype: values.dtype(),
+            len: values.len() as u64,
+        },
+    };
+    let bytes = values.to_le_bytes();
+    let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+    write_frame(&mut s, &header).await.map_err(|e| e.to_string())?;
+    write_tensor(&mut s, &bytes).await.map_err(|e| e.to_string())?;
+    s.finish().map_err(|e| e.to_string())?;
+    // Wait until the coordinator has all bytes, or gave up on them.
+    let _ = s.stopped().await;
+    Ok(())
+}

@@ -1,0 +1,454 @@
+//! Exact, order-independent federated averaging.
+//!
+//! Floating-point addition is not associative, so a running `f64` sum would depend on the order
+//! in which updates arrive. Instead every parameter is converted to fixed point (`FRAC_BITS`
+//! fractional bits, truncated toward zero: a deterministic function of the value alone) and
+//! multiplied by the update's integer weight; these `i128` products are summed exactly. Integer
+//! addition is associative and commutative, so the aggregate is bit-identical under any
+//! permutation of arrival order. Bounds: |parameter| < 2^31 and total weight < 2^47 keep every
+//! partial sum below 2^126, so no sum can overflow.
+//!
+//! Memory: one `i128` per parameter for the running sum, whatever the number of nodes. An
+//! update is staged (validated as its chunks arrive) and folded once complete, so a node that
+//! vanishes mid-stream, or sends a NaN in its last chunk, leaves no trace in the sum.
+
+use crate::wire::DType;
+use crate::{Error, Result};
+
+/// Fractional bits of the fixed-point representation (resolution 3.6e-15).
+pub const FRAC_BITS: u32 = 48;
+/// Largest accepted parameter magnitude (2^31). A larger one means training diverged.
+pub const MAX_ABS_PARAM: f64 = 2_147_483_648.0;
+/// Largest total weight (training rows) of one aggregate (2^47, about 1.4e14 rows).
+pub const MAX_TOTAL_WEIGHT: u64 = 1 << 47;
+
+const SCALE: f64 = (1u64 << FRAC_BITS) as f64;
+
+/// Parameters in the precision they travel in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+impl Values {
+    pub fn zeros(dtype: DType, len: usize) -> Self {
+        match dtype {
+            DType::F32 => Values::F32(vec![0.0; len]),
+            DType::F64 => Values::F64(vec![0.0; len]),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Values::F32(_) => DType::F32,
+            Values::F64(_) => DType::F64,
+        }
+    }
+
+    /// Little-endian bytes, as they travel.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Values::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            Values::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            Values::F64(v) => v.clone(),
+        }
+    }
+
+    /// Build from f64 in the given precision.
+    pub fn from_f64(values: &[f64], dtype: DType) -> Self {
+        match dtype {
+            DType::F32 => Values::F32(values.iter().map(|&x| x as f32).collect()),
+            DType::F64 => Values::F64(values.to_vec()),
+        }
+    }
+}
+
+/// Receives one tensor's little-endian bytes in arbitrary pieces (as QUIC delivers them),
+/// checking every value as it arrives.
+#[derive(Debug)]
+pub struct Staging {
+    values: Values,
+    filled: usize,
+    carry: [u8; 8],
+    carry_len: usize,
+}
+
+impl Staging {
+    pub fn new(dtype: DType, len: usize) -> Self {
+        let values = match dtype {
+            DType::F32 => Values::F32(Vec::with_capacity(len)),
+            DType::F64 => Values::F64(Vec::with_capacity(len)),
+        };
+        Staging {
+            values,
+            filled: 0,
+            carry: [0; 8],
+            carry_len: 0,
+        }
+    }
+
+    fn expected(&self) -> usize {
+        match &self.values {
+            Values::F32(v) => v.capacity(),
+            Values::F64(v) => v.capacity(),
+        }
+    }
+
+    /// Append a piece of the stream. Fails on the first non-finite or out-of-range value,
+    /// naming its index (never its value), or when more bytes arrive than announced.
+    pub fn push(&mut self, mut bytes: &[u8]) -> Result<()> {
+        let size = self.values.dtype().size();
+        if self.carry_len > 0 {
+            let take = (size - self.carry_len).min(bytes.len());
+            self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&bytes[..take]);
+            self.carry_len += take;
+            bytes = &bytes[take..];
+            if self.carry_len < size {
+                return Ok(());
+            }
+            let one = self.carry;
+            self.carry_len = 0;
+            self.push_whole(&one[..size])?;
+        }
+        let whole = bytes.len() / size * size;
+        self.push_whole(&bytes[..whole])?;
+        let rest = &bytes[whole..];
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.carry_len = rest.len();
+        Ok(())
+    }
+
+    fn push_whole(&mut self, bytes: &[u8]) -> Result<()> {
+        let size = self.values.dtype().size();
+        let count = bytes.len() / size;
+        if self.filled + count > self.expected() {
+            return Err(Error::Rejected(format!(
+                "more than the announced {} parameters were sent",
+                self.expected()
+            )));
+        }
+        let start = self.filled;
+        let bad = |i: usize| {
+            Error::Rejected(format!(
+                "parameter {} is not finite or exceeds {MAX_ABS_PARAM:e} in magnitude",
+                start + i
+            ))
+        };
+        match &mut self.values {
+            Values::F32(v) => {
+                for (i, c) in bytes.chunks_exact(4).enumerate() {
+                    let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    if !in_range(x as f64) {
+                        return Err(bad(i));
+                    }
+                    v.push(x);
+                }
+            }
+            Values::F64(v) => {
+                for (i, c) in bytes.chunks_exact(8).enumerate() {
+                    let x = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                    if !in_range(x) {
+                        return Err(bad(i));
+                    }
+                    v.push(x);
+                }
+            }
+        }
+        self.filled += count;
+        Ok(())
+    }
+
+    /// The complete tensor, or an error if bytes are missing.
+    pub fn finish(self) -> Result<Values> {
+        if self.filled != self.expected() || self.carry_len != 0 {
+            return Err(Error::Rejected(format!(
+                "stream ended after {} of {} parameters",
+                self.filled,
+                self.expected()
+            )));
+        }
+        Ok(self.values)
+    }
+}
+
+/// Finite and below [`MAX_ABS_PARAM`] in magnitude (false for NaN).
+#[inline(always)]
+fn in_range(x: f64) -> bool {
+    x.abs() < MAX_ABS_PARAM
+}
+
+/// Check a complete update before it is folded.
+pub fn validate(values: &Values) -> Result<()> {
+    let bad = |i: usize| {
+        Err(Error::Rejected(format!(
+            "parameter {i} is not finite or exceeds {MAX_ABS_PARAM:e} in magnitude"
+        )))
+    };
+    match values {
+        Values::F32(v) => match v.iter().position(|&x| !in_range(x as f64)) {
+            Some(i) => bad(i),
+            None => Ok(()),
+        },
+        Values::F64(v) => match v.iter().position(|&x| !in_range(x)) {
+            Some(i) => bad(i),
+            None => Ok(()),
+        },
+    }
+}
+
+/// The running weighted sum of a round's updates.
+#[derive(Debug, Clone)]
+pub struct FedAvg {
+    dtype: DType,
+    acc: Vec<i128>,
+    total_weight: u64,
+    count: usize,
+}
+
+impl FedAvg {
+    pub fn new(dtype: DType, len: usize) -> Self {
+        FedAvg {
+            dtype,
+            acc: vec![0; len],
+            total_weight: 0,
+            count: 0,
+        }
+    }
+
+    /// Number of updates folded in.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn total_weight(&self) -> u64 {
+        self.total_weight
+    }
+
+    /// Fold one validated update with its weight (training rows). Checks shape, precision,
+    /// weight and every value before touching the sum, so a rejected update leaves no trace.
+    pub fn fold(&mut self, values: &Values, weight: u64) -> Result<()> {
+        if values.len() != self.acc.len() {
+            return Err(Error::Rejected(format!(
+                "wrong shape: {} parameters, the model has {}",
+                values.len(),
+                self.acc.len()
+            )));
+        }
+        if values.dtype() != self.dtype {
+            return Err(Error::Rejected(format!(
+                "wrong precision: {:?}, the model is {:?}",
+                values.dtype(),
+                self.dtype
+            )));
+        }
+        if weight == 0 {
+            return Err(Error::Rejected("update trained on zero rows".into()));
+        }
+        let total = self
+            .total_weight
+            .checked_add(weight)
+            .filter(|t| *t <= MAX_TOTAL_WEIGHT)
+            .ok_or_else(|| Error::Rejected(format!("row count exceeds the limit of {MAX_TOTAL_WEIGHT}")))?;
+        validate(values)?;
+        let w = weight as i128;
+        match values {
+            Values::F32(v) => fold_into(&mut self.acc, v.iter().map(|&x| x as f64), w),
+            Values::F64(v) => fold_into(&mut self.acc, v.iter().copied(), w),
+        }
+        self.total_weight = total;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The weighted average, in the model's precision.
+    pub fn average(&self) -> Result<Values> {
+        if self.total_weight == 0 {
+            return Err(Error::Rejected("no update to average".into()));
+        }
+        let denom = self.total_weight as f64 * SCALE;
+        let mean = self.acc.iter().map(|&s| s as f64 / denom);
+        Ok(match self.dtype {
+            DType::F32 => Values::F32(mean.map(|x| x as f32).collect()),
+            DType::F64 => Values::F64(mean.collect()),
+        })
+    }
+}
+
+#[inline]
+fn fold_into(acc: &mut [i128], values: impl Iterator<Item = f64>, w: i128) {
+    for (a, x) in acc.iter_mut().zip(values) {
+        *a += i128::from(to_fixed(x)) * w;
+    }
+}
+
+/// `trunc(x * 2^48)` for |x| < 2^31, without the slow f64 -> i128 conversion: split
+/// x * 2^16 into its integer part (< 2^47, fits i64) and its fraction; both products by powers
+/// of two are exact and both parts carry the sign of x, so the truncations add up.
+#[inline(always)]
+fn to_fixed(x: f64) -> i64x2 {
+    let a = x * 65_536.0;
+    let whole = a.trunc();
+    i64x2 {
+        hi: whole as i64,
+        lo: ((a - whole) * 4_294_967_296.0) as i64,
+    }
+}
+
+/// A fixed-point value as `hi * 2^32 + lo`.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy)]
+struct i64x2 {
+    hi: i64,
+    lo: i64,
+}
+
+impl From<i64x2> for i128 {
+    #[inline(always)]
+    fn from(v: i64x2) -> i128 {
+        ((v.hi as i128) << 32) + v.lo as i128
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn average(updates: &[(Vec<f64>, u64)]) -> Vec<f64> {
+        let mut agg = FedAvg::new(DType::F64, updates[0].0.len());
+        for (v, w) in updates {
+            agg.fold(&Values::F64(v.clone()), *w).expect("fold");
+        }
+        agg.average().expect("average").to_f64()
+    }
+
+    proptest! {
+        #[test]
+        fn order_does_not_change_a_bit(
+            updates in prop::collection::vec((prop::collection::vec(-1e6f64..1e6, 16), 1u64..100_000), 1..8),
+            seed in any::<u64>(),
+        ) {
+            let forward = average(&updates);
+            let mut shuffled = updates.clone();
+            // A seeded Fisher-Yates shuffle: any permutation must give the same bits.
+            let mut s = seed;
+            for i in (1..shuffled.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                shuffled.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let back = average(&shuffled);
+            prop_assert_eq!(
+                forward.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                back.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
+
+        #[test]
+        fn average_of_identical_models_is_that_model(
+            model in prop::collection::vec(-1e3f64..1e3, 1..32),
+            weights in prop::collection::vec(1u64..1_000_000, 1..10),
+        ) {
+            let updates: Vec<_> = weights.iter().map(|&w| (model.clone(), w)).collect();
+            for (got, want) in average(&updates).iter().zip(&model) {
+                prop_assert!((got - want).abs() <= 1e-12 * want.abs().max(1.0), "{got} vs {want}");
+            }
+        }
+
+        #[test]
+        fn staging_accepts_any_split(values in prop::collection::vec(-1e9f64..1e9, 0..50), cuts in prop::collection::vec(0usize..400, 0..6)) {
+            let bytes = Values::F64(values.clone()).to_le_bytes();
+            let mut cuts = cuts.into_iter().map(|c| c.min(bytes.len())).collect::<Vec<_>>();
+            cuts.push(0);
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let mut st = Staging::new(DType::F64, values.len());
+            for w in cuts.windows(2) {
+                st.push(&bytes[w[0]..w[1]]).expect("push");
+            }
+            prop_assert_eq!(st.finish().expect("finish"), Values::F64(values));
+        }
+    }
+
+    #[test]
+    fn fast_fixed_point_matches_the_definition() {
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let mag = f64::from_bits((s >> 12) | 0x3ff0_0000_0000_0000) - 1.0; // [0, 1)
+            let exp = (i % 80) - 48;
+            let x = if s & 1 == 0 { mag } else { -mag } * 2f64.powi(exp).min(MAX_ABS_PARAM / 2.0);
+            assert_eq!(i128::from(to_fixed(x)), (x * SCALE) as i128, "x = {x:e}");
+        }
+    }
+
+    #[test]
+    fn weighted_average_is_right() {
+        let got = average(&[(vec![1.0, -2.0], 1), (vec![4.0, 2.0], 3)]);
+        assert_eq!(got, vec![3.25, 1.0]);
+    }
+
+    #[test]
+    fn bad_updates_leave_no_trace() {
+        let mut agg = FedAvg::new(DType::F64, 3);
+        agg.fold(&Values::F64(vec![1.0, 2.0, 3.0]), 10).expect("fold");
+        let before = agg.acc.clone();
+        let check = |agg: &mut FedAvg, v: Values, w: u64, needle: &str| {
+            let err = agg.fold(&v, w).expect_err("must be rejected").to_string();
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        };
+        check(&mut agg, Values::F64(vec![1.0, 2.0]), 5, "wrong shape");
+        check(&mut agg, Values::F64(vec![1.0, f64::NAN, 3.0]), 5, "parameter 1");
+        check(
+            &mut agg,
+            Values::F64(vec![1.0, 2.0, f64::INFINITY]),
+            5,
+            "parameter 2",
+        );
+        check(&mut agg, Values::F64(vec![1e300, 2.0, 3.0]), 5, "parameter 0");
+        check(&mut agg, Values::F32(vec![1.0, 2.0, 3.0]), 5, "precision");
+        check(&mut agg, Values::F64(vec![1.0, 2.0, 3.0]), 0, "zero rows");
+        check(
+            &mut agg,
+            Values::F64(vec![1.0, 2.0, 3.0]),
+            MAX_TOTAL_WEIGHT,
+            "limit",
+        );
+        assert_eq!(agg.acc, before);
+        assert_eq!(agg.count(), 1);
+    }
+
+    #[test]
+    fn staging_rejects_bad_streams() {
+        let mut st = Staging::new(DType::F32, 2);
+        let err = st.push(&f32::NAN.to_le_bytes()).expect_err("nan");
+        assert!(err.to_string().contains("parameter 0"), "{err}");
+
+        let mut st = Staging::new(DType::F32, 1);
+        st.push(&[0, 0]).expect("half a value is fine so far");
+        assert!(st.finish().is_err());
+
+        let mut st = Staging::new(DType::F32, 1);
+        let err = st.push(&[0; 8]).expect_err("too many");
+        assert!(err.to_string().contains("more than"), "{err}");
+    }
+}

@@ -1,0 +1,915 @@
+//! A node's CSV turned into a design matrix, and the pooled standardisation built from
+//! per-node column sums. Errors name the file, line and column, never a cell's value.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use ndarray::{Array1, Array2, ArrayView2};
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{DataSchema, ModelKind};
+use crate::{Error, Result};
+
+/// A design matrix and its response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Design {
+    /// Rows × p; column 0 is the constant 1.0, the others raw, in [`DataSchema::design_columns`] order.
+    pub x: Array2<f64>,
+    /// The response: 0/1 for logistic, the (possibly logged) value for linear.
+    pub y: Array1<f64>,
+}
+
+impl Design {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.x.nrows()
+    }
+}
+
+/// A node's data, split by the schema's split column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalData {
+    pub train: Design,
+    pub test: Design,
+}
+
+/// Read a node's CSV; errors call the file by its file name.
+pub fn load_csv(path: &Path, schema: &DataSchema, model: ModelKind) -> Result<LocalData> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let label = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string());
+    load_csv_from_reader(&label, file, schema, model)
+}
+
+/// What a used CSV column feeds.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Target,
+    /// Numeric feature written at design column `col` (and its square at `col + 1` if `squared`).
+    Numeric {
+        col: usize,
+        squared: bool,
+    },
+    /// Categorical feature `feature` of the schema, dummies starting at design column `col`.
+    Categorical {
+        feature: usize,
+        col: usize,
+    },
+    Split,
+}
+
+/// How the target column becomes `y`.
+#[derive(Debug, Clone)]
+enum TargetRule {
+    Value { log: bool },
+    Above(f64),
+    Level(String),
+}
+
+/// Read a CSV from any reader; `file_label` is what errors call the file (e.g. its file name).
+///
+/// Tolerant of a UTF-8 byte-order mark, CRLF line endings, blank lines, spaces around fields
+/// and simple double-quoted fields. Columns the schema does not use are not parsed, but every
+/// row must have as many fields as the header. The first error in file order is reported.
+pub fn load_csv_from_reader(
+    file_label: &str,
+    reader: impl Read,
+    schema: &DataSchema,
+    model: ModelKind,
+) -> Result<LocalData> {
+    let dataset_err = |problem: String| Error::Dataset {
+        file: file_label.to_owned(),
+        problem,
+    };
+    let rule = match (model, &schema.target) {
+        (ModelKind::Linear, t) => TargetRule::Value { log: t.log },
+        (ModelKind::Logistic, t) => match (t.threshold, &t.positive_level) {
+            (Some(th), None) if th.is_finite() => TargetRule::Above(th),
+            (None, Some(level)) => TargetRule::Level(level.clone()),
+            _ => {
+                return Err(Error::config(
+                    "experiment",
+                    "schema.target",
+                    "a logistic target needs exactly one of a finite `threshold` or `positive_level`",
+                ))
+            }
+        },
+        (ModelKind::Echo, _) => return Err(Error::Model("the echo model reads no data".to_owned())),
+    };
+    let p = schema.design_columns().len();
+
+    let mut lines = BufReader::new(reader);
+    let mut buf = Vec::new();
+    let mut line_no: u64 = 0;
+
+    // Header: the first line; a blank one is an error.
+    let header_fields: Vec<String> = {
+        let read = lines
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| dataset_err(format!("cannot read: {e}")))?;
+        if read == 0 {
+            return Err(dataset_err("the file is empty: no header row".to_owned()));
+        }
+        line_no += 1;
+        let text = line_text(&buf, line_no, file_label)?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        if text.trim().is_empty() {
+            return Err(dataset_err("line 1 is blank: expected a header row".to_owned()));
+        }
+        let mut fields = Vec::new();
+        split_fields(text, &mut fields).map_err(|i| Error::Csv {
+            file: file_label.to_owned(),
+            line: line_no,
+            column: format!("#{}", i + 1),
+            problem: "unterminated double quote in the header".to_owned(),
+        })?;
+        fields
+    };
+
+    // Map each column the schema uses to its position in the header.
+    let find = |name: &str| -> Result<usize> {
+        let mut hits = header_fields
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.as_str() == name);
+        match (hits.next(), hits.next()) {
+            (Some((i, _)), None) => Ok(i),
+            (Some(_), Some(_)) => Err(dataset_err(format!("the header names column `{name}` twice"))),
+            (None, _) => Err(dataset_err(format!(
+                "the header has no column `{name}`, which the experiment needs; the header has: {}",
+                header_fields.join(", ")
+            ))),
+        }
+    };
+    let mut roles: Vec<(usize, Role)> = Vec::new();
+    roles.push((find(&schema.target.column)?, Role::Target));
+    let mut col = 1;
+    for f in &schema.numeric {
+        roles.push((
+            find(&f.column)?,
+            Role::Numeric {
+                col,
+                squared: f.squared,
+            },
+        ));
+        col += if f.squared { 2 } else { 1 };
+    }
+    for (feature, f) in schema.categorical.iter().enumerate() {
+        roles.push((find(&f.column)?, Role::Categorical { feature, col }));
+        col += f.levels.iter().filter(|l| **l != f.reference).count();
+    }
+    roles.push((find(&schema.split_column)?, Role::Split));
+    // Parse fields left to right so the first error reported is the first in the file.
+    roles.sort_by_key(|(i, _)| *i);
+    // For each categorical feature and each listed level: the design column of its dummy, if any.
+    let dummy_cols: Vec<Vec<Option<usize>>> = schema
+        .categorical
+        .iter()
+        .map(|f| {
+            let mut next = 0;
+            f.levels
+                .iter()
+                .map(|l| {
+                    (*l != f.reference).then(|| {
+                        next += 1;
+                        next - 1
+                    })
+                })
+                .collect()
+        })
+        .collect();
+
+    let mut train_x: Vec<f64> = Vec::new();
+    let mut train_y: Vec<f64> = Vec::new();
+    let mut test_x: Vec<f64> = Vec::new();
+    let mut test_y: Vec<f64> = Vec::new();
+    let mut row = vec![0.0; p];
+    let mut fields: Vec<String> = Vec::with_capacity(header_fields.len());
+    let mut data_rows: u64 = 0;
+
+    loop {
+        buf.clear();
+        let read = lines
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| dataset_err(format!("cannot read after line {line_no}: {e}")))?;
+        if read == 0 {
+            break;
+        }
+        line_no += 1;
+        let text = line_text(&buf, line_no, file_label)?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let csv_err = |column: &str, problem: String| Error::Csv {
+            file: file_label.to_owned(),
+            line: line_no,
+            column: column.to_owned(),
+            problem,
+        };
+        split_fields(text, &mut fields).map_err(|i| {
+            let name = header_fields.get(i).map_or("(beyond the header)", |s| s.as_str());
+            csv_err(name, "unterminated double quote".to_owned())
+        })?;
+        if fields.len() != header_fields.len() {
+            let column = header_fields
+                .get(fields.len())
+                .map_or("(beyond the header)", |s| s.as_str());
+            return Err(csv_err(
+                column,
+                format!("expected {} fields, found {}", header_fields.len(), fields.len()),
+            ));
+        }
+        data_rows += 1;
+        row.fill(0.0);
+        row[0] = 1.0;
+        let mut y = 0.0;
+        let mut is_train = false;
+        for &(i, role) in &roles {
+            let name = header_fields[i].as_str();
+            let value = fields[i].as_str();
+            if value.is_empty() {
+                return Err(csv_err(name, "empty value".to_owned()));
+            }
+            match role {
+                Role::Target => {
+                    y = match &rule {
+                        TargetRule::Level(level) => indicator(value == level),
+                        TargetRule::Above(th) => {
+                            indicator(parse_number(value).map_err(|p| csv_err(name, p))? > *th)
+                        }
+                        TargetRule::Value { log: false } => {
+                            parse_number(value).map_err(|p| csv_err(name, p))?
+                        }
+                        TargetRule::Value { log: true } => {
+                            let v = parse_number(value).map_err(|p| csv_err(name, p))?;
+                            if v <= 0.0 {
+                                return Err(csv_err(
+                                    name,
+                                    "value is not positive, so its logarithm (target.log) is undefined"
+                                        .to_owned(),
+                                ));
+                            }
+                            v.ln()
+                        }
+                    };
+                }
+                Role::Numeric { col, squared } => {
+                    let v = parse_number(value).map_err(|p| csv_err(name, p))?;
+                    row[col] = v;
+                    if squared {
+                        row[col + 1] = v * v;
+                    }
+                }
+                Role::Categorical { feature, col } => {
+                    let f = &schema.categorical[feature];
+                    let Some(k) = f.levels.iter().position(|l| l == value) else {
+                        return Err(csv_err(
+                            name,
+                            "value is not one of the levels listed in the experiment (levels are case-sensitive)"
+                                .to_owned(),
+                        ));
+                    };
+                    if let Some(d) = dummy_cols[feature][k] {
+                        row[col + d] = 1.0;
+                    }
+                }
+                Role::Split => {
+                    is_train = match value {
+                        "train" => true,
+                        "test" => false,
+                        _ => return Err(csv_err(name, "value must be `train` or `test`".to_owned())),
+                    };
+                }
+            }
+        }
+        let (xs, ys) = if is_train {
+            (&mut train_x, &mut train_y)
+        } else {
+            (&mut test_x, &mut test_y)
+        };
+        xs.extend_from_slice(&row);
+        ys.push(y);
+    }
+
+    if data_rows == 0 {
+        return Err(dataset_err("the file has a header but no data rows".to_owned()));
+    }
+    if train_y.is_empty() {
+        return Err(dataset_err(format!(
+            "no row has `{}` = train, so there is nothing to train on",
+            schema.split_column
+        )));
+    }
+    let design = |x: Vec<f64>, y: Vec<f64>| -> Result<Design> {
+        let x = Array2::from_shape_vec((y.len(), p), x)
+            .map_err(|e| Error::Model(format!("internal: design matrix shape: {e}")))?;
+        Ok(Design {
+            x,
+            y: Array1::from(y),
+        })
+    };
+    Ok(LocalData {
+        train: design(train_x, train_y)?,
+        test: design(test_x, test_y)?,
+    })
+}
+
+fn indicator(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// The line without its line ending, as UTF-8.
+fn line_text<'a>(buf: &'a [u8], line: u64, file_label: &str) -> Result<&'a str> {
+    let bytes = buf.strip_suffix(b"\n").unwrap_or(buf);
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    std::str::from_utf8(bytes).map_err(|_| Error::Dataset {
+        file: file_label.to_owned(),
+        problem: format!("line {line} is not valid UTF-8 text"),
+    })
+}
+
+/// Split a line at commas into trimmed fields; a field wholly in double quotes may contain
+/// commas and `""` for a quote. On an unterminated quote, returns the index of that field.
+fn split_fields(line: &str, out: &mut Vec<String>) -> std::result::Result<(), usize> {
+    out.clear();
+    if !line.contains('"') {
+        out.extend(line.split(',').map(|f| f.trim().to_owned()));
+        return Ok(());
+    }
+    let mut rest = line;
+    loop {
+        let trimmed = rest.trim_start();
+        if let Some(inner) = trimmed.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = inner.char_indices();
+            let after = loop {
+                match chars.next() {
+                    None => return Err(out.len()),
+                    Some((i, '"')) => {
+                        if inner[i + 1..].starts_with('"') {
+                            value.push('"');
+                            chars.next();
+                        } else {
+                            break &inner[i + 1..];
+                        }
+                    }
+                    Some((_, c)) => value.push(c),
+                }
+            };
+            // Anything between the closing quote and the next comma is kept, trimmed.
+            let (tail, next) = match after.split_once(',') {
+                Some((t, n)) => (t, Some(n)),
+                None => (after, None),
+            };
+            value.push_str(tail.trim());
+            out.push(value.trim().to_owned());
+            match next {
+                Some(n) => rest = n,
+                None => return Ok(()),
+            }
+        } else {
+            match rest.split_once(',') {
+                Some((f, n)) => {
+                    out.push(f.trim().to_owned());
+                    rest = n;
+                }
+                None => {
+                    out.push(rest.trim().to_owned());
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Parse a finite number; the error says what is wrong without repeating the value.
+fn parse_number(value: &str) -> std::result::Result<f64, String> {
+    if value == "NA" {
+        return Err("missing-value marker instead of a number".to_owned());
+    }
+    match value.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err("value is not a finite number (or too large for a 64-bit float)".to_owned()),
+        Err(_) => Err("value is not a number".to_owned()),
+    }
+}
+
+/// Sums over the train rows of every non-const design column: what the statistics phase sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnSums {
+    pub n: u64,
+    pub sum: Vec<f64>,
+    pub sum_sq: Vec<f64>,
+}
+
+impl ColumnSums {
+    /// Check sums that came from the network: `k` columns, all finite, sums of squares not negative.
+    pub fn validate(&self, k: usize) -> Result<()> {
+        if self.sum.len() != k || self.sum_sq.len() != k {
+            return Err(Error::Model(format!(
+                "{} sums and {} sums of squares, expected {k} of each",
+                self.sum.len(),
+                self.sum_sq.len()
+            )));
+        }
+        if self.sum.iter().chain(&self.sum_sq).any(|v| !v.is_finite()) || self.sum_sq.iter().any(|v| *v < 0.0)
+        {
+            return Err(Error::Model(
+                "column sums are not all finite, or a sum of squares is negative".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Column sums of `x` (column 0, the constant, is skipped).
+pub fn column_sums(x: ArrayView2<f64>) -> ColumnSums {
+    let k = x.ncols().saturating_sub(1);
+    let mut sum = vec![0.0; k];
+    let mut sum_sq = vec![0.0; k];
+    for row in x.rows() {
+        for ((s, q), &v) in sum.iter_mut().zip(sum_sq.iter_mut()).zip(row.iter().skip(1)) {
+            *s += v;
+            *q += v * v;
+        }
+    }
+    ColumnSums {
+        n: x.nrows() as u64,
+        sum,
+        sum_sq,
+    }
+}
+
+/// Pooled mean and population sd of every non-const design column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Standardization {
+    pub mean: Vec<f64>,
+    pub sd: Vec<f64>,
+}
+
+impl Standardization {
+    /// Combine per-node sums (the caller passes them in a fixed order, e.g. sorted by node name, so
+    /// the result is deterministic). Population sd (ddof 0). Fails naming the column if it is
+    /// constant over the pooled rows, or if there are no rows.
+    pub fn from_sums(parts: &[ColumnSums], column_names: &[String]) -> Result<Self> {
+        let k = column_names.len();
+        let mut n: u64 = 0;
+        let mut sum = vec![0.0; k];
+        let mut sum_sq = vec![0.0; k];
+        for (i, part) in parts.iter().enumerate() {
+            part.validate(k).map_err(|e| match e {
+                Error::Model(m) => Error::Model(format!("column sums #{}: {m}", i + 1)),
+                other => other,
+            })?;
+            n = n
+                .checked_add(part.n)
+                .ok_or_else(|| Error::Model("row count of the column sums overflows".to_owned()))?;
+            for j in 0..k {
+                sum[j] += part.sum[j];
+                sum_sq[j] += part.sum_sq[j];
+            }
+        }
+        if n == 0 {
+            return Err(Error::Model(
+                "no training rows at any node: cannot standardise".to_owned(),
+            ));
+        }
+        let nf = n as f64;
+        let mut mean = Vec::with_capacity(k);
+        let mut sd = Vec::with_capacity(k);
+        for (j, name) in column_names.iter().enumerate() {
+            let m = sum[j] / nf;
+            let ex2 = sum_sq[j] / nf;
+            let var = ex2 - m * m;
+            // E[x²] - mean² of a constant column is rounding noise of the size of eps · E[x²].
+            if var.is_nan() || var <= 64.0 * f64::EPSILON * ex2 {
+                return Err(Error::Model(format!(
+                    "column `{name}` is constant over the pooled training rows, so it cannot be \
+                     standardised; remove it from the schema"
+                )));
+            }
+            mean.push(m);
+            sd.push(var.sqrt());
+        }
+        Ok(Standardization { mean, sd })
+    }
+
+    /// Check this fits a design of `p` columns (constant included) and is usable.
+    pub fn validate(&self, p: usize) -> Result<()> {
+        if self.mean.len() + 1 != p || self.sd.len() + 1 != p {
+            return Err(Error::Model(format!(
+                "standardisation has {} means and {} sds, the design has {} non-constant columns",
+                self.mean.len(),
+                self.sd.len(),
+                p.saturating_sub(1)
+            )));
+        }
+        if self.mean.iter().any(|m| !m.is_finite()) || self.sd.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(Error::Model(
+                "standardisation has a non-finite mean or a non-positive sd".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `x_std = (x - mean) / sd` for columns 1.., the constant untouched. Columns without a
+    /// mean/sd are left as they are: call [`Standardization::validate`] first.
+    pub fn apply(&self, x: &mut Array2<f64>) {
+        for mut row in x.rows_mut() {
+            for ((v, m), s) in row.iter_mut().skip(1).zip(&self.mean).zip(&self.sd) {
+                *v = (*v - m) / s;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::spec::{CategoricalFeature, NumericFeature, TargetSpec};
+
+    /// Where the shared data sets live (outside this repository in the dev checkout).
+    pub(crate) fn data_dir() -> PathBuf {
+        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let candidates = [
+            std::env::var_os("FEDSTAT_DATA").map(PathBuf::from),
+            Some(manifest.join("data")),
+            Some(manifest.join("../data")),
+            Some(manifest.join("../../shared/data")),
+        ];
+        candidates
+            .into_iter()
+            .flatten()
+            .find(|p| p.join("cps1988").is_dir())
+            .expect("cps1988 data directory (set FEDSTAT_DATA)")
+    }
+
+    fn cat(column: &str, levels: &[&str]) -> CategoricalFeature {
+        CategoricalFeature {
+            column: column.to_owned(),
+            levels: levels.iter().map(|l| (*l).to_owned()).collect(),
+            reference: levels[0].to_owned(),
+        }
+    }
+
+    /// The README's design: education, experience (+ squared), three dummies.
+    pub(crate) fn cps_schema(target: TargetSpec) -> DataSchema {
+        DataSchema {
+            split_column: "split".to_owned(),
+            target,
+            numeric: vec![
+                NumericFeature {
+                    column: "education".to_owned(),
+                    squared: false,
+                },
+                NumericFeature {
+                    column: "experience".to_owned(),
+                    squared: true,
+                },
+            ],
+            categorical: vec![
+                cat("ethnicity", &["cauc", "afam"]),
+                cat("smsa", &["no", "yes"]),
+                cat("parttime", &["no", "yes"]),
+            ],
+        }
+    }
+
+    pub(crate) fn logit_schema() -> DataSchema {
+        cps_schema(TargetSpec {
+            column: "wage".to_owned(),
+            log: false,
+            threshold: Some(522.32),
+            positive_level: None,
+        })
+    }
+
+    pub(crate) fn ols_schema() -> DataSchema {
+        cps_schema(TargetSpec {
+            column: "wage".to_owned(),
+            log: true,
+            threshold: None,
+            positive_level: None,
+        })
+    }
+
+    pub(crate) const REGIONS: [&str; 4] = ["midwest", "northeast", "south", "west"];
+
+    pub(crate) fn load_region(region: &str, schema: &DataSchema, model: ModelKind) -> LocalData {
+        let path = data_dir().join("cps1988").join(format!("{region}.csv"));
+        load_csv(&path, schema, model).expect("clean file loads")
+    }
+
+    /// `(line, column, words the message must contain, values it must not contain)`; line 0 means
+    /// a whole-file error.
+    type Expect = (
+        u64,
+        &'static str,
+        &'static [&'static str],
+        &'static [&'static str],
+    );
+
+    fn check(file: &str, schema: &DataSchema, model: ModelKind, expected: Option<Expect>) {
+        let path = data_dir().join("cps1988-dirty").join(file);
+        let result = load_csv(&path, schema, model);
+        match (result, expected) {
+            (Ok(data), None) => {
+                assert_eq!(data.train.rows() + data.test.rows(), 20, "{file}");
+            }
+            (Ok(_), Some(_)) => panic!("{file}: loaded but should fail"),
+            (Err(e), None) => panic!("{file}: {e}"),
+            (Err(e), Some((line, column, words, forbidden))) => {
+                let msg = e.to_string();
+                assert!(msg.contains(file), "{msg}: should name the file");
+                if line > 0 {
+                    match &e {
+                        Error::Csv {
+                            line: l, column: c, ..
+                        } => {
+                            assert_eq!((*l, c.as_str()), (line, column), "{msg}");
+                        }
+                        other => panic!("{file}: expected a CSV error, got {other:?}"),
+                    }
+                    assert!(msg.contains(&format!("line {line},")), "{msg}");
+                    assert!(msg.contains(&format!("`{column}`")), "{msg}");
+                } else {
+                    assert!(matches!(e, Error::Dataset { .. }), "{file}: {e:?}");
+                }
+                for w in words {
+                    assert!(msg.contains(w), "{msg}: should contain {w:?}");
+                }
+                for v in forbidden {
+                    assert!(!msg.contains(v), "{msg}: leaks the value {v:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dirty_files_fail_at_the_right_cell_without_leaking_values() {
+        let s = logit_schema();
+        let lg = ModelKind::Logistic;
+        check("bom_crlf.csv", &s, lg, None);
+        check("empty.csv", &s, lg, Some((0, "", &["empty"], &[])));
+        check("header_only.csv", &s, lg, Some((0, "", &["no data rows"], &[])));
+        check(
+            "extra_column.csv",
+            &s,
+            lg,
+            Some((
+                7,
+                "(beyond the header)",
+                &["expected 9 fields, found 10"],
+                &["oops"],
+            )),
+        );
+        check(
+            "short_row.csv",
+            &s,
+            lg,
+            Some((8, "parttime", &["expected 9 fields, found 7"], &[])),
+        );
+        check(
+            "missing_values.csv",
+            &s,
+            lg,
+            Some((6, "wage", &["empty"], &["NA"])),
+        );
+        check(
+            "non_numeric.csv",
+            &s,
+            lg,
+            Some((4, "education", &["not a number"], &["twelve", "1O", "$354.94"])),
+        );
+        check(
+            "unknown_category.csv",
+            &s,
+            lg,
+            Some((
+                10,
+                "parttime",
+                &["not one of the levels listed in the experiment"],
+                &["YES", "north-east", "validation"],
+            )),
+        );
+        check(
+            "nonfinite_values.csv",
+            &s,
+            lg,
+            Some((3, "wage", &["finite"], &["inf", "NaN", "-120.5", "1e309"])),
+        );
+        check(
+            "wrong_header.csv",
+            &s,
+            lg,
+            Some((0, "", &["`education`", "educ,"], &[])),
+        );
+    }
+
+    #[test]
+    fn each_defect_is_found_once_the_earlier_ones_are_fixed() {
+        // Re-read the dirty files with the earlier defective lines dropped, to reach the later
+        // defects; line numbers then shift by the number of dropped lines.
+        let read =
+            |file: &str| std::fs::read_to_string(data_dir().join("cps1988-dirty").join(file)).expect("read");
+        let drop_lines = |text: &str, drop: &[usize]| -> String {
+            text.lines()
+                .enumerate()
+                .filter(|(i, _)| !drop.contains(&(i + 1)))
+                .map(|(_, l)| format!("{l}\n"))
+                .collect()
+        };
+        // (file, lines dropped, model, expected line, column, value that must not appear)
+        type Case = (
+            &'static str,
+            &'static [usize],
+            ModelKind,
+            u64,
+            &'static str,
+            &'static str,
+        );
+        let cases: &[Case] = &[
+            (
+                "missing_values.csv",
+                &[6],
+                ModelKind::Logistic,
+                10,
+                "education",
+                "NA",
+            ),
+            (
+                "missing_values.csv",
+                &[6, 11],
+                ModelKind::Logistic,
+                14,
+                "ethnicity",
+                ",",
+            ),
+            (
+                "non_numeric.csv",
+                &[4],
+                ModelKind::Logistic,
+                8,
+                "experience",
+                "1O",
+            ),
+            (
+                "non_numeric.csv",
+                &[4, 9],
+                ModelKind::Logistic,
+                11,
+                "wage",
+                "$354.94",
+            ),
+            (
+                "unknown_category.csv",
+                &[10],
+                ModelKind::Logistic,
+                13,
+                "split",
+                "validation",
+            ),
+            (
+                "nonfinite_values.csv",
+                &[3],
+                ModelKind::Logistic,
+                3,
+                "wage",
+                "NaN",
+            ),
+            (
+                "nonfinite_values.csv",
+                &[3, 4],
+                ModelKind::Linear,
+                3,
+                "wage",
+                "-120.5",
+            ),
+            (
+                "nonfinite_values.csv",
+                &[3, 4, 5],
+                ModelKind::Logistic,
+                3,
+                "wage",
+                "1e309",
+            ),
+        ];
+        for &(file, drop, model, line, column, value) in cases {
+            let schema = if model == ModelKind::Linear {
+                ols_schema()
+            } else {
+                logit_schema()
+            };
+            let text = drop_lines(&read(file), drop);
+            let e = load_csv_from_reader(file, text.as_bytes(), &schema, model).expect_err(file);
+            let msg = e.to_string();
+            assert!(
+                matches!(&e, Error::Csv { line: l, column: c, .. } if *l == line && c == column),
+                "{file} without {drop:?}: {msg}"
+            );
+            assert!(value == "," || !msg.contains(value), "{msg} leaks {value:?}");
+        }
+    }
+
+    #[test]
+    fn small_inputs_parse_as_documented() {
+        let schema = DataSchema {
+            split_column: "s".to_owned(),
+            target: TargetSpec {
+                column: "t".to_owned(),
+                log: false,
+                threshold: None,
+                positive_level: Some("hi".to_owned()),
+            },
+            numeric: vec![NumericFeature {
+                column: "a".to_owned(),
+                squared: true,
+            }],
+            categorical: vec![CategoricalFeature {
+                column: "c".to_owned(),
+                levels: vec!["x".into(), "y".into(), "z".into()],
+                reference: "y".to_owned(),
+            }],
+        };
+        let text = "\u{feff}t, a ,c,s,unused\r\nhi,2,x,train,?\r\n\r\n\"lo\",\"-1.5\",z,test,\"a,b\"\nlo,3,y,train,\n";
+        let data =
+            load_csv_from_reader("t.csv", text.as_bytes(), &schema, ModelKind::Logistic).expect("loads");
+        assert_eq!(
+            data.train.x.as_slice(),
+            Some(&[1.0, 2.0, 4.0, 1.0, 0.0, 1.0, 3.0, 9.0, 0.0, 0.0][..])
+        );
+        assert_eq!(data.train.y.to_vec(), [1.0, 0.0]);
+        assert_eq!(data.test.x.as_slice(), Some(&[1.0, -1.5, 2.25, 0.0, 1.0][..]));
+        assert_eq!(data.test.y.to_vec(), [0.0]);
+
+        let fails = |text: &str, line: u64, column: &str| {
+            let e =
+                load_csv_from_reader("t.csv", text.as_bytes(), &schema, ModelKind::Logistic).expect_err(text);
+            assert!(
+                matches!(&e, Error::Csv { line: l, column: c, .. } if *l == line && c == column),
+                "{text:?}: {e}"
+            );
+        };
+        fails("t,a,c,s,unused\nhi,2,x,train,?\nhi,2,x,\"train,?\n", 3, "s");
+        fails("t,a,c,s,unused\nhi,2,X,train,?\n", 2, "c");
+        fails("t,a,c,s,unused\nhi,-inf,x,train,?\n", 2, "a");
+        let only_test = "t,a,c,s,unused\nhi,2,x,test,?\n";
+        let e = load_csv_from_reader("t.csv", only_test.as_bytes(), &schema, ModelKind::Logistic)
+            .expect_err("no train");
+        assert!(e.to_string().contains("nothing to train on"), "{e}");
+    }
+
+    #[test]
+    fn clean_files_pool_to_the_reference_counts_and_standardisation() {
+        let schema = logit_schema();
+        let names: Vec<String> = schema.design_columns().into_iter().skip(1).collect();
+        let (mut train, mut test) = (0, 0);
+        let mut parts = Vec::new();
+        for region in REGIONS {
+            let d = load_region(region, &schema, ModelKind::Logistic);
+            train += d.train.rows();
+            test += d.test.rows();
+            parts.push(column_sums(d.train.x.view()));
+        }
+        assert_eq!((train, test), (22_524, 5_631));
+        let st = Standardization::from_sums(&parts, &names).expect("standardise");
+        st.validate(names.len() + 1).expect("valid");
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(data_dir().join("cps1988/reference.json")).expect("reference"),
+        )
+        .expect("json");
+        let r = &reference["cps1988"]["models"]["logit_highwage"]["standardization"];
+        for (j, name) in names.iter().enumerate() {
+            for (got, key) in [(st.mean[j], "mean"), (st.sd[j], "sd")] {
+                let want = r[key][name].as_f64().expect("reference value");
+                assert!(
+                    ((got - want) / want).abs() < 1e-9,
+                    "{key} of {name}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn constant_columns_and_no_rows_are_refused_by_name() {
+        let names = vec!["a".to_owned(), "b".to_owned()];
+        let x = ndarray::array![[1.0, 3.0, 0.1], [1.0, 3.0, 0.2], [1.0, 3.0, 0.7]];
+        let e = Standardization::from_sums(&[column_sums(x.view())], &names).expect_err("constant");
+        assert!(e.to_string().contains("`a`"), "{e}");
+        let e = Standardization::from_sums(&[], &names).expect_err("no rows");
+        assert!(e.to_string().contains("no training rows"), "{e}");
+
+        let mut x = ndarray::array![[1.0, 1.0, 0.0], [1.0, 3.0, 2.0]];
+        let st = Standardization::from_sums(&[column_sums(x.view())], &names).expect("ok");
+        st.apply(&mut x);
+        assert_eq!(x, ndarray::array![[1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]);
+    }
+}

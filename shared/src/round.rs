@@ -1,0 +1,929 @@
+//! The round state machine of one experiment: statistics, then rounds of training and
+//! evaluation. It does no I/O and reads no clock: events and the current time come in as
+//! arguments (`handle_*`), and the caller drains what to send (`poll_transmit`) and when to
+//! wake it (`poll_timeout`). That is what lets tests drive a whole simulated federation with a
+//! fake clock in milliseconds.
+//!
+//! Every phase works the same way: select the connected nodes that can take part, send each a
+//! task, collect answers until every selected node answered (or failed, or left) or the phase
+//! deadline passes. A training or statistics phase that ends with fewer than `min_nodes` good
+//! answers is tried again, up to `max_round_retries` times, then the experiment fails.
+//! Answers are kept in maps ordered by node name and updates are folded exactly (see
+//! [`crate::aggregate`]), so no result depends on arrival order.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::aggregate::{FedAvg, Values};
+use crate::data::{ColumnSums, Standardization};
+use crate::model::{metrics, EvalSums};
+use crate::spec::ExperimentSpec;
+use crate::wire::{
+    EventRecord, ExperimentId, ExperimentState, ExperimentStatus, Phase, RoundRecord, Task, TensorMeta,
+    UpdateHeader,
+};
+
+/// Events kept per experiment for `status` and `watch`; older ones are dropped.
+const MAX_EVENTS: usize = 500;
+
+/// Something the shell must send.
+#[derive(Debug, Clone)]
+pub enum Transmit {
+    /// A task for a node, followed on its stream by `model` when present.
+    Task {
+        to: String,
+        task: Box<Task>,
+        model: Option<Arc<Vec<u8>>>,
+    },
+    /// Tell a node its answer was not used, and why.
+    Reject {
+        to: String,
+        experiment: ExperimentId,
+        round: u32,
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+struct PhaseRun {
+    phase: Phase,
+    round: u32,
+    selected: BTreeSet<String>,
+    answered: BTreeSet<String>,
+    failed: BTreeMap<String, String>,
+    deadline: Instant,
+    started: Instant,
+    agg: Option<FedAvg>,
+    /// Per node (rows, mean local loss), for the weighted training loss.
+    losses: BTreeMap<String, (u64, f64)>,
+    stats: BTreeMap<String, ColumnSums>,
+    evals: BTreeMap<String, EvalSums>,
+}
+
+impl PhaseRun {
+    fn outstanding(&self) -> impl Iterator<Item = &String> {
+        self.selected
+            .iter()
+            .filter(|n| !self.answered.contains(*n) && !self.failed.contains_key(*n))
+    }
+
+    fn expects(&self, node: &str) -> bool {
+        self.selected.contains(node) && !self.answered.contains(node) && !self.failed.contains_key(node)
+    }
+}
+
+/// Why an answer was not accepted; the shell logs it and tells the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection(pub String);
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One experiment's lifecycle.
+#[derive(Debug)]
+pub struct Experiment {
+    id: ExperimentId,
+    spec: ExperimentSpec,
+    submitter: String,
+    created: Instant,
+    state: ExperimentState,
+    /// Connected nodes and the datasets they offer.
+    nodes: BTreeMap<String, Vec<String>>,
+    /// Nodes that cannot take part (e.g. their data failed to load), with the reason.
+    excluded: BTreeMap<String, String>,
+    retries: u32,
+    global: Values,
+    standardization: Option<Standardization>,
+    phase: Option<PhaseRun>,
+    round_started: Option<Instant>,
+    train_done: Option<(RoundRecord, Instant)>,
+    history: Vec<RoundRecord>,
+    events: VecDeque<EventRecord>,
+    outbox: VecDeque<Transmit>,
+}
+
+impl Experiment {
+    /// A new experiment, waiting for nodes. The spec must already be validated.
+    pub fn new(id: ExperimentId, spec: ExperimentSpec, submitter: String, now: Instant) -> Self {
+        let global = Values::zeros(spec.dtype(), spec.num_params() as usize);
+        let mut exp = Experiment {
+            id,
+            spec,
+            submitter,
+            created: now,
+            state: ExperimentState::Waiting,
+            nodes: BTreeMap::new(),
+            excluded: BTreeMap::new(),
+            retries: 0,
+            global,
+            standardization: None,
+            phase: None,
+            round_started: None,
+            train_done: None,
+            history: Vec::new(),
+            events: VecDeque::new(),
+            outbox: VecDeque::new(),
+        };
+        exp.log(now, format!("submitted by {}", exp.submitter));
+        exp
+    }
+
+    pub fn id(&self) -> ExperimentId {
+        self.id
+    }
+
+    pub fn spec(&self) -> &ExperimentSpec {
+        &self.spec
+    }
+
+    pub fn state(&self) -> &ExperimentState {
+        &self.state
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.state.is_finished()
+    }
+
+    /// The current global model (the final one once completed).
+    pub fn global(&self) -> &Values {
+        &self.global
+    }
+
+    pub fn standardization(&self) -> Option<&Standardization> {
+        self.standardization.as_ref()
+    }
+
+    pub fn history(&self) -> &[RoundRecord] {
+        &self.history
+    }
+
+    fn eligible(&self, datasets: &[String]) -> bool {
+        !self.spec.uses_data() || datasets.contains(&self.spec.dataset)
+    }
+
+    fn candidates(&self) -> BTreeSet<String> {
+        self.nodes
+            .iter()
+            .filter(|(name, ds)| self.eligible(ds) && !self.excluded.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn log(&mut self, now: Instant, message: String) {
+        tracing::info!(experiment = self.id, "{message}");
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(EventRecord {
+            at_ms: now.saturating_duration_since(self.created).as_millis() as u64,
+            message,
+        });
+    }
+
+    /// A node connected (or reconnected). It takes part from the next phase that starts.
+    pub fn node_available(&mut self, now: Instant, name: &str, datasets: &[String]) {
+        self.nodes.insert(name.to_owned(), datasets.to_vec());
+        if self.state == ExperimentState::Waiting && self.candidates().len() >= self.spec.min_nodes as usize {
+            self.start_next(now);
+        }
+    }
+
+    /// A node's connection ended. If the current phase waits for it, it counts as failed.
+    pub fn node_gone(&mut self, now: Instant, name: &str) {
+        self.nodes.remove(name);
+        let Some(p) = self.phase.as_mut() else { return };
+        if p.expects(name) {
+            p.failed.insert(name.to_owned(), "disconnected".into());
+            let (phase, round) = (p.phase, p.round);
+            self.log(
+                now,
+                format!("round {round}: node `{name}` dropped out during {phase}"),
+            );
+            self.check_close(now);
+        }
+    }
+
+    /// Whether an update from `node` for `round` would be accepted now; call before reading the
+    /// update's bytes so late and duplicate updates are refused without being read.
+    pub fn begin_update(&self, node: &str, header: &UpdateHeader) -> Result<TensorMeta, Rejection> {
+        let Some(p) = self.phase.as_ref().filter(|p| p.phase == Phase::Train) else {
+            return Err(Rejection(format!(
+                "late update for round {}: the experiment is not training now",
+                header.round
+            )));
+        };
+        if header.round != p.round {
+            return Err(Rejection(format!(
+                "late update for round {}: round {} is open",
+                header.round, p.round
+            )));
+        }
+        if p.answered.contains(node) || p.failed.contains_key(node) {
+            return Err(Rejection(format!("duplicate update for round {}", header.round)));
+        }
+        if !p.selected.contains(node) {
+            return Err(Rejection(format!(
+                "node was not selected for round {}",
+                header.round
+            )));
+        }
+        let expected = TensorMeta {
+            dtype: self.global.dtype(),
+            len: self.global.len() as u64,
+        };
+        if header.tensor != expected {
+            return Err(Rejection(format!(
+                "wrong shape: {} {:?} parameters, the model has {} {:?}",
+                header.tensor.len, header.tensor.dtype, expected.len, expected.dtype
+            )));
+        }
+        Ok(expected)
+    }
+
+    /// A node's update arrived whole (`Ok`) or broke off / failed validation while streaming
+    /// (`Err`, with the reason).
+    pub fn handle_update(
+        &mut self,
+        now: Instant,
+        node: &str,
+        header: &UpdateHeader,
+        values: Result<Values, String>,
+    ) -> Result<(), Rejection> {
+        if let Err(rej) = self.begin_update(node, header) {
+            self.log(now, format!("ignored update from `{node}`: {rej}"));
+            return Err(rej);
+        }
+        let folded = values.and_then(|v| {
+            if !header.train_loss.is_finite() {
+                return Err("training loss is not finite".to_owned());
+            }
+            let p = self.phase.as_mut().ok_or("no open phase")?;
+            let agg = p.agg.as_mut().ok_or("no open aggregate")?;
+            agg.fold(&v, header.num_examples).map_err(|e| e.to_string())
+        });
+        let round = header.round;
+        let result = match folded {
+            Ok(()) => {
+                if let Some(p) = self.phase.as_mut() {
+                    p.answered.insert(node.to_owned());
+                    p.losses
+                        .insert(node.to_owned(), (header.num_examples, header.train_loss));
+                }
+                Ok(())
+            }
+            Err(reason) => {
+                self.fail_answer(now, node, round, &reason);
+                Err(Rejection(reason))
+            }
+        };
+        self.check_close(now);
+        result
+    }
+
+    /// A node's answer to the statistics phase.
+    pub fn handle_stats(
+        &mut self,
+        now: Instant,
+        node: &str,
+        round: u32,
+        sums: ColumnSums,
+    ) -> Result<(), Rejection> {
+        let width = self.spec.num_params().saturating_sub(1) as usize;
+        let check = self.expect_answer(node, round, Phase::Stats).and_then(|()| {
+            if sums.sum.len() != width || sums.sum_sq.len() != width {
+                return Err(Rejection(format!(
+                    "statistics for {} columns, expected {width}",
+                    sums.sum.len()
+                )));
+            }
+            if sums.sum.iter().chain(&sums.sum_sq).any(|v| !v.is_finite()) {
+                return Err(Rejection("statistics contain a non-finite sum".into()));
+            }
+            if sums.n == 0 {
+                return Err(Rejection("no training rows".into()));
+            }
+            Ok(())
+        });
+        self.accept(now, node, round, check, |p| {
+            p.stats.insert(node.to_owned(), sums);
+        })
+    }
+
+    /// A node's answer to an evaluation phase.
+    pub fn handle_eval(
+        &mut self,
+        now: Instant,
+        node: &str,
+        round: u32,
+        sums: EvalSums,
+    ) -> Result<(), Rejection> {
+        let kind = self.spec.model;
+        let check = self
+            .expect_answer(node, round, Phase::Evaluate)
+            .and_then(|()| sums.validate(kind).map_err(|e| Rejection(e.to_string())));
+        self.accept(now, node, round, check, |p| {
+            p.evals.insert(node.to_owned(), sums);
+        })
+    }
+
+    /// The node could not do its task; `reason` carries no data values.
+    pub fn handle_failure(&mut self, now: Instant, node: &str, round: u32, phase: Phase, reason: &str) {
+        if self.expect_answer(node, round, phase).is_ok() {
+            self.log(
+                now,
+                format!("round {round}: node `{node}` could not do {phase}: {reason}"),
+            );
+            if phase == Phase::Stats {
+                // Its data cannot be used: keep it out of the later rounds too.
+                self.excluded.insert(node.to_owned(), reason.to_owned());
+            }
+            if let Some(p) = self.phase.as_mut() {
+                p.failed.insert(node.to_owned(), reason.to_owned());
+            }
+            self.check_close(now);
+        }
+    }
+
+    fn expect_answer(&self, node: &str, round: u32, phase: Phase) -> Result<(), Rejection> {
+        match self.phase.as_ref() {
+            Some(p) if p.phase == phase && p.round == round && p.expects(node) => Ok(()),
+            Some(p) if p.phase == phase && p.round == round && p.selected.contains(node) => {
+                Err(Rejection(format!("duplicate {phase} answer for round {round}")))
+            }
+            _ => Err(Rejection(format!("late {phase} answer for round {round}"))),
+        }
+    }
+
+    fn accept(
+        &mut self,
+        now: Instant,
+        node: &str,
+        round: u32,
+        check: Result<(), Rejection>,
+        store: impl FnOnce(&mut PhaseRun),
+    ) -> Result<(), Rejection> {
+        let result = match check {
+            Ok(()) => {
+                if let Some(p) = self.phase.as_mut() {
+                    store(p);
+                    p.answered.insert(node.to_owned());
+                }
+                Ok(())
+            }
+            Err(rej) => {
+                if rej.0.starts_with("late") || rej.0.starts_with("duplicate") {
+                    self.log(now, format!("ignored answer from `{node}`: {rej}"));
+                } else {
+                    self.fail_answer(now, node, round, &rej.0);
+                }
+                Err(rej)
+            }
+        };
+        self.check_close(now);
+        result
+    }
+
+    fn fail_answer(&mut self, now: Instant, node: &str, round: u32, reason: &str) {
+        self.log(
+            now,
+            format!("round {round}: rejected answer from `{node}`: {reason}"),
+        );
+        if let Some(p) = self.phase.as_mut() {
+            p.failed.insert(node.to_owned(), reason.to_owned());
+        }
+        self.outbox.push_back(Transmit::Reject {
+            to: node.to_owned(),
+            experiment: self.id,
+            round,
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Advance past deadlines.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(p) = self.phase.as_ref() else { return };
+        if now < p.deadline {
+            return;
+        }
+        let late: Vec<String> = p.outstanding().cloned().collect();
+        let (phase, round, answered) = (p.phase, p.round, p.answered.len());
+        if !late.is_empty() {
+            self.log(
+                now,
+                format!(
+                    "round {round}: {phase} deadline passed without an answer from {}",
+                    late.join(", ")
+                ),
+            );
+        }
+        if phase == Phase::Evaluate || answered >= self.spec.min_nodes as usize {
+            self.finish_phase(now);
+        } else {
+            self.retry(now, answered);
+        }
+    }
+
+    /// When the shell must call [`Experiment::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.phase.as_ref().map(|p| p.deadline)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outbox.pop_front()
+    }
+
+    /// Close the phase early once every selected node has answered and the quorum is met.
+    fn check_close(&mut self, now: Instant) {
+        let Some(p) = self.phase.as_ref() else { return };
+        if p.outstanding().next().is_some() {
+            return;
+        }
+        let quorum = match p.phase {
+            Phase::Evaluate => 0,
+            _ => self.spec.min_nodes as usize,
+        };
+        if p.answered.len() >= quorum {
+            self.finish_phase(now);
+        }
+        // Otherwise no answer can still come: wait for the deadline, then retry, so that a
+        // federation whose nodes are restarting is not failed within milliseconds.
+    }
+
+    fn retry(&mut self, now: Instant, answered: usize) {
+        let Some(p) = self.phase.take() else { return };
+        self.retries += 1;
+        let why = format!(
+            "round {}: {} of the {} answers needed in {} arrived within {} s",
+            p.round, answered, self.spec.min_nodes, p.phase, self.spec.round_timeout_secs
+        );
+        if self.retries > self.spec.max_round_retries {
+            self.fail(
+                now,
+                format!("{why}, after {} retries", self.spec.max_round_retries),
+            );
+            return;
+        }
+        self.log(
+            now,
+            format!(
+                "{why}; retrying (attempt {} of {})",
+                self.retries + 1,
+                self.spec.max_round_retries + 1
+            ),
+        );
+        self.start_phase(now, p.phase, p.round);
+    }
+
+    fn fail(&mut self, now: Instant, reason: String) {
+        self.log(now, format!("failed: {reason}"));
+        self.state = ExperimentState::Failed { reason };
+        self.phase = None;
+    }
+
+    fn start_next(&mut self, now: Instant) {
+        if self.spec.uses_data() {
+            self.start_phase(now, Phase::Stats, 0);
+        } else {
+            self.start_round(now, 1);
+        }
+    }
+
+    fn start_round(&mut self, now: Instant, round: u32) {
+        self.retries = 0;
+        self.round_started = Some(now);
+        self.start_phase(now, Phase::Train, round);
+    }
+
+    fn start_phase(&mut self, now: Instant, phase: Phase, round: u32) {
+        let selected = self.candidates();
+        self.state = ExperimentState::Running { phase };
+        let model_bytes = match phase {
+            Phase::Stats => None,
+            Phase::Train | Phase::Evaluate => Some(Arc::new(self.global.to_le_bytes())),
+        };
+        let model_meta = model_bytes.as_ref().map(|_| TensorMeta {
+            dtype: self.global.dtype(),
+            len: self.global.len() as u64,
+        });
+        for to in &selected {
+            self.outbox.push_back(Transmit::Task {
+                to: to.clone(),
+                task: Box::new(Task {
+                    experiment: self.id,
+                    round,
+                    phase,
+                    spec: self.spec.clone(),
+                    standardization: self.standardization.clone(),
+                    model: model_meta,
+                }),
+                model: model_bytes.clone(),
+            });
+        }
+        let agg = (phase == Phase::Train).then(|| FedAvg::new(self.global.dtype(), self.global.len()));
+        self.log(
+            now,
+            format!("round {round}: {phase} started with {} node(s)", selected.len()),
+        );
+        self.phase = Some(PhaseRun {
+            phase,
+            round,
+            selected,
+            answered: BTreeSet::new(),
+            failed: BTreeMap::new(),
+            deadline: now + Duration::from_secs(self.spec.round_timeout_secs),
+            started: now,
+            agg,
+            losses: BTreeMap::new(),
+            stats: BTreeMap::new(),
+            evals: BTreeMap::new(),
+        });
+        // A phase with nobody to ask can only end at its deadline; one whose quorum is already
+        // impossible is handled there too.
+    }
+
+    fn finish_phase(&mut self, now: Instant) {
+        let Some(p) = self.phase.take() else { return };
+        match p.phase {
+            Phase::Stats => {
+                let parts: Vec<ColumnSums> = p.stats.into_values().collect();
+                let names: Vec<String> = self
+                    .spec
+                    .schema
+                    .as_ref()
+                    .map(|s| s.design_columns().into_iter().skip(1).collect())
+                    .unwrap_or_default();
+                match Standardization::from_sums(&parts, &names) {
+                    Ok(st) => {
+                        self.log(
+                            now,
+                            format!("pooled standardisation computed from {} node(s)", parts.len()),
+                        );
+                        self.standardization = Some(st);
+                        self.start_round(now, 1);
+                    }
+                    Err(e) => self.fail(now, format!("statistics phase: {e}")),
+                }
+            }
+            Phase::Train => {
+                let Some(agg) = p.agg else { return };
+                match agg.average() {
+                    Ok(avg) => self.global = avg,
+                    Err(e) => return self.fail(now, format!("round {}: {e}", p.round)),
+                }
+                let total: u64 = p.losses.values().map(|(n, _)| n).sum();
+                let loss = p.losses.values().map(|(n, l)| *n as f64 * l).sum::<f64>() / total.max(1) as f64;
+                let started = self.round_started.unwrap_or(p.started);
+                let record = RoundRecord {
+                    round: p.round,
+                    participants: p.answered.into_iter().collect(),
+                    total_examples: total,
+                    train_loss: loss,
+                    metrics: None,
+                    train_ms: now.saturating_duration_since(started).as_millis() as u64,
+                    round_ms: 0,
+                    retries: self.retries,
+                };
+                self.log(
+                    now,
+                    format!(
+                        "round {}: aggregated {} update(s) over {} rows",
+                        p.round,
+                        record.participants.len(),
+                        total
+                    ),
+                );
+                if self.spec.uses_data() {
+                    self.train_done = Some((record, started));
+                    self.start_phase(now, Phase::Evaluate, p.round);
+                } else {
+                    self.complete_round(now, record, started);
+                }
+            }
+            Phase::Evaluate => {
+                let Some((mut record, started)) = self.train_done.take() else {
+                    return;
+                };
+                let mut sums: Option<EvalSums> = None;
+                for s in p.evals.values() {
+                    match sums.as_mut() {
+                        None => sums = Some(s.clone()),
+                        Some(acc) => {
+                            if let Err(e) = acc.merge(s) {
+                                return self.fail(now, format!("round {}: evaluation: {e}", p.round));
+                            }
+                        }
+                    }
+                }
+                record.metrics = sums.map(|s| metrics(self.spec.model, &s));
+                self.complete_round(now, record, started);
+            }
+        }
+    }
+
+    fn complete_round(&mut self, now: Instant, mut record: RoundRecord, started: Instant) {
+        record.round_ms = now.saturating_duration_since(started).as_millis() as u64;
+        let round = record.round;
+        self.history.push(record);
+        if round >= self.spec.rounds {
+            self.state = ExperimentState::Completed;
+            self.log(now, format!("completed {round} round(s)"));
+        } else {
+            self.start_round(now, round + 1);
+        }
+    }
+
+    /// What researchers see.
+    pub fn status(&self) -> ExperimentStatus {
+        ExperimentStatus {
+            id: self.id,
+            name: self.spec.name.clone(),
+            model: self.spec.model,
+            submitter: self.submitter.clone(),
+            state: self.state.clone(),
+            rounds_done: self.history.len() as u32,
+            rounds: self.spec.rounds,
+            participants: self
+                .phase
+                .as_ref()
+                .map(|p| p.selected.iter().cloned().collect())
+                .unwrap_or_default(),
+            history: self.history.clone(),
+            events: self.events.iter().cloned().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{EchoSpec, ModelKind, TrainingSpec};
+    use crate::wire::DType;
+
+    const T0: Duration = Duration::from_secs(10);
+
+    fn echo(min_nodes: u32, rounds: u32, retries: u32) -> ExperimentSpec {
+        ExperimentSpec {
+            name: "sim".into(),
+            purpose: String::new(),
+            dataset: String::new(),
+            model: ModelKind::Echo,
+            rounds,
+            min_nodes,
+            round_timeout_secs: T0.as_secs(),
+            max_round_retries: retries,
+            schema: None,
+            training: TrainingSpec::default(),
+            echo: Some(EchoSpec { params: 4 }),
+        }
+    }
+
+    /// A simulated federation: nodes answer tasks by returning global + their offset.
+    struct Sim {
+        now: Instant,
+        exp: Experiment,
+        /// Tasks delivered, per node: (round, global model).
+        inbox: BTreeMap<String, Vec<(u32, Vec<f64>)>>,
+    }
+
+    impl Sim {
+        fn new(spec: ExperimentSpec, nodes: &[&str]) -> Sim {
+            let now = Instant::now();
+            let mut sim = Sim {
+                now,
+                exp: Experiment::new(1, spec, "researcher `r`".into(), now),
+                inbox: BTreeMap::new(),
+            };
+            for n in nodes {
+                sim.exp.node_available(now, n, &[]);
+            }
+            sim.pump();
+            sim
+        }
+
+        fn pump(&mut self) {
+            while let Some(t) = self.exp.poll_transmit() {
+                if let Transmit::Task { to, task, model } = t {
+                    let values = model
+                        .map(|m| crate::wire::tensor_to_f64(&m, DType::F32).expect("tensor"))
+                        .unwrap_or_default();
+                    self.inbox.entry(to).or_default().push((task.round, values));
+                }
+            }
+        }
+
+        fn header(&self, round: u32, rows: u64) -> UpdateHeader {
+            UpdateHeader {
+                experiment: 1,
+                round,
+                num_examples: rows,
+                train_loss: 0.5,
+                tensor: TensorMeta {
+                    dtype: DType::F32,
+                    len: 4,
+                },
+            }
+        }
+
+        /// The node answers its latest task with global + offset.
+        fn answer(&mut self, node: &str, offset: f32, rows: u64) -> Result<(), Rejection> {
+            let (round, global) = self.inbox[node].last().cloned().expect("a task");
+            let values = Values::F32(global.iter().map(|g| *g as f32 + offset).collect());
+            let header = self.header(round, rows);
+            let r = self.exp.handle_update(self.now, node, &header, Ok(values));
+            self.pump();
+            r
+        }
+
+        fn advance(&mut self, by: Duration) {
+            self.now += by;
+            if self.exp.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.exp.handle_timeout(self.now);
+            }
+            self.pump();
+        }
+
+        fn rounds_done(&self) -> usize {
+            self.exp.history().len()
+        }
+    }
+
+    #[test]
+    fn full_run_averages_by_rows() {
+        let mut sim = Sim::new(echo(2, 2, 0), &["a", "b"]);
+        sim.answer("a", 1.0, 1).expect("a");
+        sim.answer("b", 5.0, 3).expect("b");
+        assert_eq!(sim.rounds_done(), 1);
+        assert_eq!(sim.exp.global(), &Values::F32(vec![4.0; 4]));
+        sim.answer("b", 1.0, 1).expect("b");
+        sim.answer("a", 1.0, 1).expect("a");
+        assert_eq!(sim.exp.state(), &ExperimentState::Completed);
+        assert_eq!(sim.exp.global(), &Values::F32(vec![5.0; 4]));
+        assert_eq!(sim.exp.history()[1].participants, ["a", "b"]);
+    }
+
+    #[test]
+    fn waits_for_min_nodes_before_starting() {
+        let mut sim = Sim::new(echo(2, 1, 0), &["a"]);
+        assert_eq!(sim.exp.state(), &ExperimentState::Waiting);
+        assert!(sim.inbox.is_empty());
+        sim.exp.node_available(sim.now, "b", &[]);
+        sim.pump();
+        assert_eq!(sim.inbox.len(), 2);
+    }
+
+    #[test]
+    fn deadline_with_quorum_closes_the_round() {
+        let mut sim = Sim::new(echo(2, 1, 0), &["a", "b", "c"]);
+        sim.answer("a", 1.0, 1).expect("a");
+        sim.answer("b", 3.0, 1).expect("b");
+        assert_eq!(sim.rounds_done(), 0, "c is still expected");
+        sim.advance(T0);
+        assert_eq!(sim.exp.state(), &ExperimentState::Completed);
+        assert_eq!(sim.exp.global(), &Values::F32(vec![2.0; 4]));
+        assert!(sim
+            .exp
+            .status()
+            .events
+            .iter()
+            .any(|e| e.message.contains("without an answer from c")));
+    }
+
+    #[test]
+    fn deadline_without_quorum_retries_then_fails() {
+        let mut sim = Sim::new(echo(2, 1, 1), &["a", "b"]);
+        sim.answer("a", 1.0, 1).expect("a");
+        sim.advance(T0);
+        // Retried: both nodes got a second task for round 1.
+        assert_eq!(sim.inbox["b"].len(), 2);
+        assert!(matches!(sim.exp.state(), ExperimentState::Running { .. }));
+        sim.advance(T0);
+        match sim.exp.state() {
+            ExperimentState::Failed { reason } => {
+                assert!(reason.contains("0 of the 2 answers"), "{reason}");
+                assert!(reason.contains("after 1 retries"), "{reason}");
+            }
+            other => panic!("expected failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn late_and_duplicate_updates_are_ignored() {
+        let mut sim = Sim::new(echo(1, 2, 0), &["a", "b"]);
+        sim.answer("a", 1.0, 1).expect("a");
+        let dup = sim.answer("a", 9.0, 1).expect_err("duplicate");
+        assert!(dup.0.contains("duplicate"), "{dup}");
+        sim.answer("b", 1.0, 1).expect("b");
+        assert_eq!(sim.rounds_done(), 1);
+        // A round-1 update arriving during round 2 is late.
+        let header = sim.header(1, 1);
+        let late = sim
+            .exp
+            .handle_update(sim.now, "a", &header, Ok(Values::F32(vec![0.0; 4])))
+            .expect_err("late");
+        assert!(late.0.contains("late"), "{late}");
+        assert_eq!(sim.exp.global(), &Values::F32(vec![1.0; 4]));
+    }
+
+    #[test]
+    fn node_leaving_and_rejoining_mid_round() {
+        let mut sim = Sim::new(echo(1, 2, 0), &["a", "b"]);
+        sim.exp.node_gone(sim.now, "b");
+        sim.answer("a", 2.0, 1).expect("a");
+        // b's departure means nobody is outstanding: round 1 closes on a alone.
+        assert_eq!(sim.rounds_done(), 1);
+        assert_eq!(sim.exp.history()[0].participants, ["a"]);
+        sim.exp.node_available(sim.now, "b", &[]);
+        sim.pump();
+        // b rejoined mid round 2: not selected for it, so its update is refused...
+        assert_eq!(sim.inbox["b"].len(), 1);
+        let stale = sim.answer("b", 1.0, 1).expect_err("not selected");
+        assert!(
+            stale.0.contains("late") || stale.0.contains("not selected"),
+            "{stale}"
+        );
+        sim.answer("a", 0.0, 1).expect("a");
+        assert_eq!(sim.exp.state(), &ExperimentState::Completed);
+    }
+
+    #[test]
+    fn rejoined_node_takes_part_in_the_next_round() {
+        let mut sim = Sim::new(echo(1, 3, 0), &["a", "b"]);
+        sim.exp.node_gone(sim.now, "b");
+        sim.exp.node_available(sim.now, "b", &[]);
+        sim.answer("a", 2.0, 1).expect("a");
+        assert_eq!(sim.rounds_done(), 1);
+        // Round 2 selects b again.
+        assert_eq!(sim.inbox["b"].last().map(|t| t.0), Some(2));
+        sim.answer("a", 0.0, 1).expect("a");
+        sim.answer("b", 2.0, 1).expect("b");
+        assert_eq!(sim.exp.history()[1].participants, ["a", "b"]);
+    }
+
+    #[test]
+    fn invalid_update_is_rejected_and_the_round_goes_on() {
+        let mut sim = Sim::new(echo(1, 1, 0), &["a", "b"]);
+        let header = sim.header(1, 1);
+        let err = sim
+            .exp
+            .handle_update(
+                sim.now,
+                "b",
+                &header,
+                Ok(Values::F32(vec![0.0, f32::NAN, 0.0, 0.0])),
+            )
+            .expect_err("nan");
+        assert!(err.0.contains("parameter 1"), "{err}");
+        let mut wrong = sim.header(1, 1);
+        wrong.tensor.len = 3;
+        assert!(sim.exp.begin_update("a", &wrong).is_err());
+        sim.answer("a", 1.0, 1).expect("a");
+        assert_eq!(sim.exp.state(), &ExperimentState::Completed);
+        assert_eq!(sim.exp.history()[0].participants, ["a"]);
+        let rejected = std::iter::from_fn(|| sim.exp.poll_transmit())
+            .any(|t| matches!(t, Transmit::Reject { ref to, .. } if to == "b"));
+        // The rejection was already drained by `pump`; the event log keeps it.
+        let _ = rejected;
+        assert!(sim
+            .exp
+            .status()
+            .events
+            .iter()
+            .any(|e| e.message.contains("rejected answer from `b`")));
+    }
+
+    #[test]
+    fn arrival_order_does_not_change_the_model() {
+        let run = |order: &[&str]| {
+            let mut sim = Sim::new(echo(3, 3, 0), &["a", "b", "c"]);
+            for _ in 0..3 {
+                for (i, n) in order.iter().enumerate() {
+                    sim.answer(n, 0.1 * (i as f32 + 1.0) / 3.0, 7 + i as u64)
+                        .expect("answer");
+                }
+            }
+            sim.exp.global().to_le_bytes()
+        };
+        let base = run(&["a", "b", "c"]);
+        assert_eq!(base, run(&["a", "b", "c"]));
+        // Different weights per node in this order, so compare only runs with the same
+        // node -> (offset, rows) mapping: permute answer order, keep assignment.
+        let run_perm = |perm: &[usize]| {
+            let names = ["a", "b", "c"];
+            let mut sim = Sim::new(echo(3, 3, 0), &names);
+            for _ in 0..3 {
+                for &i in perm {
+                    sim.answer(names[i], 0.1 * (i as f32 + 1.0) / 3.0, 7 + i as u64)
+                        .expect("answer");
+                }
+            }
+            sim.exp.global().to_le_bytes()
+        };
+        for perm in [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]] {
+            assert_eq!(run_perm(&perm), base, "order {perm:?}");
+        }
+    }
+}

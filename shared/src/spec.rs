@@ -1,0 +1,468 @@
+//! The experiment spec: what a researcher submits (as TOML) and what the coordinator sends to
+//! every node. It names columns and levels only, never data values.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Largest model the federation accepts, in parameters (a guard against typos, not a design
+/// limit of the aggregator).
+pub const MAX_PARAMS: u64 = 100_000_000;
+
+/// The kind of model an experiment trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Linear regression with intercept, squared-error loss.
+    Linear,
+    /// Binary logistic regression with intercept, log-loss.
+    Logistic,
+    /// Diagnostic: nodes return the global parameters plus a small seeded change. Measures the
+    /// federation's own cost (network, aggregation) without touching any data.
+    Echo,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Linear => "linear",
+            ModelKind::Logistic => "logistic",
+            ModelKind::Echo => "echo",
+        }
+    }
+}
+
+/// A submitted experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSpec {
+    /// Short human name, shown by `fedstat status`.
+    pub name: String,
+    /// Why the experiment is run; recorded with it.
+    #[serde(default)]
+    pub purpose: String,
+    /// The dataset name every participating node must offer (a key of its `[datasets]`).
+    #[serde(default)]
+    pub dataset: String,
+    pub model: ModelKind,
+    /// Number of federated-averaging rounds.
+    pub rounds: u32,
+    /// Fewest answers with which a round may close at its deadline.
+    #[serde(default = "default_min_nodes")]
+    pub min_nodes: u32,
+    /// How long a phase of a round waits for answers, in seconds.
+    #[serde(default = "default_round_timeout")]
+    pub round_timeout_secs: u64,
+    /// How many times a round that misses its quorum is tried again before the experiment fails.
+    #[serde(default = "default_retries")]
+    pub max_round_retries: u32,
+    /// Columns and target; required for `linear` and `logistic`.
+    #[serde(default)]
+    pub schema: Option<DataSchema>,
+    #[serde(default)]
+    pub training: TrainingSpec,
+    /// Required for `echo`.
+    #[serde(default)]
+    pub echo: Option<EchoSpec>,
+}
+
+fn default_min_nodes() -> u32 {
+    1
+}
+fn default_round_timeout() -> u64 {
+    120
+}
+fn default_retries() -> u32 {
+    2
+}
+
+/// How a node turns its CSV into a design matrix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSchema {
+    /// Column whose value is `train` or `test`.
+    #[serde(default = "default_split_column")]
+    pub split_column: String,
+    pub target: TargetSpec,
+    /// Numeric features, in design order, each optionally followed by its square.
+    #[serde(default)]
+    pub numeric: Vec<NumericFeature>,
+    /// Categorical features, one-hot coded with the reference level dropped, after the numerics.
+    #[serde(default)]
+    pub categorical: Vec<CategoricalFeature>,
+}
+
+fn default_split_column() -> String {
+    "split".to_owned()
+}
+
+/// The response variable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    pub column: String,
+    /// Linear only: model `ln(column)`; the column must then be positive.
+    #[serde(default)]
+    pub log: bool,
+    /// Logistic on a numeric column: the target is 1 when the value is above this threshold.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// Logistic on a categorical column: the target is 1 when the value is this level.
+    #[serde(default)]
+    pub positive_level: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumericFeature {
+    pub column: String,
+    /// Also add `column^2` (raw square, before standardisation) right after it.
+    #[serde(default)]
+    pub squared: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoricalFeature {
+    pub column: String,
+    /// Every allowed level, in order; any other value in the data is an error.
+    pub levels: Vec<String>,
+    /// The level whose dummy is dropped.
+    pub reference: String,
+}
+
+/// Local training at each node: mini-batch SGD.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingSpec {
+    /// Passes over the local training rows per round.
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    /// L2 penalty on the non-intercept coefficients (standardised scale).
+    pub l2: f64,
+    /// Seed of the shuffling; with the same participants a run is reproducible bit for bit.
+    pub seed: u64,
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        TrainingSpec {
+            local_epochs: 1,
+            batch_size: 32,
+            learning_rate: 0.05,
+            l2: 0.0,
+            seed: 1,
+        }
+    }
+}
+
+/// The diagnostic `echo` model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EchoSpec {
+    /// Number of float32 parameters.
+    pub params: u64,
+}
+
+const WHAT: &str = "experiment";
+
+impl ExperimentSpec {
+    /// Parse and validate an experiment TOML file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        let spec: ExperimentSpec = toml::from_str(&text).map_err(|e| Error::Toml {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Check everything that can be checked without data.
+    pub fn validate(&self) -> Result<()> {
+        if self.name.trim().is_empty() {
+            return Err(Error::config(WHAT, "name", "must not be empty"));
+        }
+        if self.rounds == 0 || self.rounds > 100_000 {
+            return Err(Error::config(WHAT, "rounds", "must be between 1 and 100000"));
+        }
+        if self.min_nodes == 0 {
+            return Err(Error::config(WHAT, "min_nodes", "must be at least 1"));
+        }
+        if self.round_timeout_secs == 0 || self.round_timeout_secs > 7 * 24 * 3600 {
+            return Err(Error::config(
+                WHAT,
+                "round_timeout_secs",
+                "must be between 1 and 604800",
+            ));
+        }
+        let t = &self.training;
+        if t.local_epochs == 0 || t.local_epochs > 10_000 {
+            return Err(Error::config(
+                WHAT,
+                "training.local_epochs",
+                "must be between 1 and 10000",
+            ));
+        }
+        if t.batch_size == 0 {
+            return Err(Error::config(WHAT, "training.batch_size", "must be at least 1"));
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return Err(Error::config(
+                WHAT,
+                "training.learning_rate",
+                "must be a positive number",
+            ));
+        }
+        if !(t.l2.is_finite() && t.l2 >= 0.0) {
+            return Err(Error::config(WHAT, "training.l2", "must be zero or positive"));
+        }
+        match self.model {
+            ModelKind::Echo => {
+                let echo = self
+                    .echo
+                    .as_ref()
+                    .ok_or_else(|| Error::config(WHAT, "echo", "required when model = \"echo\""))?;
+                if echo.params == 0 || echo.params > MAX_PARAMS {
+                    return Err(Error::config(
+                        WHAT,
+                        "echo.params",
+                        format!("must be between 1 and {MAX_PARAMS}"),
+                    ));
+                }
+            }
+            ModelKind::Linear | ModelKind::Logistic => {
+                if self.dataset.trim().is_empty() {
+                    return Err(Error::config(
+                        WHAT,
+                        "dataset",
+                        "must name a dataset the nodes offer",
+                    ));
+                }
+                let schema = self.schema.as_ref().ok_or_else(|| {
+                    Error::config(WHAT, "schema", "required for linear and logistic models")
+                })?;
+                schema.validate(self.model)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of model parameters.
+    pub fn num_params(&self) -> u64 {
+        match (&self.model, &self.echo, &self.schema) {
+            (ModelKind::Echo, Some(echo), _) => echo.params,
+            (_, _, Some(schema)) => schema.design_columns().len() as u64,
+            _ => 0,
+        }
+    }
+
+    /// Whether parameters travel as float32 (echo) or float64 (the GLMs).
+    pub fn dtype(&self) -> crate::wire::DType {
+        match self.model {
+            ModelKind::Echo => crate::wire::DType::F32,
+            _ => crate::wire::DType::F64,
+        }
+    }
+
+    /// Whether the experiment reads data (and so has a statistics and an evaluation phase).
+    pub fn uses_data(&self) -> bool {
+        self.model != ModelKind::Echo
+    }
+}
+
+impl DataSchema {
+    fn validate(&self, model: ModelKind) -> Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut check_col = |key: &str, col: &str| -> Result<()> {
+            if col.trim().is_empty() {
+                return Err(Error::config(WHAT, key, "column name must not be empty"));
+            }
+            if !seen.insert(col.to_owned()) {
+                return Err(Error::config(WHAT, key, format!("column `{col}` is used twice")));
+            }
+            Ok(())
+        };
+        check_col("schema.split_column", &self.split_column)?;
+        check_col("schema.target.column", &self.target.column)?;
+        for f in &self.numeric {
+            check_col("schema.numeric.column", &f.column)?;
+        }
+        for f in &self.categorical {
+            check_col("schema.categorical.column", &f.column)?;
+            if f.levels.len() < 2 {
+                return Err(Error::config(
+                    WHAT,
+                    "schema.categorical.levels",
+                    format!("column `{}` needs at least two levels", f.column),
+                ));
+            }
+            let distinct: std::collections::BTreeSet<_> = f.levels.iter().collect();
+            if distinct.len() != f.levels.len() {
+                return Err(Error::config(
+                    WHAT,
+                    "schema.categorical.levels",
+                    format!("column `{}` lists a level twice", f.column),
+                ));
+            }
+            if !f.levels.contains(&f.reference) {
+                return Err(Error::config(
+                    WHAT,
+                    "schema.categorical.reference",
+                    format!("reference level of column `{}` is not among its levels", f.column),
+                ));
+            }
+        }
+        if self.numeric.is_empty() && self.categorical.is_empty() {
+            return Err(Error::config(
+                WHAT,
+                "schema",
+                "needs at least one numeric or categorical feature",
+            ));
+        }
+        let t = &self.target;
+        match model {
+            ModelKind::Linear => {
+                if t.threshold.is_some() || t.positive_level.is_some() {
+                    return Err(Error::config(
+                        WHAT,
+                        "schema.target",
+                        "threshold and positive_level apply to logistic models only",
+                    ));
+                }
+            }
+            ModelKind::Logistic => {
+                if t.log {
+                    return Err(Error::config(
+                        WHAT,
+                        "schema.target.log",
+                        "applies to linear models only",
+                    ));
+                }
+                match (&t.threshold, &t.positive_level) {
+                    (Some(th), None) if th.is_finite() => {}
+                    (Some(_), None) => {
+                        return Err(Error::config(
+                            WHAT,
+                            "schema.target.threshold",
+                            "must be a finite number",
+                        ))
+                    }
+                    (None, Some(_)) => {}
+                    _ => {
+                        return Err(Error::config(
+                            WHAT,
+                            "schema.target",
+                            "a logistic target needs exactly one of `threshold` or `positive_level`",
+                        ))
+                    }
+                }
+            }
+            ModelKind::Echo => {}
+        }
+        Ok(())
+    }
+
+    /// Names of the design-matrix columns, in order: `const`, each numeric (then `name^2` when
+    /// squared), then `column=level` for every non-reference level.
+    pub fn design_columns(&self) -> Vec<String> {
+        let mut cols = vec!["const".to_owned()];
+        for f in &self.numeric {
+            cols.push(f.column.clone());
+            if f.squared {
+                cols.push(format!("{}^2", f.column));
+            }
+        }
+        for f in &self.categorical {
+            for level in f.levels.iter().filter(|l| **l != f.reference) {
+                cols.push(format!("{}={}", f.column, level));
+            }
+        }
+        cols
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logit_toml() -> &'static str {
+        r#"
+name = "high wage"
+dataset = "cps1988"
+model = "logistic"
+rounds = 5
+[schema]
+target = { column = "wage", threshold = 522.32 }
+numeric = [{ column = "education" }, { column = "experience", squared = true }]
+categorical = [
+  { column = "ethnicity", levels = ["cauc", "afam"], reference = "cauc" },
+  { column = "smsa", levels = ["no", "yes"], reference = "no" },
+]
+"#
+    }
+
+    #[test]
+    fn design_columns_follow_the_reference_order() {
+        let spec: ExperimentSpec = toml::from_str(logit_toml()).expect("parse");
+        spec.validate().expect("valid");
+        let cols = spec
+            .schema
+            .as_ref()
+            .map(|s| s.design_columns())
+            .unwrap_or_default();
+        assert_eq!(
+            cols,
+            [
+                "const",
+                "education",
+                "experience",
+                "experience^2",
+                "ethnicity=afam",
+                "smsa=yes"
+            ]
+        );
+        assert_eq!(spec.num_params(), 6);
+    }
+
+    #[test]
+    fn invalid_specs_name_the_key() {
+        let check = |edit: &dyn Fn(&mut ExperimentSpec), key: &str| {
+            let mut spec: ExperimentSpec = toml::from_str(logit_toml()).expect("parse");
+            edit(&mut spec);
+            let err = spec.validate().expect_err("must be invalid").to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        };
+        check(&|s| s.rounds = 0, "rounds");
+        check(&|s| s.training.learning_rate = f64::NAN, "training.learning_rate");
+        check(
+            &|s| {
+                if let Some(schema) = s.schema.as_mut() {
+                    schema.target.threshold = None;
+                }
+            },
+            "schema.target",
+        );
+        check(
+            &|s| {
+                if let Some(schema) = s.schema.as_mut() {
+                    schema.categorical[0].reference = "other".into();
+                }
+            },
+            "schema.categorical.reference",
+        );
+        check(&|s| s.model = ModelKind::Echo, "echo");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = format!(
+            "{}\nlearning_rat = 0.1\n",
+            logit_toml().replace("[schema]", "bogus = 1\n[schema]")
+        );
+        assert!(toml::from_str::<ExperimentSpec>(&text).is_err());
+    }
+}

@@ -1,0 +1,75 @@
+//! Frames and tensors over QUIC streams: the async edge of [`crate::wire`]. Every read has a
+//! byte cap and the caller puts a timeout around it.
+
+use quinn::{RecvStream, SendStream};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::aggregate::Staging;
+use crate::aggregate::Values;
+use crate::wire::{decode_payload, encode_frame, frame_len, TensorMeta};
+use crate::{Error, Result};
+
+/// Largest piece read from a stream at once while receiving a tensor.
+const CHUNK: usize = 256 * 1024;
+
+fn stream_err(what: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::Wire {
+        what,
+        problem: e.to_string(),
+    }
+}
+
+/// Write one frame.
+pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<()> {
+    let bytes = encode_frame(msg)?;
+    send.write_all(&bytes).await.map_err(|e| stream_err("stream", e))
+}
+
+/// Read one frame. `Ok(None)` when the stream ended cleanly before the frame started.
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'static str) -> Result<Option<T>> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(stream_err(what, e)),
+    }
+    let len = frame_len(prefix)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| stream_err(what, e))?;
+    decode_payload(&payload, what).map(Some)
+}
+
+/// Read a tensor body of the announced size, validating values as they arrive.
+pub async fn read_tensor(recv: &mut RecvStream, meta: TensorMeta, max_len: u64) -> Result<Values> {
+    if meta.len > max_len {
+        return Err(Error::TooLarge {
+            what: "tensor",
+            size: meta.byte_len()?,
+            limit: max_len.saturating_mul(meta.dtype.size() as u64),
+        });
+    }
+    let mut remaining = meta.byte_len()? as usize;
+    let mut staging = Staging::new(meta.dtype, meta.len as usize);
+    while remaining > 0 {
+        let chunk = recv
+            .read_chunk(remaining.min(CHUNK), true)
+            .await
+            .map_err(|e| stream_err("tensor stream", e))?
+            .ok_or_else(|| {
+                Error::Rejected(format!("stream ended {remaining} bytes before the tensor did"))
+            })?;
+        remaining -= chunk.bytes.len();
+        staging.push(&chunk.bytes)?;
+    }
+    staging.finish()
+}
+
+/// Write a tensor body.
+pub async fn write_tensor(send: &mut SendStream, bytes: &[u8]) -> Result<()> {
+    send.write_all(bytes)
+        .await
+        .map_err(|e| stream_err("tensor stream", e))
+}

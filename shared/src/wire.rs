@@ -1,0 +1,514 @@
+//! The wire protocol: the only types that cross the network, and their byte encoding.
+//!
+//! Every QUIC stream carries length-prefixed frames: a 4-byte big-endian length, then a bincode
+//! (2.0, standard config, explicit size limit) payload. Model parameters never travel inside a
+//! frame: a frame announces a tensor (`dtype`, `len`) and its little-endian bytes follow raw on
+//! the same stream, so a receiver can fold them chunk by chunk.
+//!
+//! Streams:
+//! - node -> coordinator, first bidirectional stream: the control stream. The node sends
+//!   [`NodeMsg::Hello`], the coordinator answers [`CoordMsg::Welcome`] or [`CoordMsg::Refused`];
+//!   then both sides send control messages on it for the life of the connection.
+//! - coordinator -> node, one unidirectional stream per task: a [`Task`] frame, then the global
+//!   model's bytes when the task carries one.
+//! - node -> coordinator, one unidirectional stream per update: an [`UpdateHeader`] frame, then
+//!   the update's bytes.
+//! - researcher -> coordinator, one bidirectional stream per request: a [`Request`] frame, then a
+//!   [`Response`] frame (followed by a tensor's bytes for [`Response::Results`]).
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{ColumnSums, Standardization};
+use crate::identity::Role;
+use crate::model::{EvalSums, Metrics};
+use crate::spec::{ExperimentSpec, ModelKind};
+use crate::{Error, Result};
+
+/// Version of this protocol; both sides check it in the first exchange.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest control frame payload. Evaluation sums (two 4096-bin histograms) and an experiment
+/// spec fit comfortably; anything larger is an attack or a bug.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Experiment identifier, assigned by the coordinator.
+pub type ExperimentId = u64;
+
+/// Element type of a tensor on the wire (little-endian IEEE 754).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    F64,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+/// Announces a tensor whose bytes follow the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorMeta {
+    pub dtype: DType,
+    pub len: u64,
+}
+
+impl TensorMeta {
+    /// Byte length of the tensor body.
+    pub fn byte_len(&self) -> Result<u64> {
+        self.len
+            .checked_mul(self.dtype.size() as u64)
+            .ok_or_else(|| Error::Wire {
+                what: "tensor header",
+                problem: "length overflows".into(),
+            })
+    }
+}
+
+/// Phase of an experiment a task or a failure belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Sums of n, x and x^2 over train rows, for pooled standardisation.
+    Stats,
+    /// Local training from the global model; answered by an update.
+    Train,
+    /// Scoring the global model on local test rows; answered by evaluation sums.
+    Evaluate,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Stats => "statistics",
+            Phase::Train => "training",
+            Phase::Evaluate => "evaluation",
+        })
+    }
+}
+
+/// Work the coordinator gives a node. Self-contained: a node keeps no experiment state between
+/// tasks, so a restarted node can take part in the next round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub experiment: ExperimentId,
+    pub round: u32,
+    pub phase: Phase,
+    pub spec: ExperimentSpec,
+    /// Pooled standardisation, from the statistics phase (absent in it and for `echo`).
+    pub standardization: Option<Standardization>,
+    /// The global model, whose bytes follow the frame (Train and Evaluate).
+    pub model: Option<TensorMeta>,
+}
+
+/// A node's local update; its bytes follow the frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateHeader {
+    pub experiment: ExperimentId,
+    pub round: u32,
+    /// Training rows behind the update: its weight in the average.
+    pub num_examples: u64,
+    /// Mean local training loss (reported, not averaged into anything sensitive).
+    pub train_loss: f64,
+    pub tensor: TensorMeta,
+}
+
+/// Messages from a node on its control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum NodeMsg {
+    Hello {
+        protocol: u32,
+        software: String,
+        /// Names of the datasets the node offers; never anything about their content.
+        datasets: Vec<String>,
+    },
+    Heartbeat,
+    StatsReply {
+        experiment: ExperimentId,
+        round: u32,
+        sums: ColumnSums,
+    },
+    EvalReply {
+        experiment: ExperimentId,
+        round: u32,
+        sums: EvalSums,
+    },
+    /// The node could not do a task. `reason` is written for the researcher and carries no
+    /// data values (file, line and column at most).
+    TaskFailed {
+        experiment: ExperimentId,
+        round: u32,
+        phase: Phase,
+        reason: String,
+    },
+}
+
+/// Messages from the coordinator on a node's control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordMsg {
+    Welcome {
+        protocol: u32,
+        name: String,
+    },
+    Refused {
+        reason: String,
+    },
+    Heartbeat,
+    /// The coordinator dropped this node's update or answer (validation, late, duplicate).
+    Rejected {
+        experiment: ExperimentId,
+        round: u32,
+        reason: String,
+    },
+}
+
+/// A researcher's (or admin's) request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    Hello { protocol: u32 },
+    Submit { spec: Box<ExperimentSpec> },
+    Status { experiment: Option<ExperimentId> },
+    Nodes,
+    Results { experiment: ExperimentId },
+}
+
+/// State of an experiment as researchers see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ExperimentState {
+    /// Waiting until `min_nodes` nodes offering the dataset are connected.
+    Waiting,
+    Running {
+        phase: Phase,
+    },
+    Completed,
+    Failed {
+        reason: String,
+    },
+}
+
+impl ExperimentState {
+    pub fn is_finished(&self) -> bool {
+        matches!(self, ExperimentState::Completed | ExperimentState::Failed { .. })
+    }
+}
+
+impl std::fmt::Display for ExperimentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExperimentState::Waiting => f.write_str("waiting for nodes"),
+            ExperimentState::Running { phase } => write!(f, "running ({phase})"),
+            ExperimentState::Completed => f.write_str("completed"),
+            ExperimentState::Failed { reason } => write!(f, "failed: {reason}"),
+        }
+    }
+}
+
+/// What one completed round produced. Pooled figures only: per-node metrics are never kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u32,
+    /// Names of the nodes whose update is in the aggregate, sorted.
+    pub participants: Vec<String>,
+    pub total_examples: u64,
+    /// Example-weighted mean of the nodes' local training losses.
+    pub train_loss: f64,
+    /// Pooled test metrics of the aggregated model (None for `echo`, or if no node answered).
+    pub metrics: Option<Metrics>,
+    /// Wall time of the training phase (broadcast, local training, upload, aggregation).
+    pub train_ms: u64,
+    /// Wall time of the whole round including evaluation.
+    pub round_ms: u64,
+    /// How many times this round was tried again after missing its quorum.
+    pub retries: u32,
+}
+
+/// One line of an experiment's event log (drop-outs, rejections, retries).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Milliseconds since the experiment was submitted.
+    pub at_ms: u64,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentStatus {
+    pub id: ExperimentId,
+    pub name: String,
+    pub model: ModelKind,
+    pub submitter: String,
+    pub state: ExperimentState,
+    /// Rounds completed so far.
+    pub rounds_done: u32,
+    pub rounds: u32,
+    /// Nodes taking part in the current phase.
+    pub participants: Vec<String>,
+    pub history: Vec<RoundRecord>,
+    pub events: Vec<EventRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub datasets: Vec<String>,
+    /// Seconds since the node connected.
+    pub connected_secs: u64,
+}
+
+/// Everything needed to use a finished model; its parameters follow as a tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultsHeader {
+    pub status: ExperimentStatus,
+    pub spec: ExperimentSpec,
+    /// Design column names, in parameter order (empty for `echo`).
+    pub columns: Vec<String>,
+    pub standardization: Option<Standardization>,
+    pub tensor: TensorMeta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Welcome { protocol: u32, name: String, role: Role },
+    Submitted { experiment: ExperimentId },
+    Status { experiments: Vec<ExperimentStatus> },
+    Nodes { nodes: Vec<NodeInfo> },
+    Results(Box<ResultsHeader>),
+    Error { message: String },
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Encode a message as one frame: 4-byte big-endian length, then the payload.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; 4];
+    bincode::serde::encode_into_std_write(msg, &mut out, bincode_config()).map_err(|e| Error::Wire {
+        what: "outgoing message",
+        problem: e.to_string(),
+    })?;
+    let len = out.len() - 4;
+    if len > MAX_FRAME {
+        return Err(Error::TooLarge {
+            what: "outgoing frame",
+            size: len as u64,
+            limit: MAX_FRAME as u64,
+        });
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Check a frame's length prefix before reading its payload.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(Error::TooLarge {
+            what: "frame",
+            size: len as u64,
+            limit: MAX_FRAME as u64,
+        });
+    }
+    Ok(len)
+}
+
+/// Decode a frame payload (without its length prefix). Trailing bytes are an error.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8], what: &'static str) -> Result<T> {
+    let (msg, used) =
+        bincode::serde::decode_from_slice(payload, bincode_config()).map_err(|e| Error::Wire {
+            what,
+            problem: e.to_string(),
+        })?;
+    if used != payload.len() {
+        return Err(Error::Wire {
+            what,
+            problem: format!("{} trailing bytes after the message", payload.len() - used),
+        });
+    }
+    Ok(msg)
+}
+
+/// Decode one frame from the front of `buf`: `Ok(None)` when more bytes are needed, otherwise
+/// the message and how many bytes it used. Never panics, whatever the bytes.
+pub fn decode_frame<T: DeserializeOwned>(buf: &[u8], what: &'static str) -> Result<Option<(T, usize)>> {
+    let Some(prefix) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let mut p = [0u8; 4];
+    p.copy_from_slice(prefix);
+    let len = frame_len(p)?;
+    let Some(payload) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    Ok(Some((decode_payload(payload, what)?, 4 + len)))
+}
+
+/// Encode parameters as little-endian bytes of `dtype`.
+pub fn tensor_bytes_f64(values: &[f64], dtype: DType) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size());
+    match dtype {
+        DType::F64 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&(*v as f32).to_le_bytes())),
+    }
+    out
+}
+
+/// Decode a whole little-endian tensor into f64 (for small models and results).
+pub fn tensor_to_f64(bytes: &[u8], dtype: DType) -> Result<Vec<f64>> {
+    if !bytes.len().is_multiple_of(dtype.size()) {
+        return Err(Error::Wire {
+            what: "tensor",
+            problem: format!("{} bytes is not a whole number of {dtype:?} values", bytes.len()),
+        });
+    }
+    Ok(match dtype {
+        DType::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{EchoSpec, TrainingSpec};
+    use proptest::prelude::*;
+
+    fn echo_spec(params: u64, name: String) -> ExperimentSpec {
+        ExperimentSpec {
+            name,
+            purpose: String::new(),
+            dataset: String::new(),
+            model: ModelKind::Echo,
+            rounds: 3,
+            min_nodes: 1,
+            round_timeout_secs: 10,
+            max_round_retries: 1,
+            schema: None,
+            training: TrainingSpec::default(),
+            echo: Some(EchoSpec { params }),
+        }
+    }
+
+    fn arb_node_msg() -> impl Strategy<Value = NodeMsg> {
+        prop_oneof![
+            (any::<u32>(), ".{0,20}", prop::collection::vec("[a-z]{1,8}", 0..4)).prop_map(
+                |(protocol, software, datasets)| NodeMsg::Hello {
+                    protocol,
+                    software,
+                    datasets
+                }
+            ),
+            Just(NodeMsg::Heartbeat),
+            (
+                any::<u64>(),
+                any::<u32>(),
+                any::<u64>(),
+                prop::collection::vec(any::<f64>(), 0..8)
+            )
+                .prop_map(|(experiment, round, n, sum)| NodeMsg::StatsReply {
+                    experiment,
+                    round,
+                    sums: ColumnSums {
+                        n,
+                        sum_sq: sum.iter().map(|v| v * 2.0).collect(),
+                        sum,
+                    },
+                }),
+            (any::<u64>(), any::<u32>(), ".{0,40}").prop_map(|(experiment, round, reason)| {
+                NodeMsg::TaskFailed {
+                    experiment,
+                    round,
+                    phase: Phase::Train,
+                    reason,
+                }
+            }),
+        ]
+    }
+
+    fn same_bits(a: &NodeMsg, b: &NodeMsg) -> bool {
+        // NaN != NaN, so compare encodings, which are canonical.
+        encode_frame(a).ok() == encode_frame(b).ok()
+    }
+
+    proptest! {
+        #[test]
+        fn node_messages_round_trip(msg in arb_node_msg()) {
+            let bytes = encode_frame(&msg).expect("encode");
+            let (back, used) = decode_frame::<NodeMsg>(&bytes, "node message").expect("decode").expect("whole");
+            prop_assert_eq!(used, bytes.len());
+            prop_assert!(same_bits(&msg, &back));
+        }
+
+        #[test]
+        fn tasks_round_trip(round in any::<u32>(), params in 1u64..1_000_000, name in ".{1,30}", len in any::<u64>()) {
+            let task = Task {
+                experiment: 7,
+                round,
+                phase: Phase::Evaluate,
+                spec: echo_spec(params, name),
+                standardization: Some(Standardization { mean: vec![1.0, 2.5], sd: vec![0.5, 3.0] }),
+                model: Some(TensorMeta { dtype: DType::F32, len }),
+            };
+            let bytes = encode_frame(&task).expect("encode");
+            let (back, _) = decode_frame::<Task>(&bytes, "task").expect("decode").expect("whole");
+            prop_assert_eq!(task, back);
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame::<NodeMsg>(&bytes, "node message");
+            let _ = decode_frame::<CoordMsg>(&bytes, "coordinator message");
+            let _ = decode_frame::<Task>(&bytes, "task");
+            let _ = decode_frame::<UpdateHeader>(&bytes, "update header");
+            let _ = decode_frame::<Request>(&bytes, "request");
+            let _ = decode_frame::<Response>(&bytes, "response");
+            let _ = decode_payload::<Task>(&bytes, "task");
+            let _ = tensor_to_f64(&bytes, DType::F64);
+        }
+
+        #[test]
+        fn tensors_round_trip(values in prop::collection::vec(-1e12f64..1e12, 0..64)) {
+            let bytes = tensor_bytes_f64(&values, DType::F64);
+            prop_assert_eq!(tensor_to_f64(&bytes, DType::F64).expect("decode"), values);
+        }
+    }
+
+    #[test]
+    fn truncated_frames_need_more_bytes() {
+        let bytes = encode_frame(&NodeMsg::Heartbeat).expect("encode");
+        for cut in 0..bytes.len() {
+            assert!(
+                matches!(decode_frame::<NodeMsg>(&bytes[..cut], "m"), Ok(None)),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_and_trailing_frames_are_invalid() {
+        let huge = [0xff, 0xff, 0xff, 0xff, 0];
+        assert!(matches!(
+            decode_frame::<NodeMsg>(&huge, "m"),
+            Err(Error::TooLarge { .. })
+        ));
+        let mut bytes = encode_frame(&NodeMsg::Heartbeat).expect("encode");
+        bytes.push(0);
+        let len = (bytes.len() - 4) as u32;
+        bytes[..4].copy_from_slice(&len.to_be_bytes());
+        let err = decode_frame::<NodeMsg>(&bytes, "m").expect_err("trailing byte");
+        assert!(err.to_string().contains("trailing"), "{err}");
+    }
+}
