@@ -358,10 +358,12 @@ impl Federation {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let mut exp = Experiment::new(id, spec, who.to_string(), now);
-        for (name, n) in &self.nodes {
-            exp.node_available(now, name, &n.datasets);
-        }
+        let connected: Vec<(String, Vec<String>)> = self
+            .nodes
+            .iter()
+            .map(|(name, n)| (name.clone(), n.datasets.clone()))
+            .collect();
+        let exp = Experiment::new(id, spec, who.to_string(), now, &connected);
         tracing::info!(experiment = id, submitter = %who, name = %exp.spec().name, "experiment submitted");
         self.experiments.insert(id, exp);
         Ok(id)

@@ -536,20 +536,10 @@ pub(crate) mod tests {
     use super::*;
     use crate::spec::{CategoricalFeature, NumericFeature, TargetSpec};
 
-    /// Where the shared data sets live (outside this repository in the dev checkout).
+    /// The data sets the repository ships: the clean CPS 1988 files (with the pooled reference
+    /// fits) under `configs/demo`, the deliberately malformed copies under `tests/data`.
     pub(crate) fn data_dir() -> PathBuf {
-        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let candidates = [
-            std::env::var_os("FEDSTAT_DATA").map(PathBuf::from),
-            Some(manifest.join("data")),
-            Some(manifest.join("../data")),
-            Some(manifest.join("../../shared/data")),
-        ];
-        candidates
-            .into_iter()
-            .flatten()
-            .find(|p| p.join("cps1988").is_dir())
-            .expect("cps1988 data directory (set FEDSTAT_DATA)")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
     }
 
     fn cat(column: &str, levels: &[&str]) -> CategoricalFeature {

@@ -107,8 +107,15 @@ pub struct Experiment {
 }
 
 impl Experiment {
-    /// A new experiment, waiting for nodes. The spec must already be validated.
-    pub fn new(id: ExperimentId, spec: ExperimentSpec, submitter: String, now: Instant) -> Self {
+    /// A new experiment; it starts at once if `connected` (node name, datasets offered) holds
+    /// enough eligible nodes, and waits for them otherwise. The spec must be validated.
+    pub fn new(
+        id: ExperimentId,
+        spec: ExperimentSpec,
+        submitter: String,
+        now: Instant,
+        connected: &[(String, Vec<String>)],
+    ) -> Self {
         let global = Values::zeros(spec.dtype(), spec.num_params() as usize);
         let mut exp = Experiment {
             id,
@@ -129,7 +136,15 @@ impl Experiment {
             outbox: VecDeque::new(),
         };
         exp.log(now, format!("submitted by {}", exp.submitter));
+        exp.nodes.extend(connected.iter().cloned());
+        exp.maybe_start(now);
         exp
+    }
+
+    fn maybe_start(&mut self, now: Instant) {
+        if self.state == ExperimentState::Waiting && self.candidates().len() >= self.spec.min_nodes as usize {
+            self.start_next(now);
+        }
     }
 
     pub fn id(&self) -> ExperimentId {
@@ -187,9 +202,7 @@ impl Experiment {
     /// A node connected (or reconnected). It takes part from the next phase that starts.
     pub fn node_available(&mut self, now: Instant, name: &str, datasets: &[String]) {
         self.nodes.insert(name.to_owned(), datasets.to_vec());
-        if self.state == ExperimentState::Waiting && self.candidates().len() >= self.spec.min_nodes as usize {
-            self.start_next(now);
-        }
+        self.maybe_start(now);
     }
 
     /// A node's connection ended. If the current phase waits for it, it counts as failed.
@@ -687,30 +700,35 @@ mod tests {
         exp: Experiment,
         /// Tasks delivered, per node: (round, global model).
         inbox: BTreeMap<String, Vec<(u32, Vec<f64>)>>,
+        /// Nodes told their answer was rejected.
+        rejected: Vec<String>,
     }
 
     impl Sim {
         fn new(spec: ExperimentSpec, nodes: &[&str]) -> Sim {
             let now = Instant::now();
+            let connected: Vec<(String, Vec<String>)> =
+                nodes.iter().map(|n| (n.to_string(), vec![])).collect();
             let mut sim = Sim {
                 now,
-                exp: Experiment::new(1, spec, "researcher `r`".into(), now),
+                exp: Experiment::new(1, spec, "researcher `r`".into(), now, &connected),
                 inbox: BTreeMap::new(),
+                rejected: Vec::new(),
             };
-            for n in nodes {
-                sim.exp.node_available(now, n, &[]);
-            }
             sim.pump();
             sim
         }
 
         fn pump(&mut self) {
             while let Some(t) = self.exp.poll_transmit() {
-                if let Transmit::Task { to, task, model } = t {
-                    let values = model
-                        .map(|m| crate::wire::tensor_to_f64(&m, DType::F32).expect("tensor"))
-                        .unwrap_or_default();
-                    self.inbox.entry(to).or_default().push((task.round, values));
+                match t {
+                    Transmit::Task { to, task, model } => {
+                        let values = model
+                            .map(|m| crate::wire::tensor_to_f64(&m, DType::F32).expect("tensor"))
+                            .unwrap_or_default();
+                        self.inbox.entry(to).or_default().push((task.round, values));
+                    }
+                    Transmit::Reject { to, .. } => self.rejected.push(to),
                 }
             }
         }
@@ -880,13 +898,11 @@ mod tests {
         let mut wrong = sim.header(1, 1);
         wrong.tensor.len = 3;
         assert!(sim.exp.begin_update("a", &wrong).is_err());
+        sim.pump();
+        assert_eq!(sim.rejected, ["b"]);
         sim.answer("a", 1.0, 1).expect("a");
         assert_eq!(sim.exp.state(), &ExperimentState::Completed);
         assert_eq!(sim.exp.history()[0].participants, ["a"]);
-        let rejected = std::iter::from_fn(|| sim.exp.poll_transmit())
-            .any(|t| matches!(t, Transmit::Reject { ref to, .. } if to == "b"));
-        // The rejection was already drained by `pump`; the event log keeps it.
-        let _ = rejected;
         assert!(sim
             .exp
             .status()
