@@ -1,1 +1,832 @@
-fn main() {}
+//! Round benchmark: the real `fedstat-coordinator` and `fedstat-node` binaries as separate
+//! processes on loopback, running the `echo` model (each node returns the global parameters
+//! plus a small seeded change, weight 100: the task of `shared/bench/README.md`), plus
+//! in-process aggregation throughput.
+//!
+//! Run:
+//! ```text
+//! cargo build --release --bins                            # fedstat-node must be current
+//! cargo bench -p fedstat-coordinator --bench round        # full run, about 6 minutes
+//! FEDSTAT_BENCH_QUICK=1 cargo bench -p fedstat-coordinator --bench round   # smoke, < 60 s
+//! FEDSTAT_BENCH_CASES=a,e cargo bench -p fedstat-coordinator --bench round # some cases only
+//! ```
+//! The binaries are taken from the folder above this executable's (`target/release/`); the
+//! bench refuses to run when one is missing or older than a source file of its crates.
+//! Results: `bench-results/round.{json,md}` at the workspace root (`round-quick.*` in quick
+//! mode), also printed.
+//!
+//! Cases (every federation is started fresh: PKI from `pki init/issue`, coordinator on port 0,
+//! N nodes, one researcher `Client`; `min_nodes = N`, so every round waits for every node):
+//! - a. 10 nodes, 1,000 f32 params: 2 warm-up + 30 measured rounds (coordination overhead);
+//! - b. 10 nodes, 10,000,000 f32 params: 1 warm-up + 10 measured rounds (data movement);
+//! - c. 20, 30, 50 nodes, 1,000 params: 2 warm-up + 30 measured rounds each;
+//! - d. peak RSS of the coordinator (VmHWM from /proc/PID/status at the end of the run) in b
+//!   and in the same run with 50 nodes (1 warm-up + 3 rounds); node side: the sum of the
+//!   nodes' VmHWM and the peak of their summed VmRSS (sampled every 50 ms);
+//! - e. `FedAvg::fold` of 10 updates x 10M params, f32 and f64: GB/s of input bytes, median
+//!   of 5 reps; a rep times `FedAvg::new` (the accumulator is fresh each round in the real
+//!   coordinator, page faults included) and the ten folds.
+//!
+//! What is timed: a round's time is the coordinator's own `RoundRecord.round_ms` (from the
+//! task broadcast to the aggregate, integer milliseconds) read with `Client::status`; we report
+//! the median and range over the measured rounds. Cross-check: the researcher polls the status
+//! (every 2 ms for 1k params, 20 ms for 10M) and notes when `rounds_done` changes; the wall
+//! clock from the end of the warm-up to the last round, divided by the measured rounds, is the
+//! mean wall time per round (it includes the start of the next round, which `round_ms` does
+//! not). Everything (coordinator, nodes, researcher) shares the same machine: on the 2-core
+//! box of `shared/bench/README.md`, N nodes compete with the coordinator for CPU, as Flower's
+//! supernodes do in its runs.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use fedstat_coordinator::client::Client;
+use fedstat_coordinator::config::ResearcherConfig;
+use fedstat_shared::aggregate::{FedAvg, Values};
+use fedstat_shared::spec::{EchoSpec, ExperimentSpec};
+use fedstat_shared::wire::{DType, ExperimentState};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const ECHO_EXPERIMENT: &str = include_str!("../../configs/experiment-echo.toml");
+const SMALL: u64 = 1_000;
+const LARGE: u64 = 10_000_000;
+
+/// Which cases to run and how many rounds.
+struct Plan {
+    quick: bool,
+    cases: BTreeSet<char>,
+    small_rounds: (u32, u32),
+    large_rounds: (u32, u32),
+    many_nodes: Vec<usize>,
+    rss_nodes: Option<(usize, (u32, u32))>,
+    agg_reps: usize,
+}
+
+impl Plan {
+    fn from_env() -> Plan {
+        let quick = std::env::var("FEDSTAT_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let cases = match std::env::var("FEDSTAT_BENCH_CASES") {
+            Ok(list) => list
+                .split(',')
+                .filter_map(|c| c.trim().chars().next())
+                .map(|c| c.to_ascii_lowercase())
+                .collect(),
+            Err(_) => "abcde".chars().collect(),
+        };
+        if quick {
+            Plan {
+                quick,
+                cases,
+                small_rounds: (1, 5),
+                large_rounds: (1, 2),
+                many_nodes: vec![20],
+                rss_nodes: None,
+                agg_reps: 2,
+            }
+        } else {
+            Plan {
+                quick,
+                cases,
+                small_rounds: (2, 30),
+                large_rounds: (1, 10),
+                many_nodes: vec![20, 30, 50],
+                rss_nodes: Some((50, (1, 3))),
+                agg_reps: 5,
+            }
+        }
+    }
+
+    fn max_nodes(&self) -> usize {
+        let mut n = 10;
+        if self.cases.contains(&'c') {
+            n = n.max(self.many_nodes.iter().copied().max().unwrap_or(0));
+        }
+        if self.cases.contains(&'d') {
+            n = n.max(self.rss_nodes.map_or(0, |(n, _)| n));
+        }
+        n
+    }
+}
+
+/// `fedstat-coordinator` and `fedstat-node` from this build's target folder.
+struct Bins {
+    coordinator: PathBuf,
+    node: PathBuf,
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The newest modification time of the `.rs` files under `dir`.
+fn newest_source(dir: &Path) -> Option<SystemTime> {
+    let mut newest = None;
+    let entries = std::fs::read_dir(dir).ok()?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest_source(&path)
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            modified(&path)
+        } else {
+            None
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+fn locate_bins(root: &Path) -> Bins {
+    let exe = std::env::current_exe().expect("cannot locate the bench executable");
+    // target/release/deps/round-HASH -> target/release
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the bench executable is not inside a target folder")
+        .to_owned();
+    let bins = Bins {
+        coordinator: dir.join("fedstat-coordinator"),
+        node: dir.join("fedstat-node"),
+    };
+    let sources = ["shared", "coordinator", "node"]
+        .iter()
+        .filter_map(|c| newest_source(&root.join(c).join("src")))
+        .max();
+    for bin in [&bins.coordinator, &bins.node] {
+        let built = modified(bin).unwrap_or_else(|| {
+            panic!(
+                "{} is missing: run `cargo build --release --bins` first",
+                bin.display()
+            )
+        });
+        assert!(
+            sources.is_none_or(|s| s <= built),
+            "{} is older than the sources: run `cargo build --release --bins` first",
+            bin.display()
+        );
+    }
+    bins
+}
+
+/// A child process: SIGTERM then SIGKILL on `stop`, SIGKILL when dropped (also on panic).
+struct Proc {
+    child: Child,
+    pid: u32,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, what: &str) -> Proc {
+        let child = cmd
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let pid = child.id().expect("a just-started child has a pid");
+        Proc { child, pid }
+    }
+}
+
+/// Stop processes politely (one `kill -TERM` for all), then kill what is left after 5 s.
+async fn stop_all(procs: Vec<Proc>) {
+    if procs.is_empty() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .args(procs.iter().map(|p| p.pid.to_string()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    for mut p in procs {
+        if tokio::time::timeout(Duration::from_secs(5), p.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = p.child.kill().await;
+        }
+    }
+}
+
+async fn checked(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+fn tls_section(pki: &Path, name: &str) -> String {
+    let q = |p: PathBuf| p.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        "[tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        q(pki.join("ca.pem")),
+        q(pki.join(format!("{name}.pem"))),
+        q(pki.join(format!("{name}.key")))
+    )
+}
+
+/// A CA, the coordinator's certificate, a researcher's and `nodes` nodes'.
+async fn make_pki(bins: &Bins, pki: &Path, nodes: usize) {
+    checked(
+        Command::new(&bins.coordinator)
+            .args(["pki", "init", "--federation", "fedstat bench", "--dir"])
+            .arg(pki),
+        "pki init",
+    )
+    .await;
+    let issue = |role: &str, name: &str| {
+        let mut cmd = Command::new(&bins.coordinator);
+        cmd.args(["pki", "issue", "--role", role, "--name", name, "--dir"])
+            .arg(pki);
+        cmd
+    };
+    checked(&mut issue("researcher", "bench"), "pki issue researcher").await;
+    for i in 0..nodes {
+        let name = node_name(i);
+        checked(&mut issue("node", &name), &format!("pki issue node {name}")).await;
+    }
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{i:02}")
+}
+
+/// One running federation: coordinator, nodes, and a connected researcher.
+struct Federation {
+    coordinator: Proc,
+    nodes: Vec<Proc>,
+    client: Client,
+}
+
+impl Federation {
+    async fn start(bins: &Bins, pki: &Path, work: &Path, n: usize) -> Federation {
+        std::fs::create_dir_all(work).expect("cannot create the case folder");
+        let log = |name: &str| {
+            let p = work.join(format!("{name}.log"));
+            std::fs::File::create(&p).unwrap_or_else(|e| panic!("cannot create {}: {e}", p.display()))
+        };
+        let cfg = work.join("coordinator.toml");
+        write(
+            &cfg,
+            &format!("listen = \"127.0.0.1:0\"\n{}", tls_section(pki, "coordinator")),
+        );
+        let mut coordinator = Proc::spawn(
+            Command::new(&bins.coordinator)
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .stdout(Stdio::piped())
+                .stderr(log("coordinator")),
+            "the coordinator",
+        );
+        let addr = listening_addr(&mut coordinator.child).await;
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = node_name(i);
+            let cfg = work.join(format!("{name}.toml"));
+            write(
+                &cfg,
+                &format!(
+                    "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}",
+                    tls_section(pki, &name)
+                ),
+            );
+            nodes.push(Proc::spawn(
+                Command::new(&bins.node)
+                    .args(["run", "--config"])
+                    .arg(&cfg)
+                    .stdout(Stdio::null())
+                    .stderr(log(&name)),
+                &format!("node {name}"),
+            ));
+        }
+        let rcfg = work.join("researcher.toml");
+        write(
+            &rcfg,
+            &format!(
+                "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}",
+                tls_section(pki, "bench")
+            ),
+        );
+        let rcfg = ResearcherConfig::load(&rcfg).expect("researcher config");
+        let client = Client::connect(&rcfg)
+            .await
+            .expect("cannot connect to the coordinator");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let up = client.nodes().await.expect("nodes request").len();
+            if up == n {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {up} of {n} nodes connected within 60 s (logs in {})",
+                work.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Federation {
+            coordinator,
+            nodes,
+            client,
+        }
+    }
+
+    async fn stop(self) {
+        self.client.close().await;
+        stop_all(self.nodes).await;
+        stop_all(vec![self.coordinator]).await;
+    }
+}
+
+async fn listening_addr(child: &mut Child) -> String {
+    let stdout = child.stdout.take().expect("the coordinator's stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                return Some(addr.trim().to_owned());
+            }
+        }
+        None
+    })
+    .await;
+    let addr = found
+        .ok()
+        .flatten()
+        .expect("the coordinator did not print its address within 20 s");
+    // Keep reading so the coordinator never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    addr
+}
+
+/// What one experiment measured.
+#[derive(Debug, Default)]
+struct Rounds {
+    /// `RoundRecord.round_ms` of the measured rounds.
+    round_ms: Vec<f64>,
+    /// `RoundRecord.train_ms` of the measured rounds.
+    train_ms: Vec<f64>,
+    /// Mean wall time per measured round, from the researcher's polling.
+    wall_ms_per_round: f64,
+    measured: u32,
+}
+
+async fn run_echo(client: &Client, nodes: usize, params: u64, (warmup, measured): (u32, u32)) -> Rounds {
+    let mut spec: ExperimentSpec = toml::from_str(ECHO_EXPERIMENT).expect("configs/experiment-echo.toml");
+    let total = warmup + measured;
+    spec.name = format!("bench {nodes} nodes {params} params");
+    spec.rounds = total;
+    spec.min_nodes = nodes as u32;
+    spec.round_timeout_secs = 600;
+    spec.echo = Some(EchoSpec { params });
+    let poll = if params > 100_000 {
+        Duration::from_millis(20)
+    } else {
+        Duration::from_millis(2)
+    };
+    let id = client.submit(spec).await.expect("submit");
+    let mut warm_seen: Option<(u32, Instant)> = None;
+    let status = loop {
+        let s = client
+            .status(Some(id))
+            .await
+            .expect("status")
+            .pop()
+            .expect("a status for the submitted experiment");
+        let now = Instant::now();
+        if warm_seen.is_none() && s.rounds_done >= warmup {
+            warm_seen = Some((s.rounds_done, now));
+        }
+        if s.state.is_finished() {
+            break s;
+        }
+        tokio::time::sleep(poll).await;
+    };
+    let end = Instant::now();
+    if let ExperimentState::Failed { reason } = &status.state {
+        panic!("the experiment failed: {reason}");
+    }
+    assert_eq!(status.history.len(), total as usize, "rounds recorded");
+    for r in &status.history {
+        assert_eq!(r.participants.len(), nodes, "round {} used every node", r.round);
+    }
+    let (from, at) = warm_seen.expect("the warm-up ended before completion");
+    let counted = total - from;
+    let kept = &status.history[warmup as usize..];
+    Rounds {
+        round_ms: kept.iter().map(|r| r.round_ms as f64).collect(),
+        train_ms: kept.iter().map(|r| r.train_ms as f64).collect(),
+        wall_ms_per_round: if counted > 0 {
+            (end - at).as_secs_f64() * 1e3 / f64::from(counted)
+        } else {
+            f64::NAN
+        },
+        measured,
+    }
+}
+
+/// Memory of a process in KiB: (VmRSS, VmHWM).
+fn mem_kib(pid: u32) -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Samples the nodes' summed RSS every 50 ms until dropped.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl RssSampler {
+    fn start(pids: Vec<u32>) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(pids.iter().map(|&p| mem_kib(p).0).sum::<u64>());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        RssSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Peak of the summed RSS, KiB.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Memory {
+    coordinator_hwm_kib: u64,
+    nodes_hwm_sum_kib: u64,
+    nodes_rss_peak_kib: u64,
+}
+
+/// Start a federation, run one echo experiment, measure memory, stop everything.
+async fn case(
+    bins: &Bins,
+    pki: &Path,
+    work: &Path,
+    nodes: usize,
+    params: u64,
+    rounds: (u32, u32),
+) -> (Rounds, Memory) {
+    let label = format!("{nodes} nodes, {params} params");
+    println!("  running {label}: {} warm-up + {} rounds", rounds.0, rounds.1);
+    let fed = Federation::start(bins, pki, &work.join(format!("n{nodes}-p{params}")), nodes).await;
+    let sampler = RssSampler::start(fed.nodes.iter().map(|p| p.pid).collect());
+    let r = run_echo(&fed.client, nodes, params, rounds).await;
+    let nodes_rss_peak_kib = sampler.finish();
+    let mem = Memory {
+        coordinator_hwm_kib: mem_kib(fed.coordinator.pid).1,
+        nodes_hwm_sum_kib: fed.nodes.iter().map(|p| mem_kib(p.pid).1).sum(),
+        nodes_rss_peak_kib,
+    };
+    fed.stop().await;
+    let (md, lo, hi) = stats(&r.round_ms);
+    println!(
+        "    round_ms median {md:.0} ({lo:.0}-{hi:.0}), wall {:.1} ms/round; coordinator peak RSS {} MiB, nodes {} MiB",
+        r.wall_ms_per_round,
+        mem.coordinator_hwm_kib / 1024,
+        mem.nodes_rss_peak_kib / 1024
+    );
+    (r, mem)
+}
+
+/// Median, min, max.
+fn stats(xs: &[f64]) -> (f64, f64, f64) {
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+fn rounds_json(r: &Rounds) -> Value {
+    let (md, lo, hi) = stats(&r.round_ms);
+    let (tmd, _, _) = stats(&r.train_ms);
+    json!({
+        "measured_rounds": r.measured,
+        "round_ms": { "median": md, "min": lo, "max": hi, "all": r.round_ms },
+        "train_ms_median": tmd,
+        "wall_ms_per_round_mean": r.wall_ms_per_round,
+    })
+}
+
+fn mem_json(m: &Memory) -> Value {
+    json!({
+        "coordinator_peak_rss_mib": m.coordinator_hwm_kib as f64 / 1024.0,
+        "nodes_peak_rss_sum_mib": m.nodes_rss_peak_kib as f64 / 1024.0,
+        "nodes_hwm_sum_mib": m.nodes_hwm_sum_kib as f64 / 1024.0,
+    })
+}
+
+/// Deterministic pseudo-random parameters in [-1, 1).
+fn update(len: usize, seed: u64, dtype: DType) -> Values {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    };
+    match dtype {
+        DType::F32 => Values::F32((0..len).map(|_| next() as f32).collect()),
+        DType::F64 => Values::F64((0..len).map(|_| next()).collect()),
+    }
+}
+
+/// Case e: `FedAvg::new` + 10 folds of 10M parameters, GB/s of input bytes.
+fn aggregation(dtype: DType, reps: usize) -> Value {
+    const UPDATES: usize = 10;
+    let len = LARGE as usize;
+    let updates: Vec<Values> = (0..UPDATES).map(|i| update(len, i as u64 + 1, dtype)).collect();
+    let bytes = (UPDATES * len * dtype.size()) as f64;
+    let mut round_gbs = Vec::new();
+    let mut warm_gbs = Vec::new();
+    let mut average_ms = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let mut agg = FedAvg::new(dtype, len);
+        let mut folds = Vec::with_capacity(UPDATES);
+        for u in &updates {
+            let f = Instant::now();
+            agg.fold(u, 100).expect("fold of a valid update");
+            folds.push(f.elapsed().as_secs_f64());
+        }
+        round_gbs.push(bytes / t.elapsed().as_secs_f64() / 1e9);
+        // Folds after the first touch an accumulator whose pages are already mapped.
+        let warm: f64 = folds[1..].iter().sum();
+        warm_gbs.push(((UPDATES - 1) * len * dtype.size()) as f64 / warm / 1e9);
+        let a = Instant::now();
+        let avg = agg.average().expect("average");
+        average_ms.push(a.elapsed().as_secs_f64() * 1e3);
+        std::hint::black_box(avg);
+    }
+    let (md, lo, hi) = stats(&round_gbs);
+    let (wmd, _, _) = stats(&warm_gbs);
+    let (amd, _, _) = stats(&average_ms);
+    println!(
+        "  FedAvg {dtype:?}: new + 10 folds {md:.2} GB/s ({lo:.2}-{hi:.2}); folds into a mapped accumulator {wmd:.2} GB/s; average() {amd:.0} ms"
+    );
+    json!({
+        "dtype": format!("{dtype:?}"),
+        "updates": UPDATES,
+        "params": len,
+        "reps": reps,
+        "new_plus_folds_gb_per_s": { "median": md, "min": lo, "max": hi },
+        "folds_into_mapped_accumulator_gb_per_s_median": wmd,
+        "average_ms_median": amd,
+    })
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned())
+        })
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0.0, |k| k as f64 / 1024.0 / 1024.0);
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_gib": mem,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "git_commit": git(&["rev-parse", "--short", "HEAD"]),
+        "git_dirty": !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty(),
+        "unix_time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    })
+}
+
+fn markdown(report: &Value) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# fedstat round benchmark{}\n",
+        if report["quick"] == true { " (quick)" } else { "" }
+    );
+    let m = &report["machine"];
+    let _ = writeln!(
+        md,
+        "Machine: {} ({} cores, {:.1} GiB), kernel {}; commit {}{}; unix time {}.\n",
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        m["memory_gib"].as_f64().unwrap_or(0.0),
+        m["kernel"].as_str().unwrap_or("?"),
+        m["git_commit"].as_str().unwrap_or("?"),
+        if m["git_dirty"] == true { " (dirty)" } else { "" },
+        m["unix_time"]
+    );
+    let _ = writeln!(md, "Real processes on loopback, `echo` model, f32; `round_ms` is the coordinator's `RoundRecord.round_ms`.\n");
+    let _ = writeln!(md, "| case | nodes | params | rounds | round_ms median (min-max) | wall ms/round (mean) | coordinator peak RSS | nodes peak RSS (sum) |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    if let Some(runs) = report["runs"].as_array() {
+        for r in runs {
+            let rm = &r["rounds"]["round_ms"];
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {:.0} ({:.0}-{:.0}) | {:.1} | {:.0} MiB | {:.0} MiB |",
+                r["case"].as_str().unwrap_or("?"),
+                r["nodes"],
+                r["params"],
+                r["rounds"]["measured_rounds"],
+                rm["median"].as_f64().unwrap_or(f64::NAN),
+                rm["min"].as_f64().unwrap_or(f64::NAN),
+                rm["max"].as_f64().unwrap_or(f64::NAN),
+                r["rounds"]["wall_ms_per_round_mean"].as_f64().unwrap_or(f64::NAN),
+                r["memory"]["coordinator_peak_rss_mib"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+                r["memory"]["nodes_peak_rss_sum_mib"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+    }
+    if let Some(aggs) = report["aggregation"].as_array() {
+        let _ = writeln!(md, "\n| e. FedAvg, 10 updates x 10M params | new + 10 folds GB/s, median (min-max) | folds into mapped accumulator GB/s | average() ms |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        for a in aggs {
+            let g = &a["new_plus_folds_gb_per_s"];
+            let _ = writeln!(
+                md,
+                "| {} | {:.2} ({:.2}-{:.2}) | {:.2} | {:.0} |",
+                a["dtype"].as_str().unwrap_or("?"),
+                g["median"].as_f64().unwrap_or(f64::NAN),
+                g["min"].as_f64().unwrap_or(f64::NAN),
+                g["max"].as_f64().unwrap_or(f64::NAN),
+                a["folds_into_mapped_accumulator_gb_per_s_median"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+                a["average_ms_median"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+    }
+    md
+}
+
+fn main() {
+    let plan = Plan::from_env();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the coordinator crate sits in the workspace")
+        .to_owned();
+    let bins = locate_bins(&root);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let tmp = tempfile::Builder::new()
+        .prefix("fedstat-bench-")
+        .tempdir()
+        .expect("cannot create a temporary folder");
+    let work = tmp.path().to_owned();
+    println!(
+        "fedstat round bench{}: binaries from {}, work folder {}",
+        if plan.quick { " (quick)" } else { "" },
+        bins.node
+            .parent()
+            .map_or(String::new(), |p| p.display().to_string()),
+        work.display()
+    );
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    let federated = plan.cases.iter().any(|c| "abcd".contains(*c));
+    rt.block_on(async {
+        if !federated {
+            return;
+        }
+        let pki = work.join("pki");
+        make_pki(&bins, &pki, plan.max_nodes()).await;
+        let mut record = |case: &str, nodes: usize, params: u64, (r, m): (Rounds, Memory)| {
+            runs.push(json!({
+                "case": case, "nodes": nodes, "params": params,
+                "rounds": rounds_json(&r), "memory": mem_json(&m),
+            }));
+        };
+        if plan.cases.contains(&'a') {
+            record(
+                "a",
+                10,
+                SMALL,
+                case(&bins, &pki, &work, 10, SMALL, plan.small_rounds).await,
+            );
+        }
+        if plan.cases.contains(&'b') || plan.cases.contains(&'d') {
+            record(
+                "b",
+                10,
+                LARGE,
+                case(&bins, &pki, &work, 10, LARGE, plan.large_rounds).await,
+            );
+        }
+        if plan.cases.contains(&'c') {
+            for &n in &plan.many_nodes {
+                record(
+                    "c",
+                    n,
+                    SMALL,
+                    case(&bins, &pki, &work, n, SMALL, plan.small_rounds).await,
+                );
+            }
+        }
+        if plan.cases.contains(&'d') {
+            if let Some((n, rounds)) = plan.rss_nodes {
+                record("d", n, LARGE, case(&bins, &pki, &work, n, LARGE, rounds).await);
+            }
+        }
+    });
+    let mut aggregation_runs = Vec::new();
+    if plan.cases.contains(&'e') {
+        for dtype in [DType::F32, DType::F64] {
+            aggregation_runs.push(aggregation(dtype, plan.agg_reps));
+        }
+    }
+    let report = json!({
+        "bench": "round",
+        "quick": plan.quick,
+        "machine": machine(),
+        "task": "echo model (global params + seeded change, weight 100), real processes on 127.0.0.1",
+        "runs": runs,
+        "aggregation": aggregation_runs,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    let out = root.join("bench-results");
+    std::fs::create_dir_all(&out).expect("cannot create bench-results/");
+    let stem = if plan.quick { "round-quick" } else { "round" };
+    let json_text = serde_json::to_string_pretty(&report).expect("the report serialises");
+    write(&out.join(format!("{stem}.json")), &json_text);
+    let md = markdown(&report);
+    write(&out.join(format!("{stem}.md")), &md);
+    println!("\n{md}");
+    println!(
+        "written to {} and {}.md ({:.0} s)",
+        out.join(format!("{stem}.json")).display(),
+        out.join(stem).display(),
+        started.elapsed().as_secs_f64()
+    );
+}

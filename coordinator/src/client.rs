@@ -64,12 +64,15 @@ impl Client {
             name: String::new(),
             role: Role::Researcher,
         };
-        match client
+        // With TLS 1.3 the server checks our certificate after we consider the handshake done,
+        // so a refusal shows up on the first request.
+        let hello = client
             .call(Request::Hello {
                 protocol: PROTOCOL_VERSION,
             })
-            .await?
-        {
+            .await
+            .map_err(|e| fail(format!("{e} (is our certificate issued by the federation's CA, and valid?)")))?;
+        match hello {
             Response::Welcome { name, role, .. } => {
                 client.name = name;
                 client.role = role;

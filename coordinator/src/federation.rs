@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use fedstat_shared::aggregate::Values;
 use fedstat_shared::identity::{PeerIdentity, Role};
-use fedstat_shared::round::{Experiment, Transmit};
+use fedstat_shared::round::{Experiment, Rejection, Transmit};
 use fedstat_shared::spec::ExperimentSpec;
 use fedstat_shared::wire::{
     CoordMsg, ExperimentId, NodeInfo, NodeMsg, Request, Response, ResultsHeader, Task, TensorMeta,
@@ -151,15 +151,21 @@ impl Federation {
             }
             Event::FromNode { name, msg } => self.node_message(now, &name, msg),
             Event::UpdateBegin { name, header, reply } => {
-                let answer = match self.experiments.get(&header.experiment) {
-                    Some(exp) => exp.begin_update(&name, &header).map_err(|r| r.0),
-                    None => Err(format!("unknown experiment {}", header.experiment)),
+                let answer = match self.experiments.get_mut(&header.experiment) {
+                    Some(exp) => exp.begin_update(now, &name, &header),
+                    None => Err(Rejection(format!(
+                        "late update: unknown experiment {}",
+                        header.experiment
+                    ))),
                 };
-                if let Err(reason) = &answer {
-                    tracing::warn!(node = %name, round = header.round, "ignored update: {reason}");
-                    self.tell(&name, header.experiment, header.round, reason.clone());
+                if let Err(rej) = &answer {
+                    tracing::warn!(node = %name, round = header.round, "update refused before reading: {rej}");
+                    // The state machine tells the node about the failures it records itself.
+                    if rej.is_stale() {
+                        self.tell(&name, header.experiment, header.round, rej.0.clone());
+                    }
                 }
-                let _ = reply.send(answer);
+                let _ = reply.send(answer.map_err(|r| r.0));
             }
             Event::UpdateDone { name, header, values } => {
                 if let Some(exp) = self.experiments.get_mut(&header.experiment) {

@@ -110,7 +110,12 @@ pub fn load_csv_from_reader(
             .read_until(b'\n', &mut buf)
             .map_err(|e| dataset_err(format!("cannot read: {e}")))?;
         if read == 0 {
-            return Err(dataset_err("the file is empty: no header row".to_owned()));
+            return Err(Error::Csv {
+                file: file_label.to_owned(),
+                line: 1,
+                column: "(header)".to_owned(),
+                problem: "the file is empty: expected a header row".to_owned(),
+            });
         }
         line_no += 1;
         let text = line_text(&buf, line_no, file_label)?;
@@ -137,10 +142,15 @@ pub fn load_csv_from_reader(
         match (hits.next(), hits.next()) {
             (Some((i, _)), None) => Ok(i),
             (Some(_), Some(_)) => Err(dataset_err(format!("the header names column `{name}` twice"))),
-            (None, _) => Err(dataset_err(format!(
-                "the header has no column `{name}`, which the experiment needs; the header has: {}",
-                header_fields.join(", ")
-            ))),
+            (None, _) => Err(Error::Csv {
+                file: file_label.to_owned(),
+                line: 1,
+                column: name.to_owned(),
+                problem: format!(
+                    "missing from the header, and the experiment needs it; the header has: {}",
+                    header_fields.join(", ")
+                ),
+            }),
         }
     };
     let mut roles: Vec<(usize, Role)> = Vec::new();
@@ -294,7 +304,12 @@ pub fn load_csv_from_reader(
     }
 
     if data_rows == 0 {
-        return Err(dataset_err("the file has a header but no data rows".to_owned()));
+        return Err(Error::Csv {
+            file: file_label.to_owned(),
+            line: line_no + 1,
+            column: "(first data row)".to_owned(),
+            problem: "the file has a header but no data rows".to_owned(),
+        });
     }
     if train_y.is_empty() {
         return Err(dataset_err(format!(
@@ -648,8 +663,13 @@ pub(crate) mod tests {
         let s = logit_schema();
         let lg = ModelKind::Logistic;
         check("bom_crlf.csv", &s, lg, None);
-        check("empty.csv", &s, lg, Some((0, "", &["empty"], &[])));
-        check("header_only.csv", &s, lg, Some((0, "", &["no data rows"], &[])));
+        check("empty.csv", &s, lg, Some((1, "(header)", &["empty"], &[])));
+        check(
+            "header_only.csv",
+            &s,
+            lg,
+            Some((2, "(first data row)", &["no data rows"], &[])),
+        );
         check(
             "extra_column.csv",
             &s,
@@ -700,7 +720,7 @@ pub(crate) mod tests {
             "wrong_header.csv",
             &s,
             lg,
-            Some((0, "", &["`education`", "educ,"], &[])),
+            Some((1, "education", &["`education`", "educ,"], &[])),
         );
     }
 

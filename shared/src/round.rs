@@ -77,6 +77,15 @@ impl PhaseRun {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection(pub String);
 
+impl Rejection {
+    /// Late, duplicate or unrequested: the node is not at fault for the round it is in.
+    pub fn is_stale(&self) -> bool {
+        self.0.starts_with("late")
+            || self.0.starts_with("duplicate")
+            || self.0.starts_with("node was not selected")
+    }
+}
+
 impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
@@ -220,9 +229,28 @@ impl Experiment {
         }
     }
 
-    /// Whether an update from `node` for `round` would be accepted now; call before reading the
-    /// update's bytes so late and duplicate updates are refused without being read.
-    pub fn begin_update(&self, node: &str, header: &UpdateHeader) -> Result<TensorMeta, Rejection> {
+    /// Whether an update from `node` would be accepted now; call before reading the update's
+    /// bytes so late, duplicate and misshapen updates are refused without being read. A
+    /// misshapen one counts as the node's failed answer for the round.
+    pub fn begin_update(
+        &mut self,
+        now: Instant,
+        node: &str,
+        header: &UpdateHeader,
+    ) -> Result<TensorMeta, Rejection> {
+        let result = self.check_update(node, header);
+        match &result {
+            Err(rej) if rej.is_stale() => self.log(now, format!("ignored update from `{node}`: {rej}")),
+            Err(rej) => {
+                self.fail_answer(now, node, header.round, &rej.0);
+                self.check_close(now);
+            }
+            Ok(_) => {}
+        }
+        result
+    }
+
+    fn check_update(&self, node: &str, header: &UpdateHeader) -> Result<TensorMeta, Rejection> {
         let Some(p) = self.phase.as_ref().filter(|p| p.phase == Phase::Train) else {
             return Err(Rejection(format!(
                 "late update for round {}: the experiment is not training now",
@@ -266,7 +294,7 @@ impl Experiment {
         header: &UpdateHeader,
         values: Result<Values, String>,
     ) -> Result<(), Rejection> {
-        if let Err(rej) = self.begin_update(node, header) {
+        if let Err(rej) = self.check_update(node, header) {
             self.log(now, format!("ignored update from `{node}`: {rej}"));
             return Err(rej);
         }
@@ -388,7 +416,7 @@ impl Experiment {
                 Ok(())
             }
             Err(rej) => {
-                if rej.0.starts_with("late") || rej.0.starts_with("duplicate") {
+                if rej.is_stale() {
                     self.log(now, format!("ignored answer from `{node}`: {rej}"));
                 } else {
                     self.fail_answer(now, node, round, &rej.0);
@@ -883,7 +911,7 @@ mod tests {
 
     #[test]
     fn invalid_update_is_rejected_and_the_round_goes_on() {
-        let mut sim = Sim::new(echo(1, 1, 0), &["a", "b"]);
+        let mut sim = Sim::new(echo(1, 1, 0), &["a", "b", "c"]);
         let header = sim.header(1, 1);
         let err = sim
             .exp
@@ -897,10 +925,15 @@ mod tests {
         assert!(err.0.contains("parameter 1"), "{err}");
         let mut wrong = sim.header(1, 1);
         wrong.tensor.len = 3;
-        assert!(sim.exp.begin_update("a", &wrong).is_err());
+        let err = sim
+            .exp
+            .begin_update(sim.now, "c", &wrong)
+            .expect_err("wrong shape");
+        assert!(err.0.contains("wrong shape"), "{err}");
         sim.pump();
-        assert_eq!(sim.rejected, ["b"]);
+        assert_eq!(sim.rejected, ["b", "c"]);
         sim.answer("a", 1.0, 1).expect("a");
+        // b and c failed, a answered: the round closes without waiting for the deadline.
         assert_eq!(sim.exp.state(), &ExperimentState::Completed);
         assert_eq!(sim.exp.history()[0].participants, ["a"]);
         assert!(sim

@@ -13,11 +13,15 @@ use crate::{Error, Result};
 /// Largest piece read from a stream at once while receiving a tensor.
 const CHUNK: usize = 256 * 1024;
 
-fn stream_err(what: &'static str, e: impl std::fmt::Display) -> Error {
-    Error::Wire {
-        what,
-        problem: e.to_string(),
+fn stream_err(what: &'static str, e: impl std::error::Error) -> Error {
+    // quinn's errors say "connection lost" and keep the why in their source.
+    let mut problem = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        problem = format!("{problem}: {s}");
+        source = s.source();
     }
+    Error::Wire { what, problem }
 }
 
 /// Write one frame.

@@ -1,0 +1,358 @@
+//! Test support: a temporary federation of the real binaries (a fresh CA, a coordinator on an
+//! ephemeral loopback port, nodes, a researcher), driven through the `fedstat` CLI. Children are
+//! killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The folder of the binaries built with this test (target/<profile>/).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/e2e-<hash>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace` so every binary is built",
+        path.display()
+    );
+    path
+}
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn demo_data(region: &str) -> PathBuf {
+    repo().join("configs/demo/cps1988").join(format!("{region}.csv"))
+}
+
+pub fn dirty_data(file: &str) -> PathBuf {
+    repo().join("tests/data/cps1988-dirty").join(file)
+}
+
+pub const REGIONS: [&str; 4] = ["midwest", "northeast", "south", "west"];
+
+/// The pooled reference fits.
+pub fn reference() -> Value {
+    let text =
+        std::fs::read_to_string(repo().join("configs/demo/cps1988/reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference json")
+}
+
+/// A running child process, killed on drop; its stderr goes to a log file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A temporary federation.
+pub struct Fed {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub coordinator: Proc,
+    pub nodes: Vec<(String, Proc)>,
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn toml_tls(pki: &Path, ca: &Path, name: &str) -> String {
+    format!(
+        "[tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        ca.display(),
+        pki.join(format!("{name}.pem")).display(),
+        pki.join(format!("{name}.key")).display()
+    )
+}
+
+impl Fed {
+    /// A CA, a coordinator listening on 127.0.0.1:0 and a researcher certificate.
+    pub fn start() -> Fed {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dir.path().join("pki");
+        run_ok(
+            Command::new(bin("fedstat-coordinator"))
+                .args(["pki", "init", "--dir"])
+                .arg(&pki),
+        );
+        let cfg = dir.path().join("coordinator.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:0\"\n{}",
+                toml_tls(&pki, &pki.join("ca.pem"), "coordinator")
+            ),
+        )
+        .expect("write config");
+        let log = dir.path().join("coordinator.log");
+        let mut child = Command::new(bin("fedstat-coordinator"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start coordinator");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("coordinator exited before listening")
+                .expect("read line");
+            if let Some(a) = line.strip_prefix("listening on ") {
+                break a.trim().to_owned();
+            }
+        };
+        // Keep draining stdout so the coordinator never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let fed = Fed {
+            dir,
+            addr,
+            coordinator: Proc { child, log },
+            nodes: Vec::new(),
+        };
+        fed.issue("researcher", "alice");
+        fed.write_researcher_config("researcher.toml", "alice", &fed.pki().join("ca.pem"));
+        fed
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issue a certificate from this federation's CA.
+    pub fn issue(&self, role: &str, name: &str) {
+        run_ok(
+            Command::new(bin("fedstat-coordinator"))
+                .args(["pki", "issue", "--role", role, "--name", name, "--dir"])
+                .arg(self.pki()),
+        );
+    }
+
+    pub fn write_researcher_config(&self, file: &str, name: &str, ca: &Path) -> PathBuf {
+        self.write_researcher_config_in(file, &self.pki(), name, ca)
+    }
+
+    pub fn write_researcher_config_in(&self, file: &str, pki: &Path, name: &str, ca: &Path) -> PathBuf {
+        let path = self.path(file);
+        std::fs::write(
+            &path,
+            format!(
+                "coordinator = \"{}\"\nserver_name = \"localhost\"\n{}",
+                self.addr,
+                toml_tls(pki, ca, name)
+            ),
+        )
+        .expect("write researcher config");
+        path
+    }
+
+    /// Write a node config: certificate `name` from `pki`, trusting `ca`, offering `datasets`.
+    pub fn write_node_config(
+        &self,
+        name: &str,
+        pki: &Path,
+        ca: &Path,
+        datasets: &[(&str, PathBuf)],
+    ) -> PathBuf {
+        let mut text = format!(
+            "coordinator = \"{}\"\nserver_name = \"localhost\"\n{}\n[datasets]\n",
+            self.addr,
+            toml_tls(pki, ca, name)
+        );
+        for (ds, path) in datasets {
+            text.push_str(&format!("\"{ds}\" = \"{}\"\n", path.display()));
+        }
+        let path = self.path(&format!("node-{name}.toml"));
+        std::fs::write(&path, text).expect("write node config");
+        path
+    }
+
+    pub fn spawn_node_with_config(&self, name: &str, config: &Path) -> Proc {
+        let log = self.path(&format!("node-{name}.log"));
+        let child = Command::new(bin("fedstat-node"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start node");
+        Proc { child, log }
+    }
+
+    /// Issue a node certificate and start `fedstat-node` offering `datasets`.
+    pub fn add_node(&mut self, name: &str, datasets: &[(&str, PathBuf)]) {
+        self.issue("node", name);
+        let cfg = self.write_node_config(name, &self.pki(), &self.pki().join("ca.pem"), datasets);
+        let proc = self.spawn_node_with_config(name, &cfg);
+        self.nodes.push((name.to_owned(), proc));
+    }
+
+    pub fn node(&mut self, name: &str) -> &mut Proc {
+        &mut self.nodes.iter_mut().find(|(n, _)| n == name).expect("node").1
+    }
+
+    /// Run the `fedstat` CLI with the researcher config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(&self.path("researcher.toml"), args)
+    }
+
+    pub fn cli_as(&self, config: &Path, args: &[&str]) -> Output {
+        Command::new(bin("fedstat"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .expect("run fedstat")
+    }
+
+    /// Run the CLI with `--json` and parse its output.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "fedstat {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json output")
+    }
+
+    pub fn wait_for_nodes(&self, names: &[&str]) {
+        wait_until(Duration::from_secs(30), "nodes to connect", || {
+            let nodes = self.json(&["nodes"]);
+            let up: Vec<&str> = nodes
+                .as_array()
+                .map(|a| a.iter().filter_map(|n| n["name"].as_str()).collect())
+                .unwrap_or_default();
+            names.iter().all(|n| up.contains(n))
+        });
+    }
+
+    /// Write an experiment file and submit it; returns its id.
+    pub fn submit(&self, file: &str, toml_text: &str) -> u64 {
+        let path = self.path(file);
+        std::fs::write(&path, toml_text).expect("write experiment");
+        let v = self.json(&["submit", path.to_str().expect("utf-8 path")]);
+        v["experiment"].as_u64().expect("experiment id")
+    }
+
+    pub fn status(&self, id: u64) -> Value {
+        self.json(&["status", &id.to_string()])[0].clone()
+    }
+
+    /// Wait until the experiment completed or failed; returns its status.
+    pub fn wait_finished(&self, id: u64, limit: Duration) -> Value {
+        let mut last = Value::Null;
+        wait_until(limit, "the experiment to finish", || {
+            last = self.status(id);
+            last["state"] == "Completed" || last["state"].get("Failed").is_some()
+        });
+        last
+    }
+}
+
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// All event messages of a status, joined by newlines.
+pub fn events(status: &Value) -> String {
+    status["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["message"].as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+/// The experiment used by most tests: the README's logit on the bundled data.
+pub fn logit_experiment(rounds: u32, min_nodes: u32, extra_training: &str) -> String {
+    format!(
+        r#"
+name = "e2e logit"
+dataset = "cps1988"
+model = "logistic"
+rounds = {rounds}
+min_nodes = {min_nodes}
+round_timeout_secs = 10
+[schema]
+target = {{ column = "wage", threshold = 522.32 }}
+numeric = [{{ column = "education" }}, {{ column = "experience", squared = true }}]
+categorical = [
+  {{ column = "ethnicity", levels = ["cauc", "afam"], reference = "cauc" }},
+  {{ column = "smsa", levels = ["no", "yes"], reference = "no" }},
+  {{ column = "parttime", levels = ["no", "yes"], reference = "no" }},
+]
+[training]
+learning_rate = 0.05
+batch_size = 32
+seed = 7
+{extra_training}
+"#
+    )
+}
