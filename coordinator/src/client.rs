@@ -71,7 +71,11 @@ impl Client {
                 protocol: PROTOCOL_VERSION,
             })
             .await
-            .map_err(|e| fail(format!("{e} (is our certificate issued by the federation's CA, and valid?)")))?;
+            .map_err(|e| {
+                fail(format!(
+                    "{e} (is our certificate issued by the federation's CA, and valid?)"
+                ))
+            })?;
         match hello {
             Response::Welcome { name, role, .. } => {
                 client.name = name;

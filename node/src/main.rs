@@ -37,13 +37,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    fedstat_shared::process::init_tracing("info,quinn=warn");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -60,7 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(fedstat_node::session::run(
                 cfg,
-                fedstat_shared::shutdown::signal(),
+                fedstat_shared::process::shutdown_signal(),
             ))?;
             eprintln!("fedstat-node: stopped");
             Ok(())

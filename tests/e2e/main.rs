@@ -178,7 +178,7 @@ fn peers_from_another_ca_are_refused() {
         fed.coordinator.log_text().matches("TLS handshake failed").count() >= 2
     });
     assert!(
-        fed.coordinator.log_text().contains("UnknownIssuer"),
+        fed.coordinator.log_text().contains("invalid peer certificate"),
         "{}",
         fed.coordinator.log_text()
     );
@@ -187,11 +187,9 @@ fn peers_from_another_ca_are_refused() {
     let nodes = fed.json(&["nodes"]);
     assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
     assert!(intruder.is_running(), "a refused node keeps retrying");
-    assert!(
-        intruder.log_text().contains("cannot connect"),
-        "{}",
-        intruder.log_text()
-    );
+    wait_until(Duration::from_secs(20), "the intruder to log its refusal", || {
+        intruder.log_text().contains("cannot connect")
+    });
     let id = fed.submit("logit.toml", &logit_experiment(2, 1, ""));
     let s = fed.wait_finished(id, Duration::from_secs(60));
     assert_eq!(s["state"], "Completed", "{s:#}");

@@ -65,13 +65,7 @@ enum Pki {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    fedstat_shared::process::init_tracing("info,quinn=warn");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -91,7 +85,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // Tests and the demo read the bound address from this line.
                 println!("listening on {addr}");
                 std::io::stdout().flush().context("cannot write to stdout")?;
-                fedstat_coordinator::server::serve(endpoint, &cfg, fedstat_shared::shutdown::signal()).await;
+                fedstat_coordinator::server::serve(
+                    endpoint,
+                    &cfg,
+                    fedstat_shared::process::shutdown_signal(),
+                )
+                .await;
                 anyhow::Ok(())
             })?;
             eprintln!("fedstat-coordinator: stopped");
