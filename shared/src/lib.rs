@@ -11,6 +11,7 @@ pub mod aggregate;
 pub mod data;
 pub mod error;
 pub mod identity;
+pub mod manifest;
 pub mod model;
 pub mod pki;
 pub mod process;

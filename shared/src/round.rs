@@ -557,6 +557,7 @@ impl Experiment {
                     experiment: self.id,
                     round,
                     phase,
+                    submitter: self.submitter.clone(),
                     spec: self.spec.clone(),
                     standardization: self.standardization.clone(),
                     model: model_meta,

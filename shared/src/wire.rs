@@ -98,6 +98,8 @@ pub struct Task {
     pub experiment: ExperimentId,
     pub round: u32,
     pub phase: Phase,
+    /// Who submitted the experiment (`researcher `name``): part of its manifest.
+    pub submitter: String,
     pub spec: ExperimentSpec,
     /// Pooled standardisation, from the statistics phase (absent in it and for `echo`).
     pub standardization: Option<Standardization>,
@@ -458,6 +460,7 @@ mod tests {
                 experiment: 7,
                 round,
                 phase: Phase::Evaluate,
+                submitter: "researcher `r`".into(),
                 spec: echo_spec(params, name),
                 standardization: Some(Standardization { mean: vec![1.0, 2.5], sd: vec![0.5, 3.0] }),
                 model: Some(TensorMeta { dtype: DType::F32, len }),
