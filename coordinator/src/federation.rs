@@ -206,6 +206,17 @@ impl Federation {
                     .get_mut(&experiment)
                     .map(|e| e.handle_eval(now, name, round, sums)),
             ),
+            NodeMsg::Held {
+                experiment,
+                round,
+                phase,
+                manifest,
+            } => {
+                if let Some(e) = self.experiments.get_mut(&experiment) {
+                    e.handle_held(now, name, round, phase, &manifest);
+                }
+                return;
+            }
             NodeMsg::TaskFailed {
                 experiment,
                 round,

@@ -389,6 +389,21 @@ impl Experiment {
         }
     }
 
+    /// The node holds the task until its custodian approves the manifest: no answer this
+    /// phase, but it stays a candidate for the next one.
+    pub fn handle_held(&mut self, now: Instant, node: &str, round: u32, phase: Phase, manifest: &str) {
+        if self.expect_answer(node, round, phase).is_ok() {
+            self.log(
+                now,
+                format!("round {round}: node `{node}` holds the experiment for its custodian's approval (manifest {manifest})"),
+            );
+            if let Some(p) = self.phase.as_mut() {
+                p.failed.insert(node.to_owned(), "held for approval".to_owned());
+            }
+            self.check_close(now);
+        }
+    }
+
     fn expect_answer(&self, node: &str, round: u32, phase: Phase) -> Result<(), Rejection> {
         match self.phase.as_ref() {
             Some(p) if p.phase == phase && p.round == round && p.expects(node) => Ok(()),

@@ -139,6 +139,15 @@ pub enum NodeMsg {
         round: u32,
         sums: EvalSums,
     },
+    /// The node holds the task until its data custodian approves the experiment's manifest
+    /// (see [`crate::manifest`]). It can take part once approved.
+    Held {
+        experiment: ExperimentId,
+        round: u32,
+        phase: Phase,
+        /// SHA-256 of the manifest awaiting approval.
+        manifest: String,
+    },
     /// The node could not do a task. `reason` is written for the researcher and carries no
     /// data values (file, line and column at most).
     TaskFailed {
