@@ -132,10 +132,14 @@ impl Client {
         }
     }
 
-    /// The latest global model of an experiment with its metadata.
-    pub async fn results(&self, experiment: ExperimentId) -> Result<(ResultsHeader, Vec<f64>)> {
+    /// The global model of an experiment after `round` (default: the latest), with its metadata.
+    pub async fn results(
+        &self,
+        experiment: ExperimentId,
+        round: Option<u32>,
+    ) -> Result<(ResultsHeader, Vec<f64>)> {
         let fetch = async {
-            let (mut recv, response) = self.open(&Request::Results { experiment }).await?;
+            let (mut recv, response) = self.open(&Request::Results { experiment, round }).await?;
             let Response::Results(header) = response else {
                 return Err(unexpected(response));
             };

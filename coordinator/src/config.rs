@@ -32,6 +32,10 @@ impl RawTls {
 #[serde(deny_unknown_fields)]
 struct RawCoordinator {
     listen: SocketAddr,
+    #[serde(default)]
+    data_dir: Option<PathBuf>,
+    #[serde(default = "yes")]
+    durable: bool,
     tls: RawTls,
     #[serde(default)]
     limits: RawLimits,
@@ -61,6 +65,8 @@ impl Default for RawLimits {
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
+    /// Folder of the durable store; `None` keeps everything in memory (benchmarks only).
+    pub data_dir: Option<PathBuf>,
     pub tls: TlsFiles,
     pub limits: Limits,
 }
@@ -77,6 +83,10 @@ pub struct Limits {
     pub max_params: u64,
     /// Time a peer has for its first message after the TLS handshake.
     pub handshake_timeout: std::time::Duration,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -132,9 +142,13 @@ impl CoordinatorConfig {
                 "must be at least 1",
             ));
         }
+        let base = base_dir(path);
         Ok(CoordinatorConfig {
             listen: raw.listen,
-            tls: raw.tls.resolve(&base_dir(path)),
+            data_dir: raw
+                .durable
+                .then(|| base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("data")))),
+            tls: raw.tls.resolve(&base),
             limits: Limits {
                 max_connections: l.max_connections,
                 max_concurrent_updates: l.max_concurrent_updates,

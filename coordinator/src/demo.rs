@@ -391,7 +391,7 @@ async fn follow(
     if let ExperimentState::Failed { reason } = &status.state {
         return Err(Error::Demo(format!("the experiment failed: {reason}")));
     }
-    let (header, params) = client.results(id).await?;
+    let (header, params) = client.results(id, None).await?;
     results::write(&opts.out, &header, &params)?;
     client.close().await;
     let metrics = status

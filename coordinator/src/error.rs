@@ -38,6 +38,10 @@ pub enum Error {
     #[error("unexpected answer from the coordinator: {0}")]
     Protocol(String),
 
+    /// The durable store cannot be opened, read or written.
+    #[error("store: {0}")]
+    Store(String),
+
     /// The demo could not run.
     #[error("demo: {0}")]
     Demo(String),

@@ -8,13 +8,15 @@ use std::time::Instant;
 
 use fedstat_shared::aggregate::Values;
 use fedstat_shared::identity::{PeerIdentity, Role};
-use fedstat_shared::round::{Experiment, Rejection, Transmit};
+use fedstat_shared::round::{Experiment, Progress, Rejection, Transmit};
 use fedstat_shared::spec::ExperimentSpec;
 use fedstat_shared::wire::{
     CoordMsg, ExperimentId, NodeInfo, NodeMsg, Request, Response, ResultsHeader, Task, TensorMeta,
     UpdateHeader, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
+
+use crate::store::Store;
 
 /// What connection tasks tell the federation.
 #[derive(Debug)]
@@ -94,16 +96,30 @@ pub struct Federation {
     experiments: BTreeMap<ExperimentId, Experiment>,
     next_id: ExperimentId,
     max_params: u64,
+    store: Store,
 }
 
 impl Federation {
-    pub fn new(max_params: u64) -> Self {
-        Federation {
-            nodes: BTreeMap::new(),
-            experiments: BTreeMap::new(),
-            next_id: 1,
-            max_params,
+    /// The federation as the store left it: finished experiments for `status` and `results`,
+    /// running ones resumed after their last completed round as soon as nodes connect.
+    pub fn new(store: Store, max_params: u64, now: Instant) -> crate::Result<Self> {
+        let mut experiments = BTreeMap::new();
+        for (id, restored) in store.load_all()? {
+            let exp = Experiment::restore(id, restored, now, &[]);
+            if !exp.is_finished() {
+                tracing::info!(experiment = id, "resuming after round {}", exp.history().len());
+            }
+            experiments.insert(id, exp);
         }
+        let mut fed = Federation {
+            nodes: BTreeMap::new(),
+            next_id: store.next_experiment_id()?,
+            experiments,
+            max_params,
+            store,
+        };
+        fed.flush();
+        Ok(fed)
     }
 
     /// Apply one event, then send whatever the experiments want sent.
@@ -247,9 +263,24 @@ impl Federation {
         }
     }
 
-    /// Send what the experiments produced.
+    /// Record what the experiments concluded, then send what they produced.
     fn flush(&mut self) {
         for exp in self.experiments.values_mut() {
+            while let Some(p) = exp.poll_progress() {
+                let id = exp.id();
+                // Writes are synchronous: when `status` shows a round, it is on disk. A failing
+                // disk is logged loudly; the run goes on in memory and a restart would redo
+                // the rounds not recorded.
+                let written = tokio::task::block_in_place(|| match &p {
+                    Progress::Standardized(st) => self.store.set_standardization(id, st),
+                    Progress::RoundCompleted { record, model } => self.store.record_round(id, record, model),
+                    Progress::Finished(state) => self.store.set_state(id, state),
+                    Progress::Event(e) => self.store.append_event(id, e),
+                });
+                if let Err(e) = written {
+                    tracing::error!(experiment = id, "cannot record progress: {e}");
+                }
+            }
             while let Some(t) = exp.poll_transmit() {
                 match t {
                     Transmit::Task { to, task, model } => {
@@ -329,34 +360,57 @@ impl Federation {
                     .collect(),
             }
             .into(),
-            Request::Results { experiment } => match self.experiments.get(&experiment) {
-                None => refuse(format!("no experiment {experiment}")),
-                Some(e) if e.history().is_empty() => {
-                    refuse(format!("experiment {experiment} has no completed round yet"))
-                }
-                Some(e) => {
-                    let global = e.global();
-                    Reply {
-                        response: Response::Results(Box::new(ResultsHeader {
-                            status: e.status(),
-                            spec: e.spec().clone(),
-                            columns: e
-                                .spec()
-                                .schema
-                                .as_ref()
-                                .map(|s| s.design_columns())
-                                .unwrap_or_default(),
-                            standardization: e.standardization().cloned(),
-                            tensor: TensorMeta {
-                                dtype: global.dtype(),
-                                len: global.len() as u64,
-                            },
-                        })),
-                        tensor: Some(Arc::new(global.to_le_bytes())),
-                    }
-                }
+            Request::Results { experiment, round } => match self.results(experiment, round) {
+                Ok(reply) => reply,
+                Err(message) => refuse(message),
             },
         }
+    }
+
+    fn results(&self, experiment: ExperimentId, round: Option<u32>) -> Result<Reply, String> {
+        let e = self
+            .experiments
+            .get(&experiment)
+            .ok_or_else(|| format!("no experiment {experiment}"))?;
+        let last = e.history().last().map(|r| r.round);
+        let Some(last) = last else {
+            return Err(format!("experiment {experiment} has no completed round yet"));
+        };
+        let mut status = e.status();
+        let values = match round {
+            None => Arc::new(e.global().clone()),
+            Some(k) if k == last => Arc::new(e.global().clone()),
+            Some(k) if k == 0 || k > last => {
+                return Err(format!(
+                    "experiment {experiment} has completed rounds 1 to {last}; round {k} is not among them"
+                ))
+            }
+            Some(k) => {
+                let stored = tokio::task::block_in_place(|| self.store.load_model(experiment, k))
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("round {k} of experiment {experiment} is not in the store (the coordinator runs without one)"))?;
+                status.history.truncate(k as usize);
+                Arc::new(stored)
+            }
+        };
+        Ok(Reply {
+            response: Response::Results(Box::new(ResultsHeader {
+                status,
+                spec: e.spec().clone(),
+                columns: e
+                    .spec()
+                    .schema
+                    .as_ref()
+                    .map(|s| s.design_columns())
+                    .unwrap_or_default(),
+                standardization: e.standardization().cloned(),
+                tensor: TensorMeta {
+                    dtype: values.dtype(),
+                    len: values.len() as u64,
+                },
+            })),
+            tensor: Some(Arc::new(values.to_le_bytes())),
+        })
     }
 
     fn submit(
@@ -374,6 +428,8 @@ impl Federation {
             ));
         }
         let id = self.next_id;
+        tokio::task::block_in_place(|| self.store.insert_experiment(id, &spec, &who.to_string()))
+            .map_err(|e| format!("the coordinator cannot record the experiment: {e}"))?;
         self.next_id += 1;
         let connected: Vec<(String, Vec<String>)> = self
             .nodes
@@ -388,8 +444,7 @@ impl Federation {
 }
 
 /// Run the federation until every sender of `rx` is gone.
-pub async fn run(mut rx: mpsc::Receiver<Event>, max_params: u64) {
-    let mut fed = Federation::new(max_params);
+pub async fn run(mut fed: Federation, mut rx: mpsc::Receiver<Event>) {
     loop {
         let deadline = fed.next_timeout();
         let sleep = async {

@@ -57,14 +57,27 @@ pub fn bind(config: &CoordinatorConfig) -> Result<(quinn::Endpoint, SocketAddr)>
     Ok((endpoint, addr))
 }
 
+/// Open the store and rebuild the federation from it: start-up errors surface here, before
+/// the coordinator accepts anyone.
+pub fn federation(config: &CoordinatorConfig) -> Result<federation::Federation> {
+    let store = match &config.data_dir {
+        Some(dir) => crate::store::Store::open(dir)?,
+        None => crate::store::Store::in_memory(),
+    };
+    tokio::task::block_in_place(|| {
+        federation::Federation::new(store, config.limits.max_params, std::time::Instant::now())
+    })
+}
+
 /// Serve until `shutdown` resolves, then close every connection with a reason and drain.
 pub async fn serve(
     endpoint: quinn::Endpoint,
+    fed: federation::Federation,
     config: &CoordinatorConfig,
     shutdown: impl Future<Output = ()>,
 ) {
     let (events, rx) = mpsc::channel(4096);
-    let fed = tokio::spawn(federation::run(rx, config.limits.max_params));
+    let fed = tokio::spawn(federation::run(fed, rx));
     let shared = Shared {
         events,
         uploads: Arc::new(Semaphore::new(config.limits.max_concurrent_updates)),

@@ -2,12 +2,17 @@
 //! data, dials out to the coordinator, and answers tasks with statistics, model updates and
 //! evaluation sums — never with data.
 //!
-//! Data flow: [`session`] receives a task over QUIC -> [`worker`] loads the CSV, trains or
-//! evaluates -> [`session`] streams the update back.
+//! Data flow: [`session`] receives a task over QUIC -> [`governance`] checks the site
+//! [`policy`] and the custodian's [`approval`] of the experiment's manifest -> [`worker`] loads
+//! the CSV, checks the disclosure thresholds, trains or evaluates -> the answer is recorded in
+//! the audit log -> [`session`] streams it back.
 #![forbid(unsafe_code)]
 
+pub mod approval;
 pub mod config;
 pub mod error;
+pub mod governance;
+pub mod policy;
 pub mod session;
 pub mod worker;
 

@@ -33,6 +33,41 @@ enum Command {
         #[arg(long, short)]
         experiment: PathBuf,
     },
+    /// List the experiment manifests held for the data custodian's approval.
+    Pending {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Approve a held manifest (its hash, or at least its first 8 hex digits).
+    Approve {
+        hash: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Reject a held manifest; the reason is sent to the researcher.
+    Reject {
+        hash: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// The node's tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(Audit),
+}
+
+#[derive(Subcommand)]
+enum Audit {
+    /// Check the hash chain; name the first edited, deleted, inserted or reordered record.
+    Verify {
+        /// Check the audit log named by this node config.
+        #[arg(long, short, required_unless_present = "file", conflicts_with = "file")]
+        config: Option<PathBuf>,
+        /// Check this audit log file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,5 +101,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Pending { config } => {
+            let held = store(&config)?.pending()?;
+            if held.is_empty() {
+                println!("no manifests are held for approval");
+            }
+            for p in held {
+                println!("{}", p.describe());
+            }
+            Ok(())
+        }
+        Command::Approve { hash, config } => {
+            let d = store(&config)?.approve(&hash)?;
+            println!("approved manifest {}", d.manifest);
+            Ok(())
+        }
+        Command::Reject { hash, reason, config } => {
+            let d = store(&config)?.reject(&hash, &reason)?;
+            println!("rejected manifest {}: {}", d.manifest, d.reason);
+            Ok(())
+        }
+        Command::Audit(Audit::Verify { config, file }) => {
+            let path = match (file, config) {
+                (Some(f), _) => f,
+                (None, Some(c)) => fedstat_node::config::NodeConfig::load(&c)?.audit_log,
+                (None, None) => anyhow::bail!("give --config or --file"),
+            };
+            println!("{}", fedstat_node::governance::verify_audit(&path)?);
+            Ok(())
+        }
     }
+}
+
+fn store(config: &std::path::Path) -> anyhow::Result<fedstat_node::approval::ApprovalStore> {
+    let cfg = fedstat_node::config::NodeConfig::load(config)?;
+    Ok(fedstat_node::approval::ApprovalStore::new(&cfg.state_dir))
 }

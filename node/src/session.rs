@@ -1,6 +1,7 @@
 //! The node's network edge: dial out to the coordinator (offices allow outbound traffic only),
 //! keep one connection, redial with exponential backoff and jitter when it drops, and serve
-//! the tasks the coordinator pushes.
+//! the tasks the coordinator pushes: each one admitted by [`crate::governance`], run by the
+//! [`crate::worker`], recorded in the audit log, then answered.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,14 +9,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedstat_shared::aggregate::Values;
+use fedstat_shared::data::ColumnSums;
+use fedstat_shared::manifest::Manifest;
+use fedstat_shared::model::EvalSums;
 use fedstat_shared::tls;
 use fedstat_shared::transport::{read_frame, read_tensor, write_frame, write_tensor};
-use fedstat_shared::wire::{CoordMsg, NodeMsg, Task, UpdateHeader, PROTOCOL_VERSION};
+use fedstat_shared::wire::{CoordMsg, NodeMsg, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION};
 use rand::Rng;
+use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::config::NodeConfig;
+use crate::governance::{Admission, Governance};
 use crate::worker::{Outcome, Worker};
 use crate::{Error, Result};
 
@@ -31,40 +37,72 @@ const TASK_IDLE: Duration = Duration::from_secs(120);
 struct Dropped(String);
 
 /// Run the node until `shutdown` resolves. Connection failures are retried forever (with
-/// backoff); only configuration errors (bad certificate files, ...) end it early.
+/// backoff); only configuration errors (bad certificate files, an unusable audit log, ...) end
+/// it early.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let me = config.tls.identity()?;
     let client_config = tls::client_config(&config.tls)?;
-    let worker = Arc::new(Worker::new(me.name.clone(), config.datasets.clone()));
+    let gov = Arc::new(Governance::open(&config, &me.name)?);
+    let worker = Arc::new(Worker::new(
+        me.name.clone(),
+        config.datasets.clone(),
+        config.policy.clone(),
+    ));
     tokio::pin!(shutdown);
     let mut backoff = BACKOFF_START;
+    // Only the first failure of a streak goes to the audit log: retries are not events.
+    let mut failing = false;
     loop {
-        let attempt = session(&config, client_config.clone(), worker.clone());
+        let attempt = session(
+            &config,
+            client_config.clone(),
+            worker.clone(),
+            gov.clone(),
+            !failing,
+        );
         let ended = tokio::select! {
             r = attempt => r,
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => break,
         };
         match ended {
             Ok(Dropped(why)) => {
                 tracing::warn!("connection to the coordinator lost: {why}; reconnecting");
+                gov.note(
+                    "disconnected",
+                    json!({ "coordinator": config.coordinator, "reason": why }),
+                );
                 backoff = BACKOFF_START;
+                failing = false;
             }
-            Err(e) => tracing::warn!("cannot connect: {e:#}; retrying in {backoff:?}"),
+            Err(e) => {
+                tracing::warn!("cannot connect: {e:#}; retrying in {backoff:?}");
+                if !failing {
+                    gov.note(
+                        "connect_failed",
+                        json!({ "coordinator": config.coordinator, "reason": e.to_string() }),
+                    );
+                }
+                failing = true;
+            }
         }
         // Full jitter: nodes that lost the coordinator together do not come back together.
         let wait = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => break,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+    gov.note("node_stopped", json!({}));
+    Ok(())
 }
 
 async fn session(
     config: &NodeConfig,
     client_config: quinn::ClientConfig,
     worker: Arc<Worker>,
+    gov: Arc<Governance>,
+    audit_refusal: bool,
 ) -> Result<Dropped> {
     let fail = |problem: String| Error::Connect {
         addr: config.coordinator.clone(),
@@ -104,8 +142,20 @@ async fn session(
         Ok(Ok(Some(CoordMsg::Welcome { name, .. }))) => {
             tracing::info!(%addr, "connected to the coordinator as node `{name}`");
             println!("connected to {addr} as node `{name}`");
+            gov.note(
+                "connected",
+                json!({ "coordinator": config.coordinator, "address": addr.to_string(), "as": name }),
+            );
         }
-        Ok(Ok(Some(CoordMsg::Refused { reason }))) => return Err(fail(format!("refused: {reason}"))),
+        Ok(Ok(Some(CoordMsg::Refused { reason }))) => {
+            if audit_refusal {
+                gov.note(
+                    "connect_refused",
+                    json!({ "coordinator": config.coordinator, "reason": reason }),
+                );
+            }
+            return Err(fail(format!("refused: {reason}")));
+        }
         Ok(Ok(other)) => return Err(fail(format!("unexpected first answer {other:?}"))),
         Ok(Err(e)) => return Err(fail(e.to_string())),
         Err(_) => return Err(fail("no welcome within 15 s".into())),
@@ -156,8 +206,9 @@ async fn session(
         loop {
             match conn.accept_uni().await {
                 Ok(stream) => {
-                    let (worker, conn, ctl) = (worker.clone(), conn.clone(), ctl_tx.clone());
-                    tokio::spawn(task(stream, worker, conn, ctl).in_current_span());
+                    let (worker, gov, conn, ctl) =
+                        (worker.clone(), gov.clone(), conn.clone(), ctl_tx.clone());
+                    tokio::spawn(task(stream, worker, gov, conn, ctl).in_current_span());
                 }
                 Err(e) => return e.to_string(),
             }
@@ -173,10 +224,24 @@ async fn session(
     Ok(Dropped(why))
 }
 
+/// What a task comes to, ready to send.
+enum Step {
+    Held(String),
+    Stats(ColumnSums),
+    Eval(EvalSums),
+    Update {
+        tensor: TensorMeta,
+        bytes: Vec<u8>,
+        num_examples: u64,
+        train_loss: f64,
+    },
+}
+
 /// Receive one task, run it on a blocking thread, send the answer.
 async fn task(
     mut stream: quinn::RecvStream,
     worker: Arc<Worker>,
+    gov: Arc<Governance>,
     conn: quinn::Connection,
     ctl: mpsc::UnboundedSender<NodeMsg>,
 ) {
@@ -202,38 +267,54 @@ async fn task(
     let (experiment, round, phase) = (task.experiment, task.round, task.phase);
     let span = tracing::info_span!("task", experiment, round, %phase);
     async move {
-        if let Err(e) = task.spec.validate() {
-            return fail(&ctl, &task, format!("the experiment spec is invalid: {e}"));
-        }
         let spec_model = task.spec.model;
         let task = Arc::new(task);
         let t = task.clone();
-        let outcome = tokio::task::spawn_blocking(move || worker.run(&t, model)).await;
-        let outcome = match outcome {
-            Ok(Ok(o)) => o,
+        let step = tokio::task::spawn_blocking(move || prepare(&t, &worker, &gov, model)).await;
+        let step = match step {
+            Ok(Ok(s)) => s,
             Ok(Err(e)) => return fail(&ctl, &task, e.to_string()),
             Err(e) => return fail(&ctl, &task, format!("the task crashed: {e}")),
         };
-        let sent = match outcome {
-            Outcome::Stats(sums) => ctl
+        let closed = |_| "control stream closed".to_owned();
+        let sent = match step {
+            Step::Held(manifest) => ctl
+                .send(NodeMsg::Held {
+                    experiment,
+                    round,
+                    phase,
+                    manifest,
+                })
+                .map_err(closed),
+            Step::Stats(sums) => ctl
                 .send(NodeMsg::StatsReply {
                     experiment,
                     round,
                     sums,
                 })
-                .map_err(|_| "control stream closed".to_owned()),
-            Outcome::Eval(sums) => ctl
+                .map_err(closed),
+            Step::Eval(sums) => ctl
                 .send(NodeMsg::EvalReply {
                     experiment,
                     round,
                     sums,
                 })
-                .map_err(|_| "control stream closed".to_owned()),
-            Outcome::Update {
-                values,
+                .map_err(closed),
+            Step::Update {
+                tensor,
+                bytes,
                 num_examples,
                 train_loss,
-            } => send_update(&conn, experiment, round, values, num_examples, train_loss).await,
+            } => {
+                let header = UpdateHeader {
+                    experiment,
+                    round,
+                    num_examples,
+                    train_loss,
+                    tensor,
+                };
+                send_update(&conn, &header, &bytes).await
+            }
         };
         match sent {
             Ok(()) => tracing::info!("{phase} done ({})", spec_model.as_str()),
@@ -244,8 +325,57 @@ async fn task(
     .await
 }
 
+/// Everything before sending, on a blocking thread: validate, admit (policy, approval), run
+/// next to the data, record the answer in the audit log. A failure is recorded too.
+fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>) -> Result<Step> {
+    let manifest = Manifest::new(&task.spec, &task.submitter);
+    let hash = manifest.hash();
+    let result = (|| {
+        task.spec.validate().map_err(Error::InvalidSpec)?;
+        if gov.admit(task, &manifest)? == Admission::Held {
+            return Ok(Step::Held(hash.clone()));
+        }
+        let blocked = |e: Error| {
+            tracing::error!("cannot write the audit log, nothing is sent: {e}");
+            Error::AuditUnavailable
+        };
+        Ok(match worker.run(task, model)? {
+            Outcome::Stats(sums) => {
+                gov.record_answer(task, &hash).map_err(blocked)?;
+                Step::Stats(sums)
+            }
+            Outcome::Eval(sums) => {
+                gov.record_answer(task, &hash).map_err(blocked)?;
+                Step::Eval(sums)
+            }
+            Outcome::Update {
+                values,
+                num_examples,
+                train_loss,
+            } => {
+                let bytes = values.to_le_bytes();
+                gov.record_update(task, &hash, num_examples, &bytes)
+                    .map_err(blocked)?;
+                Step::Update {
+                    tensor: TensorMeta {
+                        dtype: values.dtype(),
+                        len: values.len() as u64,
+                    },
+                    bytes,
+                    num_examples,
+                    train_loss,
+                }
+            }
+        })
+    })();
+    if let Err(e) = &result {
+        gov.record_failure(task, &hash, e);
+    }
+    result
+}
+
 fn fail(ctl: &mpsc::UnboundedSender<NodeMsg>, task: &Task, reason: String) {
-    // The reason names files, lines and columns, never values: it is safe to send.
+    // The reason names files, lines, columns and policy rules, never values: it is safe to send.
     tracing::error!("{} failed: {reason}", task.phase);
     let _ = ctl.send(NodeMsg::TaskFailed {
         experiment: task.experiment,
@@ -255,28 +385,10 @@ fn fail(ctl: &mpsc::UnboundedSender<NodeMsg>, task: &Task, reason: String) {
     });
 }
 
-async fn send_update(
-    conn: &quinn::Connection,
-    experiment: u64,
-    round: u32,
-    values: Values,
-    num_examples: u64,
-    train_loss: f64,
-) -> Result<(), String> {
-    let header = UpdateHeader {
-        experiment,
-        round,
-        num_examples,
-        train_loss,
-        tensor: fedstat_shared::wire::TensorMeta {
-            dtype: values.dtype(),
-            len: values.len() as u64,
-        },
-    };
-    let bytes = values.to_le_bytes();
+async fn send_update(conn: &quinn::Connection, header: &UpdateHeader, bytes: &[u8]) -> Result<(), String> {
     let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
-    write_frame(&mut s, &header).await.map_err(|e| e.to_string())?;
-    write_tensor(&mut s, &bytes).await.map_err(|e| e.to_string())?;
+    write_frame(&mut s, header).await.map_err(|e| e.to_string())?;
+    write_tensor(&mut s, bytes).await.map_err(|e| e.to_string())?;
     s.finish().map_err(|e| e.to_string())?;
     // Wait until the coordinator has all bytes, or gave up on them.
     let _ = s.stopped().await;

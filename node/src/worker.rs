@@ -13,6 +13,7 @@ use fedstat_shared::spec::ModelKind;
 use fedstat_shared::wire::{ExperimentId, Phase, Task};
 use rand::{Rng, SeedableRng};
 
+use crate::policy::SitePolicy;
 use crate::{Error, Result};
 
 /// Examples an `echo` update claims (the benchmark task's fixed count).
@@ -44,6 +45,8 @@ struct Prepared {
 pub struct Worker {
     name: String,
     datasets: BTreeMap<String, PathBuf>,
+    /// For the disclosure thresholds, which need the data loaded.
+    policy: SitePolicy,
     cache: Mutex<BTreeMap<ExperimentId, Prepared>>,
 }
 
@@ -65,10 +68,11 @@ pub fn task_seed(seed: u64, round: u32, node: &str) -> u64 {
 }
 
 impl Worker {
-    pub fn new(name: String, datasets: BTreeMap<String, PathBuf>) -> Self {
+    pub fn new(name: String, datasets: BTreeMap<String, PathBuf>, policy: SitePolicy) -> Self {
         Worker {
             name,
             datasets,
+            policy,
             cache: Mutex::new(BTreeMap::new()),
         }
     }
@@ -80,6 +84,10 @@ impl Worker {
             return self.echo(task, model);
         }
         let data = self.data(task)?;
+        // Every phase: no answer of any kind from too few rows or for a saturated model.
+        self.policy
+            .check_rows(spec, data.train.rows() as u64)
+            .map_err(Error::Policy)?;
         let model_f64 = || -> Result<Vec<f64>> {
             let m = model
                 .as_ref()

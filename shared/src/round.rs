@@ -105,7 +105,7 @@ pub struct Experiment {
     /// Nodes that cannot take part (e.g. their data failed to load), with the reason.
     excluded: BTreeMap<String, String>,
     retries: u32,
-    global: Values,
+    global: Arc<Values>,
     standardization: Option<Standardization>,
     phase: Option<PhaseRun>,
     round_started: Option<Instant>,
@@ -113,6 +113,34 @@ pub struct Experiment {
     history: Vec<RoundRecord>,
     events: VecDeque<EventRecord>,
     outbox: VecDeque<Transmit>,
+    progress: VecDeque<Progress>,
+}
+
+/// A durable fact the shell must record, in order (see `poll_progress`).
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// The pooled standardisation is known.
+    Standardized(Standardization),
+    /// A round completed; `model` is the global model after it.
+    RoundCompleted { record: RoundRecord, model: Arc<Values> },
+    /// The experiment ended.
+    Finished(ExperimentState),
+    /// A line of the event log.
+    Event(EventRecord),
+}
+
+/// What a store keeps of an experiment, to rebuild it after a restart.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub spec: ExperimentSpec,
+    pub submitter: String,
+    pub state: ExperimentState,
+    pub standardization: Option<Standardization>,
+    /// Completed rounds, in order.
+    pub history: Vec<RoundRecord>,
+    /// The model after the last completed round (None before the first).
+    pub global: Option<Values>,
+    pub events: Vec<EventRecord>,
 }
 
 impl Experiment {
@@ -125,7 +153,7 @@ impl Experiment {
         now: Instant,
         connected: &[(String, Vec<String>)],
     ) -> Self {
-        let global = Values::zeros(spec.dtype(), spec.num_params() as usize);
+        let global = Arc::new(Values::zeros(spec.dtype(), spec.num_params() as usize));
         let mut exp = Experiment {
             id,
             spec,
@@ -143,11 +171,61 @@ impl Experiment {
             history: Vec::new(),
             events: VecDeque::new(),
             outbox: VecDeque::new(),
+            progress: VecDeque::new(),
         };
         exp.log(now, format!("submitted by {}", exp.submitter));
         exp.nodes.extend(connected.iter().cloned());
         exp.maybe_start(now);
         exp
+    }
+
+    /// Rebuild an experiment from its stored record after a coordinator restart. A finished one
+    /// stays finished; a running one continues after its last completed round (an interrupted
+    /// round is run again from the stored model, so with the same participants the result is
+    /// bit-identical to an uninterrupted run).
+    pub fn restore(id: ExperimentId, r: Restored, now: Instant, connected: &[(String, Vec<String>)]) -> Self {
+        let elapsed = r.events.last().map_or(0, |e| e.at_ms);
+        let created = now.checked_sub(Duration::from_millis(elapsed)).unwrap_or(now);
+        let global = match r.global {
+            Some(g) => g,
+            None => Values::zeros(r.spec.dtype(), r.spec.num_params() as usize),
+        };
+        let finished = r.state.is_finished();
+        let mut exp = Experiment {
+            id,
+            spec: r.spec,
+            submitter: r.submitter,
+            created,
+            state: if finished {
+                r.state
+            } else {
+                ExperimentState::Waiting
+            },
+            nodes: BTreeMap::new(),
+            excluded: BTreeMap::new(),
+            retries: 0,
+            global: Arc::new(global),
+            standardization: r.standardization,
+            phase: None,
+            round_started: None,
+            train_done: None,
+            history: r.history,
+            events: r.events.into_iter().collect(),
+            outbox: VecDeque::new(),
+            progress: VecDeque::new(),
+        };
+        if !finished {
+            let done = exp.history.len();
+            exp.log(now, format!("coordinator restarted: resuming after round {done}"));
+            exp.nodes.extend(connected.iter().cloned());
+            exp.maybe_start(now);
+        }
+        exp
+    }
+
+    /// The next durable fact to record.
+    pub fn poll_progress(&mut self) -> Option<Progress> {
+        self.progress.pop_front()
     }
 
     fn maybe_start(&mut self, now: Instant) {
@@ -177,6 +255,10 @@ impl Experiment {
         &self.global
     }
 
+    pub fn submitter(&self) -> &str {
+        &self.submitter
+    }
+
     pub fn standardization(&self) -> Option<&Standardization> {
         self.standardization.as_ref()
     }
@@ -202,10 +284,12 @@ impl Experiment {
         if self.events.len() == MAX_EVENTS {
             self.events.pop_front();
         }
-        self.events.push_back(EventRecord {
+        let event = EventRecord {
             at_ms: now.saturating_duration_since(self.created).as_millis() as u64,
             message,
-        });
+        };
+        self.progress.push_back(Progress::Event(event.clone()));
+        self.events.push_back(event);
     }
 
     /// A node connected (or reconnected). It takes part from the next phase that starts.
@@ -538,14 +622,25 @@ impl Experiment {
         self.log(now, format!("failed: {reason}"));
         self.state = ExperimentState::Failed { reason };
         self.phase = None;
+        self.progress.push_back(Progress::Finished(self.state.clone()));
     }
 
     fn start_next(&mut self, now: Instant) {
-        if self.spec.uses_data() {
+        let done = self.history.len() as u32;
+        if done >= self.spec.rounds {
+            // Every round was recorded before a restart; only the ending was not.
+            self.finish(now);
+        } else if self.spec.uses_data() && self.standardization.is_none() {
             self.start_phase(now, Phase::Stats, 0);
         } else {
-            self.start_round(now, 1);
+            self.start_round(now, done + 1);
         }
+    }
+
+    fn finish(&mut self, now: Instant) {
+        self.state = ExperimentState::Completed;
+        self.log(now, format!("completed {} round(s)", self.history.len()));
+        self.progress.push_back(Progress::Finished(self.state.clone()));
     }
 
     fn start_round(&mut self, now: Instant, round: u32) {
@@ -619,6 +714,7 @@ impl Experiment {
                             now,
                             format!("pooled standardisation computed from {} node(s)", parts.len()),
                         );
+                        self.progress.push_back(Progress::Standardized(st.clone()));
                         self.standardization = Some(st);
                         self.start_round(now, 1);
                     }
@@ -628,7 +724,7 @@ impl Experiment {
             Phase::Train => {
                 let Some(agg) = p.agg else { return };
                 match agg.average() {
-                    Ok(avg) => self.global = avg,
+                    Ok(avg) => self.global = Arc::new(avg),
                     Err(e) => return self.fail(now, format!("round {}: {e}", p.round)),
                 }
                 let total: u64 = p.losses.values().map(|(n, _)| n).sum();
@@ -684,10 +780,13 @@ impl Experiment {
     fn complete_round(&mut self, now: Instant, mut record: RoundRecord, started: Instant) {
         record.round_ms = now.saturating_duration_since(started).as_millis() as u64;
         let round = record.round;
+        self.progress.push_back(Progress::RoundCompleted {
+            record: record.clone(),
+            model: self.global.clone(),
+        });
         self.history.push(record);
         if round >= self.spec.rounds {
-            self.state = ExperimentState::Completed;
-            self.log(now, format!("completed {round} round(s)"));
+            self.finish(now);
         } else {
             self.start_round(now, round + 1);
         }
@@ -811,6 +910,108 @@ mod tests {
         fn rounds_done(&self) -> usize {
             self.exp.history().len()
         }
+    }
+
+    /// What a store would have kept: progress applied in order.
+    fn record(exp: &mut Experiment, into: &mut Restored) {
+        while let Some(p) = exp.poll_progress() {
+            match p {
+                Progress::Standardized(st) => into.standardization = Some(st),
+                Progress::RoundCompleted { record, model } => {
+                    into.history.push(record);
+                    into.global = Some((*model).clone());
+                }
+                Progress::Finished(state) => into.state = state,
+                Progress::Event(e) => into.events.push(e),
+            }
+        }
+    }
+
+    /// Node answers depend only on (node, round, global), like real nodes' seeded training.
+    fn play(sim: &mut Sim, rounds: std::ops::Range<u32>, store: &mut Restored) {
+        for round in rounds {
+            for (i, n) in ["a", "b", "c"].iter().enumerate() {
+                let offset = (round as f32 * 0.37 + i as f32 * 0.11).sin();
+                sim.answer(n, offset, 3 + i as u64).expect("answer");
+            }
+            record(&mut sim.exp, store);
+        }
+    }
+
+    #[test]
+    fn a_restored_run_ends_bit_identical() {
+        let spec = echo(3, 6, 0);
+        let fresh = || Restored {
+            spec: spec.clone(),
+            submitter: "researcher `r`".into(),
+            state: ExperimentState::Waiting,
+            standardization: None,
+            history: vec![],
+            global: None,
+            events: vec![],
+        };
+        let mut whole = Sim::new(spec.clone(), &["a", "b", "c"]);
+        let mut store = fresh();
+        play(&mut whole, 1..7, &mut store);
+        assert_eq!(whole.exp.state(), &ExperimentState::Completed);
+        let want = whole.exp.global().to_le_bytes();
+
+        for crash_after in [0, 1, 3, 5] {
+            let mut first = Sim::new(spec.clone(), &["a", "b", "c"]);
+            let mut store = fresh();
+            play(&mut first, 1..crash_after + 1, &mut store);
+            // A round in flight when the coordinator dies: one answer arrived, then nothing.
+            first.answer("a", 9.0, 3).expect("in flight");
+            record(&mut first.exp, &mut store);
+            assert_eq!(store.history.len(), crash_after as usize);
+
+            let connected: Vec<_> = ["a", "b", "c"].iter().map(|n| (n.to_string(), vec![])).collect();
+            let mut again = Sim {
+                now: first.now,
+                exp: Experiment::restore(1, store.clone(), first.now, &connected),
+                inbox: BTreeMap::new(),
+                rejected: vec![],
+            };
+            again.pump();
+            assert!(again
+                .exp
+                .status()
+                .events
+                .iter()
+                .any(|e| e.message.contains("resuming")));
+            play(&mut again, crash_after + 1..7, &mut store);
+            assert_eq!(
+                again.exp.state(),
+                &ExperimentState::Completed,
+                "crash after {crash_after}"
+            );
+            assert_eq!(
+                again.exp.global().to_le_bytes(),
+                want,
+                "crash after {crash_after}"
+            );
+            assert_eq!(store.history.len(), 6);
+        }
+    }
+
+    #[test]
+    fn a_restored_finished_experiment_stays_finished() {
+        let mut sim = Sim::new(echo(1, 1, 0), &["a"]);
+        sim.answer("a", 1.0, 1).expect("a");
+        let mut store = Restored {
+            spec: echo(1, 1, 0),
+            submitter: "r".into(),
+            state: ExperimentState::Waiting,
+            standardization: None,
+            history: vec![],
+            global: None,
+            events: vec![],
+        };
+        record(&mut sim.exp, &mut store);
+        assert_eq!(store.state, ExperimentState::Completed);
+        let exp = Experiment::restore(1, store, sim.now, &[("a".into(), vec![])]);
+        assert_eq!(exp.state(), &ExperimentState::Completed);
+        assert_eq!(exp.global(), &Values::F32(vec![1.0; 4]));
     }
 
     #[test]

@@ -180,11 +180,21 @@ pub enum CoordMsg {
 /// A researcher's (or admin's) request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
-    Hello { protocol: u32 },
-    Submit { spec: Box<ExperimentSpec> },
-    Status { experiment: Option<ExperimentId> },
+    Hello {
+        protocol: u32,
+    },
+    Submit {
+        spec: Box<ExperimentSpec>,
+    },
+    Status {
+        experiment: Option<ExperimentId>,
+    },
     Nodes,
-    Results { experiment: ExperimentId },
+    /// The model after round `round` (default: the latest).
+    Results {
+        experiment: ExperimentId,
+        round: Option<u32>,
+    },
 }
 
 /// State of an experiment as researchers see it.

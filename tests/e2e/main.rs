@@ -3,6 +3,8 @@
 //! ephemeral ports.
 
 mod configs;
+mod durability;
+mod governance;
 mod rogue;
 mod support;
 

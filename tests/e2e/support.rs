@@ -356,3 +356,98 @@ seed = 7
 "#
     )
 }
+
+/// Helpers for the governance tests (site policy, approval, audit).
+impl Fed {
+    /// Write a node config like [`Fed::write_node_config`] with this federation's CA, followed
+    /// by `extra` TOML (e.g. a `[policy]` table).
+    pub fn write_node_config_with(&self, name: &str, datasets: &[(&str, PathBuf)], extra: &str) -> PathBuf {
+        let path = self.write_node_config(name, &self.pki(), &self.pki().join("ca.pem"), datasets);
+        let mut text = std::fs::read_to_string(&path).expect("read node config");
+        text.push('\n');
+        text.push_str(extra);
+        std::fs::write(&path, text).expect("write node config");
+        path
+    }
+
+    /// Issue a node certificate and start `fedstat-node` with `extra` config; returns the
+    /// config's path.
+    pub fn add_node_with(&mut self, name: &str, datasets: &[(&str, PathBuf)], extra: &str) -> PathBuf {
+        self.issue("node", name);
+        let cfg = self.write_node_config_with(name, datasets, extra);
+        let proc = self.spawn_node_with_config(name, &cfg);
+        self.nodes.push((name.to_owned(), proc));
+        cfg
+    }
+
+    /// The default audit log of a node started by [`Fed::add_node_with`] or [`Fed::add_node`].
+    pub fn node_audit_log(&self, name: &str) -> PathBuf {
+        self.path(&format!("node-{name}-state/audit.jsonl"))
+    }
+}
+
+/// Run a binary of this workspace (`fedstat-node`, `fedstat-coordinator`) with `args`.
+pub fn run_bin(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name)).args(args).output().expect("run binary")
+}
+
+/// Start `fedstat-coordinator run` with `config`; returns it and the address it printed.
+pub fn spawn_coordinator(config: &Path, log: &Path) -> (Proc, String) {
+    let mut child = Command::new(bin("fedstat-coordinator"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("log"),
+        )
+        .spawn()
+        .expect("start coordinator");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let Some(Ok(line)) = lines.next() else {
+            panic!(
+                "coordinator exited before listening: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        };
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (
+        Proc {
+            child,
+            log: log.to_owned(),
+        },
+        addr,
+    )
+}
+
+impl Fed {
+    /// SIGKILL the coordinator and start it again on the same address with the same store.
+    pub fn crash_and_restart_coordinator(&mut self) {
+        self.coordinator.kill();
+        let cfg = self.path("coordinator.toml");
+        let text = std::fs::read_to_string(&cfg).expect("config");
+        let pinned = text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", self.addr));
+        std::fs::write(&cfg, pinned).expect("write config");
+        let (proc, addr) = spawn_coordinator(&cfg, &self.path("coordinator.log"));
+        assert_eq!(addr, self.addr);
+        // Replacing the handle drops (and kills) nothing: the old child is already dead.
+        self.coordinator = proc;
+    }
+
+    /// Stop a node with SIGKILL and start it again with the same config.
+    pub fn restart_node(&mut self, name: &str) {
+        self.node(name).kill();
+        let cfg = self.path(&format!("node-{name}.toml"));
+        let proc = self.spawn_node_with_config(name, &cfg);
+        *self.node(name) = proc;
+    }
+}

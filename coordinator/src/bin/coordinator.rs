@@ -30,6 +30,19 @@ enum Command {
     /// The federation's certificate authority.
     #[command(subcommand)]
     Pki(Pki),
+    /// The coordinator's tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(Audit),
+}
+
+#[derive(Subcommand)]
+enum Audit {
+    /// Check the hash chain; name the first edited, deleted, inserted or reordered record.
+    Verify {
+        /// The audit log file.
+        #[arg(long)]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -81,12 +94,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = fedstat_coordinator::config::CoordinatorConfig::load(&config)?;
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(async {
+                let fed = fedstat_coordinator::server::federation(&cfg)?;
                 let (endpoint, addr) = fedstat_coordinator::server::bind(&cfg)?;
                 // Tests and the demo read the bound address from this line.
                 println!("listening on {addr}");
                 std::io::stdout().flush().context("cannot write to stdout")?;
                 fedstat_coordinator::server::serve(
                     endpoint,
+                    fed,
                     &cfg,
                     fedstat_shared::process::shutdown_signal(),
                 )
@@ -118,6 +133,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = out.unwrap_or_else(|| dir.clone());
             let (cert, key) = fedstat_shared::pki::issue(&dir, role, &name, &out, days)?;
             println!("issued {role} `{name}`: {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Audit(Audit::Verify { file }) => {
+            let report = fedstat_shared::audit::verify(&file)?;
+            anyhow::ensure!(report.is_intact(), "audit log {}: {report}", file.display());
+            println!("audit log {}: {report}", file.display());
             Ok(())
         }
     }

@@ -40,6 +40,9 @@ enum Command {
         id: u64,
         #[arg(long, default_value = ".")]
         out: PathBuf,
+        /// The model after this completed round (default: the latest).
+        #[arg(long)]
+        round: Option<u32>,
     },
     /// Connected nodes and the dataset names they offer.
     Nodes,
@@ -180,9 +183,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Results { id, out } => {
+        Command::Results { id, out, round } => {
             let client = connect(&cli).await?;
-            let (header, params) = client.results(*id).await?;
+            let (header, params) = client.results(*id, *round).await?;
             let files = results::write(out, &header, &params)?;
             client.close().await;
             if cli.json {

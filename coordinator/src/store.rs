@@ -1,0 +1,597 @@
+//! The coordinator's durable store: an SQLite database (WAL, synchronous writes) holding
+//! experiments, their manifests, round records, the event log and references to the global model
+//! of every completed round. Models live beside it in `models/<sha256>.bin`, written atomically
+//! (temp file, fsync, rename, fsync of the folder) and checked against their hash when read.
+//! A DBA can open `fedstat.db` with the `sqlite3` tool; ARCHITECTURE.md documents the tables.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fedstat_shared::aggregate::Values;
+use fedstat_shared::data::Standardization;
+use fedstat_shared::manifest::{hex, Manifest};
+use fedstat_shared::round::Restored;
+use fedstat_shared::spec::ExperimentSpec;
+use fedstat_shared::wire::{DType, EventRecord, ExperimentId, ExperimentState, RoundRecord};
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// Version of the schema below; stored in `meta`.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS experiments (
+    id             INTEGER PRIMARY KEY,
+    name           TEXT NOT NULL,
+    submitter      TEXT NOT NULL,
+    manifest_hash  TEXT NOT NULL,
+    manifest_json  TEXT NOT NULL,
+    spec_json      TEXT NOT NULL,
+    state          TEXT NOT NULL CHECK (state IN ('running', 'completed', 'failed')),
+    failure        TEXT,
+    standardization_json TEXT,
+    submitted_at   TEXT NOT NULL,
+    updated_at     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    experiment_id  INTEGER NOT NULL REFERENCES experiments(id),
+    round          INTEGER NOT NULL,
+    participants_json TEXT NOT NULL,
+    total_examples INTEGER NOT NULL,
+    train_loss     REAL NOT NULL,
+    metrics_json   TEXT,
+    train_ms       INTEGER NOT NULL,
+    round_ms       INTEGER NOT NULL,
+    retries        INTEGER NOT NULL,
+    model_sha256   TEXT NOT NULL REFERENCES models(sha256),
+    completed_at   TEXT NOT NULL,
+    PRIMARY KEY (experiment_id, round)
+);
+CREATE TABLE IF NOT EXISTS models (
+    sha256  TEXT PRIMARY KEY,
+    dtype   TEXT NOT NULL CHECK (dtype IN ('f32', 'f64')),
+    len     INTEGER NOT NULL,
+    bytes   INTEGER NOT NULL,
+    path    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    experiment_id  INTEGER NOT NULL REFERENCES experiments(id),
+    at_ms          INTEGER NOT NULL,
+    message        TEXT NOT NULL,
+    logged_at      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_experiment ON events (experiment_id, id);
+";
+
+/// The store; `None` inside when the coordinator runs without one (benchmarks).
+pub struct Store {
+    inner: Option<Inner>,
+}
+
+struct Inner {
+    db: Connection,
+    models: PathBuf,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Some(i) => write!(f, "Store({})", i.path.display()),
+            None => f.write_str("Store(in memory)"),
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    // Seconds since the epoch in UTC, rendered without a date library: YYYY-MM-DDTHH:MM:SSZ.
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn db_err(path: &Path, e: rusqlite::Error) -> Error {
+    Error::Store(format!("{}: {e}", path.display()))
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Store(format!("cannot encode a record: {e}")))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Store(format!("corrupt {what} in the store: {e}")))
+}
+
+impl Store {
+    /// A coordinator without durable state: nothing survives a restart.
+    pub fn in_memory() -> Store {
+        Store { inner: None }
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Open (or create) the store in `dir`. Everything that can go wrong with the folder or the
+    /// database is found here, at start-up, not in the middle of a run.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let hint =
+            "check that the folder exists, is a folder, and is writable by this user (config key `data_dir`)";
+        let models = dir.join("models");
+        std::fs::create_dir_all(&models).map_err(|e| {
+            Error::Store(format!(
+                "cannot create the data folder {}: {e}; {hint}",
+                models.display()
+            ))
+        })?;
+        // Prove the folder is writable now (a read-only mount, a full disk, permissions).
+        let probe = dir.join(".write-probe");
+        std::fs::File::create(&probe)
+            .and_then(|mut f| f.write_all(b"ok").and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| {
+                Error::Store(format!(
+                    "cannot write in the data folder {}: {e}; {hint}",
+                    dir.display()
+                ))
+            })?;
+        let path = dir.join("fedstat.db");
+        let db = Connection::open(&path).map_err(|e| db_err(&path, e))?;
+        let setup = || -> rusqlite::Result<i64> {
+            db.pragma_update(None, "journal_mode", "WAL")?;
+            db.pragma_update(None, "synchronous", "FULL")?;
+            db.pragma_update(None, "foreign_keys", "ON")?;
+            db.execute_batch(SCHEMA)?;
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?1)",
+                params![SCHEMA_VERSION.to_string()],
+            )?;
+            let v: String = db.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| {
+                r.get(0)
+            })?;
+            Ok(v.parse().unwrap_or(-1))
+        };
+        let version = setup().map_err(|e| {
+            Error::Store(format!(
+                "cannot use the database {}: {e}; if it is not a fedstat store, move it away",
+                path.display()
+            ))
+        })?;
+        if version != SCHEMA_VERSION {
+            return Err(Error::Store(format!(
+                "the database {} has schema version {version}; this coordinator reads version {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
+        Ok(Store {
+            inner: Some(Inner { db, models, path }),
+        })
+    }
+
+    /// The id for the next experiment.
+    pub fn next_experiment_id(&self) -> Result<ExperimentId> {
+        let Some(i) = &self.inner else { return Ok(1) };
+        let max: Option<i64> =
+            i.db.query_row("SELECT max(id) FROM experiments", [], |r| r.get(0))
+                .map_err(|e| db_err(&i.path, e))?;
+        Ok(max.map_or(1, |m| m as u64 + 1))
+    }
+
+    pub fn insert_experiment(&self, id: ExperimentId, spec: &ExperimentSpec, submitter: &str) -> Result<()> {
+        let Some(i) = &self.inner else { return Ok(()) };
+        let manifest = Manifest::new(spec, submitter);
+        let now = now_rfc3339();
+        i.db.execute(
+            "INSERT INTO experiments (id, name, submitter, manifest_hash, manifest_json, spec_json, state,
+                                      submitted_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?7)",
+            params![
+                id as i64,
+                spec.name,
+                submitter,
+                manifest.hash(),
+                String::from_utf8_lossy(&manifest.canonical_json()),
+                json(spec)?,
+                now
+            ],
+        )
+        .map_err(|e| db_err(&i.path, e))?;
+        Ok(())
+    }
+
+    pub fn set_standardization(&self, id: ExperimentId, st: &Standardization) -> Result<()> {
+        let Some(i) = &self.inner else { return Ok(()) };
+        i.db.execute(
+            "UPDATE experiments SET standardization_json = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id as i64, json(st)?, now_rfc3339()],
+        )
+        .map_err(|e| db_err(&i.path, e))?;
+        Ok(())
+    }
+
+    pub fn set_state(&self, id: ExperimentId, state: &ExperimentState) -> Result<()> {
+        let Some(i) = &self.inner else { return Ok(()) };
+        let (name, failure) = match state {
+            ExperimentState::Completed => ("completed", None),
+            ExperimentState::Failed { reason } => ("failed", Some(reason.as_str())),
+            ExperimentState::Waiting | ExperimentState::Running { .. } => ("running", None),
+        };
+        i.db.execute(
+            "UPDATE experiments SET state = ?2, failure = ?3, updated_at = ?4 WHERE id = ?1",
+            params![id as i64, name, failure, now_rfc3339()],
+        )
+        .map_err(|e| db_err(&i.path, e))?;
+        Ok(())
+    }
+
+    pub fn append_event(&self, id: ExperimentId, event: &EventRecord) -> Result<()> {
+        let Some(i) = &self.inner else { return Ok(()) };
+        i.db.execute(
+            "INSERT INTO events (experiment_id, at_ms, message, logged_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id as i64, event.at_ms as i64, event.message, now_rfc3339()],
+        )
+        .map_err(|e| db_err(&i.path, e))?;
+        Ok(())
+    }
+
+    /// Record a completed round: first the model file (atomically), then the row that refers
+    /// to it, so the database never points at a missing or partial file.
+    pub fn record_round(&self, id: ExperimentId, record: &RoundRecord, model: &Values) -> Result<()> {
+        let Some(i) = &self.inner else { return Ok(()) };
+        let bytes = model.to_le_bytes();
+        let sha = hex(&Sha256::digest(&bytes));
+        let file = i.models.join(format!("{sha}.bin"));
+        if !file.exists() {
+            write_atomically(&file, &bytes)?;
+        }
+        let dtype = match model.dtype() {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+        };
+        let tx = i.db.unchecked_transaction().map_err(|e| db_err(&i.path, e))?;
+        tx.execute(
+            "INSERT OR IGNORE INTO models (sha256, dtype, len, bytes, path) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                sha,
+                dtype,
+                model.len() as i64,
+                bytes.len() as i64,
+                format!("models/{sha}.bin")
+            ],
+        )
+        .map_err(|e| db_err(&i.path, e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO rounds (experiment_id, round, participants_json, total_examples, train_loss,
+                                 metrics_json, train_ms, round_ms, retries, model_sha256, completed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                id as i64,
+                record.round,
+                json(&record.participants)?,
+                record.total_examples as i64,
+                record.train_loss,
+                record.metrics.as_ref().map(json).transpose()?,
+                record.train_ms as i64,
+                record.round_ms as i64,
+                record.retries,
+                sha,
+                now_rfc3339()
+            ],
+        )
+        .map_err(|e| db_err(&i.path, e))?;
+        tx.commit().map_err(|e| db_err(&i.path, e))
+    }
+
+    /// The model stored for a round, checked against its hash.
+    pub fn load_model(&self, id: ExperimentId, round: u32) -> Result<Option<Values>> {
+        let Some(i) = &self.inner else { return Ok(None) };
+        let row: Option<(String, String, i64)> =
+            i.db.query_row(
+                "SELECT m.sha256, m.dtype, m.len FROM rounds r JOIN models m ON m.sha256 = r.model_sha256
+                 WHERE r.experiment_id = ?1 AND r.round = ?2",
+                params![id as i64, round],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| db_err(&i.path, e))?;
+        let Some((sha, dtype, len)) = row else {
+            return Ok(None);
+        };
+        let file = i.models.join(format!("{sha}.bin"));
+        let bytes = std::fs::read(&file).map_err(|e| Error::io("cannot read", &file, e))?;
+        if hex(&Sha256::digest(&bytes)) != sha {
+            return Err(Error::Store(format!(
+                "{} does not match its checksum: the file was changed or damaged",
+                file.display()
+            )));
+        }
+        let dtype = if dtype == "f32" { DType::F32 } else { DType::F64 };
+        let values = fedstat_shared::wire::tensor_to_f64(&bytes, dtype)?;
+        if values.len() as i64 != len {
+            return Err(Error::Store(format!(
+                "{} holds {} values, expected {len}",
+                file.display(),
+                values.len()
+            )));
+        }
+        Ok(Some(Values::from_f64(&values, dtype)))
+    }
+
+    /// Every stored experiment, to rebuild the federation after a restart.
+    pub fn load_all(&self) -> Result<Vec<(ExperimentId, Restored)>> {
+        let Some(i) = &self.inner else {
+            return Ok(Vec::new());
+        };
+        let map = |e: rusqlite::Error| db_err(&i.path, e);
+        let mut stmt = i
+            .db
+            .prepare("SELECT id, submitter, spec_json, state, failure, standardization_json FROM experiments ORDER BY id")
+            .map_err(map)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })
+            .map_err(map)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(map)?;
+        let mut out = Vec::new();
+        for (id, submitter, spec, state, failure, st) in rows {
+            let id = id as u64;
+            let spec: ExperimentSpec = parse(&spec, "experiment spec")?;
+            let state = match (state.as_str(), failure) {
+                ("completed", _) => ExperimentState::Completed,
+                ("failed", reason) => ExperimentState::Failed {
+                    reason: reason.unwrap_or_default(),
+                },
+                _ => ExperimentState::Waiting,
+            };
+            let standardization = st.map(|s| parse(&s, "standardisation")).transpose()?;
+            let history = self.rounds(i, id)?;
+            let global = match history.last() {
+                Some(r) => self.load_model(id, r.round)?,
+                None => None,
+            };
+            let mut stmt =
+                i.db.prepare_cached("SELECT at_ms, message FROM events WHERE experiment_id = ?1 ORDER BY id")
+                    .map_err(map)?;
+            let events = stmt
+                .query_map(params![id as i64], |r| {
+                    Ok(EventRecord {
+                        at_ms: r.get::<_, i64>(0)? as u64,
+                        message: r.get(1)?,
+                    })
+                })
+                .map_err(map)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(map)?;
+            out.push((
+                id,
+                Restored {
+                    spec,
+                    submitter,
+                    state,
+                    standardization,
+                    history,
+                    global,
+                    events,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    fn rounds(&self, i: &Inner, id: ExperimentId) -> Result<Vec<RoundRecord>> {
+        let map = |e: rusqlite::Error| db_err(&i.path, e);
+        let mut stmt = i
+            .db
+            .prepare_cached(
+                "SELECT round, participants_json, total_examples, train_loss, metrics_json, train_ms, round_ms, retries
+                 FROM rounds WHERE experiment_id = ?1 ORDER BY round",
+            )
+            .map_err(map)?;
+        let rows = stmt
+            .query_map(params![id as i64], |r| {
+                Ok((
+                    r.get::<_, u32>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, f64>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, u32>(7)?,
+                ))
+            })
+            .map_err(map)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(map)?;
+        rows.into_iter()
+            .map(
+                |(round, participants, total, loss, metrics, train_ms, round_ms, retries)| {
+                    Ok(RoundRecord {
+                        round,
+                        participants: parse(&participants, "participants")?,
+                        total_examples: total as u64,
+                        train_loss: loss,
+                        metrics: metrics.map(|m| parse(&m, "metrics")).transpose()?,
+                        train_ms: train_ms as u64,
+                        round_ms: round_ms as u64,
+                        retries,
+                    })
+                },
+            )
+            .collect()
+    }
+}
+
+/// Write a file so that it is either absent or complete: temp file, fsync, rename, fsync dir.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("cannot write", &tmp, e))?;
+    f.sync_all().map_err(|e| Error::io("cannot sync", &tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot rename into", path, e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("cannot sync", dir, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedstat_shared::model::Metrics;
+
+    fn spec() -> ExperimentSpec {
+        toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("spec")
+    }
+
+    fn record(round: u32) -> RoundRecord {
+        RoundRecord {
+            round,
+            participants: vec!["a".into(), "b".into()],
+            total_examples: 100,
+            train_loss: 0.5,
+            metrics: Some(Metrics {
+                n: 10,
+                log_loss: Some(0.51),
+                accuracy: Some(0.7),
+                ..Metrics::default()
+            }),
+            train_ms: 3,
+            round_ms: 4,
+            retries: 0,
+        }
+    }
+
+    #[test]
+    fn everything_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            assert_eq!(store.next_experiment_id().expect("id"), 1);
+            store
+                .insert_experiment(1, &spec(), "researcher `alice`")
+                .expect("insert");
+            let st = Standardization {
+                mean: vec![0.1, 1.0 / 3.0],
+                sd: vec![2.0, 0.7],
+            };
+            store.set_standardization(1, &st).expect("st");
+            store
+                .record_round(1, &record(1), &Values::F64(vec![0.1, -2.5, 1e-300]))
+                .expect("round");
+            store
+                .append_event(
+                    1,
+                    &EventRecord {
+                        at_ms: 7,
+                        message: "hello".into(),
+                    },
+                )
+                .expect("event");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.next_experiment_id().expect("id"), 2);
+        let all = store.load_all().expect("load");
+        assert_eq!(all.len(), 1);
+        let (id, r) = &all[0];
+        assert_eq!(*id, 1);
+        assert_eq!(r.spec, spec());
+        assert_eq!(r.state, ExperimentState::Waiting);
+        assert_eq!(r.standardization.as_ref().map(|s| s.mean[1]), Some(1.0 / 3.0));
+        assert_eq!(r.history, vec![record(1)]);
+        assert_eq!(r.global, Some(Values::F64(vec![0.1, -2.5, 1e-300])));
+        assert_eq!(r.events[0].message, "hello");
+        store.set_state(1, &ExperimentState::Completed).expect("state");
+        assert_eq!(
+            store.load_all().expect("load")[0].1.state,
+            ExperimentState::Completed
+        );
+    }
+
+    #[test]
+    fn a_damaged_model_file_is_detected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.insert_experiment(1, &spec(), "r").expect("insert");
+        store
+            .record_round(1, &record(1), &Values::F32(vec![1.0, 2.0]))
+            .expect("round");
+        let file = std::fs::read_dir(dir.path().join("models"))
+            .expect("models")
+            .next()
+            .expect("one file")
+            .expect("entry")
+            .path();
+        std::fs::write(&file, [0u8; 8]).expect("damage");
+        let err = store.load_model(1, 1).expect_err("damaged").to_string();
+        assert!(err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn unusable_locations_fail_at_open_with_a_clear_message() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("not-a-folder");
+        std::fs::write(&file, "x").expect("write");
+        let err = Store::open(&file.join("data"))
+            .expect_err("under a file")
+            .to_string();
+        assert!(err.contains("data_dir"), "{err}");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("fedstat.db"), vec![b'x'; 4096]).expect("garbage db");
+        let err = Store::open(&data).expect_err("garbage").to_string();
+        assert!(
+            err.contains("fedstat.db") && err.contains("not a fedstat store"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dates_render_in_utc() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_515), (2026, 3, 3));
+    }
+}

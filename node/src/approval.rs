@@ -1,0 +1,426 @@
+//! The custodian's approvals, kept in the node's state folder:
+//!
+//! - `pending/HASH.json`: a held manifest, exactly the canonical bytes its hash is taken over
+//!   (so `sha256sum` of the file gives the hash, and the custodian reads exactly what is asked);
+//! - `decisions/HASH.json`: the custodian's decision on a manifest (approved, or rejected with a
+//!   reason), with the manifest itself.
+//!
+//! One file per manifest, each written atomically (temporary file, fsync, rename, fsync of the
+//! folder): the running node reads a decision on every task and never sees half a file, and the
+//! `approve`/`reject` commands never race the node on a shared file.
+
+use std::path::{Path, PathBuf};
+
+use fedstat_shared::manifest::hex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// Longest reason a custodian may give (it is sent to the researcher).
+pub const MAX_REASON: usize = 500;
+/// Shortest hash prefix `approve` and `reject` accept.
+pub const MIN_PREFIX: usize = 8;
+
+/// A decision as stored in `decisions/HASH.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRecord {
+    pub manifest: String,
+    pub decision: Verdict,
+    /// The custodian's reason for a rejection (empty for an approval).
+    #[serde(default)]
+    pub reason: String,
+    /// RFC 3339 UTC.
+    pub decided_at: String,
+    /// The manifest that was decided on, as JSON.
+    pub content: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Approved,
+    Rejected,
+}
+
+/// A held manifest, summarised for `fedstat-node pending`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    pub hash: String,
+    /// False when the file's bytes no longer hash to its name (edited after it was held).
+    pub intact: bool,
+    pub content: serde_json::Value,
+}
+
+impl Pending {
+    /// One block of text for the custodian.
+    pub fn describe(&self) -> String {
+        let c = &self.content;
+        let spec = &c["spec"];
+        let s = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "-".to_owned(),
+            other => other.to_string(),
+        };
+        let columns = c["columns"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        let target = &spec["schema"]["target"]["column"];
+        let mut out = format!("manifest {}", self.hash);
+        if !self.intact {
+            out.push_str("  (FILE ALTERED: its content no longer matches this hash; it cannot be approved)");
+        }
+        out.push_str(&format!(
+            "\n  submitter: {}\n  name:      {}\n  purpose:   {}\n  model:     {}\n  dataset:   {}\n  target:    {}\n  columns:   {}\n  rounds:    {}\n",
+            s(&c["submitter"]),
+            s(&spec["name"]),
+            s(&spec["purpose"]),
+            s(&spec["model"]),
+            s(&spec["dataset"]),
+            s(target),
+            if columns.is_empty() { "-".to_owned() } else { columns },
+            s(&spec["rounds"]),
+        ));
+        out
+    }
+}
+
+/// The approval state under one node's state folder.
+#[derive(Debug, Clone)]
+pub struct ApprovalStore {
+    dir: PathBuf,
+}
+
+impl ApprovalStore {
+    pub fn new(state_dir: &Path) -> Self {
+        ApprovalStore {
+            dir: state_dir.to_owned(),
+        }
+    }
+
+    fn pending_dir(&self) -> PathBuf {
+        self.dir.join("pending")
+    }
+
+    fn decisions_dir(&self) -> PathBuf {
+        self.dir.join("decisions")
+    }
+
+    /// The decision on a manifest, if any. Read from disk on every call, so decisions made by
+    /// the CLI while the node runs take effect on the next task.
+    pub fn decision(&self, hash: &str) -> Result<Option<DecisionRecord>> {
+        check_hash(hash)?;
+        let path = self.decisions_dir().join(format!("{hash}.json"));
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("cannot read", &path, e)),
+        };
+        let record: DecisionRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Approval(format!("{}: not a decision file: {e}", path.display())))?;
+        if record.manifest != hash {
+            return Err(Error::Approval(format!(
+                "{}: names manifest {}, not the one in its file name",
+                path.display(),
+                record.manifest
+            )));
+        }
+        Ok(Some(record))
+    }
+
+    /// Hold a manifest for the custodian: write its canonical bytes to `pending/HASH.json`.
+    /// Returns whether it was newly held.
+    pub fn hold(&self, hash: &str, canonical: &[u8]) -> Result<bool> {
+        check_hash(hash)?;
+        let path = self.pending_dir().join(format!("{hash}.json"));
+        if path.is_file() {
+            return Ok(false);
+        }
+        write_atomic(&path, canonical)?;
+        Ok(true)
+    }
+
+    /// Held manifests, sorted by hash.
+    pub fn pending(&self) -> Result<Vec<Pending>> {
+        let dir = self.pending_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("cannot list", &dir, e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io("cannot list", &dir, e))?;
+            let name = entry.file_name();
+            let Some(hash) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if check_hash(hash).is_err() {
+                continue;
+            }
+            out.push(self.read_pending(hash)?);
+        }
+        out.sort_by(|a, b| a.hash.cmp(&b.hash));
+        Ok(out)
+    }
+
+    fn read_pending(&self, hash: &str) -> Result<Pending> {
+        let path = self.pending_dir().join(format!("{hash}.json"));
+        let bytes = std::fs::read(&path).map_err(|e| io("cannot read", &path, e))?;
+        let intact = hex(&Sha256::digest(&bytes)) == hash;
+        let content = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Ok(Pending {
+            hash: hash.to_owned(),
+            intact,
+            content,
+        })
+    }
+
+    /// Find the held (or already decided) manifest a full hash or a unique prefix of at least
+    /// [`MIN_PREFIX`] characters names.
+    pub fn resolve(&self, prefix: &str) -> Result<String> {
+        let prefix = prefix.trim().to_ascii_lowercase();
+        if prefix.len() < MIN_PREFIX || prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Approval(format!(
+                "`{}` is not a manifest hash: give the 64 hex digits `fedstat-node pending` shows, or at least the first {MIN_PREFIX}",
+                prefix.escape_debug()
+            )));
+        }
+        let mut matches = std::collections::BTreeSet::new();
+        for dir in [self.pending_dir(), self.decisions_dir()] {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("cannot list", &dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| io("cannot list", &dir, e))?;
+                if let Some(hash) = entry.file_name().to_str().and_then(|n| n.strip_suffix(".json")) {
+                    if check_hash(hash).is_ok() && hash.starts_with(&prefix) {
+                        matches.insert(hash.to_owned());
+                    }
+                }
+            }
+        }
+        match matches.len() {
+            1 => Ok(matches.into_iter().next().unwrap_or_default()),
+            0 => Err(Error::Approval(format!(
+                "no held manifest matches `{prefix}`: see `fedstat-node pending`"
+            ))),
+            n => Err(Error::Approval(format!(
+                "{n} manifests match `{prefix}`: give more digits"
+            ))),
+        }
+    }
+
+    /// Approve a held (or earlier rejected) manifest.
+    pub fn approve(&self, hash_or_prefix: &str) -> Result<DecisionRecord> {
+        self.decide(hash_or_prefix, Verdict::Approved, String::new())
+    }
+
+    /// Reject a held (or earlier approved) manifest; the reason is sent to the researcher.
+    pub fn reject(&self, hash_or_prefix: &str, reason: &str) -> Result<DecisionRecord> {
+        let reason = reason.trim();
+        if reason.is_empty() || reason.chars().count() > MAX_REASON || reason.chars().any(char::is_control) {
+            return Err(Error::Approval(format!(
+                "the reason must be 1 to {MAX_REASON} characters on one line; it is sent to the researcher"
+            )));
+        }
+        self.decide(hash_or_prefix, Verdict::Rejected, reason.to_owned())
+    }
+
+    fn decide(&self, hash_or_prefix: &str, verdict: Verdict, reason: String) -> Result<DecisionRecord> {
+        let hash = self.resolve(hash_or_prefix)?;
+        let content = match self.decision(&hash)? {
+            Some(earlier) => earlier.content,
+            None => {
+                let pending = self.read_pending(&hash)?;
+                if !pending.intact {
+                    return Err(Error::Approval(format!(
+                        "pending/{hash}.json was altered after the node held it: its content no longer matches the hash; \
+                         delete it and let the node hold the experiment again"
+                    )));
+                }
+                pending.content
+            }
+        };
+        let record = DecisionRecord {
+            manifest: hash.clone(),
+            decision: verdict,
+            reason,
+            decided_at: fedstat_shared::audit::now_rfc3339(),
+            content,
+        };
+        let bytes = serde_json::to_vec_pretty(&record)
+            .map_err(|e| Error::Approval(format!("cannot encode the decision: {e}")))?;
+        write_atomic(&self.decisions_dir().join(format!("{hash}.json")), &bytes)?;
+        let pending = self.pending_dir().join(format!("{hash}.json"));
+        match std::fs::remove_file(&pending) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("cannot remove", &pending, e)),
+        }
+        Ok(record)
+    }
+}
+
+/// A full manifest hash: 64 lower-case hex digits (never a path).
+fn check_hash(hash: &str) -> Result<()> {
+    if hash.len() == 64
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(Error::Approval(format!(
+            "`{}` is not a manifest hash",
+            hash.escape_debug()
+        )))
+    }
+}
+
+fn io(action: &'static str, path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Write `bytes` to `path` so that readers see the old file or the new one, never a part:
+/// write a temporary file beside it, fsync it, rename it over the target, fsync the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::Approval(format!("{} has no folder", path.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("cannot write", &tmp, e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io("cannot replace", path, e)
+    })?;
+    // Make the rename itself durable (not possible on every platform; best effort).
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedstat_shared::manifest::Manifest;
+    use fedstat_shared::spec::ExperimentSpec;
+
+    fn manifest_bytes(rounds: u32) -> (String, Vec<u8>) {
+        let mut spec: ExperimentSpec =
+            toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("example");
+        spec.rounds = rounds;
+        let m = Manifest::new(&spec, "researcher `alice`");
+        (m.hash(), m.canonical_json())
+    }
+
+    #[test]
+    fn hold_list_approve_reject_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ApprovalStore::new(&dir.path().join("state"));
+        assert!(store.pending().expect("empty").is_empty());
+        let (h1, b1) = manifest_bytes(20);
+        let (h2, b2) = manifest_bytes(21);
+        assert_ne!(h1, h2);
+        assert!(store.hold(&h1, &b1).expect("hold"));
+        assert!(!store.hold(&h1, &b1).expect("held once"));
+        assert!(store.hold(&h2, &b2).expect("hold"));
+        assert_eq!(store.decision(&h1).expect("read"), None);
+
+        // The pending file is exactly the hashed bytes.
+        let file = dir.path().join(format!("state/pending/{h1}.json"));
+        assert_eq!(std::fs::read(&file).expect("pending file"), b1);
+        let listed = store.pending().expect("list");
+        assert_eq!(listed.len(), 2);
+        let text = listed.iter().find(|p| p.hash == h1).expect("h1").describe();
+        assert!(
+            text.contains("researcher `alice`") && text.contains("rounds:    20"),
+            "{text}"
+        );
+        assert!(text.contains("columns:   const, education, experience"), "{text}");
+
+        let approved = store.approve(&h1[..10]).expect("approve by prefix");
+        assert_eq!(approved.decision, Verdict::Approved);
+        assert_eq!(store.decision(&h1).expect("read"), Some(approved));
+        assert!(!file.exists(), "no longer pending");
+        assert_eq!(store.pending().expect("list").len(), 1);
+
+        let rejected = store
+            .reject(&h2, "  no income models this quarter ")
+            .expect("reject");
+        assert_eq!(rejected.reason, "no income models this quarter");
+        assert_eq!(
+            store.decision(&h2).expect("read").map(|d| d.decision),
+            Some(Verdict::Rejected)
+        );
+        // A decision can be changed; the manifest content is kept.
+        let changed = store.approve(&h2).expect("re-decide");
+        assert_eq!(changed.content["spec"]["rounds"], 21);
+        // No temporary files are left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("state/decisions"))
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn bad_hashes_reasons_and_altered_files_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ApprovalStore::new(dir.path());
+        let (h, b) = manifest_bytes(20);
+        store.hold(&h, &b).expect("hold");
+        assert!(store.approve("abc").is_err(), "too short a prefix");
+        assert!(store.approve("../../etc/passwd").is_err());
+        assert!(store.approve(&"0".repeat(64)).is_err(), "not held");
+        assert!(store.decision("../x").is_err());
+        assert!(store.reject(&h, "").is_err());
+        assert!(store.reject(&h, "two\nlines").is_err());
+        assert!(store.reject(&h, &"x".repeat(MAX_REASON + 1)).is_err());
+        // Edited after it was held: the custodian would approve something else than was asked.
+        let file = dir.path().join(format!("pending/{h}.json"));
+        let edited = String::from_utf8(b)
+            .expect("utf-8")
+            .replace("\"rounds\":20", "\"rounds\":2");
+        std::fs::write(&file, edited).expect("edit");
+        assert!(!store.pending().expect("list")[0].intact);
+        let err = store.approve(&h).expect_err("altered").to_string();
+        assert!(err.contains("altered"), "{err}");
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a/b/file.json");
+        write_atomic(&path, b"first version").expect("write");
+        write_atomic(&path, b"second").expect("replace");
+        assert_eq!(std::fs::read(&path).expect("read"), b"second");
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("a/b"))
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["file.json"]);
+    }
+}

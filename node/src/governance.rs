@@ -1,0 +1,352 @@
+//! The custodian's control over every task: the site policy, the approval of manifests, and the
+//! node's tamper-evident audit log. [`Governance::admit`] decides whether a task may run before
+//! any data are read; the session records every answer in the audit log before it leaves.
+//!
+//! The node process is the audit log's only writer. The `approve`/`reject` commands only write
+//! decision files; the node records a decision in its log when it first applies it.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use fedstat_shared::audit::{self, AuditLog};
+use fedstat_shared::manifest::{hex, Manifest};
+use fedstat_shared::wire::Task;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::approval::{ApprovalStore, Verdict};
+use crate::config::NodeConfig;
+use crate::policy::{ApprovalMode, SitePolicy};
+use crate::{Error, Result};
+
+/// Whether a task that passed the policy may run now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Run,
+    /// Held for the custodian (manual approval): answer `NodeMsg::Held`.
+    Held,
+}
+
+/// Policy, approvals and audit log of one running node.
+#[derive(Debug)]
+pub struct Governance {
+    policy: SitePolicy,
+    store: ApprovalStore,
+    audit: Mutex<AuditLog>,
+    /// Manifests already recorded as seen by this process.
+    seen: Mutex<BTreeSet<String>>,
+    /// Decisions (manifest, decided_at) already recorded by this process.
+    applied: Mutex<BTreeSet<(String, String)>>,
+}
+
+impl Governance {
+    /// Open the audit log (creating the state folder) and record the start with the policy.
+    pub fn open(config: &NodeConfig, node: &str) -> Result<Self> {
+        let log = AuditLog::open(&config.audit_log)?;
+        let gov = Governance {
+            policy: config.policy.clone(),
+            store: ApprovalStore::new(&config.state_dir),
+            audit: Mutex::new(log),
+            seen: Mutex::new(BTreeSet::new()),
+            applied: Mutex::new(BTreeSet::new()),
+        };
+        gov.record(
+            "node_started",
+            json!({
+                "node": node,
+                "software": format!("fedstat-node {}", env!("CARGO_PKG_VERSION")),
+                "datasets": config.datasets.keys().collect::<Vec<_>>(),
+                "policy": config.policy.to_json(),
+            }),
+        )?;
+        Ok(gov)
+    }
+
+    pub fn policy(&self) -> &SitePolicy {
+        &self.policy
+    }
+
+    /// Append a record; fails when it cannot be made durable.
+    pub fn record(&self, kind: &str, details: Value) -> Result<()> {
+        let mut log = self
+            .audit
+            .lock()
+            .map_err(|_| Error::Approval("the audit log lock is poisoned".into()))?;
+        log.append(kind, details)?;
+        Ok(())
+    }
+
+    /// Append a record where nothing is released on it (connections): a failure is logged.
+    pub fn note(&self, kind: &str, details: Value) {
+        if let Err(e) = self.record(kind, details) {
+            tracing::error!("cannot write the audit log: {e}");
+        }
+    }
+
+    /// Decide whether `task` may run: the site policy first, then the custodian's decision on
+    /// its manifest. `Err(Error::Policy)` and `Err(Error::CustodianRejected)` are refusals to
+    /// send back; with manual approval an undecided manifest is held.
+    pub fn admit(&self, task: &Task, manifest: &Manifest<'_>) -> Result<Admission> {
+        let hash = manifest.hash();
+        let first_sight = self
+            .seen
+            .lock()
+            .map(|mut s| s.insert(hash.clone()))
+            .unwrap_or(true);
+        if first_sight {
+            self.record(
+                "manifest_seen",
+                json!({
+                    "manifest": hash,
+                    "experiment": task.experiment,
+                    "submitter": task.submitter,
+                    "name": task.spec.name,
+                    "model": task.spec.model.as_str(),
+                    "dataset": task.spec.dataset,
+                    "rounds": task.spec.rounds,
+                }),
+            )?;
+        }
+        self.policy.check_spec(&task.spec).map_err(Error::Policy)?;
+        let decision = self.store.decision(&hash).map_err(|e| {
+            tracing::error!("cannot read the custodian's decision on manifest {hash}: {e}");
+            Error::Approval(
+                "the node cannot read its approval state; its custodian must check the node's log".into(),
+            )
+        })?;
+        if let Some(d) = &decision {
+            let new = self
+                .applied
+                .lock()
+                .map(|mut s| s.insert((hash.clone(), d.decided_at.clone())))
+                .unwrap_or(true);
+            if new {
+                self.record(
+                    "decision_applied",
+                    json!({
+                        "manifest": hash,
+                        "decision": match d.decision { Verdict::Approved => "approved", Verdict::Rejected => "rejected" },
+                        "reason": d.reason,
+                        "decided_at": d.decided_at,
+                    }),
+                )?;
+            }
+        }
+        match (decision, self.policy.approval) {
+            (Some(d), _) if d.decision == Verdict::Rejected => Err(Error::CustodianRejected(d.reason)),
+            (Some(_), _) | (None, ApprovalMode::Auto) => Ok(Admission::Run),
+            (None, ApprovalMode::Manual) => {
+                let newly = self.store.hold(&hash, &manifest.canonical_json()).map_err(|e| {
+                    tracing::error!("cannot hold manifest {hash}: {e}");
+                    Error::Approval("the node cannot record the manifest for its custodian".into())
+                })?;
+                self.record(
+                    "held",
+                    json!({
+                        "manifest": hash,
+                        "experiment": task.experiment,
+                        "round": task.round,
+                        "phase": task.phase.to_string(),
+                        "newly_held": newly,
+                    }),
+                )?;
+                if newly {
+                    tracing::warn!(
+                        "experiment {} (`{}`) is held for the custodian: manifest {hash}; see `fedstat-node pending`",
+                        task.experiment,
+                        task.spec.name
+                    );
+                }
+                Ok(Admission::Held)
+            }
+        }
+    }
+
+    /// Record a task the node did not do, with the reason sent back.
+    pub fn record_failure(&self, task: &Task, manifest: &str, error: &Error) {
+        let kind = match error {
+            Error::Policy(_) => "policy_refused",
+            Error::CustodianRejected(_) => "custodian_rejected",
+            _ => "task_failed",
+        };
+        self.note(
+            kind,
+            json!({
+                "experiment": task.experiment,
+                "round": task.round,
+                "phase": task.phase.to_string(),
+                "manifest": manifest,
+                "reason": error.to_string(),
+            }),
+        );
+    }
+
+    /// Record an update before it is sent: its row count and the SHA-256 of its bytes.
+    pub fn record_update(&self, task: &Task, manifest: &str, rows: u64, bytes: &[u8]) -> Result<()> {
+        self.record(
+            "update_sent",
+            json!({
+                "experiment": task.experiment,
+                "round": task.round,
+                "manifest": manifest,
+                "rows": rows,
+                "bytes": bytes.len(),
+                "sha256": hex(&Sha256::digest(bytes)),
+            }),
+        )
+    }
+
+    /// Record a statistics or evaluation answer before it is sent.
+    pub fn record_answer(&self, task: &Task, manifest: &str) -> Result<()> {
+        self.record(
+            "answer_released",
+            json!({
+                "experiment": task.experiment,
+                "round": task.round,
+                "kind": task.phase.to_string(),
+                "manifest": manifest,
+            }),
+        )
+    }
+}
+
+/// `fedstat-node audit verify`: check a log; `Err(Error::Tampered)` names the first bad record.
+pub fn verify_audit(path: &std::path::Path) -> Result<String> {
+    let report = audit::verify(path)?;
+    if report.is_intact() {
+        Ok(format!("audit log {}: {report}", path.display()))
+    } else {
+        Err(Error::Tampered {
+            path: path.to_owned(),
+            report: report.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedstat_shared::spec::ExperimentSpec;
+    use fedstat_shared::wire::Phase;
+    use std::path::Path;
+
+    fn config(dir: &Path, policy: &str) -> NodeConfig {
+        let text = format!(
+            "coordinator = \"c:1\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
+             [datasets]\ncps1988 = \"x.csv\"\n[policy]\n{policy}"
+        );
+        NodeConfig::from_toml_str(&text, dir, "node.toml").expect("config")
+    }
+
+    fn task(rounds: u32) -> Task {
+        let mut spec: ExperimentSpec =
+            toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("example");
+        spec.rounds = rounds;
+        Task {
+            experiment: 3,
+            round: 0,
+            phase: Phase::Stats,
+            submitter: "researcher `alice`".into(),
+            spec,
+            standardization: None,
+            model: None,
+        }
+    }
+
+    fn kinds(cfg: &NodeConfig) -> Vec<String> {
+        std::fs::read_to_string(&cfg.audit_log)
+            .expect("log")
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).expect("json")["kind"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn manual_approval_holds_until_approved_and_rejection_refuses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), "approval = \"manual\"");
+        let gov = Governance::open(&cfg, "ons").expect("open");
+        let t = task(20);
+        let m = Manifest::new(&t.spec, &t.submitter);
+        assert_eq!(gov.admit(&t, &m).expect("admit"), Admission::Held);
+        assert_eq!(gov.admit(&t, &m).expect("admit"), Admission::Held);
+        let store = ApprovalStore::new(&cfg.state_dir);
+        assert_eq!(store.pending().expect("pending").len(), 1);
+        store.approve(&m.hash()).expect("approve");
+        assert_eq!(gov.admit(&t, &m).expect("admit"), Admission::Run);
+
+        // Any change is a new manifest: held again; rejected -> refused with the reason.
+        let t2 = task(21);
+        let m2 = Manifest::new(&t2.spec, &t2.submitter);
+        assert_eq!(gov.admit(&t2, &m2).expect("admit"), Admission::Held);
+        store.reject(&m2.hash(), "not this quarter").expect("reject");
+        let err = gov.admit(&t2, &m2).expect_err("rejected");
+        assert_eq!(
+            err.to_string(),
+            "rejected by the data custodian: not this quarter"
+        );
+        gov.record_failure(&t2, &m2.hash(), &err);
+
+        assert_eq!(
+            kinds(&cfg),
+            [
+                "node_started",
+                "manifest_seen",
+                "held",
+                "held",
+                "decision_applied",
+                "manifest_seen",
+                "held",
+                "decision_applied",
+                "custodian_rejected"
+            ]
+        );
+        assert!(verify_audit(&cfg.audit_log).is_ok());
+    }
+
+    #[test]
+    fn auto_approval_runs_what_the_policy_allows_and_refuses_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), "max_rounds = 20");
+        let gov = Governance::open(&cfg, "ons").expect("open");
+        let t = task(20);
+        assert_eq!(
+            gov.admit(&t, &Manifest::new(&t.spec, &t.submitter))
+                .expect("admit"),
+            Admission::Run
+        );
+        let t = task(21);
+        let err = gov
+            .admit(&t, &Manifest::new(&t.spec, &t.submitter))
+            .expect_err("refused");
+        assert!(
+            err.to_string().starts_with("refused by site policy: 21 rounds"),
+            "{err}"
+        );
+        gov.record_update(&t, "h", 100, b"bytes").expect("record");
+        let log = std::fs::read_to_string(&cfg.audit_log).expect("log");
+        assert!(log.contains(&hex(&Sha256::digest(b"bytes"))), "{log}");
+        assert!(ApprovalStore::new(&cfg.state_dir)
+            .pending()
+            .expect("list")
+            .is_empty());
+    }
+
+    #[test]
+    fn verify_audit_names_tampering() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), "");
+        let gov = Governance::open(&cfg, "ons").expect("open");
+        gov.note("connected", json!({ "coordinator": "c:1" }));
+        drop(gov);
+        let text = std::fs::read_to_string(&cfg.audit_log).expect("log");
+        std::fs::write(&cfg.audit_log, text.replace("c:1", "c:2")).expect("edit");
+        let err = verify_audit(&cfg.audit_log).expect_err("tampered").to_string();
+        assert!(err.contains("TAMPERED: line 2 (seq 2)"), "{err}");
+    }
+}
