@@ -36,6 +36,10 @@ struct RawCoordinator {
     data_dir: Option<PathBuf>,
     #[serde(default = "yes")]
     durable: bool,
+    #[serde(default)]
+    audit_log: Option<PathBuf>,
+    #[serde(default)]
+    crl: Option<PathBuf>,
     tls: RawTls,
     #[serde(default)]
     limits: RawLimits,
@@ -67,6 +71,11 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// Folder of the durable store; `None` keeps everything in memory (benchmarks only).
     pub data_dir: Option<PathBuf>,
+    /// The tamper-evident audit log (default `data_dir/audit.jsonl`; none without a store
+    /// unless set).
+    pub audit_log: Option<PathBuf>,
+    /// A PEM certificate revocation list from the federation CA, reloaded on SIGHUP.
+    pub crl: Option<PathBuf>,
     pub tls: TlsFiles,
     pub limits: Limits,
 }
@@ -114,9 +123,20 @@ fn invalid(what: &str, key: &str, problem: &str) -> Error {
 }
 
 impl CoordinatorConfig {
+    /// Read and validate the config file at `path`.
     pub fn load(path: &Path) -> Result<Self> {
-        let raw: RawCoordinator = read_toml(path)?;
-        let what = format!("coordinator config {}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+        Self::from_toml_str(&text, &base_dir(path), &path.display().to_string())
+    }
+
+    /// Parse and validate config text (what [`CoordinatorConfig::load`] does after reading the
+    /// file). Relative paths are resolved against `base_dir`; `label` names the file in errors.
+    pub fn from_toml_str(text: &str, base_dir: &Path, label: &str) -> Result<Self> {
+        let raw: RawCoordinator = toml::from_str(text).map_err(|e| fedstat_shared::Error::Toml {
+            path: PathBuf::from(label),
+            message: e.to_string(),
+        })?;
+        let what = format!("coordinator config {label}");
         let l = raw.limits;
         if l.max_connections == 0 {
             return Err(invalid(&what, "limits.max_connections", "must be at least 1"));
@@ -142,12 +162,18 @@ impl CoordinatorConfig {
                 "must be at least 1",
             ));
         }
-        let base = base_dir(path);
+        let base = base_dir;
+        let data_dir = raw
+            .durable
+            .then(|| base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("data"))));
         Ok(CoordinatorConfig {
             listen: raw.listen,
-            data_dir: raw
-                .durable
-                .then(|| base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("data")))),
+            audit_log: match raw.audit_log {
+                Some(p) => Some(base.join(p)),
+                None => data_dir.as_ref().map(|d| d.join("audit.jsonl")),
+            },
+            crl: raw.crl.map(|p| base.join(p)),
+            data_dir,
             tls: raw.tls.resolve(&base),
             limits: Limits {
                 max_connections: l.max_connections,

@@ -17,6 +17,8 @@ use fedstat_shared::wire::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::Store;
+use fedstat_shared::audit::AuditLog;
+use serde_json::json;
 
 /// What connection tasks tell the federation.
 #[derive(Debug)]
@@ -51,6 +53,11 @@ pub enum Event {
         who: PeerIdentity,
         request: Request,
         reply: oneshot::Sender<Reply>,
+    },
+    /// Something for the audit log seen at the network edge (connections, refusals).
+    Audit {
+        kind: &'static str,
+        details: serde_json::Value,
     },
 }
 
@@ -97,12 +104,13 @@ pub struct Federation {
     next_id: ExperimentId,
     max_params: u64,
     store: Store,
+    audit: Option<AuditLog>,
 }
 
 impl Federation {
     /// The federation as the store left it: finished experiments for `status` and `results`,
     /// running ones resumed after their last completed round as soon as nodes connect.
-    pub fn new(store: Store, max_params: u64, now: Instant) -> crate::Result<Self> {
+    pub fn new(store: Store, audit: Option<AuditLog>, max_params: u64, now: Instant) -> crate::Result<Self> {
         let mut experiments = BTreeMap::new();
         for (id, restored) in store.load_all()? {
             let exp = Experiment::restore(id, restored, now, &[]);
@@ -117,9 +125,24 @@ impl Federation {
             experiments,
             max_params,
             store,
+            audit,
         };
+        fed.audit(
+            "coordinator_started",
+            json!({ "experiments": fed.experiments.len() }),
+        );
         fed.flush();
         Ok(fed)
+    }
+
+    /// Append to the audit log. A failing audit log is logged loudly; it does not stop the
+    /// federation (the store and the regular log still record the run).
+    fn audit(&mut self, kind: &str, details: serde_json::Value) {
+        if let Some(log) = self.audit.as_mut() {
+            if let Err(e) = tokio::task::block_in_place(|| log.append(kind, details)) {
+                tracing::error!("cannot write the audit log: {e}");
+            }
+        }
     }
 
     /// Apply one event, then send whatever the experiments want sent.
@@ -142,6 +165,7 @@ impl Federation {
                         .for_each(|e| e.node_gone(now, &name));
                 }
                 tracing::info!(node = %name, datasets = ?datasets, "node connected");
+                self.audit("node_connected", json!({ "node": name, "datasets": datasets }));
                 self.experiments
                     .values_mut()
                     .filter(|e| !e.is_finished())
@@ -160,6 +184,7 @@ impl Federation {
                 if self.nodes.get(&name).is_some_and(|n| n.conn == conn) {
                     self.nodes.remove(&name);
                     tracing::info!(node = %name, "node disconnected");
+                    self.audit("node_disconnected", json!({ "node": name }));
                     self.experiments
                         .values_mut()
                         .for_each(|e| e.node_gone(now, &name));
@@ -184,14 +209,49 @@ impl Federation {
                 let _ = reply.send(answer.map_err(|r| r.0));
             }
             Event::UpdateDone { name, header, values } => {
-                if let Some(exp) = self.experiments.get_mut(&header.experiment) {
-                    if let Err(r) = exp.handle_update(now, &name, &header, values) {
-                        tracing::warn!(node = %name, round = header.round, "update not used: {r}");
-                    }
+                let result = match self.experiments.get_mut(&header.experiment) {
+                    Some(exp) => exp.handle_update(now, &name, &header, values).map_err(|r| r.0),
+                    None => Err("unknown experiment".to_owned()),
+                };
+                if let Err(r) = &result {
+                    tracing::warn!(node = %name, round = header.round, "update not used: {r}");
                 }
+                self.audit(
+                    "update_received",
+                    json!({
+                        "node": name, "experiment": header.experiment, "round": header.round,
+                        "rows": header.num_examples, "parameters": header.tensor.len,
+                        "accepted": result.is_ok(), "reason": result.err(),
+                    }),
+                );
             }
+            Event::Audit { kind, details } => self.audit(kind, details),
             Event::Request { who, request, reply } => {
-                let _ = reply.send(self.request(now, &who, request));
+                let what = request_name(&request);
+                let reply_msg = self.request(now, &who, request);
+                match &reply_msg.response {
+                    Response::Error { message } => {
+                        self.audit("request_refused", json!({ "peer": who.to_string(), "request": what, "reason": message }))
+                    }
+                    Response::Results(h) => self.audit(
+                        "results_released",
+                        json!({ "peer": who.to_string(), "experiment": h.status.id, "rounds": h.status.history.len() }),
+                    ),
+                    Response::Submitted { experiment } => {
+                        let hash = self.experiments.get(experiment).map(|e| {
+                            fedstat_shared::manifest::Manifest::new(e.spec(), e.submitter()).hash()
+                        });
+                        self.audit(
+                            "experiment_submitted",
+                            json!({ "peer": who.to_string(), "experiment": experiment, "manifest": hash }),
+                        )
+                    }
+                    Response::Done { message } => {
+                        self.audit("admin_action", json!({ "peer": who.to_string(), "request": what, "result": message }))
+                    }
+                    _ => {}
+                }
+                let _ = reply.send(reply_msg);
             }
         }
         self.flush();
@@ -364,6 +424,41 @@ impl Federation {
                 Ok(reply) => reply,
                 Err(message) => refuse(message),
             },
+            Request::Cancel { experiment } => {
+                let Some(e) = self.experiments.get_mut(&experiment) else {
+                    return refuse(format!("no experiment {experiment}"));
+                };
+                if who.role != Role::Admin && e.submitter() != who.to_string() {
+                    return refuse(format!(
+                        "{who} may cancel only its own experiments; experiment {experiment} was submitted by {}",
+                        e.submitter()
+                    ));
+                }
+                if e.is_finished() {
+                    return refuse(format!(
+                        "experiment {experiment} has already ended: {}",
+                        e.state()
+                    ));
+                }
+                e.cancel(now, &who.to_string());
+                Response::Done {
+                    message: format!("experiment {experiment} cancelled"),
+                }
+                .into()
+            }
+            Request::Disconnect { node } => {
+                if who.role != Role::Admin {
+                    return refuse(format!("only an admin may disconnect nodes; {who} is not one"));
+                }
+                let Some(n) = self.nodes.get(&node) else {
+                    return refuse(format!("no node `{node}` is connected"));
+                };
+                let _ = n.tx.send(NodeCmd::Close(format!("disconnected by {who}")));
+                Response::Done {
+                    message: format!("node `{node}` disconnected"),
+                }
+                .into()
+            }
         }
     }
 
@@ -440,6 +535,18 @@ impl Federation {
         tracing::info!(experiment = id, submitter = %who, name = %exp.spec().name, "experiment submitted");
         self.experiments.insert(id, exp);
         Ok(id)
+    }
+}
+
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Hello { .. } => "hello",
+        Request::Submit { .. } => "submit",
+        Request::Status { .. } => "status",
+        Request::Nodes => "nodes",
+        Request::Results { .. } => "results",
+        Request::Cancel { .. } => "cancel",
+        Request::Disconnect { .. } => "disconnect",
     }
 }
 

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use fedstat_shared::identity::{peer_identity, PeerIdentity, Role};
 use fedstat_shared::tls;
-use fedstat_shared::transport::{read_frame, read_tensor, write_frame, write_tensor};
-use fedstat_shared::wire::{CoordMsg, NodeMsg, Request, Response, UpdateHeader, PROTOCOL_VERSION};
+use fedstat_shared::transport::{read_frame, read_frame_payload, read_tensor, write_frame, write_tensor};
+use fedstat_shared::wire::{
+    decode_payload, CoordMsg, NodeMsg, Request, Response, UpdateHeader, PROTOCOL_VERSION,
+};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
 
@@ -33,6 +35,7 @@ pub mod close {
     pub const REFUSED: u32 = 1;
     pub const PROTOCOL: u32 = 2;
     pub const REPLACED: u32 = 3;
+    pub const REVOKED: u32 = 4;
 }
 
 #[derive(Clone)]
@@ -41,11 +44,29 @@ struct Shared {
     uploads: Arc<Semaphore>,
     max_params: u64,
     handshake_timeout: Duration,
+    /// Live authenticated connections by id, with their certificate serial, so that a reloaded
+    /// revocation list can close the ones it revokes. Edge bookkeeping, not round state.
+    live: Arc<std::sync::Mutex<std::collections::HashMap<u64, (Vec<u8>, PeerIdentity, quinn::Connection)>>>,
+}
+
+impl Shared {
+    fn register(&self, id: u64, who: &PeerIdentity, conn: &quinn::Connection) {
+        let serial = fedstat_shared::identity::peer_serial(conn).unwrap_or_default();
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id, (serial, who.clone(), conn.clone()));
+        }
+    }
+
+    fn unregister(&self, id: u64) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&id);
+        }
+    }
 }
 
 /// Bind the endpoint; returns it with its actual address (the config may say port 0).
 pub fn bind(config: &CoordinatorConfig) -> Result<(quinn::Endpoint, SocketAddr)> {
-    let server_config = tls::server_config(&config.tls)?;
+    let server_config = tls::server_config_with_crl(&config.tls, config.crl.as_deref())?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| Error::Listen {
         addr: config.listen,
         source,
@@ -64,8 +85,13 @@ pub fn federation(config: &CoordinatorConfig) -> Result<federation::Federation> 
         Some(dir) => crate::store::Store::open(dir)?,
         None => crate::store::Store::in_memory(),
     };
+    let audit = config
+        .audit_log
+        .as_deref()
+        .map(fedstat_shared::audit::AuditLog::open)
+        .transpose()?;
     tokio::task::block_in_place(|| {
-        federation::Federation::new(store, config.limits.max_params, std::time::Instant::now())
+        federation::Federation::new(store, audit, config.limits.max_params, std::time::Instant::now())
     })
 }
 
@@ -83,10 +109,12 @@ pub async fn serve(
         uploads: Arc::new(Semaphore::new(config.limits.max_concurrent_updates)),
         max_params: config.limits.max_params,
         handshake_timeout: config.limits.handshake_timeout,
+        live: Arc::default(),
     };
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let next_conn = AtomicU64::new(1);
     tokio::pin!(shutdown);
+    let mut hangup = Hangup::new();
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -105,6 +133,7 @@ pub async fn serve(
                 });
             }
             () = &mut shutdown => break,
+            _ = hangup.recv() => reload(&endpoint, config, &shared).await,
         }
     }
     tracing::info!("shutting down: closing connections");
@@ -115,11 +144,79 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(5), fed).await;
 }
 
+/// SIGHUP, or nothing where it cannot be installed.
+struct Hangup(Option<tokio::signal::unix::Signal>);
+
+impl Hangup {
+    fn new() -> Self {
+        Hangup(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok())
+    }
+
+    async fn recv(&mut self) -> Option<()> {
+        match self.0.as_mut() {
+            Some(s) => s.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Reload the certificate revocation list: new handshakes use it, and connected peers whose
+/// certificate it revokes are disconnected at once.
+async fn reload(endpoint: &quinn::Endpoint, config: &CoordinatorConfig, shared: &Shared) {
+    let Some(crl) = config.crl.as_deref() else {
+        tracing::info!("SIGHUP: no `crl` in the config; nothing to reload");
+        return;
+    };
+    let loaded = tls::server_config_with_crl(&config.tls, Some(crl))
+        .and_then(|cfg| Ok((cfg, tls::revoked_serials(crl)?)));
+    let (server_config, revoked) = match loaded {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!("SIGHUP: keeping the previous revocation list: {e}");
+            return;
+        }
+    };
+    endpoint.set_server_config(Some(server_config));
+    let kicked: Vec<(PeerIdentity, quinn::Connection)> = match shared.live.lock() {
+        Ok(live) => live
+            .values()
+            .filter(|(serial, _, _)| revoked.contains(serial))
+            .map(|(_, who, conn)| (who.clone(), conn.clone()))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    tracing::info!(
+        revoked = revoked.len(),
+        disconnected = kicked.len(),
+        "reloaded the revocation list"
+    );
+    for (who, conn) in kicked {
+        tracing::warn!(peer = %who, "certificate revoked: disconnecting");
+        conn.close(close::REVOKED.into(), b"certificate revoked");
+        let _ = shared
+            .events
+            .send(Event::Audit {
+                kind: "peer_revoked",
+                details: serde_json::json!({ "peer": who.to_string() }),
+            })
+            .await;
+    }
+}
+
 async fn connection(incoming: quinn::Incoming, id: u64, shared: Shared) {
+    let peer = incoming.remote_address();
+    let refused = |reason: String| Event::Audit {
+        kind: "connection_refused",
+        details: serde_json::json!({ "peer_address": peer.to_string(), "reason": reason }),
+    };
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!("refused connection: TLS handshake failed: {e}");
+            let _ = shared
+                .events
+                .send(refused(format!("TLS handshake failed: {e}")))
+                .await;
             return;
         }
     };
@@ -127,11 +224,14 @@ async fn connection(incoming: quinn::Incoming, id: u64, shared: Shared) {
         Ok(who) => who,
         Err(e) => {
             tracing::warn!("refused connection: {e}");
+            let _ = shared.events.send(refused(e.to_string())).await;
             conn.close(close::REFUSED.into(), b"certificate carries no fedstat identity");
             return;
         }
     };
     let span = tracing::info_span!("peer", %who);
+    shared.register(id, &who, &conn);
+    let edge = shared.clone();
     async move {
         match who.role {
             Role::Node => node_session(conn, id, who, shared).await,
@@ -146,22 +246,58 @@ async fn connection(incoming: quinn::Incoming, id: u64, shared: Shared) {
         }
     }
     .instrument(span)
-    .await
+    .await;
+    edge.unregister(id);
 }
 
 async fn node_session(conn: quinn::Connection, id: u64, who: PeerIdentity, shared: Shared) {
     let handshake = async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let hello = read_frame::<NodeMsg>(&mut recv, "hello")
+        let payload = read_frame_payload(&mut recv, "hello")
             .await
             .map_err(|e| e.to_string())?;
+        let hello = match payload.as_deref().map(|p| decode_payload::<NodeMsg>(p, "hello")) {
+            Some(Ok(msg)) => Some(msg),
+            None => None,
+            Some(Err(e)) => {
+                // Say plainly when a node certificate is used for researcher requests.
+                if payload
+                    .as_deref()
+                    .is_some_and(|p| decode_payload::<Request>(p, "request").is_ok())
+                {
+                    let message = format!(
+                        "{who} holds a node certificate, which may only take part in rounds; \
+                         researcher requests need a researcher or admin certificate"
+                    );
+                    let _ = write_frame(
+                        &mut send,
+                        &Response::Error {
+                            message: message.clone(),
+                        },
+                    )
+                    .await;
+                    let _ = send.finish();
+                    return Err(format!("role refused: {message}"));
+                }
+                return Err(e.to_string());
+            }
+        };
         Ok::<_, String>((send_hello_answer(&mut send, hello, &who).await?, send, recv))
     };
     let (datasets, send, mut recv) = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::warn!("node refused: {e}");
-            conn.close(close::PROTOCOL.into(), b"protocol error in hello");
+            let _ = shared
+                .events
+                .send(Event::Audit {
+                    kind: "connection_refused",
+                    details: serde_json::json!({ "peer": who.to_string(), "reason": e }),
+                })
+                .await;
+            // Give a refusal message time to reach the peer before the connection closes.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            conn.close(close::PROTOCOL.into(), b"refused in hello");
             return;
         }
         Err(_) => {
@@ -381,14 +517,14 @@ async fn request(
     who: PeerIdentity,
     shared: Shared,
 ) {
-    let req = match tokio::time::timeout(
+    let payload = match tokio::time::timeout(
         shared.handshake_timeout,
-        read_frame::<Request>(&mut recv, "request"),
+        read_frame_payload(&mut recv, "request"),
     )
     .await
     {
-        Ok(Ok(Some(r))) => r,
-        Ok(Ok(None)) => return,
+        Ok(Ok(Some(p))) => p,
+        Ok(Ok(None)) | Err(_) => return,
         Ok(Err(e)) => {
             tracing::warn!("bad request: {e}");
             let _ = write_frame(
@@ -401,7 +537,49 @@ async fn request(
             let _ = send.finish();
             return;
         }
-        Err(_) => return,
+    };
+    let req = match decode_payload::<Request>(&payload, "request") {
+        Ok(r) => r,
+        Err(e) => {
+            // Say plainly when a researcher or admin certificate is used to join as a node.
+            let as_node = matches!(
+                decode_payload::<NodeMsg>(&payload, "hello"),
+                Ok(NodeMsg::Hello { .. })
+            );
+            let reason = if as_node {
+                let reason = format!(
+                    "{who} holds a {} certificate, which cannot take part in rounds; nodes need a node certificate",
+                    who.role
+                );
+                let _ = write_frame(
+                    &mut send,
+                    &CoordMsg::Refused {
+                        reason: reason.clone(),
+                    },
+                )
+                .await;
+                reason
+            } else {
+                let _ = write_frame(
+                    &mut send,
+                    &Response::Error {
+                        message: e.to_string(),
+                    },
+                )
+                .await;
+                e.to_string()
+            };
+            tracing::warn!("request refused: {reason}");
+            let _ = shared
+                .events
+                .send(Event::Audit {
+                    kind: "request_refused",
+                    details: serde_json::json!({ "peer": who.to_string(), "reason": reason }),
+                })
+                .await;
+            let _ = send.finish();
+            return;
+        }
     };
     let (reply, answer) = oneshot::channel();
     if shared

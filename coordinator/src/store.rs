@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     manifest_hash  TEXT NOT NULL,
     manifest_json  TEXT NOT NULL,
     spec_json      TEXT NOT NULL,
-    state          TEXT NOT NULL CHECK (state IN ('running', 'completed', 'failed')),
+    state          TEXT NOT NULL CHECK (state IN ('running', 'completed', 'failed', 'cancelled')),
     failure        TEXT,
     standardization_json TEXT,
     submitted_at   TEXT NOT NULL,
@@ -243,6 +243,7 @@ impl Store {
         let (name, failure) = match state {
             ExperimentState::Completed => ("completed", None),
             ExperimentState::Failed { reason } => ("failed", Some(reason.as_str())),
+            ExperimentState::Cancelled { by } => ("cancelled", Some(by.as_str())),
             ExperimentState::Waiting | ExperimentState::Running { .. } => ("running", None),
         };
         i.db.execute(
@@ -378,6 +379,9 @@ impl Store {
                 ("completed", _) => ExperimentState::Completed,
                 ("failed", reason) => ExperimentState::Failed {
                     reason: reason.unwrap_or_default(),
+                },
+                ("cancelled", by) => ExperimentState::Cancelled {
+                    by: by.unwrap_or_default(),
                 },
                 _ => ExperimentState::Waiting,
             };

@@ -165,6 +165,22 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity> {
     identity_from_cert_der(leaf)
 }
 
+/// The serial number of a DER certificate (big-endian bytes, as in a CRL).
+pub fn cert_serial(der: &[u8]) -> Result<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|_| Error::Identity("not a DER X.509 certificate".into()))?;
+    Ok(cert.raw_serial().to_vec())
+}
+
+/// The serial number of the peer's leaf certificate.
+pub fn peer_serial(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    cert_serial(chain.first()?).ok()
+}
+
 fn missing(problem: &str) -> Error {
     Error::Identity(format!(
         "certificate has {problem}; certificates not issued by `fedstat-coordinator pki issue` \

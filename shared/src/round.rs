@@ -223,6 +223,17 @@ impl Experiment {
         exp
     }
 
+    /// Stop the experiment now; answers still in flight are ignored as late.
+    pub fn cancel(&mut self, now: Instant, by: &str) {
+        if self.is_finished() {
+            return;
+        }
+        self.phase = None;
+        self.state = ExperimentState::Cancelled { by: by.to_owned() };
+        self.log(now, format!("cancelled by {by}"));
+        self.progress.push_back(Progress::Finished(self.state.clone()));
+    }
+
     /// The next durable fact to record.
     pub fn poll_progress(&mut self) -> Option<Progress> {
         self.progress.pop_front()

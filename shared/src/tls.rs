@@ -51,10 +51,47 @@ impl TlsFiles {
     }
 }
 
+/// Certificate revocation lists from a PEM file.
+pub fn load_crls(path: &Path) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>> {
+    use rustls_pki_types::pem::PemObject;
+    let crls = rustls_pki_types::CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| Error::Pki(format!("cannot read the revocation list {}: {e}", path.display())))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Pki(format!("{} is not a PEM revocation list: {e}", path.display())))?;
+    if crls.is_empty() {
+        return Err(Error::Pki(format!(
+            "{} holds no revocation list (expected -----BEGIN X509 CRL-----)",
+            path.display()
+        )));
+    }
+    Ok(crls)
+}
+
+/// Serial numbers revoked by the CRLs in a PEM file.
+pub fn revoked_serials(path: &Path) -> Result<std::collections::HashSet<Vec<u8>>> {
+    let mut out = std::collections::HashSet::new();
+    for der in load_crls(path)? {
+        let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| {
+            Error::Pki(format!(
+                "{}: cannot parse the revocation list: {e}",
+                path.display()
+            ))
+        })?;
+        out.extend(crl.iter_revoked_certificates().map(|r| r.raw_serial().to_vec()));
+    }
+    Ok(out)
+}
+
 /// Server configuration for the coordinator: requires a client certificate chaining to the
 /// federation CA, TLS 1.3 only, ALPN `fedstat/1`. The own certificate must carry the
 /// coordinator role.
 pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig> {
+    server_config_with_crl(files, None)
+}
+
+/// Like [`server_config`], also refusing client certificates listed in the PEM CRL at `crl`
+/// (issued by the federation CA: `fedstat-coordinator pki revoke`).
+pub fn server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<quinn::ServerConfig> {
     let provider = provider();
     let roots = load_roots(&files.ca_cert)?;
     let chain = load_certs(&files.cert)?;
@@ -70,14 +107,21 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig> {
     }
     check_server_chain(files, &chain, &roots, &provider)?;
 
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| {
-            Error::Pki(format!(
-                "cannot build the client verifier from {}: {e}",
-                files.ca_cert.display()
-            ))
-        })?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    if let Some(path) = crl {
+        let crls = load_crls(path)?;
+        // The CRL covers certificates the CA issued; the CA itself is trusted as a root.
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    let verifier = builder.build().map_err(|e| {
+        Error::Pki(format!(
+            "cannot build the client verifier from {}: {e}",
+            files.ca_cert.display()
+        ))
+    })?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Pki(format!("tls 1.3 unavailable: {e}")))?

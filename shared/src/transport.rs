@@ -46,6 +46,23 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'stat
     decode_payload(&payload, what).map(Some)
 }
 
+/// Read one frame's payload without decoding it (to try it as more than one message type).
+/// `Ok(None)` when the stream ended cleanly before the frame started.
+pub async fn read_frame_payload(recv: &mut RecvStream, what: &'static str) -> Result<Option<Vec<u8>>> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(stream_err(what, e)),
+    }
+    let len = frame_len(prefix)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| stream_err(what, e))?;
+    Ok(Some(payload))
+}
+
 /// Read a tensor body of the announced size, validating values as they arrive.
 pub async fn read_tensor(recv: &mut RecvStream, meta: TensorMeta, max_len: u64) -> Result<Values> {
     if meta.len > max_len {

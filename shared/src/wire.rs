@@ -195,6 +195,14 @@ pub enum Request {
         experiment: ExperimentId,
         round: Option<u32>,
     },
+    /// Stop an experiment: its submitter, or an admin.
+    Cancel {
+        experiment: ExperimentId,
+    },
+    /// Close a node's connection (admin only); the node reconnects unless stopped or revoked.
+    Disconnect {
+        node: String,
+    },
 }
 
 /// State of an experiment as researchers see it.
@@ -209,11 +217,17 @@ pub enum ExperimentState {
     Failed {
         reason: String,
     },
+    Cancelled {
+        by: String,
+    },
 }
 
 impl ExperimentState {
     pub fn is_finished(&self) -> bool {
-        matches!(self, ExperimentState::Completed | ExperimentState::Failed { .. })
+        matches!(
+            self,
+            ExperimentState::Completed | ExperimentState::Failed { .. } | ExperimentState::Cancelled { .. }
+        )
     }
 }
 
@@ -224,6 +238,7 @@ impl std::fmt::Display for ExperimentState {
             ExperimentState::Running { phase } => write!(f, "running ({phase})"),
             ExperimentState::Completed => f.write_str("completed"),
             ExperimentState::Failed { reason } => write!(f, "failed: {reason}"),
+            ExperimentState::Cancelled { by } => write!(f, "cancelled by {by}"),
         }
     }
 }
@@ -292,12 +307,28 @@ pub struct ResultsHeader {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
-    Welcome { protocol: u32, name: String, role: Role },
-    Submitted { experiment: ExperimentId },
-    Status { experiments: Vec<ExperimentStatus> },
-    Nodes { nodes: Vec<NodeInfo> },
+    Welcome {
+        protocol: u32,
+        name: String,
+        role: Role,
+    },
+    Submitted {
+        experiment: ExperimentId,
+    },
+    Status {
+        experiments: Vec<ExperimentStatus>,
+    },
+    Nodes {
+        nodes: Vec<NodeInfo>,
+    },
     Results(Box<ResultsHeader>),
-    Error { message: String },
+    /// A request that changes something was carried out.
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 fn bincode_config() -> impl bincode::config::Config {

@@ -128,7 +128,8 @@ impl Fed {
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:0\"\n{}",
+                "listen = \"127.0.0.1:0\"\ncrl = \"{}\"\n{}",
+                pki.join("crl.pem").display(),
                 toml_tls(&pki, &pki.join("ca.pem"), "coordinator")
             ),
         )

@@ -74,6 +74,17 @@ enum Pki {
         #[arg(long, default_value_t = fedstat_shared::pki::DEFAULT_CERT_DAYS)]
         days: u32,
     },
+    /// Revoke a party's certificate and rewrite DIR/crl.pem; then send SIGHUP to the
+    /// coordinator (whose config names the CRL) to refuse and disconnect it at once.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// The certificate to revoke (default: DIR/NAME.pem).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -120,6 +131,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "created the federation CA and the coordinator certificate in {}",
                 dir.display()
+            );
+            Ok(())
+        }
+        Command::Pki(Pki::Revoke { dir, name, cert }) => {
+            let crl = fedstat_shared::pki::revoke(&dir, &name, cert.as_deref())?;
+            println!(
+                "revoked `{name}`; wrote {} (send SIGHUP to the coordinator to apply it now)",
+                crl.display()
             );
             Ok(())
         }

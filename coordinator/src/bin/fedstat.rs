@@ -12,7 +12,7 @@ use fedstat_coordinator::config::ResearcherConfig;
 use fedstat_coordinator::demo::{self, DemoOptions};
 use fedstat_coordinator::results;
 use fedstat_shared::spec::ExperimentSpec;
-use fedstat_shared::wire::ExperimentState;
+use fedstat_shared::wire::{ExperimentState, Request, Response};
 
 #[derive(Parser)]
 #[command(name = "fedstat", version, about = "fedstat researcher CLI")]
@@ -46,6 +46,10 @@ enum Command {
     },
     /// Connected nodes and the dataset names they offer.
     Nodes,
+    /// Stop an experiment (your own; an admin may stop any).
+    Cancel { id: u64 },
+    /// Close a node's connection (admin certificate required).
+    Disconnect { node: String },
     /// Run a complete local federation of real processes on this machine.
     Demo {
         /// Folder with one CSV per node (default: the bundled CPS 1988 data, 4 offices).
@@ -100,6 +104,17 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+fn done(r: Response, json: bool) -> anyhow::Result<()> {
+    match r {
+        Response::Done { message } if json => print_json(&serde_json::json!({ "done": message })),
+        Response::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected answer from the coordinator: {other:?}"),
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -212,6 +227,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+        }
+        Command::Cancel { id } => {
+            let client = connect(&cli).await?;
+            let r = client.call(Request::Cancel { experiment: *id }).await;
+            client.close().await;
+            done(r?, cli.json)?;
+        }
+        Command::Disconnect { node } => {
+            let client = connect(&cli).await?;
+            let r = client.call(Request::Disconnect { node: node.clone() }).await;
+            client.close().await;
+            done(r?, cli.json)?;
         }
         Command::Demo {
             data,

@@ -1,0 +1,47 @@
+//! Config text: an experiment spec (TOML from a researcher, then `validate`), a coordinator
+//! config and a node config (the first byte picks one). Parsing and validation return a value
+//! or an error naming the key; they never panic.
+#![no_main]
+
+use std::path::Path;
+
+use fedstat_coordinator::config::CoordinatorConfig;
+use fedstat_node::config::NodeConfig;
+use fedstat_shared::manifest::Manifest;
+use fedstat_shared::spec::ExperimentSpec;
+use fedstat_shared::wire::{decode_payload, encode_frame};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&pick, text)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(text) else {
+        return;
+    };
+    let base = Path::new("/etc/fedstat");
+    match pick % 3 {
+        0 => {
+            let Ok(spec) = toml::from_str::<ExperimentSpec>(text) else {
+                return;
+            };
+            if spec.validate().is_err() {
+                return;
+            }
+            let _ = spec.num_params();
+            let _ = spec.dtype();
+            let _ = spec.design_columns();
+            let _ = Manifest::new(&spec, "researcher `fuzz`").hash();
+            // A valid spec travels to the coordinator and the nodes inside frames.
+            let frame = encode_frame(&spec).expect("a valid spec encodes");
+            let back: ExperimentSpec = decode_payload(&frame[4..], "spec").expect("and decodes");
+            back.validate().expect("and is still valid");
+        }
+        1 => {
+            let _ = CoordinatorConfig::from_toml_str(text, base, "coordinator.toml");
+        }
+        _ => {
+            let _ = NodeConfig::from_toml_str(text, base, "node.toml");
+        }
+    }
+});
