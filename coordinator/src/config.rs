@@ -174,7 +174,7 @@ impl CoordinatorConfig {
             },
             crl: raw.crl.map(|p| base.join(p)),
             data_dir,
-            tls: raw.tls.resolve(&base),
+            tls: raw.tls.resolve(base),
             limits: Limits {
                 max_connections: l.max_connections,
                 max_concurrent_updates: l.max_concurrent_updates,

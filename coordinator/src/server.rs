@@ -46,8 +46,11 @@ struct Shared {
     handshake_timeout: Duration,
     /// Live authenticated connections by id, with their certificate serial, so that a reloaded
     /// revocation list can close the ones it revokes. Edge bookkeeping, not round state.
-    live: Arc<std::sync::Mutex<std::collections::HashMap<u64, (Vec<u8>, PeerIdentity, quinn::Connection)>>>,
+    live: Arc<std::sync::Mutex<LiveConnections>>,
 }
+
+/// Connection id -> (certificate serial, identity, connection).
+type LiveConnections = std::collections::HashMap<u64, (Vec<u8>, PeerIdentity, quinn::Connection)>;
 
 impl Shared {
     fn register(&self, id: u64, who: &PeerIdentity, conn: &quinn::Connection) {

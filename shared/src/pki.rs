@@ -272,6 +272,101 @@ fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<()> {
     })
 }
 
+/// The certificate revocation list `pki init` and `pki revoke` maintain beside the CA.
+pub const CRL_FILE: &str = "crl.pem";
+/// The revoked certificates, one per line: `serial-hex name revoked-at-unix-seconds`.
+const REVOKED_FILE: &str = "revoked.txt";
+/// How long a CRL claims to be current; re-run `pki revoke` or `pki crl` before it lapses.
+const CRL_DAYS: u64 = 365;
+
+/// Revoke the certificate `cert` (default `dir/NAME.pem`) of `name` and rewrite `dir/crl.pem`.
+/// Load the new CRL into a running coordinator with SIGHUP. Returns the CRL's path.
+pub fn revoke(dir: &Path, name: &str, cert: Option<&Path>) -> Result<PathBuf> {
+    validate_name(name)?;
+    let default = dir.join(format!("{name}.pem"));
+    let cert_path = cert.unwrap_or(&default);
+    let pem = fs::read(cert_path).map_err(|e| Error::io("cannot read", cert_path, e))?;
+    let der = CertificateDer::from_pem_slice(&pem)
+        .map_err(|_| Error::Pki(format!("{} is not a PEM certificate", cert_path.display())))?;
+    let serial = crate::identity::cert_serial(&der)?;
+    let (issuer, _) = load_ca(dir)?;
+    let list_path = dir.join(REVOKED_FILE);
+    let mut list = read_revoked(&list_path)?;
+    if !list.iter().any(|(s, _)| *s == serial) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        list.push((serial, now));
+        let mut text = fs::read_to_string(&list_path).unwrap_or_default();
+        text.push_str(&format!(
+            "{} {name} {now}\n",
+            crate::manifest::hex(&list[list.len() - 1].0)
+        ));
+        write_file(&list_path, text.as_bytes(), false)?;
+    }
+    write_crl(dir, &issuer, &list)?;
+    tracing::info!(name, "revoked certificate");
+    Ok(dir.join(CRL_FILE))
+}
+
+fn read_revoked(path: &Path) -> Result<Vec<(Vec<u8>, u64)>> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("cannot read", path, e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| {
+            let bad = || {
+                Error::Pki(format!(
+                    "{} line {}: expected `serial name seconds`",
+                    path.display(),
+                    i + 1
+                ))
+            };
+            let mut parts = line.split_whitespace();
+            let serial = parts.next().ok_or_else(bad)?;
+            let at = parts.nth(1).and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+            let bytes = (0..serial.len())
+                .step_by(2)
+                .map(|j| serial.get(j..j + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+                .collect::<Option<Vec<u8>>>()
+                .ok_or_else(bad)?;
+            Ok((bytes, at))
+        })
+        .collect()
+}
+
+fn write_crl(dir: &Path, issuer: &Issuer<'_, KeyPair>, revoked: &[(Vec<u8>, u64)]) -> Result<()> {
+    let now = SystemTime::now();
+    let params = CertificateRevocationListParams {
+        this_update: now.into(),
+        next_update: (now + Duration::from_secs(CRL_DAYS * 86_400)).into(),
+        crl_number: SerialNumber::from(revoked.len() as u64 + 1),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|(serial, at)| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(serial),
+                revocation_time: (SystemTime::UNIX_EPOCH + Duration::from_secs(*at)).into(),
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params
+        .signed_by(issuer)
+        .map_err(|e| rcgen_err("cannot sign the revocation list", e))?;
+    let pem = crl
+        .pem()
+        .map_err(|e| rcgen_err("cannot encode the revocation list", e))?;
+    write_file(&dir.join(CRL_FILE), pem.as_bytes(), false)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -369,99 +464,4 @@ mod tests {
         let err = issue(&a, Role::Node, "ons", tmp.path(), 10).expect_err("mismatch");
         assert!(err.to_string().contains("do not match"), "{err}");
     }
-}
-
-/// The certificate revocation list `pki init` and `pki revoke` maintain beside the CA.
-pub const CRL_FILE: &str = "crl.pem";
-/// The revoked certificates, one per line: `serial-hex name revoked-at-unix-seconds`.
-const REVOKED_FILE: &str = "revoked.txt";
-/// How long a CRL claims to be current; re-run `pki revoke` or `pki crl` before it lapses.
-const CRL_DAYS: u64 = 365;
-
-/// Revoke the certificate `cert` (default `dir/NAME.pem`) of `name` and rewrite `dir/crl.pem`.
-/// Load the new CRL into a running coordinator with SIGHUP. Returns the CRL's path.
-pub fn revoke(dir: &Path, name: &str, cert: Option<&Path>) -> Result<PathBuf> {
-    validate_name(name)?;
-    let default = dir.join(format!("{name}.pem"));
-    let cert_path = cert.unwrap_or(&default);
-    let pem = fs::read(cert_path).map_err(|e| Error::io("cannot read", cert_path, e))?;
-    let der = CertificateDer::from_pem_slice(&pem)
-        .map_err(|_| Error::Pki(format!("{} is not a PEM certificate", cert_path.display())))?;
-    let serial = crate::identity::cert_serial(&der)?;
-    let (issuer, _) = load_ca(dir)?;
-    let list_path = dir.join(REVOKED_FILE);
-    let mut list = read_revoked(&list_path)?;
-    if !list.iter().any(|(s, _)| *s == serial) {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        list.push((serial, now));
-        let mut text = fs::read_to_string(&list_path).unwrap_or_default();
-        text.push_str(&format!(
-            "{} {name} {now}\n",
-            crate::manifest::hex(&list[list.len() - 1].0)
-        ));
-        write_file(&list_path, text.as_bytes(), false)?;
-    }
-    write_crl(dir, &issuer, &list)?;
-    tracing::info!(name, "revoked certificate");
-    Ok(dir.join(CRL_FILE))
-}
-
-fn read_revoked(path: &Path) -> Result<Vec<(Vec<u8>, u64)>> {
-    let text = match fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io("cannot read", path, e)),
-    };
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, line)| {
-            let bad = || {
-                Error::Pki(format!(
-                    "{} line {}: expected `serial name seconds`",
-                    path.display(),
-                    i + 1
-                ))
-            };
-            let mut parts = line.split_whitespace();
-            let serial = parts.next().ok_or_else(bad)?;
-            let at = parts.nth(1).and_then(|t| t.parse().ok()).ok_or_else(bad)?;
-            let bytes = (0..serial.len())
-                .step_by(2)
-                .map(|j| serial.get(j..j + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-                .collect::<Option<Vec<u8>>>()
-                .ok_or_else(bad)?;
-            Ok((bytes, at))
-        })
-        .collect()
-}
-
-fn write_crl(dir: &Path, issuer: &Issuer<'_, KeyPair>, revoked: &[(Vec<u8>, u64)]) -> Result<()> {
-    let now = SystemTime::now();
-    let params = CertificateRevocationListParams {
-        this_update: now.into(),
-        next_update: (now + Duration::from_secs(CRL_DAYS * 86_400)).into(),
-        crl_number: SerialNumber::from(revoked.len() as u64 + 1),
-        issuing_distribution_point: None,
-        revoked_certs: revoked
-            .iter()
-            .map(|(serial, at)| RevokedCertParams {
-                serial_number: SerialNumber::from_slice(serial),
-                revocation_time: (SystemTime::UNIX_EPOCH + Duration::from_secs(*at)).into(),
-                reason_code: None,
-                invalidity_date: None,
-            })
-            .collect(),
-        key_identifier_method: KeyIdMethod::Sha256,
-    };
-    let crl = params
-        .signed_by(issuer)
-        .map_err(|e| rcgen_err("cannot sign the revocation list", e))?;
-    let pem = crl
-        .pem()
-        .map_err(|e| rcgen_err("cannot encode the revocation list", e))?;
-    write_file(&dir.join(CRL_FILE), pem.as_bytes(), false)
 }
