@@ -9,17 +9,25 @@
 //! cargo bench -p fedstat-coordinator --bench round        # full run, about 6 minutes
 //! FEDSTAT_BENCH_QUICK=1 cargo bench -p fedstat-coordinator --bench round   # smoke, < 60 s
 //! FEDSTAT_BENCH_CASES=a,e cargo bench -p fedstat-coordinator --bench round # some cases only
+//! FEDSTAT_BENCH_CASES=a-durable,b-durable cargo bench ...                  # the durable ones
 //! ```
 //! The binaries are taken from the folder above this executable's (`target/release/`); the
 //! bench refuses to run when one is missing or older than a source file of its crates
-//! (`FEDSTAT_BENCH_ALLOW_STALE=1` turns that into a warning).
+//! (`FEDSTAT_BENCH_ALLOW_STALE=1` turns that into a warning). `FEDSTAT_BENCH_BIN_DIR=DIR` takes
+//! them from DIR instead, unchecked (to compare two builds in one sitting).
 //! Results: `bench-results/round.{json,md}` at the workspace root (`round-quick.*` in quick
-//! mode), also printed.
+//! mode; `FEDSTAT_BENCH_OUT=DIR` writes them to DIR instead), also printed.
 //!
 //! Cases (every federation is started fresh: PKI from `pki init/issue`, coordinator on port 0,
-//! N nodes, one researcher `Client`; `min_nodes = N`, so every round waits for every node):
+//! N nodes, one researcher `Client`; `min_nodes = N`, so every round waits for every node).
+//! a-d run the coordinator **in memory** (`durable = false`): the like-for-like comparison with
+//! Flower, which keeps no store. The `-durable` cases run the same federation with the store on
+//! (`durable = true`, `data_dir` in the bench's temporary folder: SQLite with synchronous
+//! writes, and every round's global model written and fsynced), to show what durability costs:
 //! - a. 10 nodes, 1,000 f32 params: 2 warm-up + 30 measured rounds (coordination overhead);
+//! - a-durable: a with the store on;
 //! - b. 10 nodes, 10,000,000 f32 params: 1 warm-up + 10 measured rounds (data movement);
+//! - b-durable: b with the store on;
 //! - c. 20, 30, 50 nodes, 1,000 params: 2 warm-up + 30 measured rounds each;
 //! - d. peak RSS of the coordinator (VmHWM from /proc/PID/status at the end of the run) in b
 //!   and in the same run with 50 nodes (1 warm-up + 3 rounds); node side: the sum of the
@@ -34,7 +42,9 @@
 //! (every 2 ms for 1k params, 20 ms for 10M) and notes when `rounds_done` changes; the wall
 //! clock from the end of the warm-up to the last round, divided by the measured rounds, is the
 //! mean wall time per round (it includes the start of the next round, which `round_ms` does
-//! not). Everything (coordinator, nodes, researcher) shares the same machine: on the 2-core
+//! not). With the store on, a round's model is written after its aggregate and before the next
+//! round's tasks go out, so it is counted in the next round's `round_ms` and in the wall time.
+//! Everything (coordinator, nodes, researcher) shares the same machine: on the 2-core
 //! box of `shared/bench/README.md`, N nodes compete with the coordinator for CPU, as Flower's
 //! supernodes do in its runs.
 
@@ -58,11 +68,31 @@ use tokio::process::{Child, Command};
 const ECHO_EXPERIMENT: &str = include_str!("../../configs/experiment-echo.toml");
 const SMALL: u64 = 1_000;
 const LARGE: u64 = 10_000_000;
+const KNOWN_CASES: [&str; 7] = ["a", "a-durable", "b", "b-durable", "c", "d", "e"];
+
+/// Where the coordinator keeps its records during a case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// `durable = false`: nothing on disk (as Flower).
+    InMemory,
+    /// `durable = true`, `data_dir` in the case's temporary folder.
+    Durable,
+}
+
+impl Store {
+    fn label(self) -> &'static str {
+        match self {
+            Store::InMemory => "in-memory",
+            Store::Durable => "durable",
+        }
+    }
+}
 
 /// Which cases to run and how many rounds.
 struct Plan {
     quick: bool,
-    cases: BTreeSet<char>,
+    /// Case names: one letter `a`..`e`, or `a-durable`, `b-durable`.
+    cases: BTreeSet<String>,
     small_rounds: (u32, u32),
     large_rounds: (u32, u32),
     many_nodes: Vec<usize>,
@@ -73,14 +103,24 @@ struct Plan {
 impl Plan {
     fn from_env() -> Plan {
         let quick = std::env::var("FEDSTAT_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-        let cases = match std::env::var("FEDSTAT_BENCH_CASES") {
+        let cases: BTreeSet<String> = match std::env::var("FEDSTAT_BENCH_CASES") {
             Ok(list) => list
                 .split(',')
-                .filter_map(|c| c.trim().chars().next())
-                .map(|c| c.to_ascii_lowercase())
+                .map(|c| c.trim().to_ascii_lowercase())
+                .filter(|c| !c.is_empty())
                 .collect(),
-            Err(_) => "abcde".chars().collect(),
+            Err(_) => ["a", "a-durable", "b", "b-durable", "c", "d", "e"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
         };
+        for c in &cases {
+            assert!(
+                KNOWN_CASES.contains(&c.as_str()),
+                "unknown case `{c}` in FEDSTAT_BENCH_CASES (known: {})",
+                KNOWN_CASES.join(", ")
+            );
+        }
         if quick {
             Plan {
                 quick,
@@ -104,12 +144,16 @@ impl Plan {
         }
     }
 
+    fn has(&self, case: &str) -> bool {
+        self.cases.contains(case)
+    }
+
     fn max_nodes(&self) -> usize {
         let mut n = 10;
-        if self.cases.contains(&'c') {
+        if self.has("c") {
             n = n.max(self.many_nodes.iter().copied().max().unwrap_or(0));
         }
-        if self.cases.contains(&'d') {
+        if self.has("d") {
             n = n.max(self.rss_nodes.map_or(0, |(n, _)| n));
         }
         n
@@ -145,6 +189,21 @@ fn newest_source(dir: &Path) -> Option<SystemTime> {
 }
 
 fn locate_bins(root: &Path) -> Bins {
+    if let Some(dir) = std::env::var_os("FEDSTAT_BENCH_BIN_DIR") {
+        let dir = PathBuf::from(dir);
+        let bins = Bins {
+            coordinator: dir.join("fedstat-coordinator"),
+            node: dir.join("fedstat-node"),
+        };
+        for bin in [&bins.coordinator, &bins.node] {
+            assert!(
+                bin.is_file(),
+                "{} is missing (FEDSTAT_BENCH_BIN_DIR)",
+                bin.display()
+            );
+        }
+        return bins;
+    }
     let exe = std::env::current_exe().expect("cannot locate the bench executable");
     // target/release/deps/round-HASH -> target/release
     let dir = exe
@@ -279,16 +338,24 @@ struct Federation {
 }
 
 impl Federation {
-    async fn start(bins: &Bins, pki: &Path, work: &Path, n: usize) -> Federation {
+    async fn start(bins: &Bins, pki: &Path, work: &Path, n: usize, store: Store) -> Federation {
         std::fs::create_dir_all(work).expect("cannot create the case folder");
         let log = |name: &str| {
             let p = work.join(format!("{name}.log"));
             std::fs::File::create(&p).unwrap_or_else(|e| panic!("cannot create {}: {e}", p.display()))
         };
         let cfg = work.join("coordinator.toml");
+        // Relative to the config file: `work/data`, on the same disk as the temporary folder.
+        let store_cfg = match store {
+            Store::InMemory => "durable = false\n",
+            Store::Durable => "durable = true\ndata_dir = \"data\"\n",
+        };
         write(
             &cfg,
-            &format!("listen = \"127.0.0.1:0\"\n{}", tls_section(pki, "coordinator")),
+            &format!(
+                "listen = \"127.0.0.1:0\"\n{store_cfg}{}",
+                tls_section(pki, "coordinator")
+            ),
         );
         let mut coordinator = Proc::spawn(
             Command::new(&bins.coordinator)
@@ -388,10 +455,35 @@ struct Rounds {
     train_ms: Vec<f64>,
     /// Mean wall time per measured round, from the researcher's polling.
     wall_ms_per_round: f64,
+    /// CPU time (user + system) per measured round: the coordinator's, the nodes' summed.
+    /// Unlike wall time it hardly moves when other work shares the machine.
+    cpu_ms_per_round: (f64, f64),
     measured: u32,
 }
 
-async fn run_echo(client: &Client, nodes: usize, params: u64, (warmup, measured): (u32, u32)) -> Rounds {
+/// CPU time (user + system) of processes, in ms, from `/proc/PID/stat`.
+fn cpu_ms(pids: &[u32]) -> f64 {
+    // Ticks of 1/100 s (USER_HZ) on Linux.
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .map(|stat| {
+            // Fields after the parenthesised command: state is 3rd, utime 14th, stime 15th.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (tick(11) + tick(12)) * 10.0
+        })
+        .sum()
+}
+
+async fn run_echo(
+    client: &Client,
+    pids: (u32, &[u32]),
+    nodes: usize,
+    params: u64,
+    (warmup, measured): (u32, u32),
+) -> Rounds {
+    let cpu = || (cpu_ms(&[pids.0]), cpu_ms(pids.1));
     let mut spec: ExperimentSpec = toml::from_str(ECHO_EXPERIMENT).expect("configs/experiment-echo.toml");
     let total = warmup + measured;
     spec.name = format!("bench {nodes} nodes {params} params");
@@ -406,6 +498,7 @@ async fn run_echo(client: &Client, nodes: usize, params: u64, (warmup, measured)
     };
     let id = client.submit(spec).await.expect("submit");
     let mut warm_seen: Option<(u32, Instant)> = None;
+    let mut cpu_at_warm = (0.0, 0.0);
     let status = loop {
         let s = client
             .status(Some(id))
@@ -416,6 +509,7 @@ async fn run_echo(client: &Client, nodes: usize, params: u64, (warmup, measured)
         let now = Instant::now();
         if warm_seen.is_none() && s.rounds_done >= warmup {
             warm_seen = Some((s.rounds_done, now));
+            cpu_at_warm = cpu();
         }
         if s.state.is_finished() {
             break s;
@@ -423,6 +517,7 @@ async fn run_echo(client: &Client, nodes: usize, params: u64, (warmup, measured)
         tokio::time::sleep(poll).await;
     };
     let end = Instant::now();
+    let cpu_end = cpu();
     if let ExperimentState::Failed { reason } = &status.state {
         panic!("the experiment failed: {reason}");
     }
@@ -440,6 +535,12 @@ async fn run_echo(client: &Client, nodes: usize, params: u64, (warmup, measured)
             (end - at).as_secs_f64() * 1e3 / f64::from(counted)
         } else {
             f64::NAN
+        },
+        cpu_ms_per_round: if counted > 0 {
+            let per = |a: f64, b: f64| (b - a) / f64::from(counted);
+            (per(cpu_at_warm.0, cpu_end.0), per(cpu_at_warm.1, cpu_end.1))
+        } else {
+            (f64::NAN, f64::NAN)
         },
         measured,
     }
@@ -512,12 +613,22 @@ async fn case(
     nodes: usize,
     params: u64,
     rounds: (u32, u32),
+    store: Store,
 ) -> (Rounds, Memory) {
-    let label = format!("{nodes} nodes, {params} params");
+    let label = format!("{nodes} nodes, {params} params, {}", store.label());
     println!("  running {label}: {} warm-up + {} rounds", rounds.0, rounds.1);
-    let fed = Federation::start(bins, pki, &work.join(format!("n{nodes}-p{params}")), nodes).await;
+    let dir = work.join(format!("n{nodes}-p{params}-{}", store.label()));
+    let fed = Federation::start(bins, pki, &dir, nodes, store).await;
     let sampler = RssSampler::start(fed.nodes.iter().map(|p| p.pid).collect());
-    let r = run_echo(&fed.client, nodes, params, rounds).await;
+    let node_pids: Vec<u32> = fed.nodes.iter().map(|p| p.pid).collect();
+    let r = run_echo(
+        &fed.client,
+        (fed.coordinator.pid, &node_pids),
+        nodes,
+        params,
+        rounds,
+    )
+    .await;
     let nodes_rss_peak_kib = sampler.finish();
     let mem = Memory {
         coordinator_hwm_kib: mem_kib(fed.coordinator.pid).1,
@@ -527,8 +638,10 @@ async fn case(
     fed.stop().await;
     let (md, lo, hi) = stats(&r.round_ms);
     println!(
-        "    round_ms median {md:.0} ({lo:.0}-{hi:.0}), wall {:.1} ms/round; coordinator peak RSS {} MiB, nodes {} MiB",
+        "    round_ms median {md:.0} ({lo:.0}-{hi:.0}), wall {:.1} ms/round; CPU per round: coordinator {:.0} ms, nodes {:.0} ms; coordinator peak RSS {} MiB, nodes {} MiB",
         r.wall_ms_per_round,
+        r.cpu_ms_per_round.0,
+        r.cpu_ms_per_round.1,
         mem.coordinator_hwm_kib / 1024,
         mem.nodes_rss_peak_kib / 1024
     );
@@ -559,6 +672,7 @@ fn rounds_json(r: &Rounds) -> Value {
         "round_ms": { "median": md, "min": lo, "max": hi, "all": r.round_ms },
         "train_ms_median": tmd,
         "wall_ms_per_round_mean": r.wall_ms_per_round,
+        "cpu_ms_per_round": { "coordinator": r.cpu_ms_per_round.0, "nodes_sum": r.cpu_ms_per_round.1 },
     })
 }
 
@@ -629,6 +743,31 @@ fn aggregation(dtype: DType, reps: usize) -> Value {
     })
 }
 
+/// Durable over in-memory, for each case run both ways: medians of `round_ms` and the mean
+/// wall time per round, and their ratios.
+fn durability(runs: &[Value]) -> Vec<Value> {
+    let find = |case: &str| runs.iter().find(|r| r["case"] == case);
+    let mut out = Vec::new();
+    for (mem, dur) in [("a", "a-durable"), ("b", "b-durable")] {
+        let (Some(m), Some(d)) = (find(mem), find(dur)) else {
+            continue;
+        };
+        let median = |r: &Value| r["rounds"]["round_ms"]["median"].as_f64().unwrap_or(f64::NAN);
+        let wall = |r: &Value| r["rounds"]["wall_ms_per_round_mean"].as_f64().unwrap_or(f64::NAN);
+        out.push(json!({
+            "nodes": m["nodes"],
+            "params": m["params"],
+            "in_memory_round_ms_median": median(m),
+            "durable_round_ms_median": median(d),
+            "round_ms_ratio": median(d) / median(m),
+            "in_memory_wall_ms_per_round": wall(m),
+            "durable_wall_ms_per_round": wall(d),
+            "wall_ratio": wall(d) / wall(m),
+        }));
+    }
+    out
+}
+
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -688,16 +827,17 @@ fn markdown(report: &Value) -> String {
         if m["git_dirty"] == true { " (dirty)" } else { "" },
         m["unix_time"]
     );
-    let _ = writeln!(md, "Real processes on loopback, `echo` model, f32; `round_ms` is the coordinator's `RoundRecord.round_ms`.\n");
-    let _ = writeln!(md, "| case | nodes | params | rounds | round_ms median (min-max) | wall ms/round (mean) | coordinator peak RSS | nodes peak RSS (sum) |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "Real processes on loopback, `echo` model, f32; `round_ms` is the coordinator's `RoundRecord.round_ms`. Store: `in-memory` is `durable = false` (like Flower, which keeps no store; cases a-d); `durable` is `durable = true` (SQLite, synchronous writes, every round's model written and fsynced).\n");
+    let _ = writeln!(md, "| case | store | nodes | params | rounds | round_ms median (min-max) | wall ms/round (mean) | CPU ms/round coordinator + nodes | coordinator peak RSS | nodes peak RSS (sum) |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
     if let Some(runs) = report["runs"].as_array() {
         for r in runs {
             let rm = &r["rounds"]["round_ms"];
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {:.0} ({:.0}-{:.0}) | {:.1} | {:.0} MiB | {:.0} MiB |",
+                "| {} | {} | {} | {} | {} | {:.0} ({:.0}-{:.0}) | {:.1} | {:.0} + {:.0} | {:.0} MiB | {:.0} MiB |",
                 r["case"].as_str().unwrap_or("?"),
+                r["store"].as_str().unwrap_or("?"),
                 r["nodes"],
                 r["params"],
                 r["rounds"]["measured_rounds"],
@@ -705,10 +845,30 @@ fn markdown(report: &Value) -> String {
                 rm["min"].as_f64().unwrap_or(f64::NAN),
                 rm["max"].as_f64().unwrap_or(f64::NAN),
                 r["rounds"]["wall_ms_per_round_mean"].as_f64().unwrap_or(f64::NAN),
+                r["rounds"]["cpu_ms_per_round"]["coordinator"].as_f64().unwrap_or(f64::NAN),
+                r["rounds"]["cpu_ms_per_round"]["nodes_sum"].as_f64().unwrap_or(f64::NAN),
                 r["memory"]["coordinator_peak_rss_mib"]
                     .as_f64()
                     .unwrap_or(f64::NAN),
                 r["memory"]["nodes_peak_rss_sum_mib"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+    }
+    if let Some(ds) = report["durability"].as_array().filter(|d| !d.is_empty()) {
+        let _ = writeln!(md, "\n| cost of the durable store, 10 nodes | in-memory round_ms | durable round_ms | ratio | in-memory wall ms/round | durable wall ms/round | ratio |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+        for d in ds {
+            let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
+            let _ = writeln!(
+                md,
+                "| {} params | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} |",
+                d["params"],
+                f("in_memory_round_ms_median"),
+                f("durable_round_ms_median"),
+                f("round_ms_ratio"),
+                f("in_memory_wall_ms_per_round"),
+                f("durable_wall_ms_per_round"),
+                f("wall_ratio"),
             );
         }
     }
@@ -760,57 +920,56 @@ fn main() {
     );
     let started = Instant::now();
     let mut runs = Vec::new();
-    let federated = plan.cases.iter().any(|c| "abcd".contains(*c));
+    let federated = plan.cases.iter().any(|c| c != "e");
     rt.block_on(async {
         if !federated {
             return;
         }
         let pki = work.join("pki");
         make_pki(&bins, &pki, plan.max_nodes()).await;
-        let mut record = |case: &str, nodes: usize, params: u64, (r, m): (Rounds, Memory)| {
+        let mut record = |case: &str, nodes: usize, params: u64, store: Store, (r, m): (Rounds, Memory)| {
             runs.push(json!({
-                "case": case, "nodes": nodes, "params": params,
+                "case": case, "nodes": nodes, "params": params, "store": store.label(),
                 "rounds": rounds_json(&r), "memory": mem_json(&m),
             }));
         };
-        if plan.cases.contains(&'a') {
-            record(
-                "a",
-                10,
-                SMALL,
-                case(&bins, &pki, &work, 10, SMALL, plan.small_rounds).await,
-            );
-        }
-        if plan.cases.contains(&'b') || plan.cases.contains(&'d') {
-            record(
-                "b",
-                10,
-                LARGE,
-                case(&bins, &pki, &work, 10, LARGE, plan.large_rounds).await,
-            );
-        }
-        if plan.cases.contains(&'c') {
-            for &n in &plan.many_nodes {
-                record(
-                    "c",
-                    n,
-                    SMALL,
-                    case(&bins, &pki, &work, n, SMALL, plan.small_rounds).await,
-                );
+        // Each durable case runs right after its in-memory twin, so their ratio is measured
+        // under the same background load.
+        let pairs = [
+            ("a", "a-durable", SMALL, plan.small_rounds),
+            ("b", "b-durable", LARGE, plan.large_rounds),
+        ];
+        for (name, durable, params, rounds) in pairs {
+            // d's coordinator RSS at 10 nodes is b's.
+            if plan.has(name) || (name == "b" && plan.has("d")) {
+                let r = case(&bins, &pki, &work, 10, params, rounds, Store::InMemory).await;
+                record(name, 10, params, Store::InMemory, r);
+            }
+            if plan.has(durable) {
+                let r = case(&bins, &pki, &work, 10, params, rounds, Store::Durable).await;
+                record(durable, 10, params, Store::Durable, r);
             }
         }
-        if plan.cases.contains(&'d') {
+        if plan.has("c") {
+            for &n in &plan.many_nodes {
+                let r = case(&bins, &pki, &work, n, SMALL, plan.small_rounds, Store::InMemory).await;
+                record("c", n, SMALL, Store::InMemory, r);
+            }
+        }
+        if plan.has("d") {
             if let Some((n, rounds)) = plan.rss_nodes {
-                record("d", n, LARGE, case(&bins, &pki, &work, n, LARGE, rounds).await);
+                let r = case(&bins, &pki, &work, n, LARGE, rounds, Store::InMemory).await;
+                record("d", n, LARGE, Store::InMemory, r);
             }
         }
     });
     let mut aggregation_runs = Vec::new();
-    if plan.cases.contains(&'e') {
+    if plan.has("e") {
         for dtype in [DType::F32, DType::F64] {
             aggregation_runs.push(aggregation(dtype, plan.agg_reps));
         }
     }
+    let durability = durability(&runs);
     let report = json!({
         "bench": "round",
         "quick": plan.quick,
@@ -818,9 +977,10 @@ fn main() {
         "task": "echo model (global params + seeded change, weight 100), real processes on 127.0.0.1",
         "runs": runs,
         "aggregation": aggregation_runs,
+        "durability": durability,
         "seconds": started.elapsed().as_secs_f64(),
     });
-    let out = root.join("bench-results");
+    let out = std::env::var_os("FEDSTAT_BENCH_OUT").map_or_else(|| root.join("bench-results"), PathBuf::from);
     std::fs::create_dir_all(&out).expect("cannot create bench-results/");
     let stem = if plan.quick { "round-quick" } else { "round" };
     let json_text = serde_json::to_string_pretty(&report).expect("the report serialises");

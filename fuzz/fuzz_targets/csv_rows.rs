@@ -1,29 +1,39 @@
 //! A node's CSV file: header, quoting, BOM, CRLF, numbers and levels, the split column, against
-//! a few fixed schemas (the first byte picks one). Whatever the bytes, the reader returns data
-//! of the schema's shape or an error; it never panics.
+//! a few fixed schemas shaped like the demo data (the first byte picks one). Whatever the bytes,
+//! the reader returns data of the schema's shape or an error; it never panics.
 #![no_main]
 
 use fedstat_shared::data::load_csv_from_reader;
 use fedstat_shared::spec::{CategoricalFeature, DataSchema, ModelKind, NumericFeature, TargetSpec};
 use libfuzzer_sys::fuzz_target;
 
-fn schema(pick: u8) -> (DataSchema, ModelKind) {
-    let target = |column: &str| TargetSpec {
+fn target(column: &str) -> TargetSpec {
+    TargetSpec {
         column: column.into(),
         log: false,
         threshold: None,
         positive_level: None,
-    };
-    let numeric = |column: &str, squared: bool| NumericFeature {
+    }
+}
+
+fn numeric(column: &str, squared: bool) -> NumericFeature {
+    NumericFeature {
         column: column.into(),
         squared,
-    };
-    let region = CategoricalFeature {
-        column: "region".into(),
-        levels: vec!["north".into(), "south".into(), "\"east\"".into()],
-        reference: "north".into(),
-    };
-    match pick % 4 {
+    }
+}
+
+fn categorical(column: &str, levels: &[&str]) -> CategoricalFeature {
+    CategoricalFeature {
+        column: column.into(),
+        levels: levels.iter().map(|l| (*l).to_owned()).collect(),
+        reference: levels[0].to_owned(),
+    }
+}
+
+fn schema(pick: u8) -> (DataSchema, ModelKind) {
+    let region = || categorical("region", &["northeast", "midwest", "south", "west"]);
+    let (schema, kind) = match pick % 4 {
         0 => (
             DataSchema {
                 split_column: "split".into(),
@@ -31,8 +41,8 @@ fn schema(pick: u8) -> (DataSchema, ModelKind) {
                     log: true,
                     ..target("wage")
                 },
-                numeric: vec![numeric("age", true), numeric("edu", false)],
-                categorical: vec![region],
+                numeric: vec![numeric("experience", true), numeric("education", false)],
+                categorical: vec![region(), categorical("parttime", &["no", "yes"])],
             },
             ModelKind::Linear,
         ),
@@ -40,36 +50,37 @@ fn schema(pick: u8) -> (DataSchema, ModelKind) {
             DataSchema {
                 split_column: "split".into(),
                 target: TargetSpec {
-                    threshold: Some(0.5),
+                    threshold: Some(600.0),
                     ..target("wage")
                 },
-                numeric: vec![numeric("age", false)],
+                numeric: vec![numeric("education", false)],
                 categorical: vec![],
             },
             ModelKind::Logistic,
         ),
         2 => (
             DataSchema {
-                split_column: "s".into(),
+                split_column: "split".into(),
                 target: TargetSpec {
-                    positive_level: Some("south".into()),
-                    ..target("region")
+                    positive_level: Some("yes".into()),
+                    ..target("smsa")
                 },
-                numeric: vec![numeric("a", false), numeric("b", true)],
-                categorical: vec![],
+                numeric: vec![numeric("experience", false)],
+                categorical: vec![region()],
             },
             ModelKind::Logistic,
         ),
         _ => (
             DataSchema {
                 split_column: "split".into(),
-                target: target("y"),
+                target: target("wage"),
                 numeric: vec![],
-                categorical: vec![region],
+                categorical: vec![categorical("ethnicity", &["cauc", "afam"])],
             },
             ModelKind::Linear,
         ),
-    }
+    };
+    (schema, kind)
 }
 
 fuzz_target!(|data: &[u8]| {

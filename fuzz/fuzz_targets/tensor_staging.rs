@@ -5,17 +5,29 @@
 
 use fedstat_shared::aggregate::{Staging, Values};
 use fedstat_shared::wire::{tensor_to_f64, DType};
-use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 
-#[derive(Debug, Arbitrary)]
+/// The input: a dtype flag, the announced number of values, up to 15 piece sizes (the last
+/// piece takes what is left), then the bytes.
+#[derive(Debug)]
 struct Input<'a> {
     f64: bool,
-    /// Announced number of values.
     len: u8,
-    /// Piece sizes; the last piece takes what is left.
-    splits: Vec<u8>,
+    splits: &'a [u8],
     bytes: &'a [u8],
+}
+
+impl<'a> Input<'a> {
+    fn parse(data: &'a [u8]) -> Option<Self> {
+        let (&[flags, len], rest) = data.split_first_chunk::<2>()?;
+        let n = usize::from(flags >> 4).min(rest.len());
+        Some(Input {
+            f64: flags & 1 == 1,
+            len,
+            splits: &rest[..n],
+            bytes: &rest[n..],
+        })
+    }
 }
 
 fn stage(dtype: DType, len: usize, pieces: &[&[u8]]) -> Result<Values, String> {
@@ -33,13 +45,16 @@ fn bits(v: &Values) -> Vec<u64> {
     }
 }
 
-fuzz_target!(|input: Input| {
+fuzz_target!(|data: &[u8]| {
+    let Some(input) = Input::parse(data) else {
+        return;
+    };
     let dtype = if input.f64 { DType::F64 } else { DType::F32 };
     let len = usize::from(input.len);
 
     let mut pieces = Vec::new();
     let mut rest = input.bytes;
-    for &s in &input.splits {
+    for &s in input.splits {
         let take = usize::from(s).min(rest.len());
         pieces.push(&rest[..take]);
         rest = &rest[take..];

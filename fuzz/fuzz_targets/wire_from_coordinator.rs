@@ -33,9 +33,8 @@ fn check_task(task: &Task) {
         return;
     }
     let _ = task.spec.num_params();
-    let columns = task.spec.design_columns();
-    if let Some(st) = &task.standardization {
-        let _ = st.validate(columns.len());
+    if let (Some(schema), Some(st)) = (&task.spec.schema, &task.standardization) {
+        let _ = st.validate(schema.design_columns().len());
     }
 }
 

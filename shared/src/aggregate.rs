@@ -59,9 +59,18 @@ impl Values {
 
     /// Little-endian bytes, as they travel.
     pub fn to_le_bytes(&self) -> Vec<u8> {
+        // Sized once and filled in fixed-width pieces (a plain copy on little-endian targets);
+        // `flat_map().collect()` cannot know the length and pushed byte by byte.
+        fn fill<const N: usize, T: Copy>(v: &[T], bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+            let mut out = vec![0u8; v.len() * N];
+            for (o, &x) in out.chunks_exact_mut(N).zip(v) {
+                o.copy_from_slice(&bytes(x));
+            }
+            out
+        }
         match self {
-            Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Values::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Values::F32(v) => fill(v, f32::to_le_bytes),
+            Values::F64(v) => fill(v, f64::to_le_bytes),
         }
     }
 
@@ -152,25 +161,36 @@ impl Staging {
                 start + i
             ))
         };
-        match &mut self.values {
+        // Decode the piece into the reserved buffer, then check it in one vectorisable pass;
+        // a bad piece is cut off again (the staging is dropped on error anyway).
+        let bad_at = match &mut self.values {
             Values::F32(v) => {
-                for (i, c) in bytes.chunks_exact(4).enumerate() {
-                    let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    if !in_range(x as f64) {
-                        return Err(bad(i));
-                    }
-                    v.push(x);
+                v.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                );
+                let at = first_out_of_range_f32(&v[start..]);
+                if at.is_some() {
+                    v.truncate(start);
                 }
+                at
             }
             Values::F64(v) => {
-                for (i, c) in bytes.chunks_exact(8).enumerate() {
-                    let x = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-                    if !in_range(x) {
-                        return Err(bad(i));
-                    }
-                    v.push(x);
+                v.extend(
+                    bytes
+                        .chunks_exact(8)
+                        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+                );
+                let at = first_out_of_range_f64(&v[start..]);
+                if at.is_some() {
+                    v.truncate(start);
                 }
+                at
             }
+        };
+        if let Some(i) = bad_at {
+            return Err(bad(i));
         }
         self.filled += count;
         Ok(())
@@ -195,22 +215,39 @@ fn in_range(x: f64) -> bool {
     x.abs() < MAX_ABS_PARAM
 }
 
+/// Values checked per block without an early exit, so the check vectorises; the exact index
+/// is looked for only in a block that failed.
+const CHECK_BLOCK: usize = 4096;
+
+/// Index of the first value that is not finite or not below [`MAX_ABS_PARAM`] in magnitude.
+fn first_out_of_range_f32(v: &[f32]) -> Option<usize> {
+    // 2^31 is exact in f32 and f32 -> f64 is exact, so this is `in_range(x as f64)`.
+    const MAX: f32 = MAX_ABS_PARAM as f32;
+    v.chunks(CHECK_BLOCK).enumerate().find_map(|(b, block)| {
+        let ok = block.iter().fold(true, |ok, x| ok & (x.abs() < MAX));
+        (!ok).then(|| b * CHECK_BLOCK + block.iter().position(|x| !(x.abs() < MAX)).unwrap_or(0))
+    })
+}
+
+/// As [`first_out_of_range_f32`], for f64.
+fn first_out_of_range_f64(v: &[f64]) -> Option<usize> {
+    v.chunks(CHECK_BLOCK).enumerate().find_map(|(b, block)| {
+        let ok = block.iter().fold(true, |ok, &x| ok & in_range(x));
+        (!ok).then(|| b * CHECK_BLOCK + block.iter().position(|&x| !in_range(x)).unwrap_or(0))
+    })
+}
+
 /// Check a complete update before it is folded.
 pub fn validate(values: &Values) -> Result<()> {
-    let bad = |i: usize| {
-        Err(Error::Rejected(format!(
-            "parameter {i} is not finite or exceeds {MAX_ABS_PARAM:e} in magnitude"
-        )))
+    let at = match values {
+        Values::F32(v) => first_out_of_range_f32(v),
+        Values::F64(v) => first_out_of_range_f64(v),
     };
-    match values {
-        Values::F32(v) => match v.iter().position(|&x| !in_range(x as f64)) {
-            Some(i) => bad(i),
-            None => Ok(()),
-        },
-        Values::F64(v) => match v.iter().position(|&x| !in_range(x)) {
-            Some(i) => bad(i),
-            None => Ok(()),
-        },
+    match at {
+        Some(i) => Err(Error::Rejected(format!(
+            "parameter {i} is not finite or exceeds {MAX_ABS_PARAM:e} in magnitude"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -283,11 +320,21 @@ impl FedAvg {
             return Err(Error::Rejected("no update to average".into()));
         }
         let denom = self.total_weight as f64 * SCALE;
-        let mean = self.acc.iter().map(|&s| s as f64 / denom);
+        let mean = self.acc.iter().map(|&s| i128_to_f64(s) / denom);
         Ok(match self.dtype {
             DType::F32 => Values::F32(mean.map(|x| x as f32).collect()),
             DType::F64 => Values::F64(mean.collect()),
         })
+    }
+}
+
+/// `s as f64`, bit for bit, without the software `i128` conversion when `s` fits in an `i64`
+/// (sums of parameters below 2^15 in magnitude do): both casts round to nearest, ties to even.
+#[inline(always)]
+fn i128_to_f64(s: i128) -> f64 {
+    match i64::try_from(s) {
+        Ok(small) => small as f64,
+        Err(_) => s as f64,
     }
 }
 
@@ -422,6 +469,61 @@ mod tests {
             check(x, MAX_TOTAL_WEIGHT - 1);
             check(-x, 100);
         }
+    }
+
+    #[test]
+    fn the_i64_shortcut_converts_like_the_i128_cast() {
+        let edges = [
+            0,
+            1,
+            -1,
+            i64::MAX as i128,
+            i64::MIN as i128,
+            i64::MAX as i128 + 1,
+            i64::MIN as i128 - 1,
+        ];
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let randoms = (0..100_000).map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            // Magnitudes around 2^53 (where rounding starts), 2^63 and 2^126.
+            let r = i128::from(s as i64);
+            [r >> 10, r, r << 62][i % 3]
+        });
+        for x in edges.into_iter().chain(randoms) {
+            assert_eq!(i128_to_f64(x).to_bits(), (x as f64).to_bits(), "{x}");
+        }
+    }
+
+    #[test]
+    fn a_bad_value_is_named_by_its_index_in_any_block() {
+        for at in [
+            0,
+            1,
+            CHECK_BLOCK - 1,
+            CHECK_BLOCK,
+            3 * CHECK_BLOCK + 7,
+            5 * CHECK_BLOCK - 1,
+        ] {
+            for bad in [f64::NAN, f64::NEG_INFINITY, -MAX_ABS_PARAM] {
+                let mut v = vec![0.5; 5 * CHECK_BLOCK];
+                v[at] = bad;
+                let want = format!("parameter {at} ");
+                let err = validate(&Values::F64(v.clone())).expect_err("f64").to_string();
+                assert!(err.contains(&want), "{err}");
+                let v32 = Values::from_f64(&v, DType::F32);
+                let err = validate(&v32).expect_err("f32").to_string();
+                assert!(err.contains(&want), "{err}");
+                let mut st = Staging::new(DType::F32, v.len());
+                let err = st.push(&v32.to_le_bytes()).expect_err("staging").to_string();
+                assert!(err.contains(&want), "{err}");
+            }
+        }
+        let mut st = Staging::new(DType::F32, 2);
+        st.push(&[0, 0, 0x80, 0x3f, 0xff]).expect("1.0 and a byte");
+        let err = st.push(&[0xff, 0x7f, 0xff]).expect_err("nan second").to_string();
+        assert!(err.contains("parameter 1 "), "{err}");
     }
 
     #[test]
