@@ -52,6 +52,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let mut backoff = BACKOFF_START;
     // Only the first failure of a streak goes to the audit log: retries are not events.
     let mut failing = false;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     loop {
         let attempt = session(
             &config,
@@ -59,10 +60,17 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
             worker.clone(),
             gov.clone(),
             !failing,
+            stop_rx.clone(),
         );
+        tokio::pin!(attempt);
         let ended = tokio::select! {
-            r = attempt => r,
-            () = &mut shutdown => break,
+            r = &mut attempt => r,
+            () = &mut shutdown => {
+                // Let the session close its connection with a reason, briefly.
+                let _ = stop_tx.send(true);
+                let _ = tokio::time::timeout(Duration::from_secs(5), attempt).await;
+                break;
+            }
         };
         match ended {
             Ok(Dropped(why)) => {
@@ -103,6 +111,7 @@ async fn session(
     worker: Arc<Worker>,
     gov: Arc<Governance>,
     audit_refusal: bool,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Dropped> {
     let fail = |problem: String| Error::Connect {
         addr: config.coordinator.clone(),
@@ -214,13 +223,21 @@ async fn session(
             }
         }
     };
-    let why = tokio::select! {
-        why = reader => why,
-        why = tasks => why,
+    let mut stop = stop;
+    let (why, stopping) = tokio::select! {
+        why = reader => (why, false),
+        why = tasks => (why, false),
+        _ = stop.changed() => ("the node is shutting down".to_owned(), true),
     };
     writer.abort();
-    conn.close(0u32.into(), b"node session ended");
-    endpoint.close(0u32.into(), b"");
+    if stopping {
+        conn.close(0u32.into(), b"node shutting down");
+        // Wait until the coordinator has the close, so it drops us at once, not at a timeout.
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    } else {
+        conn.close(0u32.into(), b"node session ended");
+        endpoint.close(0u32.into(), b"");
+    }
     Ok(Dropped(why))
 }
 

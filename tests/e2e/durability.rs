@@ -136,7 +136,10 @@ fn a_node_cut_off_mid_round_rejoins_a_later_round() {
     // Retries absorb rounds that miss the deadline on a loaded machine.
     let toml = logit_experiment(8, 2, "local_epochs = 1000")
         .replace("batch_size = 32", "batch_size = 1")
-        .replace("round_timeout_secs = 10", "round_timeout_secs = 6\nmax_round_retries = 10");
+        .replace(
+            "round_timeout_secs = 10",
+            "round_timeout_secs = 6\nmax_round_retries = 10",
+        );
     let id = fed.submit("exp.toml", &toml);
     wait_until(Duration::from_secs(60), "round 2 training", || {
         let s = fed.status(id);

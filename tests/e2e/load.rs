@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use fedstat_shared::tls::{client_config, TlsFiles};
 use fedstat_shared::transport::{read_frame, write_frame};
-use fedstat_shared::wire::{encode_frame, CoordMsg, DType, NodeMsg, Response, TensorMeta, UpdateHeader, PROTOCOL_VERSION};
+use fedstat_shared::wire::{
+    encode_frame, CoordMsg, DType, NodeMsg, Response, TensorMeta, UpdateHeader, PROTOCOL_VERSION,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::Semaphore;
@@ -194,7 +196,12 @@ async fn bad_cert_attempt(endpoint: &quinn::Endpoint, addr: SocketAddr) -> bool 
     )
 }
 
-async fn bad_certificates(addr: SocketAddr, no_cert: quinn::ClientConfig, other_ca: quinn::ClientConfig, f: Arc<Figures>) {
+async fn bad_certificates(
+    addr: SocketAddr,
+    no_cert: quinn::ClientConfig,
+    other_ca: quinn::ClientConfig,
+    f: Arc<Figures>,
+) {
     let endpoints = [client_endpoint(no_cert), client_endpoint(other_ca)];
     let gate = Arc::new(Semaphore::new(50));
     let mut tasks = Vec::new();
@@ -255,9 +262,12 @@ async fn node_flood(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figures>)
         datasets: vec!["nothing-here".into()],
     };
     write_frame(&mut send, &hello).await.expect("hello");
-    let welcome = read_frame::<CoordMsg>(&mut recv, "welcome").await.expect("welcome");
+    let welcome = read_frame::<CoordMsg>(&mut recv, "welcome")
+        .await
+        .expect("welcome");
     assert!(matches!(welcome, Some(CoordMsg::Welcome { .. })), "{welcome:?}");
-    let reader = tokio::spawn(async move { while let Ok(Some(_)) = read_frame::<CoordMsg>(&mut recv, "c").await {} });
+    let reader =
+        tokio::spawn(async move { while let Ok(Some(_)) = read_frame::<CoordMsg>(&mut recv, "c").await {} });
 
     let mut junk = Junk(0x5eed_0002);
     let mut stalled = Vec::new();
@@ -317,14 +327,20 @@ async fn request_flood(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figure
         // Skip the update-header shapes: as requests they are merely wrong, not malformed.
         let frame = malformed_frame(i % 5, &mut junk);
         let permit = gate.clone().acquire_owned().await.expect("gate");
-        let Ok((mut send, mut recv)) = conn.open_bi().await else { break };
+        let Ok((mut send, mut recv)) = conn.open_bi().await else {
+            break;
+        };
         let f = f.clone();
         tasks.push(tokio::spawn(async move {
             if send.write_all(&frame).await.is_ok() {
                 f.request_frames.fetch_add(1, Ordering::Relaxed);
             }
             let _ = send.finish();
-            let answer = tokio::time::timeout(Duration::from_secs(12), read_frame::<Response>(&mut recv, "response")).await;
+            let answer = tokio::time::timeout(
+                Duration::from_secs(12),
+                read_frame::<Response>(&mut recv, "response"),
+            )
+            .await;
             if let Ok(Ok(Some(Response::Error { .. }))) = answer {
                 f.request_errors_answered.fetch_add(1, Ordering::Relaxed);
             }
@@ -339,7 +355,9 @@ async fn request_flood(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figure
 
 /// Junk datagrams, some shaped like QUIC long-header packets, in bursts.
 async fn udp_flood(addr: SocketAddr, f: Arc<Figures>) {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp socket");
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("udp socket");
     let mut junk = Junk(0x5eed_0004);
     for i in 0..DATAGRAMS {
         let n = 1 + junk.below(1350) as usize;
@@ -470,7 +488,11 @@ fn a_live_coordinator_shrugs_off_junk_while_an_experiment_runs() {
     eprintln!(
         "  attack: {:.1} s ({}); experiment: {:.1} s, {}",
         attack_time.as_secs_f64(),
-        if attack_finished { "all sent" } else { "cut at the time limit" },
+        if attack_finished {
+            "all sent"
+        } else {
+            "cut at the time limit"
+        },
         experiment_time.as_secs_f64(),
         s["state"]
     );
@@ -497,12 +519,29 @@ fn a_live_coordinator_shrugs_off_junk_while_an_experiment_runs() {
         assert_eq!(who, regions, "round {}: {s:#}", round["round"]);
     }
     assert!(fed.coordinator.is_running(), "the coordinator died");
-    assert!(hwm_after < MAX_HWM_MIB * 1024, "coordinator peak memory {hwm_after} KiB");
-    assert_eq!(get(&f.bad_cert_served), 0, "a connection without a valid certificate was served");
+    assert!(
+        hwm_after < MAX_HWM_MIB * 1024,
+        "coordinator peak memory {hwm_after} KiB"
+    );
+    assert_eq!(
+        get(&f.bad_cert_served),
+        0,
+        "a connection without a valid certificate was served"
+    );
     assert_eq!(get(&f.bad_cert_attempts), BAD_CERT_ATTEMPTS);
-    assert_eq!(get(&f.bad_hellos_closed), BAD_HELLOS, "a garbage hello was welcomed or left hanging");
-    assert!(get(&f.node_frames) >= NODE_STREAM_FRAMES * 9 / 10, "the flood was cut short");
-    assert!(attack_finished, "the attack did not finish within {ATTACK_LIMIT:?}");
+    assert_eq!(
+        get(&f.bad_hellos_closed),
+        BAD_HELLOS,
+        "a garbage hello was welcomed or left hanging"
+    );
+    assert!(
+        get(&f.node_frames) >= NODE_STREAM_FRAMES * 9 / 10,
+        "the flood was cut short"
+    );
+    assert!(
+        attack_finished,
+        "the attack did not finish within {ATTACK_LIMIT:?}"
+    );
     let log = fed.coordinator.log_text();
     assert!(!log.contains("panicked"), "the coordinator panicked:\n{log}");
     for (name, node) in &fed.nodes {

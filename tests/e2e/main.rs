@@ -139,6 +139,10 @@ fn full_experiments_match_the_pooled_fits() {
         let status = node.terminate().expect("node stops");
         assert!(status.success(), "node {name} exited with {status}");
     }
+    // They said goodbye: the coordinator drops them at once, not at its silence timeout.
+    wait_until(Duration::from_secs(5), "the nodes to be gone", || {
+        fed.json(&["nodes"]).as_array().is_some_and(Vec::is_empty)
+    });
     let status = fed.coordinator.terminate().expect("coordinator stops");
     assert!(status.success(), "coordinator exited with {status}");
 }
