@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fedstat_shared::aggregate::Values;
+use fedstat_shared::audit::now_rfc3339;
 use fedstat_shared::data::Standardization;
 use fedstat_shared::manifest::{hex, Manifest};
 use fedstat_shared::round::Restored;
@@ -88,35 +89,6 @@ impl std::fmt::Debug for Store {
             None => f.write_str("Store(in memory)"),
         }
     }
-}
-
-fn now_rfc3339() -> String {
-    // Seconds since the epoch in UTC, rendered without a date library: YYYY-MM-DDTHH:MM:SSZ.
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn db_err(path: &Path, e: rusqlite::Error) -> Error {
@@ -590,12 +562,5 @@ mod tests {
             err.contains("fedstat.db") && err.contains("not a fedstat store"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn dates_render_in_utc() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(20_515), (2026, 3, 3));
     }
 }

@@ -222,10 +222,10 @@ const CHECK_BLOCK: usize = 4096;
 /// Index of the first value that is not finite or not below [`MAX_ABS_PARAM`] in magnitude.
 fn first_out_of_range_f32(v: &[f32]) -> Option<usize> {
     // 2^31 is exact in f32 and f32 -> f64 is exact, so this is `in_range(x as f64)`.
-    const MAX: f32 = MAX_ABS_PARAM as f32;
+    let fits = |x: &f32| x.abs() < MAX_ABS_PARAM as f32;
     v.chunks(CHECK_BLOCK).enumerate().find_map(|(b, block)| {
-        let ok = block.iter().fold(true, |ok, x| ok & (x.abs() < MAX));
-        (!ok).then(|| b * CHECK_BLOCK + block.iter().position(|x| !(x.abs() < MAX)).unwrap_or(0))
+        let ok = block.iter().fold(true, |ok, x| ok & fits(x));
+        (!ok).then(|| b * CHECK_BLOCK + block.iter().position(|x| !fits(x)).unwrap_or(0))
     })
 }
 

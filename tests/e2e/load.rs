@@ -24,18 +24,18 @@ use tokio::sync::Semaphore;
 use crate::support::{bin, demo_data, logit_experiment, Fed};
 
 /// Connection attempts without a valid certificate (half with none, half from another CA).
-const BAD_CERT_ATTEMPTS: u64 = 300;
+const BAD_CERT_ATTEMPTS: u64 = 400;
 /// Connections with a valid node certificate whose hello is garbage.
 const BAD_HELLOS: u64 = 50;
 /// Malformed frames on update streams of a node connection that said a valid hello.
-const NODE_STREAM_FRAMES: u64 = 3000;
+const NODE_STREAM_FRAMES: u64 = 5000;
 /// Of which: streams that announce a 1 MiB frame, send 4 KiB and stall (held until the end;
 /// with 32 streams in flight this uses all 64 of the connection's stream credits).
 const STALLED_STREAMS: u64 = 32;
 /// Malformed requests, one per stream, on a researcher connection.
-const REQUEST_FRAMES: u64 = 1000;
+const REQUEST_FRAMES: u64 = 2000;
 /// Junk UDP datagrams at the coordinator's port.
-const DATAGRAMS: u64 = 20_000;
+const DATAGRAMS: u64 = 50_000;
 /// Peak resident memory the coordinator may reach: its baseline (about 20 MiB with a
 /// 9-parameter model), plus what the attack can make it hold at once: 32 stalled frame buffers
 /// of 1 MiB, up to 64 streams' receive windows on the attacking connections, a few hundred
@@ -278,7 +278,7 @@ async fn node_flood(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figures>)
             // Heartbeats keep the session alive through the flood.
             let _ = write_frame(&mut send, &NodeMsg::Heartbeat).await;
         }
-        if i % 90 == 45 && (stalled.len() as u64) < STALLED_STREAMS {
+        if i % 150 == 75 && (stalled.len() as u64) < STALLED_STREAMS {
             let Ok(mut s) = conn.open_uni().await else { break };
             let mut frame = ((1u32 << 20) - 1).to_be_bytes().to_vec();
             frame.extend_from_slice(&junk.bytes(4096));
@@ -402,18 +402,17 @@ fn a_live_coordinator_shrugs_off_junk_while_an_experiment_runs() {
     fed.issue("node", "flooder");
     fed.issue("node", "garbler");
     let other = fed.path("other-ca");
-    let status = std::process::Command::new(bin("fedstat-coordinator"))
-        .args(["pki", "init", "--dir"])
-        .arg(&other)
-        .status()
-        .expect("pki init");
-    assert!(status.success());
-    let status = std::process::Command::new(bin("fedstat-coordinator"))
-        .args(["pki", "issue", "--role", "node", "--name", "mallory", "--dir"])
-        .arg(&other)
-        .status()
-        .expect("pki issue");
-    assert!(status.success());
+    for args in [
+        &["pki", "init", "--dir"][..],
+        &["pki", "issue", "--role", "node", "--name", "mallory", "--dir"][..],
+    ] {
+        let out = std::process::Command::new(bin("fedstat-coordinator"))
+            .args(args)
+            .arg(&other)
+            .output()
+            .expect("pki");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 
     let pki = fed.pki();
     let ca = pki.join("ca.pem");
@@ -502,6 +501,15 @@ fn a_live_coordinator_shrugs_off_junk_while_an_experiment_runs() {
         hwm_after / 1024,
         rss_before / 1024,
         rss_after / 1024
+    );
+    let audit = std::fs::read_to_string(fed.path("data/audit.jsonl")).unwrap_or_default();
+    let refusals = audit
+        .lines()
+        .filter(|l| l.contains("\"connection_refused\""))
+        .count();
+    eprintln!(
+        "  coordinator audit log: {} records, {refusals} connection refusals",
+        audit.lines().count()
     );
     eprintln!("  whole test: {:.1} s", started.elapsed().as_secs_f64());
 
