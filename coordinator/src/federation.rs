@@ -48,6 +48,9 @@ pub enum Event {
         name: String,
         header: UpdateHeader,
         values: Result<Values, String>,
+        /// The staging slot, released after the fold: read, queued and folding updates
+        /// together stay within `limits.max_concurrent_updates`.
+        permit: tokio::sync::OwnedSemaphorePermit,
     },
     Request {
         who: PeerIdentity,
@@ -208,11 +211,17 @@ impl Federation {
                 }
                 let _ = reply.send(answer.map_err(|r| r.0));
             }
-            Event::UpdateDone { name, header, values } => {
+            Event::UpdateDone {
+                name,
+                header,
+                values,
+                permit,
+            } => {
                 let result = match self.experiments.get_mut(&header.experiment) {
                     Some(exp) => exp.handle_update(now, &name, &header, values).map_err(|r| r.0),
                     None => Err("unknown experiment".to_owned()),
                 };
+                drop(permit);
                 if let Err(r) = &result {
                     tracing::warn!(node = %name, round = header.round, "update not used: {r}");
                 }

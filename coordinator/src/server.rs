@@ -490,7 +490,7 @@ async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
         }
     };
     // Bounded staging: memory stays flat however many nodes upload at once.
-    let Ok(_permit) = shared.uploads.acquire().await else {
+    let Ok(permit) = shared.uploads.clone().acquire_owned().await else {
         return;
     };
     let values =
@@ -503,7 +503,12 @@ async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
     }
     let _ = shared
         .events
-        .send(Event::UpdateDone { name, header, values })
+        .send(Event::UpdateDone {
+            name,
+            header,
+            values,
+            permit,
+        })
         .await;
 }
 

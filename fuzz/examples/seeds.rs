@@ -11,8 +11,8 @@ use fedstat_shared::identity::Role;
 use fedstat_shared::model::{EvalSums, Metrics};
 use fedstat_shared::spec::ExperimentSpec;
 use fedstat_shared::wire::{
-    encode_frame, tensor_bytes_f64, CoordMsg, DType, ExperimentState, ExperimentStatus, NodeInfo,
-    NodeMsg, Phase, Request, Response, ResultsHeader, RoundRecord, Task, TensorMeta, UpdateHeader,
+    encode_frame, tensor_bytes_f64, CoordMsg, DType, ExperimentState, ExperimentStatus, NodeInfo, NodeMsg,
+    Phase, Request, Response, ResultsHeader, RoundRecord, Task, TensorMeta, UpdateHeader,
 };
 use serde::Serialize;
 
@@ -95,7 +95,10 @@ fn main() {
     ];
     write(t, "control", 0, &control);
     write(t, "hello", 0, &[hello]);
-    for (i, (dtype, body)) in [(DType::F32, &model), (DType::F64, &model64)].into_iter().enumerate() {
+    for (i, (dtype, body)) in [(DType::F32, &model), (DType::F64, &model64)]
+        .into_iter()
+        .enumerate()
+    {
         let header = UpdateHeader {
             experiment: 1,
             round: 1,
@@ -154,7 +157,10 @@ fn main() {
             mean: vec![0.5; p],
             sd: vec![2.0; p],
         };
-        for (j, phase) in [Phase::Stats, Phase::Train, Phase::Evaluate].into_iter().enumerate() {
+        for (j, phase) in [Phase::Stats, Phase::Train, Phase::Evaluate]
+            .into_iter()
+            .enumerate()
+        {
             let with_model = phase != Phase::Stats;
             let task = Task {
                 experiment: 1,
@@ -256,11 +262,18 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("temp folder");
     let path = dir.join("audit.jsonl");
     let mut log = AuditLog::open(&path).expect("open audit log");
-    log.append("connected", serde_json::json!({"peer": "node `a`"})).expect("append");
-    log.append("manifest", serde_json::json!({"hash": "ab".repeat(32), "experiment": 1}))
+    log.append("connected", serde_json::json!({"peer": "node `a`"}))
         .expect("append");
-    log.append("update_sent", serde_json::json!({"round": 1, "rows": 40, "sha256": "cd".repeat(32)}))
-        .expect("append");
+    log.append(
+        "manifest",
+        serde_json::json!({"hash": "ab".repeat(32), "experiment": 1}),
+    )
+    .expect("append");
+    log.append(
+        "update_sent",
+        serde_json::json!({"round": 1, "rows": 40, "sha256": "cd".repeat(32)}),
+    )
+    .expect("append");
     drop(log);
     let bytes = std::fs::read(&path).expect("read audit log");
     let dir_out = Path::new("corpus/audit_log");

@@ -10,7 +10,10 @@ fuzz_target!(|data: &[u8]| {
     let lines = data.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count() as u64;
     assert!(report.records <= lines, "more records than lines");
     if let Some(bad) = &report.first_bad {
-        assert!(bad.line >= 1 && bad.line > report.records, "bad line before the intact ones");
+        assert!(
+            bad.line >= 1 && bad.line > report.records,
+            "bad line before the intact ones"
+        );
     }
     let _ = report.to_string();
 });

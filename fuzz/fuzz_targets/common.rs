@@ -42,7 +42,11 @@ fn round_trip<T: Serialize + DeserializeOwned>(msg: &T, frame: &[u8], what: &'st
     let again = encode_frame(msg).expect("a decoded message re-encodes");
     assert!(again.len() <= frame.len(), "re-encoding grew");
     let back: T = decode_payload(&again[4..], what).expect("a re-encoded message decodes");
-    assert_eq!(encode_frame(&back).expect("encode"), again, "encoding is not stable");
+    assert_eq!(
+        encode_frame(&back).expect("encode"),
+        again,
+        "encoding is not stable"
+    );
     let cut = &frame[..frame.len() - 1];
     assert!(
         matches!(decode_frame::<T>(cut, what), Ok(None)),

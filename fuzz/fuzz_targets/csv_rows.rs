@@ -94,8 +94,14 @@ fuzz_target!(|data: &[u8]| {
         for d in [&local.train, &local.test] {
             assert_eq!(d.x.ncols(), p, "design width");
             assert_eq!(d.x.nrows(), d.y.len(), "rows of x and y");
-            assert!(d.x.iter().chain(d.y.iter()).all(|v| v.is_finite()), "non-finite value accepted");
+            assert!(
+                d.x.iter().chain(d.y.iter()).all(|v| v.is_finite()),
+                "non-finite value accepted"
+            );
         }
-        assert!(local.train.rows() + local.test.rows() < lines, "more rows than lines");
+        assert!(
+            local.train.rows() + local.test.rows() < lines,
+            "more rows than lines"
+        );
     }
 });

@@ -29,8 +29,8 @@ const BAD_CERT_ATTEMPTS: u64 = 400;
 const BAD_HELLOS: u64 = 50;
 /// Malformed frames on update streams of a node connection that said a valid hello.
 const NODE_STREAM_FRAMES: u64 = 5000;
-/// Of which: streams that announce a 1 MiB frame, send 4 KiB and stall (held until the end;
-/// with 32 streams in flight this uses all 64 of the connection's stream credits).
+/// Of which: streams that send all but the last byte of a 1 MiB frame, then stall until the
+/// end (with 32 other streams in flight, all 64 of the connection's stream credits are used).
 const STALLED_STREAMS: u64 = 32;
 /// Malformed requests, one per stream, on a researcher connection.
 const REQUEST_FRAMES: u64 = 2000;
@@ -38,8 +38,8 @@ const REQUEST_FRAMES: u64 = 2000;
 const DATAGRAMS: u64 = 50_000;
 /// Peak resident memory the coordinator may reach: its baseline (about 20 MiB with a
 /// 9-parameter model), plus what the attack can make it hold at once: 32 stalled frame buffers
-/// of 1 MiB, up to 64 streams' receive windows on the attacking connections, a few hundred
-/// handshakes' state. Anything above this means a buffer grows with the attack.
+/// of 1 MiB, 32 more streams in flight on each attacking connection (at most 1 MiB each), a
+/// few hundred handshakes' state. Anything above this means a buffer grows with the attack.
 const MAX_HWM_MIB: u64 = 200;
 /// Everything the attack does ends within this.
 const ATTACK_LIMIT: Duration = Duration::from_secs(25);
@@ -280,8 +280,9 @@ async fn node_flood(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figures>)
         }
         if i % 150 == 75 && (stalled.len() as u64) < STALLED_STREAMS {
             let Ok(mut s) = conn.open_uni().await else { break };
-            let mut frame = ((1u32 << 20) - 1).to_be_bytes().to_vec();
-            frame.extend_from_slice(&junk.bytes(4096));
+            // All but the last byte of a maximal frame: the coordinator holds the whole buffer.
+            let mut frame = (1u32 << 20).to_be_bytes().to_vec();
+            frame.extend_from_slice(&junk.bytes((1 << 20) - 1));
             if s.write_all(&frame).await.is_err() {
                 break;
             }
@@ -478,8 +479,11 @@ fn a_live_coordinator_shrugs_off_junk_while_an_experiment_runs() {
         get(&f.bad_hellos_closed)
     );
     eprintln!(
-        "  malformed frames: {} on node update streams ({STALLED_STREAMS} stalled at 4 KiB of 1 MiB), {} requests ({} answered with an error)",
-        get(&f.node_frames),
+        "  malformed frames: {} on node update streams ({STALLED_STREAMS} stalled 1 byte short of 1 MiB)",
+        get(&f.node_frames)
+    );
+    eprintln!(
+        "  malformed requests: {} ({} answered with an error)",
         get(&f.request_frames),
         get(&f.request_errors_answered)
     );
