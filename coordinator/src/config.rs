@@ -49,6 +49,7 @@ struct RawCoordinator {
 #[serde(deny_unknown_fields, default)]
 struct RawLimits {
     max_connections: usize,
+    max_handshakes: usize,
     max_concurrent_updates: usize,
     max_params: u64,
     handshake_timeout_secs: u64,
@@ -58,6 +59,7 @@ impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
             max_connections: 1000,
+            max_handshakes: 64,
             max_concurrent_updates: 4,
             max_params: fedstat_shared::spec::MAX_PARAMS,
             handshake_timeout_secs: 10,
@@ -85,6 +87,8 @@ pub struct CoordinatorConfig {
 pub struct Limits {
     /// Open connections at most (nodes and researchers); more are refused at once.
     pub max_connections: usize,
+    /// TLS handshakes in progress at most: peers not yet authenticated cannot take more.
+    pub max_handshakes: usize,
     /// Updates staged at the same time; bounds memory at (this + 1) model sizes whatever the
     /// number of nodes. Other uploads wait (QUIC flow control holds the senders back).
     pub max_concurrent_updates: usize,
@@ -141,6 +145,9 @@ impl CoordinatorConfig {
         if l.max_connections == 0 {
             return Err(invalid(&what, "limits.max_connections", "must be at least 1"));
         }
+        if l.max_handshakes == 0 {
+            return Err(invalid(&what, "limits.max_handshakes", "must be at least 1"));
+        }
         if l.max_concurrent_updates == 0 {
             return Err(invalid(
                 &what,
@@ -177,6 +184,7 @@ impl CoordinatorConfig {
             tls: raw.tls.resolve(base),
             limits: Limits {
                 max_connections: l.max_connections,
+                max_handshakes: l.max_handshakes,
                 max_concurrent_updates: l.max_concurrent_updates,
                 max_params: l.max_params,
                 handshake_timeout: std::time::Duration::from_secs(l.handshake_timeout_secs),

@@ -115,6 +115,7 @@ pub async fn serve(
         live: Arc::default(),
     };
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
     let next_conn = AtomicU64::new(1);
     tokio::pin!(shutdown);
     let mut hangup = Hangup::new();
@@ -127,11 +128,16 @@ pub async fn serve(
                     incoming.refuse();
                     continue;
                 };
+                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!(peer = %incoming.remote_address(), "too many handshakes in progress; refusing");
+                    incoming.refuse();
+                    continue;
+                };
                 let id = next_conn.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 let peer = incoming.remote_address();
                 tokio::spawn(async move {
-                    connection(incoming, id, shared).instrument(tracing::info_span!("conn", %peer, id)).await;
+                    connection(incoming, id, shared, handshake).instrument(tracing::info_span!("conn", %peer, id)).await;
                     drop(permit);
                 });
             }
@@ -206,7 +212,12 @@ async fn reload(endpoint: &quinn::Endpoint, config: &CoordinatorConfig, shared: 
     }
 }
 
-async fn connection(incoming: quinn::Incoming, id: u64, shared: Shared) {
+async fn connection(
+    incoming: quinn::Incoming,
+    id: u64,
+    shared: Shared,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) {
     let peer = incoming.remote_address();
     let refused = |reason: String| Event::Audit {
         kind: "connection_refused",
@@ -232,6 +243,7 @@ async fn connection(incoming: quinn::Incoming, id: u64, shared: Shared) {
             return;
         }
     };
+    drop(handshake);
     let span = tracing::info_span!("peer", %who);
     shared.register(id, &who, &conn);
     let edge = shared.clone();
