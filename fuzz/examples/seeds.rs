@@ -108,7 +108,7 @@ fn main() {
         };
         write(t, &format!("update-{i}"), 1, &[frame(&header), body.clone()]);
     }
-    let mut requests = vec![
+    let requests = [
         frame(&Request::Hello { protocol: 1 }),
         frame(&Request::Status { experiment: Some(1) }),
         frame(&Request::Status { experiment: None }),
@@ -125,8 +125,7 @@ fn main() {
         let submit = frame(&Request::Submit {
             spec: Box::new(spec.clone()),
         });
-        write(t, &format!("submit-{i}"), 2, &[submit.clone()]);
-        requests.push(submit);
+        write(t, &format!("submit-{i}"), 2, &[submit]);
     }
 
     // Coordinator -> peers: 0 control stream, 1 task stream, 2 response stream.

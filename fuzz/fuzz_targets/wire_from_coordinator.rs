@@ -55,14 +55,14 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            if let Some((response, body)) = common::one::<Response>(rest, "response") {
-                if let Response::Results(header) = response {
-                    let _ = header.spec.validate();
-                    if let Some(st) = &header.standardization {
-                        let _ = st.validate(header.columns.len());
-                    }
-                    stage(header.tensor, body);
+            // A researcher reads one response per stream; a stream of several tests more frames.
+            common::frames::<Response>(rest, "response", |_| {});
+            if let Some((Response::Results(header), body)) = common::one::<Response>(rest, "response") {
+                let _ = header.spec.validate();
+                if let Some(st) = &header.standardization {
+                    let _ = st.validate(header.columns.len());
                 }
+                stage(header.tensor, body);
             }
         }
     }

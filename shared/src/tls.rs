@@ -139,6 +139,12 @@ pub fn server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<qu
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMS));
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(transport));
+    // Connection attempts the accept loop has not taken yet: a short queue with small buffers
+    // (quinn's defaults allow 65536 of them holding up to 100 MiB of packets).
+    config
+        .max_incoming(1024)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(4 << 20);
     Ok(config)
 }
 

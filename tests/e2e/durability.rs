@@ -52,6 +52,7 @@ fn run(toml: &str, rounds: u32, kills: usize, seed: u64) -> (Vec<u8>, Fed) {
     let id = fed.submit("exp.toml", toml);
     let mut rng = seed;
     let started = Instant::now();
+    let mut hits = 0;
     for k in 0..kills {
         // Spread the kills over the run: wait for a random moment after a random round began.
         let span = (rounds / (kills as u32 + 1)).max(1);
@@ -62,10 +63,14 @@ fn run(toml: &str, rounds: u32, kills: usize, seed: u64) -> (Vec<u8>, Fed) {
             || fed.status(id)["rounds_done"].as_u64().unwrap_or(0) >= u64::from(target),
         );
         std::thread::sleep(Duration::from_millis(next(&mut rng) % 250));
-        let done = fed.status(id)["rounds_done"].as_u64().unwrap_or(0);
+        let s = fed.status(id);
+        let done = s["rounds_done"].as_u64().unwrap_or(0);
+        let running = s["state"] != "Completed";
+        hits += usize::from(running);
         eprintln!(
-            "kill {k}: SIGKILL the coordinator after {done} rounds ({:?} in)",
-            started.elapsed()
+            "kill {k}: SIGKILL the coordinator after {done} rounds ({:?} in{})",
+            started.elapsed(),
+            if running { "" } else { ", already completed" }
         );
         fed.crash_and_restart_coordinator();
     }
@@ -82,6 +87,10 @@ fn run(toml: &str, rounds: u32, kills: usize, seed: u64) -> (Vec<u8>, Fed) {
         assert_eq!(r["participants"], serde_json::json!(NODES), "{r}");
     }
     if kills > 0 {
+        assert!(
+            hits > 0,
+            "every kill came after the run completed: make the run longer"
+        );
         assert!(
             events(&s).contains("coordinator restarted: resuming after round"),
             "{}",
@@ -117,10 +126,10 @@ fn coordinator_crashes_leave_the_final_model_bit_identical() {
     );
 
     // A large model makes the aggregation and the 8 MB model writes long enough to be hit.
-    let echo = "name = \"echo\"\nmodel = \"echo\"\nrounds = 6\nmin_nodes = 3\nround_timeout_secs = 20\n\
+    let echo = "name = \"echo\"\nmodel = \"echo\"\nrounds = 30\nmin_nodes = 3\nround_timeout_secs = 20\n\
                 [echo]\nparams = 2000000\n";
-    let (want, _) = run(echo, 6, 0, seed);
-    let (got, _) = run(echo, 6, 2, seed ^ 0x5555);
+    let (want, _) = run(echo, 30, 0, seed);
+    let (got, _) = run(echo, 30, 2, seed ^ 0x5555);
     assert_eq!(
         got, want,
         "the interrupted echo run's final model differs (seed {seed})"
