@@ -29,3 +29,15 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
 }
+
+/// The exit code for a binary's result: 0, or 1 after printing the error with its causes.
+pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints anyhow's whole cause chain on one line.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -90,13 +90,7 @@ enum Pki {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     fedstat_shared::process::init_tracing("info,quinn=warn");
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    fedstat_shared::process::exit_code(run(cli))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
