@@ -25,6 +25,10 @@ use crate::{Error, Result};
 const NODE_SILENCE: Duration = Duration::from_secs(30);
 /// Longest pause inside an upload before it is abandoned.
 const UPLOAD_IDLE: Duration = Duration::from_secs(60);
+/// Update streams a node may have open at once (one per experiment it works for, with room).
+const NODE_UPLOAD_STREAMS: u32 = 8;
+/// Requests a researcher may have in flight at once.
+const RESEARCHER_STREAMS: u32 = 8;
 /// Most datasets a node may announce, and the longest name.
 const MAX_DATASETS: usize = 256;
 const MAX_DATASET_NAME: usize = 128;
@@ -47,12 +51,74 @@ struct Shared {
     /// Live authenticated connections by id, with their certificate serial, so that a reloaded
     /// revocation list can close the ones it revokes. Edge bookkeeping, not round state.
     live: Arc<std::sync::Mutex<LiveConnections>>,
+    /// Audit records of refused handshakes in the current minute, and how many were left out.
+    refusals: Arc<std::sync::Mutex<RefusalWindow>>,
 }
+
+/// Anyone can fail a handshake, so refusals are audited one by one only up to a rate; the rest
+/// are counted and summarised, so that no stranger can make the coordinator write without end.
+#[derive(Debug, Default)]
+struct RefusalWindow {
+    started: Option<std::time::Instant>,
+    written: u32,
+    suppressed: u64,
+}
+
+/// Refusals audited one by one per minute.
+const REFUSALS_PER_MINUTE: u32 = 60;
 
 /// Connection id -> (certificate serial, identity, connection).
 type LiveConnections = std::collections::HashMap<u64, (Vec<u8>, PeerIdentity, quinn::Connection)>;
 
 impl Shared {
+    async fn audit_refusal(&self, peer: SocketAddr, reason: String) {
+        let now = std::time::Instant::now();
+        let (write, summary) = match self.refusals.lock() {
+            Ok(mut w) => {
+                let mut summary = None;
+                if w.started
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+                {
+                    if w.suppressed > 0 {
+                        summary = Some(w.suppressed);
+                    }
+                    *w = RefusalWindow {
+                        started: Some(now),
+                        ..RefusalWindow::default()
+                    };
+                }
+                let write = w.written < REFUSALS_PER_MINUTE;
+                if write {
+                    w.written += 1;
+                } else {
+                    w.suppressed += 1;
+                }
+                (write, summary)
+            }
+            Err(_) => (false, None),
+        };
+        if let Some(count) = summary {
+            let details = serde_json::json!({ "count": count, "window_secs": 60 });
+            let _ = self
+                .events
+                .send(Event::Audit {
+                    kind: "connections_refused_unlogged",
+                    details,
+                })
+                .await;
+        }
+        if write {
+            let details = serde_json::json!({ "peer_address": peer.to_string(), "reason": reason });
+            let _ = self
+                .events
+                .send(Event::Audit {
+                    kind: "connection_refused",
+                    details,
+                })
+                .await;
+        }
+    }
+
     fn register(&self, id: u64, who: &PeerIdentity, conn: &quinn::Connection) {
         let serial = fedstat_shared::identity::peer_serial(conn).unwrap_or_default();
         if let Ok(mut live) = self.live.lock() {
@@ -137,6 +203,7 @@ pub async fn serve(
         max_params: config.limits.max_params,
         handshake_timeout: config.limits.handshake_timeout,
         live: Arc::default(),
+        refusals: Arc::default(),
     };
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
@@ -243,17 +310,22 @@ async fn connection(
     handshake: tokio::sync::OwnedSemaphorePermit,
 ) {
     let peer = incoming.remote_address();
-    let refused = |reason: String| Event::Audit {
-        kind: "connection_refused",
-        details: serde_json::json!({ "peer_address": peer.to_string(), "reason": reason }),
-    };
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    let conn = match tokio::time::timeout(shared.handshake_timeout, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::warn!("refused connection: TLS handshake failed: {e}");
-            let _ = shared
-                .events
-                .send(refused(format!("TLS handshake failed: {e}")))
+            shared
+                .audit_refusal(peer, format!("TLS handshake failed: {e}"))
+                .await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                "refused connection: no TLS handshake within {:?}",
+                shared.handshake_timeout
+            );
+            shared
+                .audit_refusal(peer, "TLS handshake timed out".to_owned())
                 .await;
             return;
         }
@@ -262,7 +334,7 @@ async fn connection(
         Ok(who) => who,
         Err(e) => {
             tracing::warn!("refused connection: {e}");
-            let _ = shared.events.send(refused(e.to_string())).await;
+            shared.audit_refusal(peer, e.to_string()).await;
             conn.close(close::REFUSED.into(), b"certificate carries no fedstat identity");
             return;
         }
@@ -290,6 +362,10 @@ async fn connection(
 }
 
 async fn node_session(conn: quinn::Connection, id: u64, who: PeerIdentity, shared: Shared) {
+    // A node needs its control stream and a few update streams; every open stream may hold a
+    // frame buffer, so keep the count small.
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(1));
+    conn.set_max_concurrent_uni_streams(quinn::VarInt::from_u32(NODE_UPLOAD_STREAMS));
     let handshake = async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let payload = read_frame_payload(&mut recv, "hello")
@@ -491,7 +567,7 @@ async fn accept_updates(conn: quinn::Connection, name: String, shared: Shared) {
 /// Receive one update: header, admission by the federation, then the bytes into a staging slot.
 async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
     let header = match tokio::time::timeout(
-        UPLOAD_IDLE,
+        shared.handshake_timeout,
         read_frame::<UpdateHeader>(&mut recv, "update header"),
     )
     .await
@@ -504,7 +580,7 @@ async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
             return;
         }
         Err(_) => {
-            tracing::warn!("update header not received within {UPLOAD_IDLE:?}");
+            tracing::warn!("update header not received in time");
             let _ = recv.stop(close::PROTOCOL.into());
             return;
         }
@@ -550,6 +626,8 @@ async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
 
 async fn researcher_session(conn: quinn::Connection, who: PeerIdentity, shared: Shared) {
     tracing::info!("researcher connected");
+    conn.set_max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(RESEARCHER_STREAMS));
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(request(send, recv, who.clone(), shared.clone()).in_current_span());
     }

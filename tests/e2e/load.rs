@@ -30,16 +30,19 @@ const BAD_HELLOS: u64 = 50;
 /// Malformed frames on update streams of a node connection that said a valid hello.
 const NODE_STREAM_FRAMES: u64 = 5000;
 /// Of which: streams that send all but the last byte of a 1 MiB frame, then stall until the
-/// end (with 32 other streams in flight, all 64 of the connection's stream credits are used).
-const STALLED_STREAMS: u64 = 32;
+/// coordinator's header timeout ends them. A node connection gets 8 update streams at once, so
+/// the stalled ones and the flood share them.
+const STALLED_STREAMS: u64 = 4;
+/// Flood streams in flight at once, within the node's 8 stream credits.
+const FLOOD_IN_FLIGHT: usize = 4;
 /// Malformed requests, one per stream, on a researcher connection.
 const REQUEST_FRAMES: u64 = 2000;
 /// Junk UDP datagrams at the coordinator's port.
 const DATAGRAMS: u64 = 50_000;
 /// Peak resident memory the coordinator may reach: its baseline (about 20 MiB with a
-/// 9-parameter model), plus what the attack can make it hold at once: 32 stalled frame buffers
-/// of 1 MiB, 32 more streams in flight on each attacking connection (at most 1 MiB each), a
-/// few hundred handshakes' state. Anything above this means a buffer grows with the attack.
+/// 9-parameter model), plus what the attack can make it hold at once: 8 update streams of the
+/// node connection and 8 requests of the researcher connection (at most 1 MiB each), a few
+/// hundred handshakes' state. Anything above this means a buffer grows with the attack.
 const MAX_HWM_MIB: u64 = 200;
 /// Everything the attack does ends within this.
 const ATTACK_LIMIT: Duration = Duration::from_secs(25);
@@ -271,7 +274,7 @@ async fn node_flood(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figures>)
 
     let mut junk = Junk(0x5eed_0002);
     let mut stalled = Vec::new();
-    let gate = Arc::new(Semaphore::new(32));
+    let gate = Arc::new(Semaphore::new(FLOOD_IN_FLIGHT));
     let mut tasks = Vec::new();
     for i in 0..NODE_STREAM_FRAMES {
         if i % 10 == 0 {
@@ -322,7 +325,7 @@ async fn request_flood(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figure
         .await
         .expect("researcher handshake");
     let mut junk = Junk(0x5eed_0003);
-    let gate = Arc::new(Semaphore::new(32));
+    let gate = Arc::new(Semaphore::new(FLOOD_IN_FLIGHT));
     let mut tasks = Vec::new();
     for i in 0..REQUEST_FRAMES {
         // Skip the update-header shapes: as requests they are merely wrong, not malformed.
@@ -515,6 +518,12 @@ fn a_live_coordinator_shrugs_off_junk_while_an_experiment_runs() {
         "  coordinator audit log: {} records, {refusals} connection refusals",
         audit.lines().count()
     );
+    let log = fed.coordinator.log_text();
+    eprintln!(
+        "  refused before the handshake: {} (handshake cap), {} (connection limit)",
+        log.matches("too many handshakes in progress").count(),
+        log.matches("connection limit reached").count()
+    );
     eprintln!("  whole test: {:.1} s", started.elapsed().as_secs_f64());
 
     assert_eq!(s["state"], "Completed", "{s:#}");
@@ -554,7 +563,6 @@ fn a_live_coordinator_shrugs_off_junk_while_an_experiment_runs() {
         attack_finished,
         "the attack did not finish within {ATTACK_LIMIT:?}"
     );
-    let log = fed.coordinator.log_text();
     assert!(!log.contains("panicked"), "the coordinator panicked:\n{log}");
     for (name, node) in &fed.nodes {
         assert!(!node.log_text().contains("panicked"), "node {name} panicked");
