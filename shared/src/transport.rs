@@ -32,18 +32,10 @@ pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result
 
 /// Read one frame. `Ok(None)` when the stream ended cleanly before the frame started.
 pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'static str) -> Result<Option<T>> {
-    let mut prefix = [0u8; 4];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(stream_err(what, e)),
+    match read_frame_payload(recv, what).await? {
+        Some(payload) => decode_payload(&payload, what).map(Some),
+        None => Ok(None),
     }
-    let len = frame_len(prefix)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(|e| stream_err(what, e))?;
-    decode_payload(&payload, what).map(Some)
 }
 
 /// Read one frame's payload without decoding it (to try it as more than one message type).

@@ -21,7 +21,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::Semaphore;
 
-use crate::support::{bin, demo_data, logit_experiment, Fed};
+use crate::support::{bin, demo_data, logit_experiment, raw_client, Fed};
 
 /// Connection attempts without a valid certificate (half with none, half from another CA).
 const BAD_CERT_ATTEMPTS: u64 = 400;
@@ -145,30 +145,6 @@ fn load_identity(pki: &Path, name: &str) -> (Vec<CertificateDer<'static>>, Priva
         .collect();
     let key = PrivateKeyDer::from_pem_file(pki.join(format!("{name}.key"))).expect("key");
     (chain, key)
-}
-
-/// A client config that trusts `ca` and presents `identity` (or no certificate at all):
-/// what the real binaries refuse to build.
-fn raw_client(
-    ca: &Path,
-    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-) -> quinn::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("ca") {
-        roots.add(cert.expect("ca cert")).expect("add root");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots);
-    let mut tls = match identity {
-        Some((chain, key)) => builder.with_client_auth_cert(chain, key).expect("client cert"),
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![fedstat_shared::tls::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    quinn::ClientConfig::new(Arc::new(quic))
 }
 
 fn client_endpoint(cfg: quinn::ClientConfig) -> quinn::Endpoint {

@@ -4,38 +4,13 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use fedstat_shared::transport::{read_frame, write_frame};
 use fedstat_shared::wire::{Request, Response, PROTOCOL_VERSION};
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::support::{bin, demo_data, events, logit_experiment, wait_until, Fed};
-
-/// A QUIC client built by hand, to present what the real binaries refuse to present.
-fn raw_client(
-    ca: &Path,
-    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-) -> quinn::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("ca") {
-        roots.add(cert.expect("ca cert")).expect("add root");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots);
-    let mut tls = match identity {
-        Some((chain, key)) => builder.with_client_auth_cert(chain, key).expect("client cert"),
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![fedstat_shared::tls::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    quinn::ClientConfig::new(Arc::new(quic))
-}
+use crate::support::{bin, demo_data, events, logit_experiment, raw_client, wait_until, Fed};
 
 /// Connect and make a request; Err(reason) when the coordinator refuses.
 fn try_request(addr: SocketAddr, cfg: quinn::ClientConfig) -> Result<Response, String> {

@@ -5,7 +5,11 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use serde_json::Value;
 
@@ -451,4 +455,28 @@ impl Fed {
         let proc = self.spawn_node_with_config(name, &cfg);
         *self.node(name) = proc;
     }
+}
+
+/// A client config that trusts `ca` and presents `identity` (or no certificate at all):
+/// what the real binaries refuse to build.
+pub fn raw_client(
+    ca: &Path,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> quinn::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(cert.expect("ca cert")).expect("add root");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).expect("client cert"),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![fedstat_shared::tls::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    quinn::ClientConfig::new(Arc::new(quic))
 }
