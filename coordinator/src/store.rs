@@ -109,10 +109,6 @@ impl Store {
         Store { inner: None }
     }
 
-    pub fn is_durable(&self) -> bool {
-        self.inner.is_some()
-    }
-
     /// Open (or create) the store in `dir`. Everything that can go wrong with the folder or the
     /// database is found here, at start-up, not in the middle of a run.
     pub fn open(dir: &Path) -> Result<Store> {

@@ -5,14 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
+use fedstat_shared::aggregate::Values;
 use fedstat_shared::audit::AuditLog;
 use fedstat_shared::data::{ColumnSums, Standardization};
 use fedstat_shared::identity::Role;
 use fedstat_shared::model::{EvalSums, Metrics};
 use fedstat_shared::spec::ExperimentSpec;
 use fedstat_shared::wire::{
-    encode_frame, tensor_bytes_f64, CoordMsg, DType, ExperimentState, ExperimentStatus, NodeInfo, NodeMsg,
-    Phase, Request, Response, ResultsHeader, RoundRecord, Task, TensorMeta, UpdateHeader,
+    encode_frame, CoordMsg, DType, ExperimentState, ExperimentStatus, NodeInfo, NodeMsg, Phase, Request,
+    Response, ResultsHeader, RoundRecord, Task, TensorMeta, UpdateHeader,
 };
 use serde::Serialize;
 
@@ -57,8 +58,8 @@ fn main() {
         sum: vec![1.0, 2.0, 3.0],
         sum_sq: vec![4.0, 5.0, 6.0],
     };
-    let model = tensor_bytes_f64(&[0.5, -1.25, 3.0], DType::F32);
-    let model64 = tensor_bytes_f64(&[0.5, -1.25, 3.0], DType::F64);
+    let model = Values::from_f64(&[0.5, -1.25, 3.0], DType::F32).to_le_bytes();
+    let model64 = Values::from_f64(&[0.5, -1.25, 3.0], DType::F64).to_le_bytes();
 
     // Peers -> coordinator: 0 control stream, 1 update stream, 2 request stream.
     let t = "wire_to_coordinator";
@@ -174,7 +175,7 @@ fn main() {
                 }),
             };
             let body = if with_model {
-                tensor_bytes_f64(&vec![0.25; p], DType::F64)
+                Values::from_f64(&vec![0.25; p], DType::F64).to_le_bytes()
             } else {
                 Vec::new()
             };

@@ -398,20 +398,6 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8], what: &'static str) -> Resu
     Ok(Some((decode_payload(payload, what)?, 4 + len)))
 }
 
-/// Encode parameters as little-endian bytes of `dtype`.
-pub fn tensor_bytes_f64(values: &[f64], dtype: DType) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * dtype.size());
-    match dtype {
-        DType::F64 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&(*v as f32).to_le_bytes())),
-    }
-    out
-}
-
 /// Decode a whole little-endian tensor into f64 (for small models and results).
 pub fn tensor_to_f64(bytes: &[u8], dtype: DType) -> Result<Vec<f64>> {
     if !bytes.len().is_multiple_of(dtype.size()) {
@@ -534,7 +520,7 @@ mod tests {
 
         #[test]
         fn tensors_round_trip(values in prop::collection::vec(-1e12f64..1e12, 0..64)) {
-            let bytes = tensor_bytes_f64(&values, DType::F64);
+            let bytes = crate::aggregate::Values::F64(values.clone()).to_le_bytes();
             prop_assert_eq!(tensor_to_f64(&bytes, DType::F64).expect("decode"), values);
         }
     }
