@@ -482,8 +482,8 @@ impl Federation {
         };
         let mut status = e.status();
         let values = match round {
-            None => Arc::new(e.global().clone()),
-            Some(k) if k == last => Arc::new(e.global().clone()),
+            None => e.global_shared(),
+            Some(k) if k == last => e.global_shared(),
             Some(k) if k == 0 || k > last => {
                 return Err(format!(
                     "experiment {experiment} has completed rounds 1 to {last}; round {k} is not among them"

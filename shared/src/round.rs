@@ -266,6 +266,11 @@ impl Experiment {
         &self.global
     }
 
+    /// The current global model, shared rather than copied (it can be hundreds of MB).
+    pub fn global_shared(&self) -> Arc<Values> {
+        self.global.clone()
+    }
+
     pub fn submitter(&self) -> &str {
         &self.submitter
     }
