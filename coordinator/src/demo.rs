@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use fedstat_shared::data::{column_sums, load_csv, Design, Standardization};
+use fedstat_shared::data::{column_sums, load_csv, Design, LoadLimits, Standardization};
 use fedstat_shared::model::{evaluate, fit_central, metrics, Metrics};
 use fedstat_shared::spec::ExperimentSpec;
 use fedstat_shared::wire::ExperimentState;
@@ -413,7 +413,7 @@ pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result
     let mut test: Vec<Design> = Vec::new();
     let mut sums = Vec::new();
     for (_, path) in files {
-        let d = load_csv(path, schema, spec.model)?;
+        let d = load_csv(path, schema, spec.model, LoadLimits::UNLIMITED)?;
         sums.push(column_sums(d.train.x.view()));
         train.push(d.train);
         test.push(d.test);
@@ -425,7 +425,8 @@ pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result
         let ys: Vec<_> = parts.iter().map(|d| d.y.view()).collect();
         let x = concatenate(Axis(0), &xs).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?;
         let y = concatenate(Axis(0), &ys).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?;
-        Ok(Design { x, y })
+        let ids = parts.iter().flat_map(|d| d.ids.iter().copied()).collect();
+        Ok(Design { x, y, ids })
     };
     let mut pooled_train = stack(&train)?;
     let mut pooled_test = stack(&test)?;

@@ -7,6 +7,7 @@ use std::path::Path;
 use ndarray::{Array1, Array2, ArrayView2};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{CsvProblem, DatasetProblem};
 use crate::spec::{DataSchema, ModelKind};
 use crate::{Error, Result};
 
@@ -17,6 +18,25 @@ pub struct Design {
     pub x: Array2<f64>,
     /// The response: 0/1 for logistic, the (possibly logged) value for linear.
     pub y: Array1<f64>,
+    /// One fingerprint per row: the first 8 bytes of SHA-256 of the row's whole line, made
+    /// distinct for repeated lines. Lets a node recognise the same people across experiments
+    /// (differencing protection); never sent anywhere.
+    pub ids: Vec<RowId>,
+}
+
+/// A row's fingerprint (see [`Design::ids`]).
+pub type RowId = u64;
+
+/// Limits on what loading may allocate, checked as rows are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadLimits {
+    /// Most cells (rows × design columns, both splits) the design matrices may hold.
+    pub max_cells: u64,
+}
+
+impl LoadLimits {
+    /// No limit (local tools reading the caller's own files).
+    pub const UNLIMITED: LoadLimits = LoadLimits { max_cells: u64::MAX };
 }
 
 impl Design {
@@ -34,13 +54,13 @@ pub struct LocalData {
 }
 
 /// Read a node's CSV; errors call the file by its file name.
-pub fn load_csv(path: &Path, schema: &DataSchema, model: ModelKind) -> Result<LocalData> {
+pub fn load_csv(path: &Path, schema: &DataSchema, model: ModelKind, limits: LoadLimits) -> Result<LocalData> {
     let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
     let label = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string());
-    load_csv_from_reader(&label, file, schema, model)
+    load_csv_from_reader(&label, file, schema, model, limits)
 }
 
 /// What a used CSV column feeds.
@@ -78,8 +98,9 @@ pub fn load_csv_from_reader(
     reader: impl Read,
     schema: &DataSchema,
     model: ModelKind,
+    limits: LoadLimits,
 ) -> Result<LocalData> {
-    let dataset_err = |problem: String| Error::Dataset {
+    let dataset_err = |problem: DatasetProblem| Error::Dataset {
         file: file_label.to_owned(),
         problem,
     };
@@ -98,7 +119,7 @@ pub fn load_csv_from_reader(
         },
         (ModelKind::Echo, _) => return Err(Error::Model("the echo model reads no data".to_owned())),
     };
-    let p = schema.design_columns().len();
+    let p = schema.design_width();
 
     let mut lines = BufReader::new(reader);
     let mut buf = Vec::new();
@@ -106,29 +127,32 @@ pub fn load_csv_from_reader(
 
     // Header: the first line; a blank one is an error.
     let header_fields: Vec<String> = {
-        let read = lines
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| dataset_err(format!("cannot read: {e}")))?;
+        let read = lines.read_until(b'\n', &mut buf).map_err(|e| {
+            dataset_err(DatasetProblem::Read {
+                after_line: 0,
+                error: e.to_string(),
+            })
+        })?;
         if read == 0 {
             return Err(Error::Csv {
                 file: file_label.to_owned(),
                 line: 1,
                 column: "(header)".to_owned(),
-                problem: "the file is empty: expected a header row".to_owned(),
+                problem: CsvProblem::EmptyFile,
             });
         }
         line_no += 1;
         let text = line_text(&buf, line_no, file_label)?;
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         if text.trim().is_empty() {
-            return Err(dataset_err("line 1 is blank: expected a header row".to_owned()));
+            return Err(dataset_err(DatasetProblem::BlankHeader));
         }
         let mut fields = Vec::new();
         split_fields(text, &mut fields).map_err(|i| Error::Csv {
             file: file_label.to_owned(),
             line: line_no,
-            column: format!("#{}", i + 1),
-            problem: "unterminated double quote in the header".to_owned(),
+            column: format!("(header field {})", i + 1),
+            problem: CsvProblem::UnterminatedQuote,
         })?;
         fields
     };
@@ -141,15 +165,14 @@ pub fn load_csv_from_reader(
             .filter(|(_, h)| h.as_str() == name);
         match (hits.next(), hits.next()) {
             (Some((i, _)), None) => Ok(i),
-            (Some(_), Some(_)) => Err(dataset_err(format!("the header names column `{name}` twice"))),
+            (Some(_), Some(_)) => Err(dataset_err(DatasetProblem::DuplicateColumn(name.to_owned()))),
             (None, _) => Err(Error::Csv {
                 file: file_label.to_owned(),
                 line: 1,
                 column: name.to_owned(),
-                problem: format!(
-                    "missing from the header, and the experiment needs it; the header has: {}",
-                    header_fields.join(", ")
-                ),
+                problem: CsvProblem::MissingColumn {
+                    header: header_fields.clone(),
+                },
             }),
         }
     };
@@ -193,17 +216,25 @@ pub fn load_csv_from_reader(
 
     let mut train_x: Vec<f64> = Vec::new();
     let mut train_y: Vec<f64> = Vec::new();
+    let mut train_ids: Vec<RowId> = Vec::new();
     let mut test_x: Vec<f64> = Vec::new();
     let mut test_y: Vec<f64> = Vec::new();
+    let mut test_ids: Vec<RowId> = Vec::new();
+    // Occurrences of each line seen so far, so repeated lines get distinct fingerprints.
+    let mut seen_lines: std::collections::HashMap<RowId, u32> = std::collections::HashMap::new();
+    let max_rows = limits.max_cells / p.max(1) as u64;
     let mut row = vec![0.0; p];
     let mut fields: Vec<String> = Vec::with_capacity(header_fields.len());
     let mut data_rows: u64 = 0;
 
     loop {
         buf.clear();
-        let read = lines
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| dataset_err(format!("cannot read after line {line_no}: {e}")))?;
+        let read = lines.read_until(b'\n', &mut buf).map_err(|e| {
+            dataset_err(DatasetProblem::Read {
+                after_line: line_no,
+                error: e.to_string(),
+            })
+        })?;
         if read == 0 {
             break;
         }
@@ -212,7 +243,7 @@ pub fn load_csv_from_reader(
         if text.trim().is_empty() {
             continue;
         }
-        let csv_err = |column: &str, problem: String| Error::Csv {
+        let csv_err = |column: &str, problem: CsvProblem| Error::Csv {
             file: file_label.to_owned(),
             line: line_no,
             column: column.to_owned(),
@@ -220,7 +251,7 @@ pub fn load_csv_from_reader(
         };
         split_fields(text, &mut fields).map_err(|i| {
             let name = header_fields.get(i).map_or("(beyond the header)", |s| s.as_str());
-            csv_err(name, "unterminated double quote".to_owned())
+            csv_err(name, CsvProblem::UnterminatedQuote)
         })?;
         if fields.len() != header_fields.len() {
             let column = header_fields
@@ -228,10 +259,18 @@ pub fn load_csv_from_reader(
                 .map_or("(beyond the header)", |s| s.as_str());
             return Err(csv_err(
                 column,
-                format!("expected {} fields, found {}", header_fields.len(), fields.len()),
+                CsvProblem::FieldCount {
+                    expected: header_fields.len(),
+                    found: fields.len(),
+                },
             ));
         }
         data_rows += 1;
+        if data_rows > max_rows {
+            return Err(dataset_err(DatasetProblem::OverBudget {
+                max_cells: limits.max_cells,
+            }));
+        }
         row.fill(0.0);
         row[0] = 1.0;
         let mut y = 0.0;
@@ -240,7 +279,7 @@ pub fn load_csv_from_reader(
             let name = header_fields[i].as_str();
             let value = fields[i].as_str();
             if value.is_empty() {
-                return Err(csv_err(name, "empty value".to_owned()));
+                return Err(csv_err(name, CsvProblem::EmptyValue));
             }
             match role {
                 Role::Target => {
@@ -255,11 +294,7 @@ pub fn load_csv_from_reader(
                         TargetRule::Value { log: true } => {
                             let v = parse_number(value).map_err(|p| csv_err(name, p))?;
                             if v <= 0.0 {
-                                return Err(csv_err(
-                                    name,
-                                    "value is not positive, so its logarithm (target.log) is undefined"
-                                        .to_owned(),
-                                ));
+                                return Err(csv_err(name, CsvProblem::NotPositiveForLog));
                             }
                             v.ln()
                         }
@@ -275,11 +310,7 @@ pub fn load_csv_from_reader(
                 Role::Categorical { feature, col } => {
                     let f = &schema.categorical[feature];
                     let Some(k) = f.levels.iter().position(|l| l == value) else {
-                        return Err(csv_err(
-                            name,
-                            "value is not one of the levels listed in the experiment (levels are case-sensitive)"
-                                .to_owned(),
-                        ));
+                        return Err(csv_err(name, CsvProblem::UnknownLevel));
                     };
                     if let Some(d) = dummy_cols[feature][k] {
                         row[col + d] = 1.0;
@@ -289,18 +320,19 @@ pub fn load_csv_from_reader(
                     is_train = match value {
                         "train" => true,
                         "test" => false,
-                        _ => return Err(csv_err(name, "value must be `train` or `test`".to_owned())),
+                        _ => return Err(csv_err(name, CsvProblem::BadSplit)),
                     };
                 }
             }
         }
-        let (xs, ys) = if is_train {
-            (&mut train_x, &mut train_y)
+        let (xs, ys, ids) = if is_train {
+            (&mut train_x, &mut train_y, &mut train_ids)
         } else {
-            (&mut test_x, &mut test_y)
+            (&mut test_x, &mut test_y, &mut test_ids)
         };
         xs.extend_from_slice(&row);
         ys.push(y);
+        ids.push(row_id(text, &mut seen_lines));
     }
 
     if data_rows == 0 {
@@ -308,27 +340,49 @@ pub fn load_csv_from_reader(
             file: file_label.to_owned(),
             line: line_no + 1,
             column: "(first data row)".to_owned(),
-            problem: "the file has a header but no data rows".to_owned(),
+            problem: CsvProblem::NoDataRows,
         });
     }
     if train_y.is_empty() {
-        return Err(dataset_err(format!(
-            "no row has `{}` = train, so there is nothing to train on",
-            schema.split_column
-        )));
+        return Err(dataset_err(DatasetProblem::NoTrainRows {
+            split_column: schema.split_column.clone(),
+        }));
     }
-    let design = |x: Vec<f64>, y: Vec<f64>| -> Result<Design> {
+    let design = |x: Vec<f64>, y: Vec<f64>, ids: Vec<RowId>| -> Result<Design> {
         let x = Array2::from_shape_vec((y.len(), p), x)
             .map_err(|e| Error::Model(format!("internal: design matrix shape: {e}")))?;
         Ok(Design {
             x,
             y: Array1::from(y),
+            ids,
         })
     };
     Ok(LocalData {
-        train: design(train_x, train_y)?,
-        test: design(test_x, test_y)?,
+        train: design(train_x, train_y, train_ids)?,
+        test: design(test_x, test_y, test_ids)?,
     })
+}
+
+/// The fingerprint of a data line: SHA-256 of its text, the k-th repeat of the same text
+/// hashed again with k so that identical rows (two people with the same values) stay distinct.
+fn row_id(line: &str, seen: &mut std::collections::HashMap<RowId, u32>) -> RowId {
+    use sha2::{Digest, Sha256};
+    let first8 = |d: &[u8]| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d[..8]);
+        u64::from_le_bytes(b)
+    };
+    let id = first8(&Sha256::digest(line.as_bytes()));
+    let k = seen.entry(id).or_insert(0);
+    *k += 1;
+    if *k == 1 {
+        id
+    } else {
+        let mut h = Sha256::new();
+        h.update(id.to_le_bytes());
+        h.update(k.to_le_bytes());
+        first8(&h.finalize())
+    }
 }
 
 fn indicator(b: bool) -> f64 {
@@ -345,7 +399,7 @@ fn line_text<'a>(buf: &'a [u8], line: u64, file_label: &str) -> Result<&'a str> 
     let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
     std::str::from_utf8(bytes).map_err(|_| Error::Dataset {
         file: file_label.to_owned(),
-        problem: format!("line {line} is not valid UTF-8 text"),
+        problem: DatasetProblem::NotUtf8 { line },
     })
 }
 
@@ -404,14 +458,14 @@ fn split_fields(line: &str, out: &mut Vec<String>) -> std::result::Result<(), us
 }
 
 /// Parse a finite number; the error says what is wrong without repeating the value.
-fn parse_number(value: &str) -> std::result::Result<f64, String> {
+fn parse_number(value: &str) -> std::result::Result<f64, CsvProblem> {
     if value == "NA" {
-        return Err("missing-value marker instead of a number".to_owned());
+        return Err(CsvProblem::MissingValueMarker);
     }
     match value.parse::<f64>() {
         Ok(v) if v.is_finite() => Ok(v),
-        Ok(_) => Err("value is not a finite number (or too large for a 64-bit float)".to_owned()),
-        Err(_) => Err("value is not a number".to_owned()),
+        Ok(_) => Err(CsvProblem::NotFinite),
+        Err(_) => Err(CsvProblem::NotANumber),
     }
 }
 
@@ -610,7 +664,7 @@ pub(crate) mod tests {
 
     pub(crate) fn load_region(region: &str, schema: &DataSchema, model: ModelKind) -> LocalData {
         let path = data_dir().join("cps1988").join(format!("{region}.csv"));
-        load_csv(&path, schema, model).expect("clean file loads")
+        load_csv(&path, schema, model, LoadLimits::UNLIMITED).expect("clean file loads")
     }
 
     /// `(line, column, words the message must contain, values it must not contain)`; line 0 means
@@ -624,7 +678,7 @@ pub(crate) mod tests {
 
     fn check(file: &str, schema: &DataSchema, model: ModelKind, expected: Option<Expect>) {
         let path = data_dir().join("cps1988-dirty").join(file);
-        let result = load_csv(&path, schema, model);
+        let result = load_csv(&path, schema, model, LoadLimits::UNLIMITED);
         match (result, expected) {
             (Ok(data), None) => {
                 assert_eq!(data.train.rows() + data.test.rows(), 20, "{file}");
@@ -724,6 +778,106 @@ pub(crate) mod tests {
         );
     }
 
+    /// What leaves a node for a dirty file names at most the column and the kind of problem:
+    /// no file name, line number, count, header list or value.
+    #[test]
+    fn public_text_of_dirty_files_names_no_line_file_count_header_or_value() {
+        let schema = logit_schema();
+        let forbidden_everywhere = [
+            ".csv",
+            "line",
+            "found",
+            "header has",
+            "educ,",
+            "twelve",
+            "1O",
+            "$354.94",
+            "YES",
+            "north-east",
+            "validation",
+            "NA,",
+            "inf",
+            "NaN",
+            "-120.5",
+            "1e309",
+            "oops",
+            "/",
+        ];
+        for entry in std::fs::read_dir(data_dir().join("cps1988-dirty")).expect("dirty dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_none_or(|e| e != "csv") {
+                continue;
+            }
+            let Err(e) = load_csv(&path, &schema, ModelKind::Logistic, LoadLimits::UNLIMITED) else {
+                continue;
+            };
+            let public = e.public();
+            for word in forbidden_everywhere {
+                assert!(
+                    !public.contains(word),
+                    "{}: {public:?} contains {word:?}",
+                    path.display()
+                );
+            }
+            assert!(
+                !public.chars().any(|c| c.is_ascii_digit()),
+                "{public:?} has a number"
+            );
+        }
+    }
+
+    #[test]
+    fn the_memory_budget_stops_loading_before_it_is_exceeded() {
+        let schema = logit_schema();
+        let path = data_dir().join("cps1988/south.csv");
+        let p = schema.design_width() as u64;
+        let e = load_csv(
+            &path,
+            &schema,
+            ModelKind::Logistic,
+            LoadLimits { max_cells: 100 * p },
+        )
+        .expect_err("over budget");
+        assert!(
+            matches!(
+                e,
+                Error::Dataset {
+                    problem: DatasetProblem::OverBudget { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.public().contains("policy.max_memory_mb"), "{}", e.public());
+    }
+
+    #[test]
+    fn row_ids_are_distinct_even_for_repeated_lines() {
+        let schema = logit_schema();
+        let text = "wage,education,experience,ethnicity,smsa,parttime,split\n\
+                    600,12,3,cauc,no,no,train\n600,12,3,cauc,no,no,train\n100,9,1,afam,yes,no,train\n";
+        let d = load_csv_from_reader(
+            "t.csv",
+            text.as_bytes(),
+            &schema,
+            ModelKind::Logistic,
+            LoadLimits::UNLIMITED,
+        )
+        .expect("loads");
+        let ids: std::collections::BTreeSet<_> = d.train.ids.iter().collect();
+        assert_eq!(ids.len(), 3);
+        // The same file read again gives the same fingerprints.
+        let again = load_csv_from_reader(
+            "t.csv",
+            text.as_bytes(),
+            &schema,
+            ModelKind::Logistic,
+            LoadLimits::UNLIMITED,
+        )
+        .expect("loads");
+        assert_eq!(d.train.ids, again.train.ids);
+    }
+
     #[test]
     fn each_defect_is_found_once_the_earlier_ones_are_fixed() {
         // Re-read the dirty files with the earlier defective lines dropped, to reach the later
@@ -819,7 +973,8 @@ pub(crate) mod tests {
                 logit_schema()
             };
             let text = drop_lines(&read(file), drop);
-            let e = load_csv_from_reader(file, text.as_bytes(), &schema, model).expect_err(file);
+            let e = load_csv_from_reader(file, text.as_bytes(), &schema, model, LoadLimits::UNLIMITED)
+                .expect_err(file);
             let msg = e.to_string();
             assert!(
                 matches!(&e, Error::Csv { line: l, column: c, .. } if *l == line && c == column),
@@ -850,8 +1005,14 @@ pub(crate) mod tests {
             }],
         };
         let text = "\u{feff}t, a ,c,s,unused\r\nhi,2,x,train,?\r\n\r\n\"lo\",\"-1.5\",z,test,\"a,b\"\nlo,3,y,train,\n";
-        let data =
-            load_csv_from_reader("t.csv", text.as_bytes(), &schema, ModelKind::Logistic).expect("loads");
+        let data = load_csv_from_reader(
+            "t.csv",
+            text.as_bytes(),
+            &schema,
+            ModelKind::Logistic,
+            LoadLimits::UNLIMITED,
+        )
+        .expect("loads");
         assert_eq!(
             data.train.x.as_slice(),
             Some(&[1.0, 2.0, 4.0, 1.0, 0.0, 1.0, 3.0, 9.0, 0.0, 0.0][..])
@@ -861,8 +1022,14 @@ pub(crate) mod tests {
         assert_eq!(data.test.y.to_vec(), [0.0]);
 
         let fails = |text: &str, line: u64, column: &str| {
-            let e =
-                load_csv_from_reader("t.csv", text.as_bytes(), &schema, ModelKind::Logistic).expect_err(text);
+            let e = load_csv_from_reader(
+                "t.csv",
+                text.as_bytes(),
+                &schema,
+                ModelKind::Logistic,
+                LoadLimits::UNLIMITED,
+            )
+            .expect_err(text);
             assert!(
                 matches!(&e, Error::Csv { line: l, column: c, .. } if *l == line && c == column),
                 "{text:?}: {e}"
@@ -872,8 +1039,14 @@ pub(crate) mod tests {
         fails("t,a,c,s,unused\nhi,2,X,train,?\n", 2, "c");
         fails("t,a,c,s,unused\nhi,-inf,x,train,?\n", 2, "a");
         let only_test = "t,a,c,s,unused\nhi,2,x,test,?\n";
-        let e = load_csv_from_reader("t.csv", only_test.as_bytes(), &schema, ModelKind::Logistic)
-            .expect_err("no train");
+        let e = load_csv_from_reader(
+            "t.csv",
+            only_test.as_bytes(),
+            &schema,
+            ModelKind::Logistic,
+            LoadLimits::UNLIMITED,
+        )
+        .expect_err("no train");
         assert!(e.to_string().contains("nothing to train on"), "{e}");
     }
 

@@ -18,6 +18,7 @@ pub mod pki;
 pub mod process;
 pub mod round;
 pub mod spec;
+pub mod text;
 pub mod tls;
 pub mod transport;
 pub mod wire;

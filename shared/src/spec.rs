@@ -8,8 +8,24 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// Largest model the federation accepts, in parameters (a guard against typos, not a design
-/// limit of the aggregator).
+/// limit of the aggregator). Coordinators and nodes set tighter limits in their configs.
 pub const MAX_PARAMS: u64 = 100_000_000;
+/// Most levels one categorical feature may declare. Checked before any node allocates a design
+/// matrix, so a spec padded with unused levels is refused from its text alone; a node's policy
+/// (`max_levels`) is usually much tighter.
+pub const MAX_LEVELS: usize = 1_000;
+/// Most design columns a GLM may have (node policies set `max_params` far lower).
+pub const MAX_DESIGN_COLUMNS: usize = 10_000;
+/// Longest experiment name and purpose, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+pub const MAX_PURPOSE_CHARS: usize = 4_000;
+/// Longest column name, level or dataset name, in characters.
+pub const MAX_IDENT_CHARS: usize = 128;
+/// Bounds on the round settings: a phase waits at most a day, a round is retried at most 10
+/// times, and local training makes at most 1000 passes (node policies bound these further).
+pub const MAX_ROUND_TIMEOUT_SECS: u64 = 86_400;
+pub const MAX_ROUND_RETRIES: u32 = 10;
+pub const MAX_LOCAL_EPOCHS: u32 = 1_000;
 
 /// The kind of model an experiment trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +185,25 @@ pub struct EchoSpec {
 
 const WHAT: &str = "experiment";
 
+/// Researchers' text: at most `max` characters, nothing unprintable (see [`crate::text`]).
+fn check_text(key: &str, text: &str, max: usize) -> Result<()> {
+    if text.chars().count() > max {
+        return Err(Error::config(
+            WHAT,
+            key,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if text.chars().any(crate::text::is_unprintable) {
+        return Err(Error::config(
+            WHAT,
+            key,
+            "contains a control or invisible formatting character; use printable text only",
+        ));
+    }
+    Ok(())
+}
+
 impl ExperimentSpec {
     /// Parse and validate an experiment TOML file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
@@ -181,30 +216,41 @@ impl ExperimentSpec {
         Ok(spec)
     }
 
-    /// Check everything that can be checked without data.
+    /// Check everything that can be checked without data. Researchers' text (name, purpose,
+    /// dataset, columns, levels) must be printable: it is shown to custodians and logged.
     pub fn validate(&self) -> Result<()> {
         if self.name.trim().is_empty() {
             return Err(Error::config(WHAT, "name", "must not be empty"));
         }
+        check_text("name", &self.name, MAX_NAME_CHARS)?;
+        check_text("purpose", &self.purpose, MAX_PURPOSE_CHARS)?;
+        check_text("dataset", &self.dataset, MAX_IDENT_CHARS)?;
         if self.rounds == 0 || self.rounds > 100_000 {
             return Err(Error::config(WHAT, "rounds", "must be between 1 and 100000"));
         }
         if self.min_nodes == 0 {
             return Err(Error::config(WHAT, "min_nodes", "must be at least 1"));
         }
-        if self.round_timeout_secs == 0 || self.round_timeout_secs > 7 * 24 * 3600 {
+        if self.round_timeout_secs == 0 || self.round_timeout_secs > MAX_ROUND_TIMEOUT_SECS {
             return Err(Error::config(
                 WHAT,
                 "round_timeout_secs",
-                "must be between 1 and 604800",
+                format!("must be between 1 and {MAX_ROUND_TIMEOUT_SECS}"),
+            ));
+        }
+        if self.max_round_retries > MAX_ROUND_RETRIES {
+            return Err(Error::config(
+                WHAT,
+                "max_round_retries",
+                format!("must be at most {MAX_ROUND_RETRIES}"),
             ));
         }
         let t = &self.training;
-        if t.local_epochs == 0 || t.local_epochs > 10_000 {
+        if t.local_epochs == 0 || t.local_epochs > MAX_LOCAL_EPOCHS {
             return Err(Error::config(
                 WHAT,
                 "training.local_epochs",
-                "must be between 1 and 10000",
+                format!("must be between 1 and {MAX_LOCAL_EPOCHS}"),
             ));
         }
         if t.batch_size == 0 {
@@ -255,7 +301,7 @@ impl ExperimentSpec {
     pub fn num_params(&self) -> u64 {
         match (&self.model, &self.echo, &self.schema) {
             (ModelKind::Echo, Some(echo), _) => echo.params,
-            (_, _, Some(schema)) => schema.design_columns().len() as u64,
+            (_, _, Some(schema)) => schema.design_width() as u64,
             _ => 0,
         }
     }
@@ -281,6 +327,7 @@ impl DataSchema {
             if col.trim().is_empty() {
                 return Err(Error::config(WHAT, key, "column name must not be empty"));
             }
+            check_text(key, col, MAX_IDENT_CHARS)?;
             if !seen.insert(col.to_owned()) {
                 return Err(Error::config(WHAT, key, format!("column `{col}` is used twice")));
             }
@@ -293,6 +340,16 @@ impl DataSchema {
         }
         for f in &self.categorical {
             check_col("schema.categorical.column", &f.column)?;
+            if f.levels.len() > MAX_LEVELS {
+                return Err(Error::config(
+                    WHAT,
+                    "schema.categorical.levels",
+                    format!("column `{}` lists more than {MAX_LEVELS} levels", f.column),
+                ));
+            }
+            for level in &f.levels {
+                check_text("schema.categorical.levels", level, MAX_IDENT_CHARS)?;
+            }
             if f.levels.len() < 2 {
                 return Err(Error::config(
                     WHAT,
@@ -323,7 +380,17 @@ impl DataSchema {
                 "needs at least one numeric or categorical feature",
             ));
         }
+        if self.design_width() > MAX_DESIGN_COLUMNS {
+            return Err(Error::config(
+                WHAT,
+                "schema",
+                format!("the design would have more than {MAX_DESIGN_COLUMNS} columns"),
+            ));
+        }
         let t = &self.target;
+        if let Some(level) = &t.positive_level {
+            check_text("schema.target.positive_level", level, MAX_IDENT_CHARS)?;
+        }
         match model {
             ModelKind::Linear => {
                 if t.threshold.is_some() || t.positive_level.is_some() {
@@ -364,6 +431,18 @@ impl DataSchema {
             ModelKind::Echo => {}
         }
         Ok(())
+    }
+
+    /// Number of design columns, computed without building their names (a spec from the
+    /// network is sized before anything is allocated for it).
+    pub fn design_width(&self) -> usize {
+        let numeric: usize = self.numeric.iter().map(|f| if f.squared { 2 } else { 1 }).sum();
+        let dummies: usize = self
+            .categorical
+            .iter()
+            .map(|f| f.levels.len().saturating_sub(1))
+            .sum();
+        1 + numeric + dummies
     }
 
     /// Names of the design-matrix columns, in order: `const`, each numeric (then `name^2` when
@@ -455,6 +534,35 @@ categorical = [
             "schema.categorical.reference",
         );
         check(&|s| s.model = ModelKind::Echo, "echo");
+        check(&|s| s.name = "a\u{1b}[2Jname".into(), "name");
+        check(&|s| s.purpose = "why\u{202E}".into(), "purpose");
+        check(&|s| s.max_round_retries = 11, "max_round_retries");
+        check(&|s| s.round_timeout_secs = 86_401, "round_timeout_secs");
+        check(&|s| s.training.local_epochs = 1_001, "training.local_epochs");
+        check(
+            &|s| {
+                if let Some(schema) = s.schema.as_mut() {
+                    let f = &mut schema.categorical[0];
+                    f.levels.extend((0..1_000).map(|i| format!("pad{i}")));
+                }
+            },
+            "schema.categorical.levels",
+        );
+        check(
+            &|s| {
+                if let Some(schema) = s.schema.as_mut() {
+                    schema.categorical[1].levels[1] = "y\nes".into();
+                }
+            },
+            "schema.categorical.levels",
+        );
+    }
+
+    #[test]
+    fn design_width_matches_the_column_names() {
+        let spec: ExperimentSpec = toml::from_str(logit_toml()).expect("parse");
+        let schema = spec.schema.as_ref().expect("schema");
+        assert_eq!(schema.design_width(), schema.design_columns().len());
     }
 
     #[test]
