@@ -4,6 +4,38 @@ use std::path::PathBuf;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How a task breaks the experiment it claims to belong to (a coordinator that misbehaves,
+/// or one whose store was lost).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// The experiment id was first used with another manifest.
+    OtherManifest,
+    /// The round number is outside the experiment's rounds (or the policy's).
+    RoundOutOfRange { round: u32, rounds: u32 },
+    /// A second answer for the same phase and round, on different inputs.
+    SecondAnswer { phase: Phase, round: u32 },
+}
+
+impl std::fmt::Display for Binding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Binding::OtherManifest => f.write_str(
+                "this experiment id belongs to another manifest at this node (rule: one manifest per experiment)",
+            ),
+            Binding::RoundOutOfRange { round, rounds } => write!(
+                f,
+                "round {round} is outside the experiment's {rounds} rounds (rule: rounds of the approved manifest)"
+            ),
+            Binding::SecondAnswer { phase, round } => write!(
+                f,
+                "a {phase} answer for round {round} was already given on other inputs \
+                 (rule: one answer per phase and round)"
+            ),
+        }
+    }
+}
+use fedstat_shared::wire::Phase;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Config, PKI, wire, data or model errors from the shared crate.
@@ -23,12 +55,20 @@ pub enum Error {
     Connect { addr: String, problem: String },
 
     /// A task names a dataset this node does not offer.
-    #[error("this node offers no dataset named `{0}`")]
+    #[error("this node offers no dataset named `{}`", fedstat_shared::text::printable(.0))]
     UnknownDataset(String),
 
     /// The experiment breaks the site policy; the text names the rule, never a data value.
     #[error("refused by site policy: {0}")]
-    Policy(String),
+    Policy(crate::policy::Refusal),
+
+    /// A task is not consistent with the experiment the node agreed to answer.
+    #[error("refused: {0}")]
+    Binding(Binding),
+
+    /// The record of released row sets cannot be read or written (details for the custodian).
+    #[error("release ledger: {0}")]
+    Ledger(String),
 
     /// The data custodian rejected the experiment's manifest, with their reason.
     #[error("rejected by the data custodian: {0}")]
@@ -51,4 +91,31 @@ pub enum Error {
     /// The audit log is damaged (named by `audit verify`).
     #[error("audit log {path}: {report}")]
     Tampered { path: PathBuf, report: String },
+}
+
+impl Error {
+    /// The error as it may leave the node (to the coordinator and the researcher): the rule or
+    /// the column that failed, never a path, a line number, a count or a value. The full text
+    /// goes to the node's log and audit log, for the custodian. `dataset` names the dataset
+    /// the task was about.
+    pub fn public(&self, dataset: &str) -> String {
+        let dataset = fedstat_shared::text::printable(dataset);
+        match self {
+            Error::Shared(
+                e @ (fedstat_shared::Error::Csv { .. } | fedstat_shared::Error::Dataset { .. }),
+            ) => {
+                format!("dataset `{dataset}`: {}", e.public())
+            }
+            Error::Shared(e) => e.public(),
+            Error::InvalidSpec(e) => format!("the experiment spec is invalid: {}", e.public()),
+            Error::UnknownDataset(_) | Error::Policy(_) | Error::Binding(_) | Error::CustodianRejected(_) => {
+                self.to_string()
+            }
+            Error::AuditUnavailable => self.to_string(),
+            Error::Io { .. } | Error::Ledger(_) | Error::Approval(_) | Error::Tampered { .. } => {
+                "the node cannot use its own state; its custodian must check the node's log".to_owned()
+            }
+            Error::Connect { .. } => "the node lost its connection".to_owned(),
+        }
+    }
 }

@@ -15,7 +15,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::approval::{ApprovalStore, Verdict};
+use crate::binding::Bindings;
 use crate::config::NodeConfig;
+use crate::disclosure::{ReleaseLedger, RowSet};
 use crate::policy::{ApprovalMode, SitePolicy};
 use crate::{Error, Result};
 
@@ -27,11 +29,13 @@ pub enum Admission {
     Held,
 }
 
-/// Policy, approvals and audit log of one running node.
+/// Policy, approvals, bindings, the release ledger and the audit log of one running node.
 #[derive(Debug)]
 pub struct Governance {
     policy: SitePolicy,
     store: ApprovalStore,
+    bindings: Bindings,
+    ledger: ReleaseLedger,
     audit: Mutex<AuditLog>,
     /// Manifests already recorded as seen by this process.
     seen: Mutex<BTreeSet<String>>,
@@ -46,6 +50,8 @@ impl Governance {
         let gov = Governance {
             policy: config.policy.clone(),
             store: ApprovalStore::new(&config.state_dir),
+            bindings: Bindings::new(&config.state_dir),
+            ledger: ReleaseLedger::new(&config.state_dir),
             audit: Mutex::new(log),
             seen: Mutex::new(BTreeSet::new()),
             applied: Mutex::new(BTreeSet::new()),
@@ -85,7 +91,9 @@ impl Governance {
 
     /// Decide whether `task` may run: the site policy first, then the custodian's decision on
     /// its manifest. `Err(Error::Policy)` and `Err(Error::CustodianRejected)` are refusals to
-    /// send back; with manual approval an undecided manifest is held.
+    /// send back; with manual approval an undecided manifest is held, and so is a new
+    /// experiment id under a manifest whose approval another experiment has used (one approval,
+    /// one run).
     pub fn admit(&self, task: &Task, manifest: &Manifest<'_>) -> Result<Admission> {
         let hash = manifest.hash();
         let first_sight = self
@@ -100,7 +108,7 @@ impl Governance {
                     "manifest": hash,
                     "experiment": task.experiment,
                     "submitter": task.submitter,
-                    "name": task.spec.name,
+                    "name": fedstat_shared::text::printable(&task.spec.name),
                     "model": task.spec.model.as_str(),
                     "dataset": task.spec.dataset,
                     "rounds": task.spec.rounds,
@@ -132,10 +140,20 @@ impl Governance {
                 )?;
             }
         }
+        let rerun_of = match (&decision, self.policy.approval) {
+            (Some(d), ApprovalMode::Manual)
+                if d.decision == Verdict::Approved && !self.bindings.is_bound(task.experiment)? =>
+            {
+                self.bindings
+                    .use_approval(&hash, &d.decided_at, task.experiment)?
+            }
+            _ => None,
+        };
         match (decision, self.policy.approval) {
             (Some(d), _) if d.decision == Verdict::Rejected => Err(Error::CustodianRejected(d.reason)),
-            (Some(_), _) | (None, ApprovalMode::Auto) => Ok(Admission::Run),
-            (None, ApprovalMode::Manual) => {
+            (_, ApprovalMode::Auto) => Ok(Admission::Run),
+            (Some(_), ApprovalMode::Manual) if rerun_of.is_none() => Ok(Admission::Run),
+            (_, ApprovalMode::Manual) => {
                 let newly = self.store.hold(&hash, &manifest.canonical_json()).map_err(|e| {
                     tracing::error!("cannot hold manifest {hash}: {e}");
                     Error::Approval("the node cannot record the manifest for its custodian".into())
@@ -148,13 +166,17 @@ impl Governance {
                         "round": task.round,
                         "phase": task.phase.to_string(),
                         "newly_held": newly,
+                        "approval_used_by": rerun_of,
                     }),
                 )?;
                 if newly {
                     tracing::warn!(
-                        "experiment {} (`{}`) is held for the custodian: manifest {hash}; see `fedstat-node pending`",
+                        "experiment {} (`{}`) is held for the custodian: manifest {hash}{}; see `fedstat-node pending`",
                         task.experiment,
-                        task.spec.name
+                        fedstat_shared::text::printable(&task.spec.name),
+                        rerun_of.map_or(String::new(), |e| format!(
+                            " (its approval was used by experiment {e}: a new run needs a new approval)"
+                        )),
                     );
                 }
                 Ok(Admission::Held)
@@ -162,10 +184,45 @@ impl Governance {
         }
     }
 
-    /// Record a task the node did not do, with the reason sent back.
+    /// Check that `task` is one this node may answer under the manifest it was admitted with
+    /// (see [`crate::binding`]); `inputs` digests what the answer is computed from.
+    pub fn check_binding(&self, task: &Task, manifest: &str, inputs: &str) -> Result<()> {
+        self.bindings
+            .check(task, manifest, inputs, self.policy.max_rounds)
+    }
+
+    /// Record, before it is sent, that the answer to `task` on `inputs` is given.
+    pub fn record_binding(&self, task: &Task, inputs: &str) -> Result<()> {
+        self.bindings.record_answer(task, inputs)
+    }
+
+    /// The differencing rule: refuse `sets` (the row sets an experiment on `dataset` releases)
+    /// if one is a few rows from a set released before; record and audit the new ones.
+    pub fn check_release(&self, task: &Task, sets: &[RowSet]) -> Result<()> {
+        let added = self
+            .ledger
+            .check_and_record(&task.spec.dataset, sets, self.policy.min_cell)?;
+        if !added.is_empty() {
+            self.record(
+                "row_sets_recorded",
+                json!({
+                    "experiment": task.experiment,
+                    "dataset": fedstat_shared::text::printable(&task.spec.dataset),
+                    "sets": added.iter().map(|(label, rows, digest)| json!({
+                        "set": label, "rows": rows, "sha256": digest,
+                    })).collect::<Vec<_>>(),
+                }),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Record a task the node did not do: the full reason for the custodian, and the text
+    /// that was sent back.
     pub fn record_failure(&self, task: &Task, manifest: &str, error: &Error) {
         let kind = match error {
             Error::Policy(_) => "policy_refused",
+            Error::Binding(_) => "task_refused",
             Error::CustodianRejected(_) => "custodian_rejected",
             _ => "task_failed",
         };
@@ -177,6 +234,7 @@ impl Governance {
                 "phase": task.phase.to_string(),
                 "manifest": manifest,
                 "reason": error.to_string(),
+                "sent": error.public(&task.spec.dataset),
             }),
         );
     }
@@ -233,7 +291,8 @@ mod tests {
     fn config(dir: &Path, policy: &str) -> NodeConfig {
         let text = format!(
             "coordinator = \"c:1\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
-             [datasets]\ncps1988 = \"x.csv\"\n[policy]\n{policy}"
+             [datasets]\ncps1988 = \"x.csv\"\n[policy]\nallowed_targets = [\"wage\"]\n\
+             allowed_features = [\"*\"]\n{policy}"
         );
         NodeConfig::from_toml_str(&text, dir, "node.toml").expect("config")
     }
@@ -279,6 +338,16 @@ mod tests {
         assert_eq!(store.pending().expect("pending").len(), 1);
         store.approve(&m.hash()).expect("approve");
         assert_eq!(gov.admit(&t, &m).expect("admit"), Admission::Run);
+        gov.check_binding(&t, &m.hash(), "inputs").expect("bind");
+
+        // The same manifest under a new experiment id is a new run: held again, and only a
+        // new approval admits it.
+        let mut rerun = task(20);
+        rerun.experiment = 4;
+        assert_eq!(gov.admit(&rerun, &m).expect("admit"), Admission::Held);
+        assert_eq!(gov.admit(&t, &m).expect("admit"), Admission::Run);
+        store.approve(&m.hash()).expect("approve again");
+        assert_eq!(gov.admit(&rerun, &m).expect("admit"), Admission::Run);
 
         // Any change is a new manifest: held again; rejected -> refused with the reason.
         let t2 = task(21);
@@ -298,6 +367,8 @@ mod tests {
                 "node_started",
                 "manifest_seen",
                 "held",
+                "held",
+                "decision_applied",
                 "held",
                 "decision_applied",
                 "manifest_seen",

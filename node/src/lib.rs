@@ -9,7 +9,9 @@
 #![forbid(unsafe_code)]
 
 pub mod approval;
+pub mod binding;
 pub mod config;
+pub mod disclosure;
 pub mod error;
 pub mod governance;
 pub mod policy;
@@ -20,29 +22,87 @@ pub use error::{Error, Result};
 
 use std::path::Path;
 
-use fedstat_shared::data::load_csv;
+use fedstat_shared::data::{load_csv, LoadLimits};
 use fedstat_shared::spec::ExperimentSpec;
 
-/// Check, without any network, that this node's datasets load under an experiment's schema:
-/// how an office tries its own files before joining. Returns one line per dataset.
+use crate::policy::Columns;
+
+/// `fedstat-node check`: try, without any network, an experiment against this node's files
+/// and site policy, the way the node would when a task arrives. Meant for the custodian
+/// writing a policy and for an office trying its own files: the report names what the policy
+/// lacks (as `[policy]` lines to add), then whether the data pass the disclosure rules.
+/// Nothing is recorded. Returns the report's lines.
 pub fn check(config: &config::NodeConfig, experiment: &Path) -> Result<Vec<String>> {
     let spec = ExperimentSpec::from_toml_file(experiment)?;
+    let policy = &config.policy;
+    let mut out = Vec::new();
     let schema = spec
         .schema
         .as_ref()
         .ok_or_else(|| fedstat_shared::Error::Model("the experiment has no schema to check".into()))?;
+    let features: Vec<&String> = schema
+        .numeric
+        .iter()
+        .map(|f| &f.column)
+        .chain(schema.categorical.iter().map(|f| &f.column))
+        .collect();
+    let suggest = |key: &str, allowed: &Columns, wanted: &[&String]| -> Option<String> {
+        let Columns::Only(set) = allowed else { return None };
+        if wanted.iter().all(|c| set.contains(*c)) {
+            return None;
+        }
+        let mut all: std::collections::BTreeSet<&String> = set.iter().collect();
+        all.extend(wanted.iter().copied());
+        let list: Vec<String> = all.iter().map(|c| format!("{:?}", c)).collect();
+        Some(format!("{key} = [{}]", list.join(", ")))
+    };
+    let lines: Vec<String> = [
+        suggest(
+            "allowed_targets",
+            &policy.allowed_targets,
+            &[&schema.target.column],
+        ),
+        suggest("allowed_features", &policy.allowed_features, &features),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !lines.is_empty() {
+        out.push("the site policy does not list every column this experiment uses; to allow them, put in [policy]:".into());
+        out.extend(lines.into_iter().map(|l| format!("  {l}")));
+    }
+    match policy.check_spec(&spec) {
+        Ok(()) => out.push("site policy: allowed".into()),
+        Err(r) => out.push(format!("site policy: REFUSED: {r}")),
+    }
     let path = config
         .datasets
         .get(&spec.dataset)
         .ok_or_else(|| Error::UnknownDataset(spec.dataset.clone()))?;
-    let data = load_csv(path, schema, spec.model)?;
-    Ok(vec![format!(
+    let limits = LoadLimits {
+        max_cells: policy.max_cells(),
+    };
+    let data = load_csv(path, schema, spec.model, limits)?;
+    out.push(format!(
         "dataset `{}` ({}): {} train rows, {} test rows, {} design columns: {}",
         spec.dataset,
         path.display(),
         data.train.rows(),
         data.test.rows(),
-        schema.design_columns().len(),
+        schema.design_width(),
         schema.design_columns().join(", ")
-    )])
+    ));
+    let rules = policy
+        .check_rows(&spec, data.train.rows() as u64)
+        .and_then(|()| disclosure::check_cells(schema, spec.model, &data, policy.min_cell));
+    match rules {
+        Ok(()) => out.push("disclosure rules (rows, cells): pass".into()),
+        Err(r) => out.push(format!("disclosure rules: REFUSED: {r}")),
+    }
+    let sets = disclosure::released_sets(schema, spec.model, &data);
+    match disclosure::ReleaseLedger::new(&config.state_dir).check(&spec.dataset, &sets, policy.min_cell) {
+        Ok(()) => out.push("differencing against what this node released before: pass".into()),
+        Err(e) => out.push(format!("differencing: REFUSED: {e}")),
+    }
+    Ok(out)
 }

@@ -1,7 +1,11 @@
 //! The site policy: the data custodian's rules for what may run on this office's data, from
 //! the `[policy]` table of the node config. Checked by the node for every task, never by the
-//! coordinator: a researcher cannot loosen it. A refusal names the rule that failed and never
-//! a data value (nor the node's exact row count: only which threshold was not met).
+//! coordinator: a researcher cannot loosen it. A refusal ([`Refusal`]) names the rule that
+//! failed and the column at most: never a data value nor a count from the data.
+//!
+//! Defaults are safe: no column may be used until the custodian lists it, cells of fewer than
+//! 10 rows are never released, and every training setting that could isolate a person is
+//! bounded. `docs/disclosure.md` explains each rule and the attack it stops.
 
 use std::collections::BTreeSet;
 
@@ -39,32 +43,84 @@ pub(crate) struct RawPolicy {
     max_rounds: Option<u32>,
     min_train_rows: Option<u64>,
     min_rows_per_param: Option<f64>,
+    min_cell: Option<u64>,
+    min_batch_size: Option<u32>,
+    max_local_epochs: Option<u32>,
+    min_nodes_floor: Option<u32>,
+    max_params: Option<u64>,
+    max_levels: Option<usize>,
+    max_memory_mb: Option<u64>,
+    count_rounding: Option<u64>,
     #[serde(default)]
     approval: ApprovalMode,
 }
 
-pub const DEFAULT_MAX_ROUNDS: u32 = 1000;
+pub const DEFAULT_MAX_ROUNDS: u32 = 100;
 pub const DEFAULT_MIN_TRAIN_ROWS: u64 = 10;
 pub const DEFAULT_MIN_ROWS_PER_PARAM: f64 = 3.0;
+/// A common NSO output-checking threshold: no cell of fewer than 10 people.
+pub const DEFAULT_MIN_CELL: u64 = 10;
+pub const DEFAULT_MAX_LOCAL_EPOCHS: u32 = 10;
+/// With fewer than three offices in a pooled answer, one office can subtract its own share.
+pub const DEFAULT_MIN_NODES_FLOOR: u32 = 3;
+pub const DEFAULT_MAX_PARAMS: u64 = 1_000;
+pub const DEFAULT_MAX_LEVELS: usize = 50;
+pub const DEFAULT_MAX_MEMORY_MB: u64 = 1_024;
+pub const DEFAULT_COUNT_ROUNDING: u64 = 10;
 
-/// The validated site policy. `None` in an allow-list means "no restriction".
+/// Which columns may be used: any (`["*"]`, for demos), or exactly those listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Columns {
+    Any,
+    Only(BTreeSet<String>),
+}
+
+impl Columns {
+    pub fn allows(&self, column: &str) -> bool {
+        match self {
+            Columns::Any => true,
+            Columns::Only(set) => set.contains(column),
+        }
+    }
+}
+
+/// The validated site policy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SitePolicy {
     /// `policy.allowed_datasets`: dataset names experiments may use (default: every offered one).
     pub allowed_datasets: Option<BTreeSet<String>>,
-    /// `policy.allowed_features`: CSV columns that may be used as features (default: any).
-    pub allowed_features: Option<BTreeSet<String>>,
-    /// `policy.allowed_targets`: CSV columns that may be used as the target (default: any).
-    pub allowed_targets: Option<BTreeSet<String>>,
+    /// `policy.allowed_features`: CSV columns that may be used as features (default: none).
+    pub allowed_features: Columns,
+    /// `policy.allowed_targets`: CSV columns that may be used as the target (default: none).
+    pub allowed_targets: Columns,
     /// `policy.allowed_models`: model kinds (default: all, including the data-free `echo`).
     pub allowed_models: Vec<ModelKind>,
-    /// `policy.max_rounds`: most rounds an experiment may ask for.
+    /// `policy.max_rounds`: most rounds an experiment may ask for, and highest round answered.
     pub max_rounds: u32,
     /// `policy.min_train_rows`: fewest training rows behind any answer.
     pub min_train_rows: u64,
     /// `policy.min_rows_per_param`: training rows needed per model parameter (saturation
     /// limit; 3 means the parameters are at most a third of the rows).
     pub min_rows_per_param: f64,
+    /// `policy.min_cell`: fewest rows in any level of a categorical feature and in its
+    /// complement, in either class of a binary target, in either split, and in the difference
+    /// between two released row sets (differencing).
+    pub min_cell: u64,
+    /// `policy.min_batch_size`: smallest SGD batch (default: `min_cell`).
+    pub min_batch_size: u32,
+    /// `policy.max_local_epochs`.
+    pub max_local_epochs: u32,
+    /// `policy.min_nodes_floor`: smallest `min_nodes` an experiment on data may ask for.
+    pub min_nodes_floor: u32,
+    /// `policy.max_params`: most model parameters (design columns, or `echo` parameters).
+    pub max_params: u64,
+    /// `policy.max_levels`: most levels one categorical feature may declare.
+    pub max_levels: usize,
+    /// `policy.max_memory_mb`: budget for the design matrices of one experiment.
+    pub max_memory_mb: u64,
+    /// `policy.count_rounding`: row counts sent as update weights are rounded to a multiple
+    /// of this.
+    pub count_rounding: u64,
     /// `policy.approval`.
     pub approval: ApprovalMode,
 }
@@ -73,13 +129,176 @@ impl Default for SitePolicy {
     fn default() -> Self {
         SitePolicy {
             allowed_datasets: None,
-            allowed_features: None,
-            allowed_targets: None,
+            allowed_features: Columns::Only(BTreeSet::new()),
+            allowed_targets: Columns::Only(BTreeSet::new()),
             allowed_models: vec![ModelKind::Linear, ModelKind::Logistic, ModelKind::Echo],
             max_rounds: DEFAULT_MAX_ROUNDS,
             min_train_rows: DEFAULT_MIN_TRAIN_ROWS,
             min_rows_per_param: DEFAULT_MIN_ROWS_PER_PARAM,
+            min_cell: DEFAULT_MIN_CELL,
+            min_batch_size: DEFAULT_MIN_CELL as u32,
+            max_local_epochs: DEFAULT_MAX_LOCAL_EPOCHS,
+            min_nodes_floor: DEFAULT_MIN_NODES_FLOOR,
+            max_params: DEFAULT_MAX_PARAMS,
+            max_levels: DEFAULT_MAX_LEVELS,
+            max_memory_mb: DEFAULT_MAX_MEMORY_MB,
+            count_rounding: DEFAULT_COUNT_ROUNDING,
             approval: ApprovalMode::Auto,
+        }
+    }
+}
+
+/// Which part of a dataset a cell rule was checked on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Split::Train => "training",
+            Split::Test => "test",
+        })
+    }
+}
+
+/// Why the site policy refuses an experiment or a task. The text names the rule (its policy
+/// key) and at most a column or the researcher's own setting: never a value or a count from
+/// the data. It is what the researcher sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    ModelNotAllowed(ModelKind),
+    TooManyRounds {
+        asked: u32,
+        max: u32,
+    },
+    DatasetNotAllowed(String),
+    TargetNotAllowed(String),
+    FeatureNotAllowed(String),
+    BatchTooSmall {
+        min: u32,
+    },
+    TooManyEpochs {
+        max: u32,
+    },
+    MinNodesBelowFloor {
+        floor: u32,
+    },
+    TooManyParams {
+        max: u64,
+    },
+    TooManyLevels {
+        column: String,
+        max: usize,
+    },
+    TooFewTrainRows {
+        min: u64,
+    },
+    Saturated {
+        params: u64,
+        per_param: String,
+    },
+    /// A level of `column` (or the rest of the rows) has fewer than `min_cell` rows.
+    SmallLevel {
+        column: String,
+        split: Split,
+    },
+    /// A class of the binary target has fewer than `min_cell` rows.
+    SmallClass {
+        column: String,
+        split: Split,
+    },
+    /// The training or test split has fewer than `min_cell` rows.
+    SmallSplit {
+        split: Split,
+    },
+    /// A row set this experiment would release differs from one released before by fewer
+    /// than `min_cell` rows (but not by none).
+    Differencing {
+        what: String,
+    },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::ModelNotAllowed(m) => {
+                write!(
+                    f,
+                    "model kind `{}` is not allowed (policy.allowed_models)",
+                    m.as_str()
+                )
+            }
+            Refusal::TooManyRounds { asked, max } => write!(
+                f,
+                "{asked} rounds asked, more than the maximum of {max} (policy.max_rounds)"
+            ),
+            Refusal::DatasetNotAllowed(d) => write!(
+                f,
+                "dataset `{}` is not allowed (policy.allowed_datasets)",
+                fedstat_shared::text::printable(d)
+            ),
+            Refusal::TargetNotAllowed(c) => write!(
+                f,
+                "column `{}` is not allowed as the target (policy.allowed_targets)",
+                fedstat_shared::text::printable(c)
+            ),
+            Refusal::FeatureNotAllowed(c) => write!(
+                f,
+                "column `{}` is not allowed as a feature (policy.allowed_features)",
+                fedstat_shared::text::printable(c)
+            ),
+            Refusal::BatchTooSmall { min } => write!(
+                f,
+                "training.batch_size is below the minimum of {min} (policy.min_batch_size)"
+            ),
+            Refusal::TooManyEpochs { max } => write!(
+                f,
+                "training.local_epochs is above the maximum of {max} (policy.max_local_epochs)"
+            ),
+            Refusal::MinNodesBelowFloor { floor } => write!(
+                f,
+                "min_nodes is below this office's floor of {floor} offices per pooled answer \
+                 (policy.min_nodes_floor)"
+            ),
+            Refusal::TooManyParams { max } => {
+                write!(f, "the model has more than {max} parameters (policy.max_params)")
+            }
+            Refusal::TooManyLevels { column, max } => write!(
+                f,
+                "column `{}` declares more than {max} levels (policy.max_levels)",
+                fedstat_shared::text::printable(column)
+            ),
+            Refusal::TooFewTrainRows { min } => write!(
+                f,
+                "fewer training rows than the minimum of {min} (policy.min_train_rows)"
+            ),
+            Refusal::Saturated { params, per_param } => write!(
+                f,
+                "the model's {params} parameters would saturate the data: at least {per_param} \
+                 training rows per parameter are required (policy.min_rows_per_param)"
+            ),
+            Refusal::SmallLevel { column, split } => write!(
+                f,
+                "column `{}`: a level, or the rows outside it, has too few {split} rows \
+                 (policy.min_cell)",
+                fedstat_shared::text::printable(column)
+            ),
+            Refusal::SmallClass { column, split } => write!(
+                f,
+                "target `{}`: a class has too few {split} rows (policy.min_cell)",
+                fedstat_shared::text::printable(column)
+            ),
+            Refusal::SmallSplit { split } => {
+                write!(f, "the {split} split has too few rows (policy.min_cell)")
+            }
+            Refusal::Differencing { what } => write!(
+                f,
+                "differencing: the {what} would differ from rows this office released before by \
+                 too few rows (policy.min_cell)"
+            ),
         }
     }
 }
@@ -88,138 +307,233 @@ impl RawPolicy {
     /// Validate; `Err((key, problem))` names the key under `policy.`.
     pub(crate) fn validate(self) -> Result<SitePolicy, (String, String)> {
         let d = SitePolicy::default();
-        let list =
-            |key: &str, v: Option<Vec<String>>| -> Result<Option<BTreeSet<String>>, (String, String)> {
-                match v {
-                    None => Ok(None),
-                    Some(items) => {
-                        if items.iter().any(|s| s.trim().is_empty()) {
-                            return Err((format!("policy.{key}"), "names must not be empty".into()));
-                        }
-                        Ok(Some(items.into_iter().collect()))
+        let err = |key: &str, problem: &str| (format!("policy.{key}"), problem.to_owned());
+        let names = |key: &str, v: &[String]| -> Result<(), (String, String)> {
+            if v.iter().any(|s| s.trim().is_empty()) {
+                return Err(err(key, "names must not be empty"));
+            }
+            Ok(())
+        };
+        let columns = |key: &str, v: Option<Vec<String>>| -> Result<Columns, (String, String)> {
+            match v {
+                None => Ok(Columns::Only(BTreeSet::new())),
+                Some(items) if items.iter().any(|s| s == "*") => {
+                    if items.len() > 1 {
+                        return Err(err(key, "\"*\" (any column) stands alone"));
                     }
+                    Ok(Columns::Any)
                 }
-            };
+                Some(items) => {
+                    names(key, &items)?;
+                    Ok(Columns::Only(items.into_iter().collect()))
+                }
+            }
+        };
+        let allowed_datasets = match self.allowed_datasets {
+            None => None,
+            Some(items) => {
+                names("allowed_datasets", &items)?;
+                Some(items.into_iter().collect())
+            }
+        };
         let max_rounds = self.max_rounds.unwrap_or(d.max_rounds);
         if max_rounds == 0 {
-            return Err(("policy.max_rounds".into(), "must be at least 1".into()));
+            return Err(err("max_rounds", "must be at least 1"));
         }
         let min_train_rows = self.min_train_rows.unwrap_or(d.min_train_rows);
         if min_train_rows == 0 {
-            return Err(("policy.min_train_rows".into(), "must be at least 1".into()));
+            return Err(err("min_train_rows", "must be at least 1"));
         }
         let min_rows_per_param = self.min_rows_per_param.unwrap_or(d.min_rows_per_param);
         if !(min_rows_per_param.is_finite() && (1.0..=1e6).contains(&min_rows_per_param)) {
-            return Err((
-                "policy.min_rows_per_param".into(),
-                "must be a number between 1 and 1000000".into(),
+            return Err(err(
+                "min_rows_per_param",
+                "must be a number between 1 and 1000000",
             ));
         }
+        let min_cell = self.min_cell.unwrap_or(d.min_cell);
+        if min_cell == 0 || min_cell > 1_000_000 {
+            return Err(err("min_cell", "must be between 1 and 1000000"));
+        }
+        let min_batch_size = self
+            .min_batch_size
+            .unwrap_or(u32::try_from(min_cell).unwrap_or(u32::MAX));
+        if min_batch_size == 0 {
+            return Err(err("min_batch_size", "must be at least 1"));
+        }
+        let max_local_epochs = self.max_local_epochs.unwrap_or(d.max_local_epochs);
+        if max_local_epochs == 0 || max_local_epochs > fedstat_shared::spec::MAX_LOCAL_EPOCHS {
+            return Err(err("max_local_epochs", "must be between 1 and 1000"));
+        }
+        let min_nodes_floor = self.min_nodes_floor.unwrap_or(d.min_nodes_floor);
+        if min_nodes_floor == 0 {
+            return Err(err("min_nodes_floor", "must be at least 1"));
+        }
+        let max_params = self.max_params.unwrap_or(d.max_params);
+        if max_params == 0 || max_params > fedstat_shared::spec::MAX_PARAMS {
+            return Err(err("max_params", "must be between 1 and 100000000"));
+        }
+        let max_levels = self.max_levels.unwrap_or(d.max_levels);
+        if !(2..=fedstat_shared::spec::MAX_LEVELS).contains(&max_levels) {
+            return Err(err("max_levels", "must be between 2 and 1000"));
+        }
+        let max_memory_mb = self.max_memory_mb.unwrap_or(d.max_memory_mb);
+        if max_memory_mb == 0 || max_memory_mb > 1 << 30 {
+            return Err(err("max_memory_mb", "must be between 1 and 1073741824"));
+        }
+        let count_rounding = self.count_rounding.unwrap_or(d.count_rounding);
+        if count_rounding == 0 || count_rounding > 1_000_000 {
+            return Err(err("count_rounding", "must be between 1 and 1000000"));
+        }
         Ok(SitePolicy {
-            allowed_datasets: list("allowed_datasets", self.allowed_datasets)?,
-            allowed_features: list("allowed_features", self.allowed_features)?,
-            allowed_targets: list("allowed_targets", self.allowed_targets)?,
+            allowed_datasets,
+            allowed_features: columns("allowed_features", self.allowed_features)?,
+            allowed_targets: columns("allowed_targets", self.allowed_targets)?,
             allowed_models: self.allowed_models.unwrap_or(d.allowed_models),
             max_rounds,
             min_train_rows,
             min_rows_per_param,
+            min_cell,
+            min_batch_size,
+            max_local_epochs,
+            min_nodes_floor,
+            max_params,
+            max_levels,
+            max_memory_mb,
+            count_rounding,
             approval: self.approval,
         })
     }
 }
 
 impl SitePolicy {
-    /// Rules that need no data: model kind, rounds, dataset, columns. `Err` is the reason.
-    pub fn check_spec(&self, spec: &ExperimentSpec) -> Result<(), String> {
+    /// Rules that need no data: model kind, rounds, dataset, columns, training settings,
+    /// quorum and size. Checked before anything is read or allocated for the task.
+    pub fn check_spec(&self, spec: &ExperimentSpec) -> Result<(), Refusal> {
         if !self.allowed_models.contains(&spec.model) {
-            return Err(format!(
-                "model kind `{}` is not allowed (policy.allowed_models)",
-                spec.model.as_str()
-            ));
+            return Err(Refusal::ModelNotAllowed(spec.model));
         }
         if spec.rounds > self.max_rounds {
-            return Err(format!(
-                "{} rounds asked, more than the maximum of {} (policy.max_rounds)",
-                spec.rounds, self.max_rounds
-            ));
+            return Err(Refusal::TooManyRounds {
+                asked: spec.rounds,
+                max: self.max_rounds,
+            });
+        }
+        if spec.num_params() > self.max_params {
+            return Err(Refusal::TooManyParams { max: self.max_params });
         }
         if !spec.uses_data() {
             return Ok(());
         }
         if let Some(allowed) = &self.allowed_datasets {
             if !allowed.contains(&spec.dataset) {
-                return Err(format!(
-                    "dataset `{}` is not allowed (policy.allowed_datasets)",
-                    spec.dataset
-                ));
+                return Err(Refusal::DatasetNotAllowed(spec.dataset.clone()));
             }
+        }
+        if spec.min_nodes < self.min_nodes_floor {
+            return Err(Refusal::MinNodesBelowFloor {
+                floor: self.min_nodes_floor,
+            });
+        }
+        let t = &spec.training;
+        if t.batch_size < self.min_batch_size {
+            return Err(Refusal::BatchTooSmall {
+                min: self.min_batch_size,
+            });
+        }
+        if t.local_epochs > self.max_local_epochs {
+            return Err(Refusal::TooManyEpochs {
+                max: self.max_local_epochs,
+            });
         }
         let Some(schema) = &spec.schema else {
             return Ok(());
         };
-        if let Some(allowed) = &self.allowed_targets {
-            if !allowed.contains(&schema.target.column) {
-                return Err(format!(
-                    "column `{}` is not allowed as the target (policy.allowed_targets)",
-                    schema.target.column
-                ));
+        if !self.allowed_targets.allows(&schema.target.column) {
+            return Err(Refusal::TargetNotAllowed(schema.target.column.clone()));
+        }
+        let features = schema
+            .numeric
+            .iter()
+            .map(|f| &f.column)
+            .chain(schema.categorical.iter().map(|f| &f.column));
+        for column in features {
+            if !self.allowed_features.allows(column) {
+                return Err(Refusal::FeatureNotAllowed(column.clone()));
             }
         }
-        if let Some(allowed) = &self.allowed_features {
-            let features = schema
-                .numeric
-                .iter()
-                .map(|f| &f.column)
-                .chain(schema.categorical.iter().map(|f| &f.column));
-            for column in features {
-                if !allowed.contains(column) {
-                    return Err(format!(
-                        "column `{column}` is not allowed as a feature (policy.allowed_features)"
-                    ));
-                }
-            }
+        if let Some(f) = schema
+            .categorical
+            .iter()
+            .find(|f| f.levels.len() > self.max_levels)
+        {
+            return Err(Refusal::TooManyLevels {
+                column: f.column.clone(),
+                max: self.max_levels,
+            });
         }
         Ok(())
     }
 
-    /// Disclosure thresholds, once the data are loaded. Says which threshold failed, not the
-    /// row count.
-    pub fn check_rows(&self, spec: &ExperimentSpec, train_rows: u64) -> Result<(), String> {
+    /// Disclosure thresholds on the number of training rows, once the data are loaded. Says
+    /// which threshold failed, not the row count.
+    pub fn check_rows(&self, spec: &ExperimentSpec, train_rows: u64) -> Result<(), Refusal> {
         if !spec.uses_data() {
             return Ok(());
         }
         if train_rows < self.min_train_rows {
-            return Err(format!(
-                "fewer training rows than the minimum of {} (policy.min_train_rows)",
-                self.min_train_rows
-            ));
+            return Err(Refusal::TooFewTrainRows {
+                min: self.min_train_rows,
+            });
         }
         let params = spec.num_params();
         // Compared in f64: exact for any realistic count, and the limit may be fractional.
         if (train_rows as f64) < params as f64 * self.min_rows_per_param {
-            return Err(format!(
-                "the model's {params} parameters would saturate the data: at least {} training rows \
-                 per parameter are required (policy.min_rows_per_param)",
-                self.min_rows_per_param
-            ));
+            return Err(Refusal::Saturated {
+                params,
+                per_param: self.min_rows_per_param.to_string(),
+            });
         }
         Ok(())
     }
 
+    /// The most design-matrix cells (rows × columns, f64) one experiment may load.
+    pub fn max_cells(&self) -> u64 {
+        self.max_memory_mb.saturating_mul(1 << 20) / 8
+    }
+
+    /// `rows` rounded to the nearest multiple of `count_rounding` (at least one multiple): the
+    /// weight an update carries, so no answer states this office's exact row count.
+    pub fn rounded_count(&self, rows: u64) -> u64 {
+        let r = self.count_rounding;
+        (rows.saturating_add(r / 2) / r).max(1).saturating_mul(r)
+    }
+
     /// A summary for the audit log's start record.
     pub fn to_json(&self) -> serde_json::Value {
-        let list = |s: &Option<BTreeSet<String>>| match s {
-            None => serde_json::Value::String("any".into()),
-            Some(set) => serde_json::json!(set),
+        let columns = |c: &Columns| match c {
+            Columns::Any => serde_json::json!("any"),
+            Columns::Only(set) => serde_json::json!(set),
         };
         serde_json::json!({
-            "allowed_datasets": list(&self.allowed_datasets),
-            "allowed_features": list(&self.allowed_features),
-            "allowed_targets": list(&self.allowed_targets),
+            "allowed_datasets": match &self.allowed_datasets {
+                None => serde_json::json!("any offered"),
+                Some(set) => serde_json::json!(set),
+            },
+            "allowed_features": columns(&self.allowed_features),
+            "allowed_targets": columns(&self.allowed_targets),
             "allowed_models": self.allowed_models.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
             "max_rounds": self.max_rounds,
             "min_train_rows": self.min_train_rows,
             "min_rows_per_param": self.min_rows_per_param,
+            "min_cell": self.min_cell,
+            "min_batch_size": self.min_batch_size,
+            "max_local_epochs": self.max_local_epochs,
+            "min_nodes_floor": self.min_nodes_floor,
+            "max_params": self.max_params,
+            "max_levels": self.max_levels,
+            "max_memory_mb": self.max_memory_mb,
+            "count_rounding": self.count_rounding,
             "approval": self.approval.as_str(),
         })
     }
@@ -232,6 +546,10 @@ mod tests {
     fn spec() -> ExperimentSpec {
         toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("example experiment")
     }
+
+    /// The example experiment's columns, which a custodian would list.
+    const LISTED: &str = "allowed_targets = [\"wage\"]\n\
+        allowed_features = [\"education\", \"experience\", \"ethnicity\", \"smsa\", \"parttime\"]\n";
 
     fn policy(toml_text: &str) -> SitePolicy {
         toml::from_str::<RawPolicy>(toml_text)
@@ -248,7 +566,10 @@ mod tests {
         let got = p.check_spec(&s).and_then(|()| p.check_rows(&s, rows));
         match (expected, got) {
             (None, Ok(())) => {}
-            (Some(want), Err(reason)) => assert!(reason.starts_with(want), "{policy_toml}: {reason}"),
+            (Some(want), Err(reason)) => {
+                let text = reason.to_string();
+                assert!(text.starts_with(want), "{policy_toml}: {text}");
+            }
             (want, got) => panic!("{policy_toml}: expected {want:?}, got {got:?}"),
         }
     }
@@ -256,62 +577,119 @@ mod tests {
     #[test]
     fn each_rule_refuses_with_its_reason() {
         let same = |_: &mut ExperimentSpec| {};
-        check("", same, 1000, None);
+        let with = |extra: &str| format!("{LISTED}{extra}");
+        check("", same, 1000, Some("column `wage` is not allowed as the target"));
         check(
-            "allowed_datasets = [\"lfs\"]",
+            "allowed_targets = [\"wage\"]",
             same,
             1000,
-            Some("dataset `cps1988` is not allowed"),
+            Some("column `education` is not allowed as a feature"),
         );
-        check("allowed_datasets = [\"cps1988\"]", same, 1000, None);
+        check(LISTED, same, 1000, None);
         check(
-            "allowed_features = [\"education\", \"experience\", \"smsa\", \"parttime\"]",
-            same,
-            1000,
-            Some("column `ethnicity` is not allowed as a feature"),
-        );
-        check(
-            "allowed_features = [\"education\", \"experience\", \"ethnicity\", \"smsa\", \"parttime\"]",
+            "allowed_targets = [\"*\"]\nallowed_features = [\"*\"]",
             same,
             1000,
             None,
         );
         check(
-            "allowed_targets = [\"hours\"]",
+            &with("allowed_datasets = [\"lfs\"]"),
+            same,
+            1000,
+            Some("dataset `cps1988` is not allowed"),
+        );
+        check(&with("allowed_datasets = [\"cps1988\"]"), same, 1000, None);
+        check(
+            "allowed_targets = [\"wage\"]\nallowed_features = [\"education\", \"experience\", \"smsa\", \"parttime\"]",
+            same,
+            1000,
+            Some("column `ethnicity` is not allowed as a feature"),
+        );
+        check(
+            "allowed_targets = [\"hours\"]\nallowed_features = [\"*\"]",
             same,
             1000,
             Some("column `wage` is not allowed as the target"),
         );
         check(
-            "allowed_models = [\"linear\", \"echo\"]",
+            &with("allowed_models = [\"linear\", \"echo\"]"),
             same,
             1000,
             Some("model kind `logistic` is not allowed"),
         );
         check(
-            "max_rounds = 5",
+            &with("max_rounds = 5"),
             |s| s.rounds = 6,
             1000,
             Some("6 rounds asked, more than the maximum of 5"),
         );
-        check("max_rounds = 5", |s| s.rounds = 5, 1000, None);
-        check("", same, 9, Some("fewer training rows than the minimum of 10"));
+        check(&with("max_rounds = 5"), |s| s.rounds = 5, 1000, None);
+        check(LISTED, |s| s.rounds = 101, 1000, Some("101 rounds asked"));
         check(
-            "min_train_rows = 5",
+            LISTED,
+            |s| s.training.batch_size = 1,
+            1000,
+            Some("training.batch_size is below the minimum of 10 (policy.min_batch_size)"),
+        );
+        check(&with("min_cell = 5"), |s| s.training.batch_size = 5, 1000, None);
+        check(
+            LISTED,
+            |s| s.training.local_epochs = 11,
+            1000,
+            Some("training.local_epochs is above the maximum of 10"),
+        );
+        check(
+            LISTED,
+            |s| s.min_nodes = 2,
+            1000,
+            Some("min_nodes is below this office's floor of 3"),
+        );
+        check(&with("min_nodes_floor = 2"), |s| s.min_nodes = 2, 1000, None);
+        check(
+            LISTED,
+            |s| {
+                if let Some(schema) = s.schema.as_mut() {
+                    schema.categorical[0]
+                        .levels
+                        .extend((0..60).map(|i| format!("pad{i}")));
+                }
+            },
+            100_000,
+            Some("column `ethnicity` declares more than 50 levels (policy.max_levels)"),
+        );
+        check(
+            &with("max_params = 5"),
+            same,
+            1000,
+            Some("the model has more than 5 parameters (policy.max_params)"),
+        );
+        check(
+            LISTED,
+            same,
+            9,
+            Some("fewer training rows than the minimum of 10"),
+        );
+        check(
+            &with("min_train_rows = 5"),
             same,
             9,
             Some("the model's 7 parameters would saturate"),
         );
-        check("min_train_rows = 5", same, 21, None);
-        check("min_train_rows = 5", same, 20, Some("the model's 7 parameters"));
-        check("min_rows_per_param = 1.5", same, 11, None);
+        check(&with("min_train_rows = 5"), same, 21, None);
+        check(
+            &with("min_train_rows = 5"),
+            same,
+            20,
+            Some("the model's 7 parameters"),
+        );
+        check(&with("min_rows_per_param = 1.5"), same, 11, None);
     }
 
     #[test]
     fn refusals_never_state_the_row_count() {
-        let p = SitePolicy::default();
+        let p = policy(LISTED);
         for rows in [3u64, 17] {
-            let reason = p.check_rows(&spec(), rows).expect_err("refused");
+            let reason = p.check_rows(&spec(), rows).expect_err("refused").to_string();
             assert!(!reason.contains(&rows.to_string()), "{reason}");
         }
     }
@@ -325,17 +703,43 @@ mod tests {
         assert_eq!(p.check_rows(&echo, 0), Ok(()));
         let p = policy("allowed_models = [\"linear\"]");
         assert!(p.check_spec(&echo).is_err());
+        // The default size limit keeps a padded echo far below the coordinator's 10^8.
+        let mut big = echo.clone();
+        big.echo = Some(fedstat_shared::spec::EchoSpec { params: 1_001 });
+        assert_eq!(
+            SitePolicy::default().check_spec(&big),
+            Err(Refusal::TooManyParams { max: 1_000 })
+        );
+    }
+
+    #[test]
+    fn counts_are_rounded_to_the_policy_multiple() {
+        let p = SitePolicy::default();
+        for (rows, want) in [(1, 10), (4, 10), (15, 20), (5_634, 5_630), (5_635, 5_640)] {
+            assert_eq!(p.rounded_count(rows), want, "{rows}");
+        }
+        assert_eq!(policy("count_rounding = 1").rounded_count(5_634), 5_634);
     }
 
     #[test]
     fn defaults_and_invalid_values() {
         assert_eq!(policy(""), SitePolicy::default());
         assert_eq!(policy("approval = \"manual\"").approval, ApprovalMode::Manual);
+        assert_eq!(policy("min_cell = 5").min_batch_size, 5);
         for (text, key) in [
             ("max_rounds = 0", "policy.max_rounds"),
             ("min_train_rows = 0", "policy.min_train_rows"),
             ("min_rows_per_param = 0.5", "policy.min_rows_per_param"),
             ("allowed_datasets = [\"\"]", "policy.allowed_datasets"),
+            ("allowed_features = [\"*\", \"age\"]", "policy.allowed_features"),
+            ("min_cell = 0", "policy.min_cell"),
+            ("min_batch_size = 0", "policy.min_batch_size"),
+            ("max_local_epochs = 0", "policy.max_local_epochs"),
+            ("min_nodes_floor = 0", "policy.min_nodes_floor"),
+            ("max_params = 0", "policy.max_params"),
+            ("max_levels = 1", "policy.max_levels"),
+            ("max_memory_mb = 0", "policy.max_memory_mb"),
+            ("count_rounding = 0", "policy.count_rounding"),
         ] {
             let err = toml::from_str::<RawPolicy>(text)
                 .expect("parse")

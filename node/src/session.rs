@@ -17,6 +17,7 @@ use fedstat_shared::transport::{read_frame, read_tensor, write_frame, write_tens
 use fedstat_shared::wire::{CoordMsg, NodeMsg, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION};
 use rand::Rng;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -43,11 +44,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let me = config.tls.identity()?;
     let client_config = tls::client_config(&config.tls)?;
     let gov = Arc::new(Governance::open(&config, &me.name)?);
-    let worker = Arc::new(Worker::new(
-        me.name.clone(),
-        config.datasets.clone(),
-        config.policy.clone(),
-    ));
+    let worker = Arc::new(Worker::new(me.name.clone(), config.datasets.clone(), gov.clone()));
     tokio::pin!(shutdown);
     let mut backoff = BACKOFF_START;
     // Only the first failure of a streak goes to the audit log: retries are not events.
@@ -270,14 +267,24 @@ async fn task(
                     what: "task",
                     problem: "empty stream".into(),
                 })?;
+        // The spec and the policy's size rules are checked before the model's bytes are read,
+        // so a padded spec or an oversized model costs the node nothing.
+        if let Err(e) = precheck(&task, &gov) {
+            return Ok(Err((task, e)));
+        }
         let model = match task.model {
             Some(meta) => Some(read_tensor(&mut stream, meta, task.spec.num_params()).await?),
             None => None,
         };
-        Ok::<_, fedstat_shared::Error>((task, model))
+        Ok::<_, fedstat_shared::Error>(Ok((task, model)))
     };
     let (task, model) = match tokio::time::timeout(TASK_IDLE, received).await {
-        Ok(Ok(x)) => x,
+        Ok(Ok(Ok(x))) => x,
+        Ok(Ok(Err((task, e)))) => {
+            let hash = Manifest::new(&task.spec, &task.submitter).hash();
+            gov.record_failure(&task, &hash, &e);
+            return fail(&ctl, &task, &e);
+        }
         Ok(Err(e)) => return tracing::warn!("cannot read a task: {e}"),
         Err(_) => return tracing::warn!("a task did not arrive within {TASK_IDLE:?}"),
     };
@@ -290,8 +297,17 @@ async fn task(
         let step = tokio::task::spawn_blocking(move || prepare(&t, &worker, &gov, model)).await;
         let step = match step {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return fail(&ctl, &task, e.to_string()),
-            Err(e) => return fail(&ctl, &task, format!("the task crashed: {e}")),
+            Ok(Err(e)) => return fail(&ctl, &task, &e),
+            Err(e) => {
+                tracing::error!("the task crashed: {e}");
+                return fail(
+                    &ctl,
+                    &task,
+                    &Error::Shared(fedstat_shared::Error::Model(
+                        "the task crashed at the node".into(),
+                    )),
+                );
+            }
         };
         let closed = |_| "control stream closed".to_owned();
         let sent = match step {
@@ -342,21 +358,47 @@ async fn task(
     .await
 }
 
-/// Everything before sending, on a blocking thread: validate, admit (policy, approval), run
-/// next to the data, record the answer in the audit log. A failure is recorded too.
+/// What needs no data and no model: the spec is valid and the site policy allows it.
+fn precheck(task: &Task, gov: &Governance) -> Result<()> {
+    task.spec.validate().map_err(Error::InvalidSpec)?;
+    gov.policy().check_spec(&task.spec).map_err(Error::Policy)
+}
+
+/// SHA-256 of everything an answer is computed from besides the data: the global model and
+/// the pooled standardisation. Two tasks with the same digest get the same answer.
+fn input_digest(task: &Task, model: Option<&Values>) -> String {
+    let mut h = Sha256::new();
+    if let Some(st) = &task.standardization {
+        h.update(serde_json::to_vec(st).unwrap_or_default());
+    }
+    h.update([0xff]);
+    if let Some(m) = model {
+        h.update(m.to_le_bytes());
+    }
+    fedstat_shared::manifest::hex(&h.finalize())
+}
+
+/// Everything before sending, on a blocking thread: validate, admit (policy, approval), check
+/// the task against what the node agreed to (manifest, rounds, one answer per phase and round),
+/// run next to the data, record the answer in the bindings and the audit log. A failure is
+/// recorded too.
 fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>) -> Result<Step> {
     let manifest = Manifest::new(&task.spec, &task.submitter);
     let hash = manifest.hash();
     let result = (|| {
-        task.spec.validate().map_err(Error::InvalidSpec)?;
+        precheck(task, gov)?;
         if gov.admit(task, &manifest)? == Admission::Held {
             return Ok(Step::Held(hash.clone()));
         }
+        let inputs = input_digest(task, model.as_ref());
+        gov.check_binding(task, &hash, &inputs)?;
         let blocked = |e: Error| {
             tracing::error!("cannot write the audit log, nothing is sent: {e}");
             Error::AuditUnavailable
         };
-        Ok(match worker.run(task, model)? {
+        let outcome = worker.run(task, model)?;
+        gov.record_binding(task, &inputs).map_err(blocked)?;
+        Ok(match outcome {
             Outcome::Stats(sums) => {
                 gov.record_answer(task, &hash).map_err(blocked)?;
                 Step::Stats(sums)
@@ -391,14 +433,15 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
     result
 }
 
-fn fail(ctl: &mpsc::UnboundedSender<NodeMsg>, task: &Task, reason: String) {
-    // The reason names files, lines, columns and policy rules, never values: it is safe to send.
-    tracing::error!("{} failed: {reason}", task.phase);
+/// Tell the coordinator a task was not done. Only the public form of the error leaves the
+/// node (the rule or column); the detail (file, line) goes to the node's log.
+fn fail(ctl: &mpsc::UnboundedSender<NodeMsg>, task: &Task, error: &Error) {
+    tracing::error!("{} of experiment {} failed: {error}", task.phase, task.experiment);
     let _ = ctl.send(NodeMsg::TaskFailed {
         experiment: task.experiment,
         round: task.round,
         phase: task.phase,
-        reason,
+        reason: error.public(&task.spec.dataset),
     });
 }
 

@@ -1,24 +1,29 @@
-//! Doing one task next to the data: load the CSV (cached per experiment), then compute the
-//! statistics, train from the global model, or evaluate it. Synchronous and CPU-bound; the
-//! session runs it on a blocking thread. Errors name file, line and column, never a value.
+//! Doing one task next to the data: load the CSV (cached per manifest and file version),
+//! check the disclosure rules on it once, then compute the statistics, train from the global
+//! model, or evaluate it. Synchronous and CPU-bound; the session runs it on a blocking thread.
+//! Errors name file, line and column for the node's log, never a value; what leaves the node
+//! is [`crate::Error::public`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use fedstat_shared::aggregate::Values;
-use fedstat_shared::data::{column_sums, load_csv, ColumnSums, LocalData};
+use fedstat_shared::data::{column_sums, load_csv, ColumnSums, LoadLimits, LocalData, Standardization};
+use fedstat_shared::manifest::Manifest;
 use fedstat_shared::model::{evaluate, train_sgd, EvalSums};
 use fedstat_shared::spec::ModelKind;
-use fedstat_shared::wire::{ExperimentId, Phase, Task};
+use fedstat_shared::wire::{Phase, Task};
 use rand::{Rng, SeedableRng};
 
-use crate::policy::SitePolicy;
+use crate::disclosure::{check_cells, released_sets};
+use crate::governance::Governance;
 use crate::{Error, Result};
 
 /// Examples an `echo` update claims (the benchmark task's fixed count).
 pub const ECHO_EXAMPLES: u64 = 100;
-/// Experiments whose prepared data stay in memory.
+/// Prepared datasets kept in memory.
 const CACHE_SIZE: usize = 4;
 
 /// A task's result, to be sent back.
@@ -27,17 +32,31 @@ pub enum Outcome {
     Stats(ColumnSums),
     Update {
         values: Values,
+        /// The update's weight: training rows rounded to the policy's `count_rounding`.
         num_examples: u64,
         train_loss: f64,
     },
     Eval(EvalSums),
 }
 
+/// Which data a cache entry holds: the experiment's manifest (its schema) and the version of
+/// the file (path, size, modification time), so an edited file or a new experiment with the
+/// same id is never answered from stale rows.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct CacheKey {
+    manifest: String,
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
 #[derive(Debug)]
 struct Prepared {
     raw: Arc<LocalData>,
-    /// Standardised copy, once the pooled standardisation is known.
-    standardized: Option<Arc<LocalData>>,
+    /// Standardised copy, with the standardisation it was made with.
+    standardized: Option<(Standardization, Arc<LocalData>)>,
+    /// Insertion order, for eviction.
+    seq: u64,
 }
 
 /// Runs tasks against this node's datasets.
@@ -45,9 +64,9 @@ struct Prepared {
 pub struct Worker {
     name: String,
     datasets: BTreeMap<String, PathBuf>,
-    /// For the disclosure thresholds, which need the data loaded.
-    policy: SitePolicy,
-    cache: Mutex<BTreeMap<ExperimentId, Prepared>>,
+    /// The policy's disclosure rules and the release ledger.
+    gov: Arc<Governance>,
+    cache: Mutex<(u64, BTreeMap<CacheKey, Prepared>)>,
 }
 
 /// The shuffling seed of one node in one round: distinct per node and round, reproducible.
@@ -68,12 +87,12 @@ pub fn task_seed(seed: u64, round: u32, node: &str) -> u64 {
 }
 
 impl Worker {
-    pub fn new(name: String, datasets: BTreeMap<String, PathBuf>, policy: SitePolicy) -> Self {
+    pub fn new(name: String, datasets: BTreeMap<String, PathBuf>, gov: Arc<Governance>) -> Self {
         Worker {
             name,
             datasets,
-            policy,
-            cache: Mutex::new(BTreeMap::new()),
+            gov,
+            cache: Mutex::new((0, BTreeMap::new())),
         }
     }
 
@@ -84,10 +103,6 @@ impl Worker {
             return self.echo(task, model);
         }
         let data = self.data(task)?;
-        // Every phase: no answer of any kind from too few rows or for a saturated model.
-        self.policy
-            .check_rows(spec, data.train.rows() as u64)
-            .map_err(Error::Policy)?;
         let model_f64 = || -> Result<Vec<f64>> {
             let m = model
                 .as_ref()
@@ -95,12 +110,7 @@ impl Worker {
             Ok(m.to_f64())
         };
         match task.phase {
-            Phase::Stats => {
-                if data.train.rows() == 0 {
-                    return Err(shared_model("no training rows in the dataset"));
-                }
-                Ok(Outcome::Stats(column_sums(data.train.x.view())))
-            }
+            Phase::Stats => Ok(Outcome::Stats(column_sums(data.train.x.view()))),
             Phase::Train => {
                 let init = model_f64()?;
                 let seed = task_seed(spec.training.seed, task.round, &self.name);
@@ -114,7 +124,7 @@ impl Worker {
                 )?;
                 Ok(Outcome::Update {
                     values: Values::F64(out.params),
-                    num_examples: data.train.rows() as u64,
+                    num_examples: self.gov.policy().rounded_count(data.train.rows() as u64),
                     train_loss: out.mean_loss,
                 })
             }
@@ -150,52 +160,80 @@ impl Worker {
     }
 
     /// The experiment's data: raw for the statistics phase, standardised with the pooled
-    /// statistics afterwards. Loaded once per experiment.
+    /// statistics afterwards. Loaded once per manifest and file version; the disclosure rules
+    /// (row thresholds, cells, differencing) pass before it is cached, so no answer of any
+    /// kind comes from data that fails them.
     fn data(&self, task: &Task) -> Result<Arc<LocalData>> {
         let spec = &task.spec;
         let schema = spec
             .schema
             .as_ref()
             .ok_or_else(|| shared_model("the experiment has no schema"))?;
-        let mut cache = self
+        let path = self
+            .datasets
+            .get(&spec.dataset)
+            .ok_or_else(|| Error::UnknownDataset(spec.dataset.clone()))?;
+        let meta = std::fs::metadata(path).map_err(|e| Error::Io {
+            action: "cannot read",
+            path: path.clone(),
+            source: e,
+        })?;
+        let key = CacheKey {
+            manifest: Manifest::new(spec, &task.submitter).hash(),
+            path: path.clone(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        };
+        let mut guard = self
             .cache
             .lock()
             .map_err(|_| shared_model("data cache poisoned"))?;
-        if !cache.contains_key(&task.experiment) {
-            let path = self
-                .datasets
-                .get(&spec.dataset)
-                .ok_or_else(|| Error::UnknownDataset(spec.dataset.clone()))?;
-            let raw = load_csv(path, schema, spec.model)?;
+        let (seq, cache) = &mut *guard;
+        if !cache.contains_key(&key) {
+            let policy = self.gov.policy();
+            let limits = LoadLimits {
+                max_cells: policy.max_cells(),
+            };
+            let raw = load_csv(path, schema, spec.model, limits)?;
+            policy
+                .check_rows(spec, raw.train.rows() as u64)
+                .map_err(Error::Policy)?;
+            check_cells(schema, spec.model, &raw, policy.min_cell).map_err(Error::Policy)?;
+            self.gov
+                .check_release(task, &released_sets(schema, spec.model, &raw))?;
             while cache.len() >= CACHE_SIZE {
-                let Some(oldest) = cache.keys().next().copied() else {
+                let Some(oldest) = cache.iter().min_by_key(|(_, p)| p.seq).map(|(k, _)| k.clone()) else {
                     break;
                 };
                 cache.remove(&oldest);
             }
+            *seq += 1;
             cache.insert(
-                task.experiment,
+                key.clone(),
                 Prepared {
                     raw: Arc::new(raw),
                     standardized: None,
+                    seq: *seq,
                 },
             );
         }
         let entry = cache
-            .get_mut(&task.experiment)
+            .get_mut(&key)
             .ok_or_else(|| shared_model("data cache lost an entry"))?;
         let Some(st) = &task.standardization else {
             return Ok(entry.raw.clone());
         };
-        if let Some(s) = &entry.standardized {
-            return Ok(s.clone());
+        if let Some((made_with, s)) = &entry.standardized {
+            if made_with == st {
+                return Ok(s.clone());
+            }
         }
-        st.validate(schema.design_columns().len())?;
+        st.validate(schema.design_width())?;
         let mut data = (*entry.raw).clone();
         st.apply(&mut data.train.x);
         st.apply(&mut data.test.x);
         let data = Arc::new(data);
-        entry.standardized = Some(data.clone());
+        entry.standardized = Some((st.clone(), data.clone()));
         Ok(data)
     }
 }
