@@ -46,6 +46,31 @@ pub struct DemoOptions {
     pub out: PathBuf,
     /// Print one line per round.
     pub verbose: bool,
+    /// A TOML file whose `[policy]` table every simulated office applies (default: the
+    /// permissive [`DEMO_POLICY`]).
+    pub policy: Option<PathBuf>,
+}
+
+/// The simulated offices' site policy when `--policy` is not given: any column, automatic
+/// approval and no floor on `min_nodes`, so any experiment on any folder of CSVs can run. The
+/// other disclosure rules (cells of at least 10 rows, differencing, batch and epoch bounds)
+/// keep their defaults. A real office's defaults are stricter: no column until listed.
+pub const DEMO_POLICY: &str = "[policy]\n\
+    # fedstat demo: permissive policy for simulated offices (real defaults are stricter)\n\
+    allowed_features = [\"*\"]\nallowed_targets = [\"*\"]\nmin_nodes_floor = 1\napproval = \"auto\"\n";
+
+/// The `[policy]` table of `path`, as TOML text for the simulated offices' configs.
+fn policy_table(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+    let doc: toml::Table =
+        toml::from_str(&text).map_err(|e| Error::Demo(format!("{}: not valid TOML: {e}", path.display())))?;
+    let policy = doc
+        .get("policy")
+        .and_then(toml::Value::as_table)
+        .ok_or_else(|| Error::Demo(format!("{} has no [policy] table", path.display())))?;
+    let mut wrapper = toml::Table::new();
+    wrapper.insert("policy".into(), toml::Value::Table(policy.clone()));
+    toml::to_string(&wrapper).map_err(|e| Error::Demo(format!("{}: {e}", path.display())))
 }
 
 /// What the demo measured.
@@ -194,11 +219,22 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
     let files = node_files(&opts, &work)?;
     let n = files.len();
     spec.min_nodes = spec.min_nodes.min(n as u32);
+    let policy = match &opts.policy {
+        Some(path) => policy_table(path)?,
+        None => DEMO_POLICY.to_owned(),
+    };
     println!(
         "fedstat demo: {n} simulated offices, {} model, {} rounds",
         spec.model.as_str(),
         spec.rounds
     );
+    match &opts.policy {
+        Some(path) => println!("  every office applies the [policy] of {}", path.display()),
+        None => println!(
+            "  the offices use a permissive demo policy (any column, automatic approval, no floor on \
+             min_nodes); a real office's defaults are stricter: see yours with --policy node.toml"
+        ),
+    }
     println!("  working folder {}", work.display());
 
     // 1. PKI: a fresh CA, the coordinator's certificate, one certificate per party.
@@ -264,7 +300,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
         write(
             &cfg,
             &format!(
-                "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}\n[datasets]\n\"{}\" = \"{}\"\n",
+                "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}\n[datasets]\n\"{}\" = \"{}\"\n\n{policy}",
                 tls(name),
                 spec.dataset.replace('"', "\\\""),
                 toml_path(csv)

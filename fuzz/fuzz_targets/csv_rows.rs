@@ -3,7 +3,7 @@
 //! the reader returns data of the schema's shape or an error; it never panics.
 #![no_main]
 
-use fedstat_shared::data::load_csv_from_reader;
+use fedstat_shared::data::{load_csv_from_reader, LoadLimits};
 use fedstat_shared::spec::{CategoricalFeature, DataSchema, ModelKind, NumericFeature, TargetSpec};
 use libfuzzer_sys::fuzz_target;
 
@@ -89,11 +89,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let (schema, model) = schema(pick);
     let p = schema.design_columns().len();
-    if let Ok(local) = load_csv_from_reader("fuzz.csv", csv, &schema, model) {
+    if let Ok(local) = load_csv_from_reader("fuzz.csv", csv, &schema, model, LoadLimits { max_cells: 1 << 20 }) {
         let lines = csv.iter().filter(|&&b| b == b'\n').count() + 1;
         for d in [&local.train, &local.test] {
             assert_eq!(d.x.ncols(), p, "design width");
             assert_eq!(d.x.nrows(), d.y.len(), "rows of x and y");
+            assert_eq!(d.ids.len(), d.y.len(), "one fingerprint per row");
             assert!(
                 d.x.iter().chain(d.y.iter()).all(|v| v.is_finite()),
                 "non-finite value accepted"

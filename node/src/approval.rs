@@ -54,35 +54,128 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// One block of text for the custodian.
+    /// One block of text for the custodian: every field that changes what the node would
+    /// release. The researcher's text is printed with control and invisible characters escaped
+    /// (see [`fedstat_shared::text`]), so what is shown is what is approved.
     pub fn describe(&self) -> String {
+        use serde_json::Value;
         let c = &self.content;
         let spec = &c["spec"];
-        let s = |v: &serde_json::Value| match v {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Null => "-".to_owned(),
-            other => other.to_string(),
+        let s = |v: &Value| -> String {
+            let raw = match v {
+                Value::String(s) => s.clone(),
+                Value::Null => "-".to_owned(),
+                other => other.to_string(),
+            };
+            fedstat_shared::text::printable(&raw).into_owned()
         };
+        let schema = &spec["schema"];
+        let t = &schema["target"];
+        let target = if schema.is_null() {
+            "-".to_owned()
+        } else if !t["threshold"].is_null() {
+            format!(
+                "{} > {} (1 above the threshold, else 0)",
+                s(&t["column"]),
+                s(&t["threshold"])
+            )
+        } else if !t["positive_level"].is_null() {
+            format!(
+                "{} = {} (1 for that level, else 0)",
+                s(&t["column"]),
+                s(&t["positive_level"])
+            )
+        } else if t["log"].as_bool() == Some(true) {
+            format!("log({})", s(&t["column"]))
+        } else {
+            s(&t["column"])
+        };
+        let mut features = Vec::new();
+        for f in schema["numeric"].as_array().into_iter().flatten() {
+            let squared = if f["squared"].as_bool() == Some(true) {
+                " (and its square)"
+            } else {
+                ""
+            };
+            features.push(format!("{}{squared}", s(&f["column"])));
+        }
+        for f in schema["categorical"].as_array().into_iter().flatten() {
+            let levels: Vec<String> = f["levels"].as_array().into_iter().flatten().map(s).collect();
+            features.push(format!(
+                "{} [levels: {}; reference {}]",
+                s(&f["column"]),
+                levels.join(", "),
+                s(&f["reference"])
+            ));
+        }
         let columns = c["columns"]
             .as_array()
             .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
             .unwrap_or_default();
-        let target = &spec["schema"]["target"]["column"];
+        let tr = &spec["training"];
         let mut out = format!("manifest {}", self.hash);
         if !self.intact {
             out.push_str("  (FILE ALTERED: its content no longer matches this hash; it cannot be approved)");
         }
-        out.push_str(&format!(
-            "\n  submitter: {}\n  name:      {}\n  purpose:   {}\n  model:     {}\n  dataset:   {}\n  target:    {}\n  columns:   {}\n  rounds:    {}\n",
-            s(&c["submitter"]),
-            s(&spec["name"]),
-            s(&spec["purpose"]),
-            s(&spec["model"]),
-            s(&spec["dataset"]),
-            s(target),
-            if columns.is_empty() { "-".to_owned() } else { columns },
-            s(&spec["rounds"]),
-        ));
+        let row = |out: &mut String, label: &str, value: String| {
+            out.push_str(&format!("\n  {label:<12}{value}"));
+        };
+        row(&mut out, "submitter:", s(&c["submitter"]));
+        row(&mut out, "name:", s(&spec["name"]));
+        row(&mut out, "purpose:", s(&spec["purpose"]));
+        row(&mut out, "model:", s(&spec["model"]));
+        row(&mut out, "dataset:", s(&spec["dataset"]));
+        row(&mut out, "split:", s(&schema["split_column"]));
+        row(&mut out, "target:", target);
+        row(
+            &mut out,
+            "features:",
+            if features.is_empty() {
+                "-".to_owned()
+            } else {
+                features.join("; ")
+            },
+        );
+        row(
+            &mut out,
+            "parameters:",
+            if columns.is_empty() {
+                "-".to_owned()
+            } else {
+                columns
+            },
+        );
+        if !spec["echo"].is_null() {
+            row(
+                &mut out,
+                "echo:",
+                format!("{} parameters", s(&spec["echo"]["params"])),
+            );
+        }
+        row(
+            &mut out,
+            "rounds:",
+            format!(
+                "{}, each with at least min_nodes = {} offices; {} s per phase, up to {} retries",
+                s(&spec["rounds"]),
+                s(&spec["min_nodes"]),
+                s(&spec["round_timeout_secs"]),
+                s(&spec["max_round_retries"])
+            ),
+        );
+        row(
+            &mut out,
+            "training:",
+            format!(
+                "local_epochs {}, batch_size {}, learning_rate {}, l2 {}, seed {}",
+                s(&tr["local_epochs"]),
+                s(&tr["batch_size"]),
+                s(&tr["learning_rate"]),
+                s(&tr["l2"]),
+                s(&tr["seed"])
+            ),
+        );
+        out.push('\n');
         out
     }
 }
@@ -335,6 +428,23 @@ mod tests {
     }
 
     #[test]
+    fn pending_escapes_control_and_invisible_characters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ApprovalStore::new(dir.path());
+        let mut spec: ExperimentSpec =
+            toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("example");
+        // Refused at submission today; an old or forged manifest must still print safely.
+        spec.name = "fine\u{1b}[2J\u{202E}name".into();
+        spec.purpose = "line one\nAPPROVED BY CUSTODIAN".into();
+        let m = Manifest::new(&spec, "researcher `alice`");
+        store.hold(&m.hash(), &m.canonical_json()).expect("hold");
+        let text = store.pending().expect("list")[0].describe();
+        assert!(text.contains("fine\\u{1b}[2J\\u{202e}name"), "{text}");
+        assert!(text.contains("line one\\nAPPROVED"), "{text}");
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+    }
+
+    #[test]
     fn hold_list_approve_reject_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = ApprovalStore::new(&dir.path().join("state"));
@@ -353,11 +463,16 @@ mod tests {
         let listed = store.pending().expect("list");
         assert_eq!(listed.len(), 2);
         let text = listed.iter().find(|p| p.hash == h1).expect("h1").describe();
-        assert!(
-            text.contains("researcher `alice`") && text.contains("rounds:    20"),
-            "{text}"
-        );
-        assert!(text.contains("columns:   const, education, experience"), "{text}");
+        for shown in [
+            "researcher `alice`",
+            "rounds:     20, each with at least min_nodes = 3 offices; 60 s per phase, up to 2 retries",
+            "target:     wage > 522.32 (1 above the threshold, else 0)",
+            "features:   education; experience (and its square); ethnicity [levels: cauc, afam; reference cauc]",
+            "parameters: const, education, experience",
+            "training:   local_epochs 3, batch_size 32, learning_rate 0.05, l2 0.0, seed 1",
+        ] {
+            assert!(text.contains(shown), "{shown:?} not in {text}");
+        }
 
         let approved = store.approve(&h1[..10]).expect("approve by prefix");
         assert_eq!(approved.decision, Verdict::Approved);

@@ -3,12 +3,15 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{bin, demo_data, events, logit_experiment, wait_until, Fed};
+use crate::support::{bin, demo_data, events, logit_experiment, wait_until, Fed, SLOW_TRAINING_POLICY};
 
 const NODES: [&str; 3] = ["midwest", "south", "west"];
 
 fn federation() -> Fed {
     let mut fed = Fed::start();
+    fed.node_policy.push_str(SLOW_TRAINING_POLICY);
+    // The crash test's echo model is large on purpose (long aggregation and model writes).
+    fed.node_policy.push_str("max_params = 2000000\n");
     for n in NODES {
         fed.add_node(n, &[("cps1988", demo_data(n))]);
     }

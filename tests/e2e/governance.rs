@@ -154,7 +154,7 @@ fn nodes_refuse_experiments_outside_their_site_policy() {
 fn patient_experiment(min_nodes: u32, purpose: &str) -> String {
     logit_experiment(3, min_nodes, "").replace(
         "round_timeout_secs = 10",
-        &format!("round_timeout_secs = 2\nmax_round_retries = 30\npurpose = \"{purpose}\""),
+        &format!("round_timeout_secs = 3\nmax_round_retries = 10\npurpose = \"{purpose}\""),
     )
 }
 
@@ -200,13 +200,15 @@ fn a_held_manifest_runs_only_after_approval_and_reject_refuses() {
     let out = run_bin("fedstat-node", &["pending", "--config", &cfg]);
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
     for field in [
-        "submitter: researcher",
-        "name:      e2e logit",
-        "purpose:   wage study",
-        "model:     logistic",
-        "dataset:   cps1988",
-        "columns:   const, education, experience, experience^2",
-        "rounds:    3",
+        "submitter:  researcher",
+        "name:       e2e logit",
+        "purpose:    wage study",
+        "model:      logistic",
+        "dataset:    cps1988",
+        "target:     wage > 522.32",
+        "parameters: const, education, experience, experience^2",
+        "rounds:     3, each with at least min_nodes = 2 offices",
+        "training:   local_epochs 1, batch_size 32",
     ] {
         assert!(listing.contains(field), "`{field}` missing in:\n{listing}");
     }

@@ -3,17 +3,22 @@
 //! ephemeral ports.
 
 mod configs;
+mod disclosure;
 mod durability;
 mod governance;
 mod load;
 mod rogue;
+mod rogue_coordinator;
 mod security;
 mod support;
 
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{demo_data, dirty_data, events, logit_experiment, reference, wait_until, Fed, REGIONS};
+use support::{
+    demo_data, dirty_data, events, logit_experiment, reference, wait_until, Fed, REGIONS,
+    SLOW_TRAINING_POLICY,
+};
 
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
@@ -73,7 +78,10 @@ fn full_experiments_match_the_pooled_fits() {
     );
     for round in s["history"].as_array().expect("history") {
         assert_eq!(round["participants"], serde_json::json!(REGIONS));
-        assert_eq!(round["total_examples"], 22524);
+        // Each office's weight is its training rows rounded to a multiple of 10 (no answer
+        // states an exact count), so the total is 22,524 to within 5 per office.
+        let total = round["total_examples"].as_u64().expect("total");
+        assert!(total % 10 == 0 && total.abs_diff(22_524) <= 20, "{total}");
     }
 
     let s = fed.wait_finished(linear, Duration::from_secs(120));
@@ -208,6 +216,7 @@ fn peers_from_another_ca_are_refused() {
 #[test]
 fn node_stopped_mid_round_round_completes_on_quorum() {
     let mut fed = Fed::start();
+    fed.node_policy.push_str(SLOW_TRAINING_POLICY);
     let names = ["midwest", "south", "west"];
     for n in names {
         fed.add_node(n, &[("cps1988", demo_data(n))]);
@@ -216,7 +225,7 @@ fn node_stopped_mid_round_round_completes_on_quorum() {
     // Slow local training (batch size 1, many epochs) so that a round lasts long enough to be
     // interrupted.
     // A generous deadline keeps round 1 whole on a loaded machine; round 2 ends at it.
-    let toml = logit_experiment(3, 2, "local_epochs = 2000")
+    let toml = logit_experiment(3, 2, "local_epochs = 1000")
         .replace("batch_size = 32", "batch_size = 1")
         .replace("round_timeout_secs = 10", "round_timeout_secs = 15");
     let id = fed.submit(
@@ -308,21 +317,55 @@ fn bad_updates_are_rejected_and_rounds_complete() {
     fed.wait_for_nodes(&["midwest", "south"]);
 }
 
-/// Each malformed file gives an error naming the file, the line and the column, without any
-/// data value reaching the coordinator; the node keeps serving.
+/// Each malformed file gives the researcher an error naming the dataset, the column and the
+/// kind of problem, and nothing else: no file name, path, line number, count, header list or
+/// value (that would be an oracle for where a person's row is). The node's own log names the
+/// file, the line and the column for its custodian. The node keeps serving.
 #[test]
-fn dirty_files_are_reported_by_file_line_and_column() {
-    // (file, expected line, expected column); bom_crlf.csv is valid and must be used.
+fn dirty_files_are_reported_by_column_to_researchers_and_by_line_to_custodians() {
+    // (file, what the researcher sees, what the node's log says); bom_crlf.csv is valid.
     let cases = [
-        ("missing_values.csv", "line 6,", "`wage`"),
-        ("non_numeric.csv", "line 4,", "`education`"),
-        ("extra_column.csv", "line 7,", "(beyond the header)"),
-        ("short_row.csv", "line 8,", "`parttime`"),
-        ("unknown_category.csv", "line 10,", "`parttime`"),
-        ("nonfinite_values.csv", "line 3,", "`wage`"),
-        ("wrong_header.csv", "line 1,", "`education`"),
-        ("empty.csv", "line 1,", "(header)"),
-        ("header_only.csv", "line 2,", "(first data row)"),
+        (
+            "missing_values.csv",
+            "column `wage`: a value is empty",
+            "line 6, column `wage`",
+        ),
+        (
+            "non_numeric.csv",
+            "column `education`: a value is not a number",
+            "line 4, column `education`",
+        ),
+        (
+            "extra_column.csv",
+            "a row has a different number of fields than the header",
+            "line 7, column `(beyond the header)`",
+        ),
+        (
+            "short_row.csv",
+            "column `parttime`: a row has a different number of fields",
+            "line 8, column `parttime`",
+        ),
+        (
+            "unknown_category.csv",
+            "column `parttime`: a value is not one of the levels listed",
+            "line 10, column `parttime`",
+        ),
+        (
+            "nonfinite_values.csv",
+            "column `wage`: a value is not a finite number",
+            "line 3, column `wage`",
+        ),
+        (
+            "wrong_header.csv",
+            "column `education`: the dataset has no such column",
+            "line 1, column `education`",
+        ),
+        ("empty.csv", "the file is empty", "line 1, column `(header)`"),
+        (
+            "header_only.csv",
+            "the file has no data rows",
+            "line 2, column `(first data row)`",
+        ),
         ("bom_crlf.csv", "", ""),
     ];
     let forbidden = [
@@ -336,6 +379,11 @@ fn dirty_files_are_reported_by_file_line_and_column() {
         "NaN",
         "-120.5",
         "1e309",
+        ".csv",
+        "line",
+        "found",
+        "header has",
+        "/",
     ];
     let mut fed = Fed::start();
     let dirty: Vec<(String, std::path::PathBuf)> = cases
@@ -346,8 +394,13 @@ fn dirty_files_are_reported_by_file_line_and_column() {
         .iter()
         .map(|(file, _, _)| (file.replace(".csv", ""), demo_data("northeast")))
         .collect();
-    // Tiny files: let the valid 20-row one through the default saturation rule.
-    fed.add_node_with("dirty", &as_refs(&dirty), "[policy]\nmin_rows_per_param = 1\n");
+    // Tiny files: let the valid 20-row one through the saturation and cell rules, which are
+    // tested on their own; this test is about malformed files.
+    fed.add_node_with(
+        "dirty",
+        &as_refs(&dirty),
+        "[policy]\nmin_rows_per_param = 1\nmin_cell = 1\n",
+    );
     fed.add_node("clean", &as_refs(&clean));
     fed.wait_for_nodes(&["dirty", "clean"]);
     let ids: Vec<u64> = cases
@@ -359,12 +412,12 @@ fn dirty_files_are_reported_by_file_line_and_column() {
             fed.submit(&format!("{ds}.toml"), &toml)
         })
         .collect();
-    for ((file, line, column), id) in cases.iter().zip(ids) {
+    for ((file, public, local), id) in cases.iter().zip(ids) {
         let s = fed.wait_finished(id, Duration::from_secs(60));
         assert_eq!(s["state"], "Completed", "{file}: {s:#}");
         let participants = &s["history"][0]["participants"];
         let ev = events(&s);
-        if line.is_empty() {
+        if public.is_empty() {
             assert_eq!(
                 participants,
                 &serde_json::json!(["clean", "dirty"]),
@@ -377,16 +430,29 @@ fn dirty_files_are_reported_by_file_line_and_column() {
             .lines()
             .find(|l| l.contains("node `dirty` could not do statistics"))
             .unwrap_or_else(|| panic!("{file}: no failure reported: {ev}"));
+        let ds = file.replace(".csv", "");
         assert!(
-            reported.contains(file) && reported.contains(line) && reported.contains(column),
-            "{reported}"
+            reported.contains(&format!("dataset `{ds}`: {public}")),
+            "{file}: {reported}"
         );
+        let after_round = reported
+            .split_once("could not do statistics:")
+            .map_or(reported, |(_, r)| r);
         for v in forbidden {
             assert!(
-                !reported.contains(v),
+                !after_round.contains(v),
                 "{file}: the report leaks {v:?}: {reported}"
             );
         }
+        assert!(
+            !after_round.chars().any(|c| c.is_ascii_digit()),
+            "{file}: the report has a number: {reported}"
+        );
+        let node_log = fed.node("dirty").log_text();
+        assert!(
+            node_log.contains(&format!("{file}: {local}")),
+            "{file}: the node's log should name the file, line and column: {node_log}"
+        );
     }
     // Still up, still connected, and it served the valid file.
     assert!(fed.node("dirty").is_running());

@@ -10,7 +10,9 @@ use fedstat_shared::transport::{read_frame, write_frame};
 use fedstat_shared::wire::{Request, Response, PROTOCOL_VERSION};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::support::{bin, demo_data, events, logit_experiment, raw_client, wait_until, Fed};
+use crate::support::{
+    bin, demo_data, events, logit_experiment, raw_client, wait_until, Fed, SLOW_TRAINING_POLICY,
+};
 
 /// Connect and make a request; Err(reason) when the coordinator refuses.
 fn try_request(addr: SocketAddr, cfg: quinn::ClientConfig) -> Result<Response, String> {
@@ -75,6 +77,7 @@ fn audit_kinds(fed: &Fed) -> String {
 #[test]
 fn wrong_certificates_and_roles_are_refused_and_audited() {
     let mut fed = Fed::start();
+    fed.node_policy.push_str(SLOW_TRAINING_POLICY);
     for n in ["midwest", "south", "west"] {
         fed.add_node(n, &[("cps1988", demo_data(n))]);
     }
@@ -187,6 +190,7 @@ fn wrong_certificates_and_roles_are_refused_and_audited() {
 #[test]
 fn admins_cancel_and_disconnect_researchers_cannot() {
     let mut fed = Fed::start();
+    fed.node_policy.push_str(SLOW_TRAINING_POLICY);
     fed.add_node("midwest", &[("cps1988", demo_data("midwest"))]);
     fed.wait_for_nodes(&["midwest"]);
     fed.issue("researcher", "bob");

@@ -96,6 +96,44 @@ pub struct Fed {
     pub addr: String,
     pub coordinator: Proc,
     pub nodes: Vec<(String, Proc)>,
+    /// `[policy]` keys of the nodes added from now on (see [`TEST_POLICY`]); a test that
+    /// needs other settings for all its nodes appends to it before adding them.
+    pub node_policy: String,
+}
+
+/// The site policy of test nodes: the CPS 1988 columns listed (a node allows none by
+/// default) and no floor on `min_nodes`, because most tests run federations of one to three
+/// offices. Every other disclosure rule keeps its default; `disclosure.rs` tests the floor.
+pub const TEST_POLICY: &str = "allowed_targets = [\"wage\"]\n\
+    allowed_features = [\"education\", \"experience\", \"ethnicity\", \"smsa\", \"parttime\"]\n\
+    min_nodes_floor = 1\n";
+
+/// Local training slow enough that kills and revocations land inside rounds: test nodes that
+/// use it allow more epochs and one-row batches than the defaults do.
+pub const SLOW_TRAINING_POLICY: &str = "max_local_epochs = 1000\nmin_batch_size = 1\nmax_rounds = 1000\n";
+
+/// `extra` (TOML that may hold a `[policy]` table) with every key of `defaults` it does not set
+/// itself added to its `[policy]` table.
+fn merge_policy(extra: &str, defaults: &str) -> String {
+    let keys = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().to_owned()))
+            .collect()
+    };
+    let set = keys(extra);
+    let missing: String = defaults
+        .lines()
+        .filter(|l| {
+            l.split_once('=')
+                .is_some_and(|(k, _)| !set.contains(&k.trim().to_owned()))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if extra.contains("[policy]") {
+        extra.replacen("[policy]\n", &format!("[policy]\n{missing}"), 1)
+    } else {
+        format!("{extra}\n[policy]\n{missing}")
+    }
 }
 
 fn run_ok(cmd: &mut Command) -> Output {
@@ -164,6 +202,7 @@ impl Fed {
             addr,
             coordinator: Proc { child, log },
             nodes: Vec::new(),
+            node_policy: TEST_POLICY.to_owned(),
         };
         fed.issue("researcher", "alice");
         fed.write_researcher_config("researcher.toml", "alice", &fed.pki().join("ca.pem"));
@@ -205,8 +244,23 @@ impl Fed {
         path
     }
 
-    /// Write a node config: certificate `name` from `pki`, trusting `ca`, offering `datasets`.
+    /// Write a node config: certificate `name` from `pki`, trusting `ca`, offering `datasets`,
+    /// with [`Fed::node_policy`].
     pub fn write_node_config(
+        &self,
+        name: &str,
+        pki: &Path,
+        ca: &Path,
+        datasets: &[(&str, PathBuf)],
+    ) -> PathBuf {
+        let path = self.write_node_config_bare(name, pki, ca, datasets);
+        let mut text = std::fs::read_to_string(&path).expect("read node config");
+        text.push_str(&merge_policy("", &self.node_policy));
+        std::fs::write(&path, text).expect("write node config");
+        path
+    }
+
+    fn write_node_config_bare(
         &self,
         name: &str,
         pki: &Path,
@@ -367,10 +421,10 @@ impl Fed {
     /// Write a node config like [`Fed::write_node_config`] with this federation's CA, followed
     /// by `extra` TOML (e.g. a `[policy]` table).
     pub fn write_node_config_with(&self, name: &str, datasets: &[(&str, PathBuf)], extra: &str) -> PathBuf {
-        let path = self.write_node_config(name, &self.pki(), &self.pki().join("ca.pem"), datasets);
+        let path = self.write_node_config_bare(name, &self.pki(), &self.pki().join("ca.pem"), datasets);
         let mut text = std::fs::read_to_string(&path).expect("read node config");
         text.push('\n');
-        text.push_str(extra);
+        text.push_str(&merge_policy(extra, &self.node_policy));
         std::fs::write(&path, text).expect("write node config");
         path
     }

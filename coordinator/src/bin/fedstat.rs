@@ -66,6 +66,11 @@ enum Command {
         /// One line per round.
         #[arg(long, short)]
         verbose: bool,
+        /// Apply the `[policy]` table of this TOML file (e.g. your node.toml) to every
+        /// simulated office, to see what your own site policy would refuse. Without it the
+        /// offices use a permissive demo policy.
+        #[arg(long)]
+        policy: Option<PathBuf>,
     },
 }
 
@@ -246,6 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rounds,
             out,
             verbose,
+            policy,
         } => {
             let report = demo::run(DemoOptions {
                 data: data.clone(),
@@ -253,6 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rounds: *rounds,
                 out: out.clone(),
                 verbose: *verbose,
+                policy: policy.clone(),
             })
             .await?;
             if cli.json {

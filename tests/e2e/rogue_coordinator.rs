@@ -1,0 +1,177 @@
+//! A rogue coordinator: a QUIC server holding the federation's real coordinator certificate
+//! that pushes tasks no honest coordinator sends, to the real `fedstat-node` binary. The node
+//! must answer only what its custodian approved: no round beyond the manifest's rounds, one
+//! evaluation per round, and an approval used by one experiment id only. Each refusal is in
+//! the node's audit log. No real part misbehaves like this, so this is a stand-in by need.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fedstat_shared::aggregate::Values;
+use fedstat_shared::spec::ExperimentSpec;
+use fedstat_shared::tls::{server_config, TlsFiles};
+use fedstat_shared::transport::{read_frame, write_frame, write_tensor};
+use fedstat_shared::wire::{CoordMsg, NodeMsg, Phase, Task, TensorMeta, PROTOCOL_VERSION};
+use serde_json::Value;
+
+use crate::support::{demo_data, logit_experiment, run_bin, Fed};
+
+/// The node's next control message that is not a heartbeat.
+async fn next(recv: &mut quinn::RecvStream) -> NodeMsg {
+    loop {
+        let msg = tokio::time::timeout(
+            Duration::from_secs(30),
+            read_frame::<NodeMsg>(recv, "node message"),
+        )
+        .await
+        .expect("the node answers within 30 s")
+        .expect("a well-formed message")
+        .expect("the control stream stays open");
+        if msg != NodeMsg::Heartbeat {
+            return msg;
+        }
+    }
+}
+
+/// Push one task on its own stream, with the model's bytes when it carries one.
+async fn push(
+    conn: &quinn::Connection,
+    spec: &ExperimentSpec,
+    experiment: u64,
+    phase: Phase,
+    round: u32,
+    model: Option<f64>,
+) {
+    let p = spec.num_params() as usize;
+    let values = model.map(|v| Values::F64(vec![v; p]));
+    let task = Task {
+        experiment,
+        round,
+        phase,
+        submitter: "researcher `alice`".into(),
+        spec: spec.clone(),
+        standardization: None,
+        model: values.as_ref().map(|v| TensorMeta {
+            dtype: v.dtype(),
+            len: v.len() as u64,
+        }),
+    };
+    let mut s = conn.open_uni().await.expect("task stream");
+    write_frame(&mut s, &task).await.expect("task frame");
+    if let Some(v) = values {
+        write_tensor(&mut s, &v.to_le_bytes()).await.expect("model bytes");
+    }
+    s.finish().expect("finish");
+}
+
+fn failed_with(msg: &NodeMsg, want: &str) {
+    match msg {
+        NodeMsg::TaskFailed { reason, .. } => assert!(reason.contains(want), "{reason}"),
+        other => panic!("expected a refusal containing {want:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_rogue_coordinator_gets_nothing_beyond_the_approved_manifest() {
+    let fed = Fed::start();
+    let pki = fed.pki();
+    let tls = TlsFiles {
+        ca_cert: pki.join("ca.pem"),
+        cert: pki.join("coordinator.pem"),
+        key: pki.join("coordinator.key"),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = rt.enter();
+    let endpoint = quinn::Endpoint::server(
+        server_config(&tls).expect("server tls"),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .expect("rogue endpoint");
+    let rogue_addr = endpoint.local_addr().expect("addr");
+
+    // The office dials the rogue coordinator and holds every manifest for its custodian.
+    fed.issue("node", "office");
+    let cfg = fed.write_node_config_with(
+        "office",
+        &[("cps1988", demo_data("midwest"))],
+        "[policy]\napproval = \"manual\"\n",
+    );
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, text.replace(&fed.addr, &rogue_addr.to_string())).expect("config");
+    let _node = fed.spawn_node_with_config("office", &cfg);
+    let cfg_arg = cfg.to_str().expect("utf-8").to_owned();
+
+    let spec: ExperimentSpec = toml::from_str(&logit_experiment(2, 1, "")).expect("spec");
+    rt.block_on(async {
+        let conn = tokio::time::timeout(Duration::from_secs(30), endpoint.accept())
+            .await
+            .expect("the node dials in")
+            .expect("incoming")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = conn.accept_bi().await.expect("control stream");
+        let hello = read_frame::<NodeMsg>(&mut recv, "hello").await.expect("hello");
+        assert!(matches!(hello, Some(NodeMsg::Hello { .. })), "{hello:?}");
+        let welcome = CoordMsg::Welcome {
+            protocol: PROTOCOL_VERSION,
+            name: "office".into(),
+        };
+        write_frame(&mut send, &welcome).await.expect("welcome");
+
+        // Held until the custodian approves; then the statistics are answered.
+        push(&conn, &spec, 1, Phase::Stats, 0, None).await;
+        let NodeMsg::Held { manifest, .. } = next(&mut recv).await else {
+            panic!("the manifest must be held first");
+        };
+        let out = run_bin("fedstat-node", &["approve", &manifest, "--config", &cfg_arg]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        push(&conn, &spec, 1, Phase::Stats, 0, None).await;
+        assert!(matches!(next(&mut recv).await, NodeMsg::StatsReply { .. }));
+
+        // A round above the manifest's two.
+        push(&conn, &spec, 1, Phase::Train, 3, Some(0.0)).await;
+        failed_with(
+            &next(&mut recv).await,
+            "round 3 is outside the experiment's 2 rounds",
+        );
+
+        // One evaluation per round: the same model again is a retry, another model is not.
+        push(&conn, &spec, 1, Phase::Evaluate, 1, Some(0.0)).await;
+        let first = next(&mut recv).await;
+        assert!(matches!(first, NodeMsg::EvalReply { .. }), "{first:?}");
+        push(&conn, &spec, 1, Phase::Evaluate, 1, Some(0.0)).await;
+        assert_eq!(next(&mut recv).await, first, "a retry gets the same answer");
+        push(&conn, &spec, 1, Phase::Evaluate, 1, Some(0.3)).await;
+        failed_with(
+            &next(&mut recv).await,
+            "a evaluation answer for round 1 was already given on other inputs",
+        );
+
+        // The approved manifest under an experiment id the custodian never saw: held again.
+        push(&conn, &spec, 2, Phase::Stats, 0, None).await;
+        let again = next(&mut recv).await;
+        assert!(
+            matches!(&again, NodeMsg::Held { manifest: m, experiment: 2, .. } if *m == manifest),
+            "{again:?}"
+        );
+        conn.close(0u32.into(), b"done");
+    });
+
+    let audit: Vec<Value> = std::fs::read_to_string(fed.node_audit_log("office"))
+        .expect("audit log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let refused: Vec<&Value> = audit.iter().filter(|r| r["kind"] == "task_refused").collect();
+    assert_eq!(refused.len(), 2, "{audit:#?}");
+    assert_eq!(refused[0]["details"]["round"], 3);
+    assert_eq!(refused[1]["details"]["phase"], "evaluation");
+    assert!(
+        audit.iter().any(|r| r["kind"] == "held"
+            && r["details"]["experiment"] == 2
+            && r["details"]["approval_used_by"] == 1),
+        "{audit:#?}"
+    );
+    let out = run_bin("fedstat-node", &["audit", "verify", "--config", &cfg_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
