@@ -373,7 +373,8 @@ impl Federation {
             write(
                 &cfg,
                 &format!(
-                    "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}",
+                    // The benchmark's echo model is far larger than a node allows by default.
+                    "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}\n[policy]\nmax_params = 100000000\n",
                     tls_section(pki, &name)
                 ),
             );

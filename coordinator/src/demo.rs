@@ -68,8 +68,11 @@ fn policy_table(path: &Path) -> Result<String> {
         .get("policy")
         .and_then(toml::Value::as_table)
         .ok_or_else(|| Error::Demo(format!("{} has no [policy] table", path.display())))?;
+    // No custodian sits at the simulated offices: approval is automatic, whatever FILE says.
+    let mut policy = policy.clone();
+    policy.insert("approval".into(), toml::Value::String("auto".into()));
     let mut wrapper = toml::Table::new();
-    wrapper.insert("policy".into(), toml::Value::Table(policy.clone()));
+    wrapper.insert("policy".into(), toml::Value::Table(policy));
     toml::to_string(&wrapper).map_err(|e| Error::Demo(format!("{}: {e}", path.display())))
 }
 
@@ -229,7 +232,10 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
         spec.rounds
     );
     match &opts.policy {
-        Some(path) => println!("  every office applies the [policy] of {}", path.display()),
+        Some(path) => println!(
+            "  every office applies the [policy] of {} (with automatic approval: no custodian sits here)",
+            path.display()
+        ),
         None => println!(
             "  the offices use a permissive demo policy (any column, automatic approval, no floor on \
              min_nodes); a real office's defaults are stricter: see yours with --policy node.toml"

@@ -486,12 +486,14 @@ async fn send_hello_answer(
             protocol, datasets, ..
         }) if protocol == PROTOCOL_VERSION => {
             if datasets.len() > MAX_DATASETS
-                || datasets
-                    .iter()
-                    .any(|d| d.is_empty() || d.len() > MAX_DATASET_NAME)
+                || datasets.iter().any(|d| {
+                    d.is_empty()
+                        || d.len() > MAX_DATASET_NAME
+                        || d.chars().any(fedstat_shared::text::is_unprintable)
+                })
             {
                 let reason = format!(
-                    "at most {MAX_DATASETS} dataset names of 1 to {MAX_DATASET_NAME} characters may be offered"
+                    "at most {MAX_DATASETS} dataset names of 1 to {MAX_DATASET_NAME} printable characters may be offered"
                 );
                 (refuse(reason.clone()), Err(reason))
             } else {

@@ -92,7 +92,7 @@ impl NodeConfig {
             return Err(invalid("coordinator".into(), "must be host:port"));
         }
         for name in raw.datasets.keys() {
-            if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
+            if name.is_empty() || name.len() > 128 || name.chars().any(fedstat_shared::text::is_unprintable) {
                 return Err(invalid(
                     format!("datasets.{name}"),
                     "dataset names are 1 to 128 printable characters",

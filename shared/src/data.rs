@@ -1081,6 +1081,24 @@ pub(crate) mod tests {
         }
     }
 
+    /// The coordinator stores the standardisation as JSON and sends it again after a restart;
+    /// nodes answer a task only once per input (see the node's bindings), so the values must
+    /// come back bit for bit (serde_json's `float_roundtrip`).
+    #[test]
+    fn standardisation_survives_json_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let st = Standardization {
+            mean: (0..2000).map(|_| rng.gen::<f64>() * 1e3 - 17.0).collect(),
+            sd: (0..2000).map(|_| rng.gen::<f64>().powi(7) + 1e-300).collect(),
+        };
+        let back: Standardization =
+            serde_json::from_str(&serde_json::to_string(&st).expect("encode")).expect("decode");
+        for (a, b) in st.mean.iter().chain(&st.sd).zip(back.mean.iter().chain(&back.sd)) {
+            assert_eq!(a.to_bits(), b.to_bits());
+        }
+    }
+
     #[test]
     fn constant_columns_and_no_rows_are_refused_by_name() {
         let names = vec!["a".to_owned(), "b".to_owned()];

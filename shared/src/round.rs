@@ -471,8 +471,10 @@ impl Experiment {
         })
     }
 
-    /// The node could not do its task; `reason` carries no data values.
+    /// The node could not do its task; `reason` carries no data values (and is escaped: it is
+    /// a node's text, shown to researchers and logged).
     pub fn handle_failure(&mut self, now: Instant, node: &str, round: u32, phase: Phase, reason: &str) {
+        let reason = &*crate::text::printable(reason);
         if self.expect_answer(node, round, phase).is_ok() {
             self.log(
                 now,
@@ -492,6 +494,7 @@ impl Experiment {
     /// The node holds the task until its custodian approves the manifest: no answer this
     /// phase, but it stays a candidate for the next one.
     pub fn handle_held(&mut self, now: Instant, node: &str, round: u32, phase: Phase, manifest: &str) {
+        let manifest = &*crate::text::printable(manifest);
         if self.expect_answer(node, round, phase).is_ok() {
             self.log(
                 now,
