@@ -16,6 +16,7 @@ use fedstat_shared::wire::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::Limits;
 use crate::store::Store;
 use fedstat_shared::audit::AuditLog;
 use serde_json::json;
@@ -106,6 +107,8 @@ pub struct Federation {
     experiments: BTreeMap<ExperimentId, Experiment>,
     next_id: ExperimentId,
     max_params: u64,
+    /// Unfinished experiments one submitter may have at once (`limits.max_experiments_per_researcher`).
+    max_per_researcher: usize,
     store: Store,
     audit: Option<AuditLog>,
 }
@@ -113,7 +116,7 @@ pub struct Federation {
 impl Federation {
     /// The federation as the store left it: finished experiments for `status` and `results`,
     /// running ones resumed after their last completed round as soon as nodes connect.
-    pub fn new(store: Store, audit: Option<AuditLog>, max_params: u64, now: Instant) -> crate::Result<Self> {
+    pub fn new(store: Store, audit: Option<AuditLog>, limits: &Limits, now: Instant) -> crate::Result<Self> {
         let mut experiments = BTreeMap::new();
         for (id, restored) in store.load_all()? {
             let exp = Experiment::restore(id, restored, now, &[]);
@@ -126,7 +129,8 @@ impl Federation {
             nodes: BTreeMap::new(),
             next_id: store.next_experiment_id()?,
             experiments,
-            max_params,
+            max_params: limits.max_params,
+            max_per_researcher: limits.max_experiments_per_researcher,
             store,
             audit,
         };
@@ -531,6 +535,13 @@ impl Federation {
                 self.max_params
             ));
         }
+        let submitter = who.to_string();
+        let running = self
+            .experiments
+            .values()
+            .filter(|e| !e.is_finished() && e.submitter() == submitter)
+            .count();
+        check_quota(running, self.max_per_researcher)?;
         let id = self.next_id;
         tokio::task::block_in_place(|| self.store.insert_experiment(id, &spec, &who.to_string()))
             .map_err(|e| format!("the coordinator cannot record the experiment: {e}"))?;
@@ -545,6 +556,18 @@ impl Federation {
         self.experiments.insert(id, exp);
         Ok(id)
     }
+}
+
+/// Refuse a submission when the submitter already has `limit` unfinished experiments: one
+/// researcher must not be able to occupy the federation's nodes alone.
+fn check_quota(unfinished: usize, limit: usize) -> Result<(), String> {
+    if unfinished >= limit {
+        return Err(format!(
+            "you already have {unfinished} unfinished experiment(s); this coordinator allows {limit} at once \
+             (limits.max_experiments_per_researcher): wait for one to end or cancel one"
+        ));
+    }
+    Ok(())
 }
 
 fn request_name(r: &Request) -> &'static str {
@@ -576,5 +599,102 @@ pub async fn run(mut fed: Federation, mut rx: mpsc::Receiver<Event>) {
             },
             () = sleep => fed.on_timeout(Instant::now()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(role: Role, name: &str) -> PeerIdentity {
+        PeerIdentity {
+            role,
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn quota_counts_unfinished_experiments() {
+        // (unfinished, limit, allowed)
+        for (unfinished, limit, ok) in [
+            (0, 1, true),
+            (0, 4, true),
+            (3, 4, true),
+            (4, 4, false),
+            (1, 1, false),
+            (9, 4, false),
+        ] {
+            let got = check_quota(unfinished, limit);
+            assert_eq!(got.is_ok(), ok, "{unfinished} of {limit}");
+            if let Err(m) = got {
+                assert!(m.contains("limits.max_experiments_per_researcher"), "{m}");
+            }
+        }
+    }
+
+    fn federation(max_per_researcher: usize) -> Federation {
+        let limits = Limits {
+            max_connections: 10,
+            max_handshakes: 10,
+            max_concurrent_updates: 1,
+            max_params: 1000,
+            handshake_timeout: std::time::Duration::from_secs(1),
+            max_experiments_per_researcher: max_per_researcher,
+        };
+        Federation::new(Store::in_memory(), None, &limits, Instant::now()).expect("federation")
+    }
+
+    fn echo() -> Box<ExperimentSpec> {
+        let text = "name = \"echo\"\nmodel = \"echo\"\nrounds = 2\nmin_nodes = 1\n[echo]\nparams = 4\n";
+        Box::new(toml::from_str(text).expect("echo spec"))
+    }
+
+    fn submit(fed: &mut Federation, who: &PeerIdentity) -> Response {
+        fed.request(Instant::now(), who, Request::Submit { spec: echo() })
+            .response
+    }
+
+    fn ask(fed: &mut Federation, who: &PeerIdentity, request: Request) -> Response {
+        fed.request(Instant::now(), who, request).response
+    }
+
+    fn refusal(r: Response) -> String {
+        match r {
+            Response::Error { message } => message,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    // block_in_place (store writes) needs the multi-threaded runtime.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn unfinished_experiments_per_researcher_are_limited() {
+        let mut fed = federation(2);
+        let (alice, bob, root) = (
+            peer(Role::Researcher, "alice"),
+            peer(Role::Researcher, "bob"),
+            peer(Role::Admin, "root"),
+        );
+        // No node is connected: every experiment waits, unfinished.
+        assert!(matches!(submit(&mut fed, &alice), Response::Submitted { .. }));
+        assert!(matches!(submit(&mut fed, &alice), Response::Submitted { .. }));
+        let refused = refusal(submit(&mut fed, &alice));
+        assert!(
+            refused.contains("limits.max_experiments_per_researcher"),
+            "{refused}"
+        );
+        assert!(refused.contains("allows 2"), "{refused}");
+        // Others have their own allowance; admins are limited too.
+        assert!(matches!(submit(&mut fed, &bob), Response::Submitted { .. }));
+        assert!(matches!(submit(&mut fed, &root), Response::Submitted { .. }));
+        assert!(matches!(submit(&mut fed, &root), Response::Submitted { .. }));
+        assert!(refusal(submit(&mut fed, &root)).contains("limits.max_experiments_per_researcher"));
+        // A finished experiment no longer counts.
+        assert!(matches!(
+            ask(&mut fed, &alice, Request::Cancel { experiment: 1 }),
+            Response::Done { .. }
+        ));
+        assert!(matches!(submit(&mut fed, &alice), Response::Submitted { .. }));
+        assert!(refusal(submit(&mut fed, &alice)).contains("limits.max_experiments_per_researcher"));
     }
 }

@@ -338,6 +338,8 @@ fn dirty_files_are_reported_by_file_line_and_column() {
         "1e309",
     ];
     let mut fed = Fed::start();
+    // One researcher runs all ten experiments at once.
+    fed.reconfigure_coordinator("[limits]\nmax_experiments_per_researcher = 10\n");
     let dirty: Vec<(String, std::path::PathBuf)> = cases
         .iter()
         .map(|(file, _, _)| (file.replace(".csv", ""), dirty_data(file)))
