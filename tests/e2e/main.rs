@@ -6,6 +6,7 @@ mod configs;
 mod durability;
 mod governance;
 mod load;
+mod privacy_of_researchers;
 mod rogue;
 mod security;
 mod support;
