@@ -53,6 +53,7 @@ struct RawLimits {
     max_concurrent_updates: usize,
     max_params: u64,
     handshake_timeout_secs: u64,
+    max_experiments_per_researcher: usize,
 }
 
 impl Default for RawLimits {
@@ -63,6 +64,7 @@ impl Default for RawLimits {
             max_concurrent_updates: 4,
             max_params: fedstat_shared::spec::MAX_PARAMS,
             handshake_timeout_secs: 10,
+            max_experiments_per_researcher: 4,
         }
     }
 }
@@ -96,6 +98,9 @@ pub struct Limits {
     pub max_params: u64,
     /// Time a peer has for its first message after the TLS handshake.
     pub handshake_timeout: std::time::Duration,
+    /// Unfinished experiments one researcher (or admin) may have at once; more are refused at
+    /// submission, so one party cannot keep every node busy.
+    pub max_experiments_per_researcher: usize,
 }
 
 fn yes() -> bool {
@@ -169,6 +174,13 @@ impl CoordinatorConfig {
                 "must be at least 1",
             ));
         }
+        if l.max_experiments_per_researcher == 0 {
+            return Err(invalid(
+                &what,
+                "limits.max_experiments_per_researcher",
+                "must be at least 1",
+            ));
+        }
         let base = base_dir;
         let data_dir = raw
             .durable
@@ -188,6 +200,7 @@ impl CoordinatorConfig {
                 max_concurrent_updates: l.max_concurrent_updates,
                 max_params: l.max_params,
                 handshake_timeout: std::time::Duration::from_secs(l.handshake_timeout_secs),
+                max_experiments_per_researcher: l.max_experiments_per_researcher,
             },
         })
     }
@@ -231,5 +244,38 @@ impl ResearcherConfig {
             server_name: raw.server_name,
             tls: raw.tls.resolve(&base_dir(path)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(limits: &str) -> Result<CoordinatorConfig> {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n[limits]\n{limits}"
+        );
+        CoordinatorConfig::from_toml_str(&text, Path::new("/etc/fedstat"), "coordinator.toml")
+    }
+
+    #[test]
+    fn experiments_per_researcher_defaults_and_is_validated() {
+        // (limits table, expected value or the key the error must name)
+        let cases: [(&str, std::result::Result<usize, &str>); 4] = [
+            ("", Ok(4)),
+            ("max_experiments_per_researcher = 1", Ok(1)),
+            ("max_experiments_per_researcher = 25", Ok(25)),
+            (
+                "max_experiments_per_researcher = 0",
+                Err("limits.max_experiments_per_researcher"),
+            ),
+        ];
+        for (limits, want) in cases {
+            match (parse(limits), want) {
+                (Ok(c), Ok(n)) => assert_eq!(c.limits.max_experiments_per_researcher, n, "{limits}"),
+                (Err(e), Err(key)) => assert!(e.to_string().contains(key), "{limits}: {e}"),
+                (got, _) => panic!("{limits}: unexpected {got:?}"),
+            }
+        }
     }
 }

@@ -16,6 +16,7 @@ use fedstat_shared::wire::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::Limits;
 use crate::store::Store;
 use fedstat_shared::audit::AuditLog;
 use serde_json::json;
@@ -106,6 +107,8 @@ pub struct Federation {
     experiments: BTreeMap<ExperimentId, Experiment>,
     next_id: ExperimentId,
     max_params: u64,
+    /// Unfinished experiments one submitter may have at once (`limits.max_experiments_per_researcher`).
+    max_per_researcher: usize,
     store: Store,
     audit: Option<AuditLog>,
 }
@@ -113,7 +116,7 @@ pub struct Federation {
 impl Federation {
     /// The federation as the store left it: finished experiments for `status` and `results`,
     /// running ones resumed after their last completed round as soon as nodes connect.
-    pub fn new(store: Store, audit: Option<AuditLog>, max_params: u64, now: Instant) -> crate::Result<Self> {
+    pub fn new(store: Store, audit: Option<AuditLog>, limits: &Limits, now: Instant) -> crate::Result<Self> {
         let mut experiments = BTreeMap::new();
         for (id, restored) in store.load_all()? {
             let exp = Experiment::restore(id, restored, now, &[]);
@@ -126,7 +129,8 @@ impl Federation {
             nodes: BTreeMap::new(),
             next_id: store.next_experiment_id()?,
             experiments,
-            max_params,
+            max_params: limits.max_params,
+            max_per_researcher: limits.max_experiments_per_researcher,
             store,
             audit,
         };
@@ -406,15 +410,20 @@ impl Federation {
                 Ok(id) => Response::Submitted { experiment: id }.into(),
                 Err(message) => refuse(message),
             },
-            Request::Status { experiment: Some(id) } => match self.experiments.get(&id) {
-                Some(e) => Response::Status {
+            Request::Status { experiment: Some(id) } => match self.visible(who, id) {
+                Ok(e) => Response::Status {
                     experiments: vec![e.status()],
                 }
                 .into(),
-                None => refuse(format!("no experiment {id}")),
+                Err(message) => refuse(message),
             },
             Request::Status { experiment: None } => Response::Status {
-                experiments: self.experiments.values().map(Experiment::status).collect(),
+                experiments: self
+                    .experiments
+                    .values()
+                    .filter(|e| may_see(who, e.submitter()))
+                    .map(Experiment::status)
+                    .collect(),
             }
             .into(),
             Request::Nodes => Response::Nodes {
@@ -424,25 +433,23 @@ impl Federation {
                     .map(|(name, n)| NodeInfo {
                         name: name.clone(),
                         datasets: n.datasets.clone(),
-                        connected_secs: now.saturating_duration_since(n.since).as_secs(),
+                        // When an office's node comes and goes says something about that
+                        // office; researchers need only names and datasets to plan.
+                        connected_secs: (who.role == Role::Admin)
+                            .then(|| now.saturating_duration_since(n.since).as_secs()),
                     })
                     .collect(),
             }
             .into(),
-            Request::Results { experiment, round } => match self.results(experiment, round) {
+            Request::Results { experiment, round } => match self.results(who, experiment, round) {
                 Ok(reply) => reply,
                 Err(message) => refuse(message),
             },
             Request::Cancel { experiment } => {
-                let Some(e) = self.experiments.get_mut(&experiment) else {
-                    return refuse(format!("no experiment {experiment}"));
+                let e = match self.experiments.get_mut(&experiment) {
+                    Some(e) if may_see(who, e.submitter()) => e,
+                    _ => return refuse(not_visible(who, experiment)),
                 };
-                if who.role != Role::Admin && e.submitter() != who.to_string() {
-                    return refuse(format!(
-                        "{who} may cancel only its own experiments; experiment {experiment} was submitted by {}",
-                        e.submitter()
-                    ));
-                }
                 if e.is_finished() {
                     return refuse(format!(
                         "experiment {experiment} has already ended: {}",
@@ -471,11 +478,22 @@ impl Federation {
         }
     }
 
-    fn results(&self, experiment: ExperimentId, round: Option<u32>) -> Result<Reply, String> {
-        let e = self
-            .experiments
-            .get(&experiment)
-            .ok_or_else(|| format!("no experiment {experiment}"))?;
+    /// The experiment `id` if `who` may see it. Someone else's experiment is refused with the
+    /// same words as a missing one, so a researcher cannot learn that it exists.
+    fn visible(&self, who: &PeerIdentity, id: ExperimentId) -> Result<&Experiment, String> {
+        self.experiments
+            .get(&id)
+            .filter(|e| may_see(who, e.submitter()))
+            .ok_or_else(|| not_visible(who, id))
+    }
+
+    fn results(
+        &self,
+        who: &PeerIdentity,
+        experiment: ExperimentId,
+        round: Option<u32>,
+    ) -> Result<Reply, String> {
+        let e = self.visible(who, experiment)?;
         let last = e.history().last().map(|r| r.round);
         let Some(last) = last else {
             return Err(format!("experiment {experiment} has no completed round yet"));
@@ -531,6 +549,13 @@ impl Federation {
                 self.max_params
             ));
         }
+        let submitter = who.to_string();
+        let running = self
+            .experiments
+            .values()
+            .filter(|e| !e.is_finished() && e.submitter() == submitter)
+            .count();
+        check_quota(running, self.max_per_researcher)?;
         let id = self.next_id;
         tokio::task::block_in_place(|| self.store.insert_experiment(id, &spec, &who.to_string()))
             .map_err(|e| format!("the coordinator cannot record the experiment: {e}"))?;
@@ -545,6 +570,34 @@ impl Federation {
         self.experiments.insert(id, exp);
         Ok(id)
     }
+}
+
+/// Whether `who` may see (status, watch, events, results) and cancel an experiment submitted by
+/// `submitter`: its submitter may, an admin may, nobody else. `submitter` is the identity's
+/// display form (`researcher `alice``), so a researcher and an admin of the same name differ.
+fn may_see(who: &PeerIdentity, submitter: &str) -> bool {
+    match who.role {
+        Role::Admin => true,
+        Role::Researcher => submitter == who.to_string(),
+        Role::Node | Role::Coordinator => false,
+    }
+}
+
+/// The refusal for an experiment that is missing or not `who`'s: one text for both.
+fn not_visible(who: &PeerIdentity, id: ExperimentId) -> String {
+    format!("no experiment {id} visible to {who}")
+}
+
+/// Refuse a submission when the submitter already has `limit` unfinished experiments: one
+/// researcher must not be able to occupy the federation's nodes alone.
+fn check_quota(unfinished: usize, limit: usize) -> Result<(), String> {
+    if unfinished >= limit {
+        return Err(format!(
+            "you already have {unfinished} unfinished experiment(s); this coordinator allows {limit} at once \
+             (limits.max_experiments_per_researcher): wait for one to end or cancel one"
+        ));
+    }
+    Ok(())
 }
 
 fn request_name(r: &Request) -> &'static str {
@@ -576,5 +629,238 @@ pub async fn run(mut fed: Federation, mut rx: mpsc::Receiver<Event>) {
             },
             () = sleep => fed.on_timeout(Instant::now()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(role: Role, name: &str) -> PeerIdentity {
+        PeerIdentity {
+            role,
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn who_may_see_an_experiment() {
+        use Role::*;
+        // (asking role, asking name, submitter, allowed)
+        let cases = [
+            (Researcher, "alice", "researcher `alice`", true),
+            (Researcher, "bob", "researcher `alice`", false),
+            (Researcher, "alice", "admin `alice`", false),
+            (Researcher, "alic", "researcher `alice`", false),
+            (Admin, "root", "researcher `alice`", true),
+            (Admin, "root", "admin `other`", true),
+            (Node, "alice", "researcher `alice`", false),
+            (Node, "n1", "node `n1`", false),
+            (Coordinator, "c", "coordinator `c`", false),
+        ];
+        for (role, name, submitter, want) in cases {
+            assert_eq!(
+                may_see(&peer(role, name), submitter),
+                want,
+                "{role} {name} on {submitter}"
+            );
+        }
+    }
+
+    #[test]
+    fn quota_counts_unfinished_experiments() {
+        // (unfinished, limit, allowed)
+        for (unfinished, limit, ok) in [
+            (0, 1, true),
+            (0, 4, true),
+            (3, 4, true),
+            (4, 4, false),
+            (1, 1, false),
+            (9, 4, false),
+        ] {
+            let got = check_quota(unfinished, limit);
+            assert_eq!(got.is_ok(), ok, "{unfinished} of {limit}");
+            if let Err(m) = got {
+                assert!(m.contains("limits.max_experiments_per_researcher"), "{m}");
+            }
+        }
+    }
+
+    fn federation(max_per_researcher: usize) -> Federation {
+        let limits = Limits {
+            max_connections: 10,
+            max_handshakes: 10,
+            max_concurrent_updates: 1,
+            max_params: 1000,
+            handshake_timeout: std::time::Duration::from_secs(1),
+            max_experiments_per_researcher: max_per_researcher,
+        };
+        Federation::new(Store::in_memory(), None, &limits, Instant::now()).expect("federation")
+    }
+
+    fn echo() -> Box<ExperimentSpec> {
+        let text = "name = \"echo\"\nmodel = \"echo\"\nrounds = 2\nmin_nodes = 1\n[echo]\nparams = 4\n";
+        Box::new(toml::from_str(text).expect("echo spec"))
+    }
+
+    fn submit(fed: &mut Federation, who: &PeerIdentity) -> Response {
+        fed.request(Instant::now(), who, Request::Submit { spec: echo() })
+            .response
+    }
+
+    fn ask(fed: &mut Federation, who: &PeerIdentity, request: Request) -> Response {
+        fed.request(Instant::now(), who, request).response
+    }
+
+    fn refusal(r: Response) -> String {
+        match r {
+            Response::Error { message } => message,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn ids(r: Response) -> Vec<ExperimentId> {
+        match r {
+            Response::Status { experiments } => experiments.iter().map(|s| s.id).collect(),
+            other => panic!("expected a status, got {other:?}"),
+        }
+    }
+
+    // block_in_place (store writes) needs the multi-threaded runtime.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn researchers_see_only_their_own_experiments() {
+        let mut fed = federation(4);
+        let (alice, bob, root) = (
+            peer(Role::Researcher, "alice"),
+            peer(Role::Researcher, "bob"),
+            peer(Role::Admin, "root"),
+        );
+        assert_eq!(submit(&mut fed, &alice), Response::Submitted { experiment: 1 });
+        assert_eq!(submit(&mut fed, &root), Response::Submitted { experiment: 2 });
+
+        // Bob cannot tell alice's experiment 1 from the missing experiment 9.
+        let missing = refusal(ask(&mut fed, &bob, Request::Status { experiment: Some(9) }));
+        assert_eq!(missing, "no experiment 9 visible to researcher `bob`");
+        for request in [
+            Request::Status { experiment: Some(1) },
+            Request::Results {
+                experiment: 1,
+                round: None,
+            },
+            Request::Results {
+                experiment: 1,
+                round: Some(1),
+            },
+            Request::Cancel { experiment: 1 },
+        ] {
+            let what = format!("{request:?}");
+            assert_eq!(
+                refusal(ask(&mut fed, &bob, request)),
+                missing.replace('9', "1"),
+                "{what}"
+            );
+        }
+        assert_eq!(
+            ids(ask(&mut fed, &bob, Request::Status { experiment: None })),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            ids(ask(&mut fed, &alice, Request::Status { experiment: None })),
+            [1]
+        );
+        assert_eq!(
+            ids(ask(&mut fed, &root, Request::Status { experiment: None })),
+            [1, 2]
+        );
+        assert_eq!(
+            ids(ask(&mut fed, &alice, Request::Status { experiment: Some(1) })),
+            [1]
+        );
+        assert_eq!(
+            ids(ask(&mut fed, &root, Request::Status { experiment: Some(1) })),
+            [1]
+        );
+        // Alice may not see the admin's experiment either.
+        assert_eq!(
+            refusal(ask(&mut fed, &alice, Request::Status { experiment: Some(2) })),
+            "no experiment 2 visible to researcher `alice`"
+        );
+        // Results for the owner get past the permission check (no round has completed yet).
+        let early = refusal(ask(
+            &mut fed,
+            &alice,
+            Request::Results {
+                experiment: 1,
+                round: None,
+            },
+        ));
+        assert!(early.contains("no completed round"), "{early}");
+        // The admin may cancel anyone's experiment.
+        assert!(matches!(
+            ask(&mut fed, &root, Request::Cancel { experiment: 1 }),
+            Response::Done { .. }
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn only_admins_see_how_long_nodes_are_connected() {
+        let mut fed = federation(4);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        fed.handle(
+            Instant::now(),
+            Event::NodeUp {
+                conn: 1,
+                name: "west".into(),
+                datasets: vec!["cps1988".into()],
+                tx,
+            },
+        );
+        let nodes = |fed: &mut Federation, who: &PeerIdentity| match ask(fed, who, Request::Nodes) {
+            Response::Nodes { nodes } => nodes,
+            other => panic!("expected nodes, got {other:?}"),
+        };
+        let seen = nodes(&mut fed, &peer(Role::Researcher, "bob"));
+        assert_eq!(
+            seen,
+            [NodeInfo {
+                name: "west".into(),
+                datasets: vec!["cps1988".into()],
+                connected_secs: None,
+            }]
+        );
+        let seen = nodes(&mut fed, &peer(Role::Admin, "root"));
+        assert_eq!(seen.len(), 1);
+        assert!(seen[0].connected_secs.is_some(), "{seen:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn unfinished_experiments_per_researcher_are_limited() {
+        let mut fed = federation(2);
+        let (alice, bob, root) = (
+            peer(Role::Researcher, "alice"),
+            peer(Role::Researcher, "bob"),
+            peer(Role::Admin, "root"),
+        );
+        // No node is connected: every experiment waits, unfinished.
+        assert!(matches!(submit(&mut fed, &alice), Response::Submitted { .. }));
+        assert!(matches!(submit(&mut fed, &alice), Response::Submitted { .. }));
+        let refused = refusal(submit(&mut fed, &alice));
+        assert!(
+            refused.contains("limits.max_experiments_per_researcher"),
+            "{refused}"
+        );
+        assert!(refused.contains("allows 2"), "{refused}");
+        // Others have their own allowance; admins are limited too.
+        assert!(matches!(submit(&mut fed, &bob), Response::Submitted { .. }));
+        assert!(matches!(submit(&mut fed, &root), Response::Submitted { .. }));
+        assert!(matches!(submit(&mut fed, &root), Response::Submitted { .. }));
+        assert!(refusal(submit(&mut fed, &root)).contains("limits.max_experiments_per_researcher"));
+        // A finished experiment no longer counts.
+        assert!(matches!(
+            ask(&mut fed, &alice, Request::Cancel { experiment: 1 }),
+            Response::Done { .. }
+        ));
+        assert!(matches!(submit(&mut fed, &alice), Response::Submitted { .. }));
+        assert!(refusal(submit(&mut fed, &alice)).contains("limits.max_experiments_per_researcher"));
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use fedstat_shared::model::{unstandardize, Metrics};
 use fedstat_shared::spec::ModelKind;
-use fedstat_shared::wire::{DType, ExperimentStatus, ResultsHeader, RoundRecord};
+use fedstat_shared::wire::{DType, ExperimentStatus, NodeInfo, ResultsHeader, RoundRecord};
 use serde_json::json;
 
 use crate::{Error, Result};
@@ -156,6 +156,19 @@ pub fn round_line(r: &RoundRecord, rounds: u32) -> String {
     line
 }
 
+/// `west                     connected     42 s   datasets: cps1988`; the connection time
+/// only when the coordinator told it (admins).
+pub fn node_line(n: &NodeInfo) -> String {
+    match n.connected_secs {
+        Some(secs) => format!(
+            "{:<24} connected {secs:>6} s   datasets: {}",
+            n.name,
+            n.datasets.join(", ")
+        ),
+        None => format!("{:<24} datasets: {}", n.name, n.datasets.join(", ")),
+    }
+}
+
 /// A status summary line for one experiment.
 pub fn status_line(s: &ExperimentStatus) -> String {
     format!(
@@ -167,4 +180,26 @@ pub fn status_line(s: &ExperimentStatus) -> String {
         s.rounds,
         s.state
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_lines_show_the_connection_time_only_when_told() {
+        let node = |secs| NodeInfo {
+            name: "west".into(),
+            datasets: vec!["cps1988".into(), "lfs".into()],
+            connected_secs: secs,
+        };
+        assert_eq!(
+            node_line(&node(Some(42))),
+            "west                     connected     42 s   datasets: cps1988, lfs"
+        );
+        assert_eq!(
+            node_line(&node(None)),
+            "west                     datasets: cps1988, lfs"
+        );
+    }
 }

@@ -184,7 +184,7 @@ pub fn federation(config: &CoordinatorConfig) -> Result<federation::Federation> 
         .map(fedstat_shared::audit::AuditLog::open)
         .transpose()?;
     tokio::task::block_in_place(|| {
-        federation::Federation::new(store, audit, config.limits.max_params, std::time::Instant::now())
+        federation::Federation::new(store, audit, &config.limits, std::time::Instant::now())
     })
 }
 

@@ -64,7 +64,7 @@ fn main() {
     // Peers -> coordinator: 0 control stream, 1 update stream, 2 request stream.
     let t = "wire_to_coordinator";
     let hello = frame(&NodeMsg::Hello {
-        protocol: 1,
+        protocol: 2,
         software: "fedstat-node 0.1.0".into(),
         datasets: vec!["cps1988".into(), "lfs".into()],
     });
@@ -110,7 +110,7 @@ fn main() {
         write(t, &format!("update-{i}"), 1, &[frame(&header), body.clone()]);
     }
     let requests = [
-        frame(&Request::Hello { protocol: 1 }),
+        frame(&Request::Hello { protocol: 2 }),
         frame(&Request::Status { experiment: Some(1) }),
         frame(&Request::Status { experiment: None }),
         frame(&Request::Nodes),
@@ -137,7 +137,7 @@ fn main() {
         0,
         &[
             frame(&CoordMsg::Welcome {
-                protocol: 1,
+                protocol: 2,
                 name: "ons".into(),
             }),
             frame(&CoordMsg::Heartbeat),
@@ -213,7 +213,7 @@ fn main() {
         2,
         &[
             frame(&Response::Welcome {
-                protocol: 1,
+                protocol: 2,
                 name: "r".into(),
                 role: Role::Researcher,
             }),
@@ -225,7 +225,7 @@ fn main() {
                 nodes: vec![NodeInfo {
                     name: "a".into(),
                     datasets: vec!["cps1988".into()],
-                    connected_secs: 5,
+                    connected_secs: Some(5),
                 }],
             }),
             frame(&Response::Error {

@@ -6,8 +6,10 @@
 //!
 //! Every phase works the same way: select the connected nodes that can take part, send each a
 //! task, collect answers until every selected node answered (or failed, or left) or the phase
-//! deadline passes. A training or statistics phase that ends with fewer than `min_nodes` good
-//! answers is tried again, up to `max_round_retries` times, then the experiment fails.
+//! deadline passes. Any phase (statistics, training or evaluation) that ends with fewer than
+//! `min_nodes` good answers is tried again; a round's phases share `max_round_retries` retries,
+//! then the experiment fails. Evaluation needs the quorum too: pooled test metrics from fewer
+//! offices than the experiment asked for could describe one office's test rows alone.
 //! Answers are kept in maps ordered by node name and updates are folded exactly (see
 //! [`crate::aggregate`]), so no result depends on arrival order.
 
@@ -579,7 +581,7 @@ impl Experiment {
                 ),
             );
         }
-        if phase == Phase::Evaluate || answered >= self.spec.min_nodes as usize {
+        if answered >= self.spec.min_nodes as usize {
             self.finish_phase(now);
         } else {
             self.retry(now, answered);
@@ -601,11 +603,7 @@ impl Experiment {
         if p.outstanding().next().is_some() {
             return;
         }
-        let quorum = match p.phase {
-            Phase::Evaluate => 0,
-            _ => self.spec.min_nodes as usize,
-        };
-        if p.answered.len() >= quorum {
+        if p.answered.len() >= self.spec.min_nodes as usize {
             self.finish_phase(now);
         }
         // Otherwise no answer can still come: wait for the deadline, then retry, so that a
@@ -791,6 +789,8 @@ impl Experiment {
                     }
                 }
                 record.metrics = sums.map(|s| metrics(self.spec.model, &s));
+                // The round's retries so far: training's and, after them, evaluation's.
+                record.retries = self.retries;
                 self.complete_round(now, record, started);
             }
         }
@@ -836,7 +836,6 @@ impl Experiment {
 mod tests {
     use super::*;
     use crate::spec::{EchoSpec, ModelKind, TrainingSpec};
-    use crate::wire::DType;
 
     const T0: Duration = Duration::from_secs(10);
 
@@ -854,6 +853,20 @@ mod tests {
             training: TrainingSpec::default(),
             echo: Some(EchoSpec { params: 4 }),
         }
+    }
+
+    /// A linear model on dataset `d` (intercept and `x`): statistics, then per round training
+    /// and evaluation.
+    fn linear(min_nodes: u32, rounds: u32, retries: u32) -> ExperimentSpec {
+        let text = format!(
+            "name = \"sim linear\"\ndataset = \"d\"\nmodel = \"linear\"\nrounds = {rounds}\n\
+             min_nodes = {min_nodes}\nround_timeout_secs = {}\nmax_round_retries = {retries}\n\
+             [schema]\ntarget = {{ column = \"y\" }}\nnumeric = [{{ column = \"x\" }}]\n",
+            T0.as_secs()
+        );
+        let spec: ExperimentSpec = toml::from_str(&text).expect("linear spec");
+        spec.validate().expect("valid linear spec");
+        spec
     }
 
     /// A simulated federation: nodes answer tasks by returning global + their offset.
@@ -881,12 +894,68 @@ mod tests {
             sim
         }
 
+        /// Like [`Sim::new`], every node offering dataset `d`.
+        fn with_data(spec: ExperimentSpec, nodes: &[&str]) -> Sim {
+            let now = Instant::now();
+            let connected: Vec<(String, Vec<String>)> =
+                nodes.iter().map(|n| (n.to_string(), vec!["d".into()])).collect();
+            let mut sim = Sim {
+                now,
+                exp: Experiment::new(1, spec, "researcher `r`".into(), now, &connected),
+                inbox: BTreeMap::new(),
+                rejected: Vec::new(),
+            };
+            sim.pump();
+            sim
+        }
+
+        /// The node answers the statistics phase (10 train rows of `x`).
+        fn stats(&mut self, node: &str) {
+            let sums = ColumnSums {
+                n: 10,
+                sum: vec![5.0],
+                sum_sq: vec![10.0],
+            };
+            self.exp.handle_stats(self.now, node, 0, sums).expect("stats");
+            self.pump();
+        }
+
+        /// The node answers its latest task, an evaluation, with sums over 5 test rows.
+        fn eval(&mut self, node: &str) -> Result<(), Rejection> {
+            let (round, _) = self.inbox[node].last().cloned().expect("a task");
+            let sums = EvalSums {
+                n: 5,
+                loss_sum: 2.0,
+                sse: 2.0,
+                sum_y: 5.0,
+                sum_y2: 10.0,
+                ..EvalSums::default()
+            };
+            let r = self.exp.handle_eval(self.now, node, round, sums);
+            self.pump();
+            r
+        }
+
+        fn phase(&self) -> Option<Phase> {
+            match self.exp.state() {
+                ExperimentState::Running { phase } => Some(*phase),
+                _ => None,
+            }
+        }
+
+        fn events(&self) -> String {
+            let status = self.exp.status();
+            let lines: Vec<&str> = status.events.iter().map(|e| e.message.as_str()).collect();
+            lines.join("\n")
+        }
+
         fn pump(&mut self) {
             while let Some(t) = self.exp.poll_transmit() {
                 match t {
                     Transmit::Task { to, task, model } => {
+                        let dtype = self.exp.spec().dtype();
                         let values = model
-                            .map(|m| crate::wire::tensor_to_f64(&m, DType::F32).expect("tensor"))
+                            .map(|m| crate::wire::tensor_to_f64(&m, dtype).expect("tensor"))
                             .unwrap_or_default();
                         self.inbox.entry(to).or_default().push((task.round, values));
                     }
@@ -902,8 +971,8 @@ mod tests {
                 num_examples: rows,
                 train_loss: 0.5,
                 tensor: TensorMeta {
-                    dtype: DType::F32,
-                    len: 4,
+                    dtype: self.exp.spec().dtype(),
+                    len: self.exp.spec().num_params(),
                 },
             }
         }
@@ -911,7 +980,8 @@ mod tests {
         /// The node answers its latest task with global + offset.
         fn answer(&mut self, node: &str, offset: f32, rows: u64) -> Result<(), Rejection> {
             let (round, global) = self.inbox[node].last().cloned().expect("a task");
-            let values = Values::F32(global.iter().map(|g| *g as f32 + offset).collect());
+            let moved: Vec<f64> = global.iter().map(|g| g + f64::from(offset)).collect();
+            let values = Values::from_f64(&moved, self.exp.spec().dtype());
             let header = self.header(round, rows);
             let r = self.exp.handle_update(self.now, node, &header, Ok(values));
             self.pump();
@@ -1090,6 +1160,101 @@ mod tests {
             }
             other => panic!("expected failure, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn evaluation_without_quorum_retries_then_fails() {
+        let mut sim = Sim::with_data(linear(2, 1, 1), &["a", "b"]);
+        sim.stats("a");
+        sim.stats("b");
+        sim.answer("a", 1.0, 10).expect("a trains");
+        sim.answer("b", 1.0, 10).expect("b trains");
+        assert_eq!(sim.phase(), Some(Phase::Evaluate));
+        sim.eval("a").expect("a evaluates");
+        // b is silent: one answer is not the quorum of two, so the phase waits for its
+        // deadline rather than publishing metrics of a's test rows alone.
+        assert_eq!(sim.rounds_done(), 0);
+        let tasks_b = sim.inbox["b"].len();
+        sim.advance(T0);
+        assert_eq!(sim.phase(), Some(Phase::Evaluate), "retried");
+        assert_eq!(sim.inbox["b"].len(), tasks_b + 1, "b is asked again");
+        assert!(
+            sim.events()
+                .contains("round 1: 1 of the 2 answers needed in evaluation arrived within 10 s; retrying"),
+            "{}",
+            sim.events()
+        );
+        sim.eval("a").expect("a evaluates again");
+        sim.advance(T0);
+        match sim.exp.state() {
+            ExperimentState::Failed { reason } => {
+                assert!(
+                    reason.contains("1 of the 2 answers needed in evaluation"),
+                    "{reason}"
+                );
+                assert!(reason.contains("after 1 retries"), "{reason}");
+            }
+            other => panic!("expected failure, got {other:?}"),
+        }
+        assert_eq!(sim.rounds_done(), 0, "no metrics from one office are recorded");
+        let mut kept = Vec::new();
+        while let Some(p) = sim.exp.poll_progress() {
+            kept.push(p);
+        }
+        assert!(
+            !kept.iter().any(|p| matches!(p, Progress::RoundCompleted { .. })),
+            "{kept:?}"
+        );
+    }
+
+    #[test]
+    fn evaluation_with_quorum_completes() {
+        let mut sim = Sim::with_data(linear(2, 2, 0), &["a", "b", "c"]);
+        for n in ["a", "b", "c"] {
+            sim.stats(n);
+        }
+        // Round 1: c never answers; training and evaluation each close at their deadline on
+        // the quorum of a and b.
+        sim.answer("a", 1.0, 10).expect("a trains");
+        sim.answer("b", 1.0, 10).expect("b trains");
+        sim.advance(T0);
+        assert_eq!(sim.phase(), Some(Phase::Evaluate));
+        sim.eval("a").expect("a evaluates");
+        sim.eval("b").expect("b evaluates");
+        assert_eq!(sim.rounds_done(), 0, "c is still expected");
+        sim.advance(T0);
+        assert_eq!(sim.rounds_done(), 1);
+        let metrics = sim.exp.history()[0].metrics.clone().expect("pooled metrics");
+        assert_eq!(metrics.n, 10, "two offices' test rows");
+        // Round 2: everyone answers, so nothing waits for a deadline.
+        for n in ["a", "b", "c"] {
+            sim.answer(n, 0.5, 10).expect("trains");
+        }
+        for n in ["a", "b", "c"] {
+            sim.eval(n).expect("evaluates");
+        }
+        assert_eq!(sim.exp.state(), &ExperimentState::Completed);
+        assert_eq!(sim.exp.history()[1].metrics.as_ref().map(|m| m.n), Some(15));
+        assert_eq!(sim.exp.history()[1].retries, 0);
+    }
+
+    #[test]
+    fn training_and_evaluation_share_the_rounds_retries() {
+        let mut sim = Sim::with_data(linear(2, 1, 2), &["a", "b"]);
+        sim.stats("a");
+        sim.stats("b");
+        sim.answer("a", 1.0, 10).expect("a trains");
+        sim.advance(T0);
+        assert_eq!(sim.phase(), Some(Phase::Train), "training retried");
+        sim.answer("a", 1.0, 10).expect("a trains again");
+        sim.answer("b", 1.0, 10).expect("b trains");
+        sim.eval("a").expect("a evaluates");
+        sim.advance(T0);
+        assert_eq!(sim.phase(), Some(Phase::Evaluate), "evaluation retried");
+        sim.eval("a").expect("a evaluates again");
+        sim.eval("b").expect("b evaluates");
+        assert_eq!(sim.exp.state(), &ExperimentState::Completed);
+        assert_eq!(sim.exp.history()[0].retries, 2, "one retry of each phase");
     }
 
     #[test]

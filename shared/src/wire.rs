@@ -25,8 +25,9 @@ use crate::model::{EvalSums, Metrics};
 use crate::spec::{ExperimentSpec, ModelKind};
 use crate::{Error, Result};
 
-/// Version of this protocol; both sides check it in the first exchange.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this protocol; both sides check it in the first exchange. Version 2: a node's
+/// connection time is shown to admins only ([`NodeInfo::connected_secs`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest control frame payload. Evaluation sums (two 4096-bin histograms) and an experiment
 /// spec fit comfortably; anything larger is an attack or a bug.
@@ -290,8 +291,8 @@ pub struct ExperimentStatus {
 pub struct NodeInfo {
     pub name: String,
     pub datasets: Vec<String>,
-    /// Seconds since the node connected.
-    pub connected_secs: u64,
+    /// Seconds since the node connected; only admins are told (`None` for researchers).
+    pub connected_secs: Option<u64>,
 }
 
 /// Everything needed to use a finished model; its parameters follow as a tensor.

@@ -7,6 +7,7 @@ mod disclosure;
 mod durability;
 mod governance;
 mod load;
+mod privacy_of_researchers;
 mod rogue;
 mod rogue_coordinator;
 mod security;
@@ -386,6 +387,8 @@ fn dirty_files_are_reported_by_column_to_researchers_and_by_line_to_custodians()
         "/",
     ];
     let mut fed = Fed::start();
+    // One researcher runs all ten experiments at once.
+    fed.reconfigure_coordinator("[limits]\nmax_experiments_per_researcher = 10\n");
     let dirty: Vec<(String, std::path::PathBuf)> = cases
         .iter()
         .map(|(file, _, _)| (file.replace(".csv", ""), dirty_data(file)))

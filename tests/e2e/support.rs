@@ -502,6 +502,17 @@ impl Fed {
         self.coordinator = proc;
     }
 
+    /// Append `extra` TOML (e.g. a `[limits]` table) to the coordinator's config and restart
+    /// it with it, on the same address and store.
+    pub fn reconfigure_coordinator(&mut self, extra: &str) {
+        let cfg = self.path("coordinator.toml");
+        let mut text = std::fs::read_to_string(&cfg).expect("config");
+        text.push('\n');
+        text.push_str(extra);
+        std::fs::write(&cfg, text).expect("write config");
+        self.crash_and_restart_coordinator();
+    }
+
     /// Stop a node with SIGKILL and start it again with the same config.
     pub fn restart_node(&mut self, name: &str) {
         self.node(name).kill();

@@ -223,13 +223,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if cli.json {
                 print_json(&nodes)?;
             } else {
-                for n in nodes {
-                    println!(
-                        "{:<24} connected {:>6} s   datasets: {}",
-                        n.name,
-                        n.connected_secs,
-                        n.datasets.join(", ")
-                    );
+                for n in &nodes {
+                    println!("{}", results::node_line(n));
                 }
             }
         }
