@@ -68,8 +68,8 @@ fn pending_approve_and_reject_work_on_the_state_folder() {
     let out = node(&["pending"], &cfg_path);
     let listing = text(&out);
     assert!(listing.contains(&format!("manifest {a}")) && listing.contains(&format!("manifest {b}")));
-    assert!(listing.contains("purpose:   first purpose"), "{listing}");
-    assert!(listing.contains("submitter: researcher `alice`"), "{listing}");
+    assert!(listing.contains("purpose:    first purpose"), "{listing}");
+    assert!(listing.contains("submitter:  researcher `alice`"), "{listing}");
 
     let out = node(&["approve", &a[..8]], &cfg_path);
     assert!(out.status.success(), "{}", text(&out));
