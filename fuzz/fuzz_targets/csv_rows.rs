@@ -89,7 +89,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let (schema, model) = schema(pick);
     let p = schema.design_columns().len();
-    if let Ok(local) = load_csv_from_reader("fuzz.csv", csv, &schema, model, LoadLimits { max_cells: 1 << 20 }) {
+    if let Ok(local) =
+        load_csv_from_reader("fuzz.csv", csv, &schema, model, LoadLimits { max_cells: 1 << 20 })
+    {
         let lines = csv.iter().filter(|&&b| b == b'\n').count() + 1;
         for d in [&local.train, &local.test] {
             assert_eq!(d.x.ncols(), p, "design width");
