@@ -345,8 +345,12 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
         Ok(x) => x,
         Err(e) => {
             let kept = tmp.keep();
+            let what = match e {
+                Error::Demo(m) => m,
+                other => other.to_string(),
+            };
             return Err(Error::Demo(format!(
-                "{e} (logs kept in {})",
+                "{what} (logs kept in {})",
                 kept.join("logs").display()
             )));
         }
@@ -390,6 +394,15 @@ async fn listening_addr(child: &mut Child) -> Result<String> {
     Ok(addr)
 }
 
+/// `(node, reason)` from an event saying a node could not take part in the statistics phase
+/// (which keeps it out of the whole experiment).
+fn refusal(message: &str) -> Option<(&str, &str)> {
+    let rest = message.split_once("node `")?.1;
+    let (node, rest) = rest.split_once('`')?;
+    let why = rest.strip_prefix(" could not do statistics: ")?;
+    Some((node, why))
+}
+
 async fn follow(
     cfg: &ResearcherConfig,
     spec: &ExperimentSpec,
@@ -413,6 +426,7 @@ async fn follow(
     println!("  {nodes} nodes connected; submitting \"{}\"", spec.name);
     let id = client.submit(spec.clone()).await?;
     let mut shown = 0;
+    let mut refused: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
     let status = loop {
         let s = client
             .status(Some(id))
@@ -425,8 +439,26 @@ async fn follow(
             }
         }
         shown = s.history.len();
+        // An office whose policy refuses the experiment says why once; when too few offices
+        // are left to reach min_nodes, waiting for the phase deadlines would show nothing more.
+        for e in &s.events {
+            if let Some((node, why)) = refusal(&e.message) {
+                if !refused.contains_key(node) {
+                    println!("  office `{node}` refused: {why}");
+                    refused.insert(node.to_owned(), why.to_owned());
+                }
+            }
+        }
         if s.state.is_finished() {
             break s;
+        }
+        if nodes.saturating_sub(refused.len()) < spec.min_nodes as usize {
+            let _ = client.call(fedstat_shared::wire::Request::Cancel { experiment: id }).await;
+            return Err(Error::Demo(format!(
+                "{} of the {nodes} offices refused the experiment, fewer than min_nodes = {} are left",
+                refused.len(),
+                spec.min_nodes
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
