@@ -80,6 +80,8 @@ struct Inner {
     db: Connection,
     models: PathBuf,
     path: PathBuf,
+    /// Held as long as the store is open (see [`fedstat_shared::files::lock_dir`]).
+    _lock: fedstat_shared::files::DirLock,
 }
 
 impl std::fmt::Debug for Store {
@@ -121,6 +123,9 @@ impl Store {
                 models.display()
             ))
         })?;
+        // Before anything in the folder is written or read: a second coordinator on the same
+        // store would interleave rounds and fork the audit log's hash chain.
+        let lock = fedstat_shared::files::lock_dir(dir, "data folder")?;
         // Prove the folder is writable now (a read-only mount, a full disk, permissions).
         let probe = dir.join(".write-probe");
         std::fs::File::create(&probe)
@@ -161,7 +166,12 @@ impl Store {
             )));
         }
         Ok(Store {
-            inner: Some(Inner { db, models, path }),
+            inner: Some(Inner {
+                db,
+                models,
+                path,
+                _lock: lock,
+            }),
         })
     }
 

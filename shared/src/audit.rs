@@ -89,6 +89,9 @@ impl AuditLog {
             .create(true)
             .open(path)
             .map_err(|e| Error::io("cannot open the audit log", path, e))?;
+        // One writer per log: two would both continue from the same last record and fork the
+        // chain. Checked before reading, so a refused second writer changes nothing.
+        crate::files::lock_file(&file, "audit log", path, path)?;
         let (next_seq, last_hash) = match last_line(&mut file)
             .map_err(|e| Error::io("cannot read", path, e))?
         {

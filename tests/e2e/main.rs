@@ -5,6 +5,7 @@
 mod configs;
 mod durability;
 mod governance;
+mod hardening;
 mod load;
 mod rogue;
 mod security;

@@ -10,7 +10,7 @@ use fedstat_shared::transport::{read_frame, write_frame};
 use fedstat_shared::wire::{Request, Response, PROTOCOL_VERSION};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::support::{bin, demo_data, events, logit_experiment, raw_client, wait_until, Fed};
+use crate::support::{bin, demo_data, events, logit_experiment, raw_client, wait_until, write_key, Fed};
 
 /// Connect and make a request; Err(reason) when the coordinator refuses.
 fn try_request(addr: SocketAddr, cfg: quinn::ClientConfig) -> Result<Response, String> {
@@ -97,7 +97,7 @@ fn wrong_certificates_and_roles_are_refused_and_audited() {
     let stale = fed.path("stale");
     std::fs::create_dir_all(&stale).expect("mkdir");
     std::fs::write(stale.join("stale.pem"), cert_pem).expect("write");
-    std::fs::write(stale.join("stale.key"), key_pem).expect("write");
+    write_key(&stale.join("stale.key"), &key_pem);
     let cfg = fed.write_node_config("stale", &stale, &ca, &[("cps1988", demo_data("west"))]);
     let out = Command::new(bin("fedstat-node"))
         .args(["run", "--config"])
