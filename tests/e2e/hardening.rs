@@ -156,6 +156,21 @@ fn keys_made_where_they_are_used_join_the_federation() {
         .expect("id");
     let status = fed.wait_finished(id, Duration::from_secs(60));
     assert_eq!(status["state"], "Completed", "{status:#}");
+
+    // Everything the binaries wrote is owner-only (umask 077): store, models, audit logs, node
+    // state, results.
+    let results = fed.path("results");
+    let out = fed.cli_as(&bob, &["results", &id.to_string(), "--out", s(&results)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut checked = 0;
+    for dir in [fed.path("data"), fed.path("node-ons-state"), results] {
+        for (path, _) in snapshot(&dir) {
+            assert_eq!(mode(&path) & 0o077, 0, "{} is readable by others", path.display());
+            checked += 1;
+        }
+        assert_eq!(mode(&dir) & 0o077, 0, "{}", dir.display());
+    }
+    assert!(checked >= 8, "only {checked} files written?");
 }
 
 #[test]

@@ -123,6 +123,9 @@ enum Pki {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Everything this process creates (store, models, audit log, state, results, keys) is
+    // owner-only; see fedstat_shared::files.
+    fedstat_shared::files::owner_only_umask();
     fedstat_shared::process::init_tracing("info,quinn=warn");
     fedstat_shared::process::exit_code(run(cli))
 }

@@ -81,6 +81,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Everything this process creates (store, models, audit log, state, results, keys) is
+    // owner-only; see fedstat_shared::files.
+    fedstat_shared::files::owner_only_umask();
     fedstat_shared::process::init_tracing("warn");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
