@@ -378,3 +378,230 @@ fn nodes_and_researchers_refuse_a_revoked_coordinator() {
     assert_eq!(nodes.as_array().map(Vec::len), Some(0), "{nodes}");
     node.kill();
 }
+
+fn echo(name: &str, params: u32, rounds: u32, min_nodes: u32) -> String {
+    format!(
+        "name = \"{name}\"\nmodel = \"echo\"\nrounds = {rounds}\nmin_nodes = {min_nodes}\n\
+         round_timeout_secs = 20\n[echo]\nparams = {params}\n"
+    )
+}
+
+fn state(status: &serde_json::Value) -> String {
+    match &status["state"] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[test]
+fn a_damaged_model_file_costs_only_its_experiment() {
+    let mut fed = Fed::start();
+    fed.add_node("west", &[("cps1988", demo_data("west"))]);
+    fed.wait_for_nodes(&["west"]);
+    // 1000 f32 parameters: model files of 4000 bytes.
+    let a = fed.submit("a.toml", &echo("a", 1000, 2, 1));
+    assert_eq!(
+        fed.wait_finished(a, Duration::from_secs(60))["state"],
+        "Completed"
+    );
+    // Waits for a second node.
+    let b = fed.submit("b.toml", &echo("b", 2000, 2, 2));
+
+    fed.coordinator.kill();
+    let mut damaged = 0;
+    for (path, bytes) in snapshot(&fed.path("data/models")) {
+        if bytes.len() == 4000 {
+            std::fs::write(&path, vec![0u8; 4000]).expect("damage");
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0, "no model file of experiment a found");
+    fed.crash_and_restart_coordinator();
+
+    let status = fed.status(a);
+    assert!(
+        status["state"]["Failed"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("damaged: the model of round 2")),
+        "{status:#}"
+    );
+    fed.add_node("south", &[("cps1988", demo_data("south"))]);
+    let status = fed.wait_finished(b, Duration::from_secs(60));
+    assert_eq!(status["state"], "Completed", "{status:#}");
+}
+
+/// A size-limited tmpfs, unmounted on drop. CI runs as root; elsewhere the test says why it
+/// cannot run instead of passing silently.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(path).expect("mkdir");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a {size} tmpfs to fill the coordinator's disk and needs root \
+             (CI runs as root): mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk {
+            path: path.to_owned(),
+        }
+    }
+
+    fn grow(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .output()
+            .expect("run mount");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_experiment_and_leaves_a_consistent_store() {
+    let mut fed = Fed::start();
+    let disk = SmallDisk::mount(&fed.path("disk"), "2m");
+    // The same coordinator, now with its store (and audit log) on the small disk.
+    fed.coordinator.kill();
+    let cfg = fed.path("coordinator.toml");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, format!("data_dir = \"{}\"\n{text}", disk.path.display())).expect("write");
+    fed.crash_and_restart_coordinator();
+    fed.add_node("west", &[("cps1988", demo_data("west"))]);
+    fed.wait_for_nodes(&["west"]);
+
+    // 50 000 f32 parameters: 200 kB per round's model; the disk holds a handful.
+    let id = fed.submit("big.toml", &echo("big", 50_000, 60, 1));
+    let status = fed.wait_finished(id, Duration::from_secs(120));
+    let reason = status["state"]["Failed"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.contains("cannot record progress") || reason.contains("audit log"),
+        "expected a failure for the full disk: {status:#}"
+    );
+    let done = status["rounds_done"].as_u64().expect("rounds_done");
+    assert!(done < 60, "{status:#}");
+    // Nothing more runs for it.
+    std::thread::sleep(Duration::from_secs(2));
+    let later = fed.status(id);
+    assert_eq!(later["rounds_done"].as_u64(), Some(done));
+    assert_eq!(state(&later), state(&status));
+    let log = fed.coordinator.log_text();
+    assert!(log.contains("No space left on device"), "{log}");
+
+    // With room again, the coordinator starts from what is on disk: every recorded round's
+    // model checks against its hash, and the audit log's chain is intact.
+    fed.coordinator.kill();
+    disk.grow("64m");
+    fed.crash_and_restart_coordinator();
+    let status = fed.status(id);
+    let rounds: Vec<u64> = status["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|r| r["round"].as_u64())
+        .collect();
+    assert_eq!(
+        rounds,
+        (1..=rounds.len() as u64).collect::<Vec<_>>(),
+        "{status:#}"
+    );
+    for k in &rounds {
+        let out = fed.cli(&[
+            "results",
+            &id.to_string(),
+            "--round",
+            &k.to_string(),
+            "--out",
+            s(&fed.path(&format!("r{k}"))),
+        ]);
+        assert!(
+            out.status.success(),
+            "round {k}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run_bin(
+        "fedstat-coordinator",
+        &["audit", "verify", "--file", s(&disk.path.join("audit.jsonl"))],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fed.coordinator.kill();
+    fed.nodes.clear();
+}
+
+#[test]
+fn a_failed_audit_write_stops_what_it_records() {
+    let mut fed = Fed::start();
+    let disk = SmallDisk::mount(&fed.path("audit-disk"), "1m");
+    fed.coordinator.kill();
+    let cfg = fed.path("coordinator.toml");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    let audit = disk.path.join("audit.jsonl");
+    std::fs::write(&cfg, format!("audit_log = \"{}\"\n{text}", audit.display())).expect("write");
+    fed.crash_and_restart_coordinator();
+    fed.add_node("west", &[("cps1988", demo_data("west"))]);
+    fed.wait_for_nodes(&["west"]);
+    // Waits for a second node.
+    let waiting = fed.submit("waiting.toml", &echo("waiting", 100, 2, 2));
+
+    // Fill the audit log's disk (whatever fits; the write itself is expected to fail), then
+    // make refused requests, each an audit record, until the log's last page is full too.
+    let _ = std::fs::write(disk.path.join("filler"), vec![1u8; 2 << 20]);
+    let mut tries = 0;
+    loop {
+        let out = fed.cli(&["cancel", "999"]);
+        if String::from_utf8_lossy(&out.stderr).contains("cannot write its audit log") {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 200, "the audit log never filled up");
+    }
+    let experiment = fed.path("again.toml");
+    std::fs::write(&experiment, echo("again", 100, 2, 1)).expect("write");
+    let out = fed.cli(&["submit", s(&experiment)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a submission was accepted without its audit record"
+    );
+    assert!(stderr.contains("cannot write its audit log"), "{stderr}");
+
+    // Every running experiment stopped with the reason; status stays readable.
+    let status = fed.status(waiting);
+    let reason = status["state"]["Failed"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("cannot write its audit log"), "{status:#}");
+    // Results are not released and a new node is not admitted.
+    let out = fed.cli(&["results", &waiting.to_string(), "--out", s(&fed.path("r"))]);
+    assert!(!out.status.success());
+    fed.add_node("south", &[("cps1988", demo_data("south"))]);
+    std::thread::sleep(Duration::from_secs(3));
+    let nodes = fed.json(&["nodes"]);
+    assert!(!nodes.to_string().contains("south"), "{nodes}");
+    // What is on the disk is still a valid chain.
+    let out = run_bin("fedstat-coordinator", &["audit", "verify", "--file", s(&audit)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    fed.coordinator.kill();
+    fed.nodes.clear();
+}
