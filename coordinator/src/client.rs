@@ -50,7 +50,7 @@ impl Client {
         };
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| fail(format!("cannot open a UDP socket: {e}")))?;
-        endpoint.set_default_client_config(tls::client_config(&cfg.tls)?);
+        endpoint.set_default_client_config(tls::client_config_with_crl(&cfg.tls, cfg.crl.as_deref())?);
         let connecting = endpoint
             .connect(addr, &cfg.server_name)
             .map_err(|e| fail(e.to_string()))?;

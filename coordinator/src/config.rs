@@ -210,13 +210,10 @@ impl CoordinatorConfig {
 #[serde(deny_unknown_fields)]
 struct RawResearcher {
     coordinator: String,
-    #[serde(default = "default_server_name")]
     server_name: String,
+    #[serde(default)]
+    crl: Option<PathBuf>,
     tls: RawTls,
-}
-
-fn default_server_name() -> String {
-    "localhost".to_owned()
 }
 
 /// Validated researcher CLI configuration.
@@ -224,25 +221,35 @@ fn default_server_name() -> String {
 pub struct ResearcherConfig {
     /// `host:port` of the coordinator.
     pub coordinator: String,
-    /// Name the coordinator's certificate must carry.
+    /// `server_name`: the DNS name or IP address the coordinator's certificate must carry
+    /// (required: no silent default).
     pub server_name: String,
+    /// `crl`: the federation's revocation list (PEM), checked against the coordinator's
+    /// certificate.
+    pub crl: Option<PathBuf>,
     pub tls: TlsFiles,
 }
 
 impl ResearcherConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let raw: RawResearcher = read_toml(path)?;
+        let what = format!("researcher config {}", path.display());
         if raw.coordinator.trim().is_empty() {
+            return Err(invalid(&what, "coordinator", "must be host:port"));
+        }
+        if raw.server_name.trim().is_empty() {
             return Err(invalid(
-                &format!("researcher config {}", path.display()),
-                "coordinator",
-                "must be host:port",
+                &what,
+                "server_name",
+                "must name the coordinator's DNS name or IP address as in its certificate",
             ));
         }
+        let base = base_dir(path);
         Ok(ResearcherConfig {
             coordinator: raw.coordinator,
             server_name: raw.server_name,
-            tls: raw.tls.resolve(&base_dir(path)),
+            crl: raw.crl.map(|p| base.join(p)),
+            tls: raw.tls.resolve(&base),
         })
     }
 }

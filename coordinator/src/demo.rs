@@ -453,7 +453,9 @@ async fn follow(
             break s;
         }
         if nodes.saturating_sub(refused.len()) < spec.min_nodes as usize {
-            let _ = client.call(fedstat_shared::wire::Request::Cancel { experiment: id }).await;
+            let _ = client
+                .call(fedstat_shared::wire::Request::Cancel { experiment: id })
+                .await;
             return Err(Error::Demo(format!(
                 "{} of the {nodes} offices refused the experiment, fewer than min_nodes = {} are left",
                 refused.len(),

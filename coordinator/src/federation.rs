@@ -111,6 +111,9 @@ pub struct Federation {
     max_per_researcher: usize,
     store: Store,
     audit: Option<AuditLog>,
+    /// Why the audit log cannot be written, once it could not: from then on nothing it would
+    /// record happens (fail closed, as at the nodes).
+    audit_down: Option<String>,
 }
 
 impl Federation {
@@ -133,21 +136,42 @@ impl Federation {
             max_per_researcher: limits.max_experiments_per_researcher,
             store,
             audit,
+            audit_down: None,
         };
-        fed.audit(
+        if !fed.audit(
+            now,
             "coordinator_started",
             json!({ "experiments": fed.experiments.len() }),
-        );
-        fed.flush();
+        ) {
+            return Err(crate::Error::Store(format!(
+                "cannot start: {}",
+                fed.audit_down.unwrap_or_default()
+            )));
+        }
+        fed.flush(now);
         Ok(fed)
     }
 
-    /// Append to the audit log. A failing audit log is logged loudly; it does not stop the
-    /// federation (the store and the regular log still record the run).
-    fn audit(&mut self, kind: &str, details: serde_json::Value) {
-        if let Some(log) = self.audit.as_mut() {
-            if let Err(e) = tokio::task::block_in_place(|| log.append(kind, details)) {
-                tracing::error!("cannot write the audit log: {e}");
+    /// Append to the audit log; false when the record could not be written. The log fails
+    /// closed: the first failed write stops every running experiment, and the caller must not
+    /// carry out the action the record was for (connections, submissions, releases).
+    fn audit(&mut self, now: Instant, kind: &str, details: serde_json::Value) -> bool {
+        if self.audit_down.is_some() {
+            return false;
+        }
+        let Some(log) = self.audit.as_mut() else {
+            return true;
+        };
+        match tokio::task::block_in_place(|| log.append(kind, details)) {
+            Ok(()) => true,
+            Err(e) => {
+                let reason = format!("the coordinator cannot write its audit log: {e}");
+                tracing::error!("{reason}; stopping every running experiment and refusing new work");
+                for exp in self.experiments.values_mut() {
+                    exp.abort(now, reason.clone());
+                }
+                self.audit_down = Some(reason);
+                false
             }
         }
     }
@@ -171,8 +195,18 @@ impl Federation {
                         .values_mut()
                         .for_each(|e| e.node_gone(now, &name));
                 }
+                if !self.audit(
+                    now,
+                    "node_connected",
+                    json!({ "node": name, "datasets": datasets }),
+                ) {
+                    let _ = tx.send(NodeCmd::Close(
+                        "the coordinator cannot write its audit log".into(),
+                    ));
+                    self.flush(now);
+                    return;
+                }
                 tracing::info!(node = %name, datasets = ?datasets, "node connected");
-                self.audit("node_connected", json!({ "node": name, "datasets": datasets }));
                 self.experiments
                     .values_mut()
                     .filter(|e| !e.is_finished())
@@ -191,7 +225,7 @@ impl Federation {
                 if self.nodes.get(&name).is_some_and(|n| n.conn == conn) {
                     self.nodes.remove(&name);
                     tracing::info!(node = %name, "node disconnected");
-                    self.audit("node_disconnected", json!({ "node": name }));
+                    self.audit(now, "node_disconnected", json!({ "node": name }));
                     self.experiments
                         .values_mut()
                         .for_each(|e| e.node_gone(now, &name));
@@ -230,6 +264,7 @@ impl Federation {
                     tracing::warn!(node = %name, round = header.round, "update not used: {r}");
                 }
                 self.audit(
+                    now,
                     "update_received",
                     json!({
                         "node": name, "experiment": header.experiment, "round": header.round,
@@ -238,36 +273,61 @@ impl Federation {
                     }),
                 );
             }
-            Event::Audit { kind, details } => self.audit(kind, details),
+            Event::Audit { kind, details } => {
+                self.audit(now, kind, details);
+            }
             Event::Request { who, request, reply } => {
                 let what = request_name(&request);
-                let reply_msg = self.request(now, &who, request);
-                match &reply_msg.response {
+                // With the audit log down, nothing that it would record is done; reading
+                // status and the node list stays possible, so operators can see why.
+                let audited = !matches!(
+                    request,
+                    Request::Hello { .. } | Request::Status { .. } | Request::Nodes
+                );
+                if let (true, Some(reason)) = (audited, &self.audit_down) {
+                    let message = format!("{reason}; request refused until it is repaired");
+                    let _ = reply.send(Reply::from(Response::Error { message }));
+                    self.flush(now);
+                    return;
+                }
+                let mut reply_msg = self.request(now, &who, request);
+                let recorded = match &reply_msg.response {
                     Response::Error { message } => {
-                        self.audit("request_refused", json!({ "peer": who.to_string(), "request": what, "reason": message }))
+                        let details = json!({ "peer": who.to_string(), "request": what, "reason": message });
+                        self.audit(now, "request_refused", details)
                     }
-                    Response::Results(h) => self.audit(
-                        "results_released",
-                        json!({ "peer": who.to_string(), "experiment": h.status.id, "rounds": h.status.history.len() }),
-                    ),
+                    Response::Results(h) => {
+                        let details = json!({ "peer": who.to_string(), "experiment": h.status.id, "rounds": h.status.history.len() });
+                        self.audit(now, "results_released", details)
+                    }
                     Response::Submitted { experiment } => {
-                        let hash = self.experiments.get(experiment).map(|e| {
-                            fedstat_shared::manifest::Manifest::new(e.spec(), e.submitter()).hash()
-                        });
-                        self.audit(
-                            "experiment_submitted",
-                            json!({ "peer": who.to_string(), "experiment": experiment, "manifest": hash }),
-                        )
+                        let hash = self
+                            .experiments
+                            .get(experiment)
+                            .map(|e| fedstat_shared::manifest::Manifest::new(e.spec(), e.submitter()).hash());
+                        let details =
+                            json!({ "peer": who.to_string(), "experiment": experiment, "manifest": hash });
+                        self.audit(now, "experiment_submitted", details)
                     }
                     Response::Done { message } => {
-                        self.audit("admin_action", json!({ "peer": who.to_string(), "request": what, "result": message }))
+                        let details = json!({ "peer": who.to_string(), "request": what, "result": message });
+                        self.audit(now, "admin_action", details)
                     }
-                    _ => {}
+                    _ => true,
+                };
+                if !recorded {
+                    // Results are not released, a submission was stopped with every other
+                    // experiment by `audit`; the requester learns why.
+                    let message = self
+                        .audit_down
+                        .clone()
+                        .unwrap_or_else(|| "the coordinator cannot write its audit log".into());
+                    reply_msg = Reply::from(Response::Error { message });
                 }
                 let _ = reply.send(reply_msg);
             }
         }
-        self.flush();
+        self.flush(now);
     }
 
     fn node_message(&mut self, now: Instant, name: &str, msg: NodeMsg) {
@@ -337,13 +397,23 @@ impl Federation {
     }
 
     /// Record what the experiments concluded, then send what they produced.
-    fn flush(&mut self) {
+    fn flush(&mut self, now: Instant) {
         for exp in self.experiments.values_mut() {
+            // Set once a write for this experiment failed: later facts are not written, so
+            // the store keeps a consistent prefix (a round row never without its model, no
+            // event after a missing round) and a restart resumes from what is on disk.
+            let mut store_failed = false;
             while let Some(p) = exp.poll_progress() {
                 let id = exp.id();
-                // Writes are synchronous: when `status` shows a round, it is on disk. A failing
-                // disk is logged loudly; the run goes on in memory and a restart would redo
-                // the rounds not recorded.
+                if store_failed {
+                    // Best effort: record why it stopped. If this fails too, the store still
+                    // says `running` and a restart resumes after its last recorded round.
+                    if let Progress::Finished(state) = &p {
+                        let _ = tokio::task::block_in_place(|| self.store.set_state(id, state));
+                    }
+                    continue;
+                }
+                // Writes are synchronous: when `status` shows a round, it is on disk.
                 let written = tokio::task::block_in_place(|| match &p {
                     Progress::Standardized(st) => self.store.set_standardization(id, st),
                     Progress::RoundCompleted { record, model } => self.store.record_round(id, record, model),
@@ -351,7 +421,11 @@ impl Federation {
                     Progress::Event(e) => self.store.append_event(id, e),
                 });
                 if let Err(e) = written {
-                    tracing::error!(experiment = id, "cannot record progress: {e}");
+                    // Fail safe: never carry on in memory with progress that is not on disk.
+                    let reason = format!("the store cannot record progress ({e}); stopped so that nothing runs that is not on disk");
+                    tracing::error!(experiment = id, "{reason}");
+                    exp.abort(now, reason);
+                    store_failed = true;
                 }
             }
             while let Some(t) = exp.poll_transmit() {
@@ -391,7 +465,7 @@ impl Federation {
                 exp.handle_timeout(now);
             }
         }
-        self.flush();
+        self.flush(now);
     }
 
     fn request(&mut self, now: Instant, who: &PeerIdentity, request: Request) -> Reply {

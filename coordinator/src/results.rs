@@ -34,11 +34,25 @@ pub fn write(dir: &Path, header: &ResultsHeader, params: &[f64]) -> Result<Vec<S
     ])
 }
 
+/// Write then rename, so a reader never sees half a file. The temporary file has an
+/// unpredictable name and is created with `O_CREAT | O_EXCL` (mode 0600), which never follows
+/// a symlink: in a shared `--out` folder, another user cannot plant `model.tmp -> ~/.bashrc`
+/// and have it overwritten. The rename replaces a symlink at the final name, not its target.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    // Write then rename, so a reader never sees half a file.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io("cannot write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot write", path, e))
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("result");
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io("cannot create a temporary file in", dir, e))?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|e| Error::io("cannot write", tmp.path().to_owned(), e))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io("cannot write", path, e.error))?;
+    Ok(())
 }
 
 /// The `model.json` document.
@@ -184,6 +198,8 @@ pub fn status_line(s: &ExperimentStatus) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::symlink;
+
     use super::*;
 
     #[test]
@@ -201,5 +217,34 @@ mod tests {
             node_line(&node(None)),
             "west                     datasets: cps1988, lfs"
         );
+    }
+
+    #[test]
+    fn planted_symlinks_are_not_followed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "precious").expect("write");
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).expect("mkdir");
+        // The old, predictable temporary names, and the final names themselves.
+        for name in ["model.tmp", "metrics.tmp", "parameters.tmp", "model.json"] {
+            symlink(&victim, out.join(name)).expect("symlink");
+        }
+        write_file(&out.join("model.json"), b"{}").expect("write");
+        write_file(&out.join("metrics.csv"), b"round\n").expect("write");
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "precious");
+        let meta = std::fs::symlink_metadata(out.join("model.json")).expect("meta");
+        assert!(
+            meta.file_type().is_file(),
+            "the symlink is replaced, not followed"
+        );
+        assert_eq!(std::fs::read(out.join("model.json")).expect("read"), b"{}");
+        // No temporary file is left behind.
+        let left: Vec<_> = std::fs::read_dir(&out)
+            .expect("read_dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

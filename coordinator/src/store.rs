@@ -80,6 +80,8 @@ struct Inner {
     db: Connection,
     models: PathBuf,
     path: PathBuf,
+    /// Held as long as the store is open (see [`fedstat_shared::files::lock_dir`]).
+    _lock: fedstat_shared::files::DirLock,
 }
 
 impl std::fmt::Debug for Store {
@@ -121,6 +123,9 @@ impl Store {
                 models.display()
             ))
         })?;
+        // Before anything in the folder is written or read: a second coordinator on the same
+        // store would interleave rounds and fork the audit log's hash chain.
+        let lock = fedstat_shared::files::lock_dir(dir, "data folder")?;
         // Prove the folder is writable now (a read-only mount, a full disk, permissions).
         let probe = dir.join(".write-probe");
         std::fs::File::create(&probe)
@@ -161,7 +166,12 @@ impl Store {
             )));
         }
         Ok(Store {
-            inner: Some(Inner { db, models, path }),
+            inner: Some(Inner {
+                db,
+                models,
+                path,
+                _lock: lock,
+            }),
         })
     }
 
@@ -354,10 +364,24 @@ impl Store {
                 _ => ExperimentState::Waiting,
             };
             let standardization = st.map(|s| parse(&s, "standardisation")).transpose()?;
+            let mut state = state;
             let history = self.rounds(i, id)?;
-            let global = match history.last() {
-                Some(r) => self.load_model(id, r.round)?,
+            // A damaged or missing model file costs its experiment, not the coordinator: it is
+            // shown as failed with the reason (in memory only; the store is left as found for
+            // inspection, and a restored file makes it resume at the next start).
+            let global = match history.last().map(|r| (r.round, self.load_model(id, r.round))) {
                 None => None,
+                Some((_, Ok(model))) => model,
+                Some((round, Err(e))) => {
+                    tracing::error!(experiment = id, "damaged: {e}");
+                    state = ExperimentState::Failed {
+                        reason: format!(
+                            "damaged: the model of round {round} cannot be read ({e}); restore the file \
+                             from a backup and restart the coordinator"
+                        ),
+                    };
+                    None
+                }
             };
             let mut stmt =
                 i.db.prepare_cached("SELECT at_ms, message FROM events WHERE experiment_id = ?1 ORDER BY id")
@@ -539,6 +563,38 @@ mod tests {
         std::fs::write(&file, [0u8; 8]).expect("damage");
         let err = store.load_model(1, 1).expect_err("damaged").to_string();
         assert!(err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_or_missing_model_costs_only_its_experiment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for (id, v) in [(1, 1.0), (2, 2.0), (3, 3.0)] {
+                store.insert_experiment(id, &spec(), "r").expect("insert");
+                store
+                    .record_round(id, &record(1), &Values::F64(vec![v, v]))
+                    .expect("round");
+            }
+        }
+        let file = |v: f64| {
+            let bytes = Values::F64(vec![v, v]).to_le_bytes();
+            dir.path()
+                .join("models")
+                .join(format!("{}.bin", hex(&Sha256::digest(&bytes))))
+        };
+        std::fs::write(file(1.0), [0u8; 16]).expect("damage");
+        std::fs::remove_file(file(2.0)).expect("remove");
+        let store = Store::open(dir.path()).expect("reopen");
+        let all = store.load_all().expect("the store still loads");
+        let states: Vec<_> = all.iter().map(|(id, r)| (*id, r.state.clone())).collect();
+        for (id, state) in &states[..2] {
+            let ExperimentState::Failed { reason } = state else {
+                panic!("experiment {id}: {state:?}");
+            };
+            assert!(reason.starts_with("damaged: the model of round 1"), "{reason}");
+        }
+        assert_eq!(states[2], (3, ExperimentState::Waiting));
     }
 
     #[test]

@@ -16,8 +16,9 @@ use crate::{Error, Result};
 #[serde(deny_unknown_fields)]
 struct RawNode {
     coordinator: String,
-    #[serde(default = "default_server_name")]
     server_name: String,
+    #[serde(default)]
+    crl: Option<PathBuf>,
     tls: RawTls,
     #[serde(default)]
     datasets: BTreeMap<String, PathBuf>,
@@ -35,17 +36,17 @@ struct RawTls {
     key: PathBuf,
 }
 
-fn default_server_name() -> String {
-    "localhost".to_owned()
-}
-
 /// Validated node configuration.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// `host:port` of the coordinator (the node dials out; nothing dials in).
     pub coordinator: String,
-    /// Name the coordinator's certificate must carry.
+    /// `server_name`: the DNS name or IP address the coordinator's certificate must carry
+    /// (required: no default, so a node never trusts a name nobody chose).
     pub server_name: String,
+    /// `crl`: the federation's revocation list (PEM), checked against the coordinator's
+    /// certificate; read at start.
+    pub crl: Option<PathBuf>,
     pub tls: TlsFiles,
     /// Dataset name -> CSV file. Only the names are ever sent to the coordinator.
     pub datasets: BTreeMap<String, PathBuf>,
@@ -91,6 +92,12 @@ impl NodeConfig {
         if raw.coordinator.trim().is_empty() {
             return Err(invalid("coordinator".into(), "must be host:port"));
         }
+        if raw.server_name.trim().is_empty() {
+            return Err(invalid(
+                "server_name".into(),
+                "must name the coordinator's DNS name or IP address as in its certificate",
+            ));
+        }
         for name in raw.datasets.keys() {
             if name.is_empty() || name.len() > 128 || name.chars().any(fedstat_shared::text::is_unprintable) {
                 return Err(invalid(
@@ -125,6 +132,7 @@ impl NodeConfig {
         Ok(NodeConfig {
             coordinator: raw.coordinator,
             server_name: raw.server_name,
+            crl: raw.crl.map(|p| base.join(p)),
             tls: TlsFiles {
                 ca_cert: base.join(raw.tls.ca_cert),
                 cert: base.join(raw.tls.cert),
@@ -144,7 +152,7 @@ mod tests {
     use crate::policy::ApprovalMode;
 
     const MINIMAL: &str =
-        "coordinator = \"c:1\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n";
+        "coordinator = \"c:1\"\nserver_name = \"c\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n";
 
     #[test]
     fn defaults_put_state_beside_the_file_under_its_name() {

@@ -290,7 +290,7 @@ mod tests {
 
     fn config(dir: &Path, policy: &str) -> NodeConfig {
         let text = format!(
-            "coordinator = \"c:1\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
+            "coordinator = \"c:1\"\nserver_name = \"localhost\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
              [datasets]\ncps1988 = \"x.csv\"\n[policy]\nallowed_targets = [\"wage\"]\n\
              allowed_features = [\"*\"]\n{policy}"
         );

@@ -55,6 +55,16 @@ enum Command {
     /// The node's tamper-evident audit log.
     #[command(subcommand)]
     Audit(Audit),
+    /// Make the node's private key and a certificate signing request for the secretariat
+    /// (which signs it with `fedstat-coordinator pki sign`); the key never leaves this machine.
+    Keygen {
+        /// The node's name in the federation (letters, digits, `.`, `_`, `-`).
+        #[arg(long)]
+        name: String,
+        /// Where to write NAME.key (mode 0600) and NAME.csr.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -72,6 +82,9 @@ enum Audit {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Everything this process creates (store, models, audit log, state, results, keys) is
+    // owner-only; see fedstat_shared::files.
+    fedstat_shared::files::owner_only_umask();
     fedstat_shared::process::init_tracing("info,quinn=warn");
     fedstat_shared::process::exit_code(run(cli))
 }
@@ -113,6 +126,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reject { hash, reason, config } => {
             let d = store(&config)?.reject(&hash, &reason)?;
             println!("rejected manifest {}: {}", d.manifest, d.reason);
+            Ok(())
+        }
+        Command::Keygen { name, out } => {
+            let (key, csr) = fedstat_shared::pki::keygen(&name, &out)?;
+            println!(
+                "wrote {} (keep it here) and {} (send it to the secretariat)",
+                key.display(),
+                csr.display()
+            );
             Ok(())
         }
         Command::Audit(Audit::Verify { config, file }) => {

@@ -42,7 +42,7 @@ struct Dropped(String);
 /// it early.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let me = config.tls.identity()?;
-    let client_config = tls::client_config(&config.tls)?;
+    let client_config = tls::client_config_with_crl(&config.tls, config.crl.as_deref())?;
     let gov = Arc::new(Governance::open(&config, &me.name)?);
     let worker = Arc::new(Worker::new(me.name.clone(), config.datasets.clone(), gov.clone()));
     tokio::pin!(shutdown);

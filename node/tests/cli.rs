@@ -13,7 +13,7 @@ fn check(csv: &str) -> std::process::Output {
     std::fs::write(
         &cfg,
         format!(
-            "coordinator = \"localhost:4433\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
+            "coordinator = \"localhost:4433\"\nserver_name = \"localhost\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
              [datasets]\ncps1988 = \"{}\"\n",
             repo().join(csv).display()
         ),

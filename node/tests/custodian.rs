@@ -36,7 +36,7 @@ fn setup() -> (tempfile::TempDir, PathBuf, NodeConfig) {
     let cfg = dir.path().join("office.toml");
     std::fs::write(
         &cfg,
-        "coordinator = \"localhost:4433\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
+        "coordinator = \"localhost:4433\"\nserver_name = \"localhost\"\n[tls]\nca_cert = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
          [policy]\napproval = \"manual\"\n",
     )
     .expect("write config");

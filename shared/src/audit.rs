@@ -89,6 +89,9 @@ impl AuditLog {
             .create(true)
             .open(path)
             .map_err(|e| Error::io("cannot open the audit log", path, e))?;
+        // One writer per log: two would both continue from the same last record and fork the
+        // chain. Checked before reading, so a refused second writer changes nothing.
+        crate::files::lock_file(&file, "audit log", path, path)?;
         let (next_seq, last_hash) = match last_line(&mut file)
             .map_err(|e| Error::io("cannot read", path, e))?
         {
@@ -173,8 +176,14 @@ impl AuditLog {
         let hash = line[line.len() - 2 - 64..line.len() - 2].to_owned();
         let mut bytes = line.into_bytes();
         bytes.push(b'\n');
+        let before = self.file.metadata().map(|m| m.len());
         let written = self.file.write_all(&bytes).and_then(|()| self.file.sync_data());
         if let Err(e) = written {
+            // A full disk can leave part of the line behind; cut it off (best effort) so the
+            // log on disk stays a valid chain a restarted process can continue.
+            if let Ok(len) = before {
+                let _ = self.file.set_len(len).and_then(|()| self.file.sync_data());
+            }
             self.broken = true;
             return Err(Error::io("cannot write to", &self.path, e));
         }

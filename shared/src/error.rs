@@ -70,6 +70,19 @@ pub enum Error {
     #[error("pki: {0}")]
     Pki(String),
 
+    /// A file another process holds an exclusive lock on (a second coordinator on the same
+    /// `data_dir`, a second writer of one audit log).
+    #[error("{what} {path} is in use by another process (it holds the lock on {lock}); stop that process first, or use another folder")]
+    Locked {
+        what: &'static str,
+        path: PathBuf,
+        lock: PathBuf,
+    },
+
+    /// A private key file that users other than its owner can read or write.
+    #[error("private key {path} is accessible to other users (mode {mode:o}); run `chmod 600 {path}` and start again")]
+    KeyPermissions { path: PathBuf, mode: u32 },
+
     /// A peer's certificate does not carry a usable fedstat identity.
     #[error("peer identity: {0}")]
     Identity(String),
@@ -237,7 +250,10 @@ impl Error {
             Error::Wire { what, .. } => format!("malformed {what}"),
             Error::TooLarge { what, .. } => format!("{what} exceeds its size limit"),
             Error::Rejected(r) => format!("update rejected: {r}"),
-            Error::Pki(_) | Error::Identity(_) => "certificate problem on the node".to_owned(),
+            Error::Pki(_) | Error::Identity(_) | Error::KeyPermissions { .. } => {
+                "certificate problem on the node".to_owned()
+            }
+            Error::Locked { .. } => "a file on the node is in use by another process".to_owned(),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod aggregate;
 pub mod audit;
 pub mod data;
 pub mod error;
+pub mod files;
 pub mod identity;
 pub mod manifest;
 pub mod model;

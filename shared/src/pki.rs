@@ -1,8 +1,14 @@
 //! The federation's small certificate authority: create the CA and the coordinator's server
 //! certificate, and issue role certificates to nodes, researchers and admins.
 //!
-//! Layout of a PKI directory: `ca.pem`, `ca.key` (the CA; the key never leaves this machine),
-//! `coordinator.pem`, `coordinator.key`. Keys are ECDSA P-256 PKCS#8, written with mode 0600.
+//! Layout of a PKI directory: `ca.pem`, `ca.key` (the CA; the key never leaves this machine,
+//! and may live in a separate folder kept offline, see [`CaDir`]), `coordinator.pem`,
+//! `coordinator.key`, `crl.pem`. Keys are ECDSA P-256 PKCS#8, written with mode 0600.
+//!
+//! Two ways to give a party its certificate. In production the party makes its own key and a
+//! certificate signing request ([`keygen`]), and the secretariat signs the request ([`sign`]),
+//! deciding the role itself: private keys never travel. For demos and tests, [`issue`] makes
+//! key and certificate in one step at the CA.
 
 use std::fs;
 use std::io::Write;
@@ -19,7 +25,7 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use crate::identity::{validate_name, Role};
+use crate::identity::{validate_name, PeerIdentity, Role};
 use crate::{Error, Result};
 
 /// Default lifetime of an issued certificate (the CA/Browser Forum's old maximum; long enough
@@ -36,10 +42,43 @@ pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca.key";
 pub const COORDINATOR_NAME: &str = "coordinator";
 
-/// Create `dir/ca.pem`, `dir/ca.key`, `dir/coordinator.pem` and `dir/coordinator.key`.
-/// `federation` goes into every subject O; `sans` are the DNS names and IP addresses nodes
-/// use to reach the coordinator. Refuses to overwrite an existing CA.
-pub fn init(dir: &Path, federation: &str, sans: &[String]) -> Result<()> {
+/// Where a CA lives: certificate, CRL and revocation list in `dir`, the signing key in
+/// `key_dir` (by default `dir`; a separate folder can stay on removable media or an offline
+/// machine and be mounted only to sign).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaDir {
+    pub dir: PathBuf,
+    pub key_dir: PathBuf,
+}
+
+impl CaDir {
+    /// A CA whose key sits beside its certificate.
+    pub fn new(dir: &Path) -> CaDir {
+        CaDir {
+            dir: dir.to_owned(),
+            key_dir: dir.to_owned(),
+        }
+    }
+
+    /// Take the CA key from `key_dir` instead, when given.
+    pub fn with_key_dir(mut self, key_dir: Option<&Path>) -> CaDir {
+        if let Some(k) = key_dir {
+            k.clone_into(&mut self.key_dir);
+        }
+        self
+    }
+
+    /// The CA key's path.
+    pub fn key_path(&self) -> PathBuf {
+        self.key_dir.join(CA_KEY_FILE)
+    }
+}
+
+/// Create `dir/ca.pem`, the CA key (`key_dir/ca.key`), `dir/coordinator.pem` and
+/// `dir/coordinator.key`. `federation` goes into every subject O; `sans` are the DNS names and
+/// IP addresses nodes use to reach the coordinator. Refuses to overwrite an existing CA.
+pub fn init(ca: &CaDir, federation: &str, sans: &[String]) -> Result<()> {
+    let dir = ca.dir.as_path();
     validate_federation(federation)?;
     if sans.is_empty() {
         return Err(Error::Pki(
@@ -49,7 +88,7 @@ pub fn init(dir: &Path, federation: &str, sans: &[String]) -> Result<()> {
         ));
     }
     let ca_cert_path = dir.join(CA_CERT_FILE);
-    let ca_key_path = dir.join(CA_KEY_FILE);
+    let ca_key_path = ca.key_path();
     for path in [&ca_cert_path, &ca_key_path] {
         if path.exists() {
             return Err(Error::Pki(format!(
@@ -60,6 +99,7 @@ pub fn init(dir: &Path, federation: &str, sans: &[String]) -> Result<()> {
         }
     }
     fs::create_dir_all(dir).map_err(|e| Error::io("cannot create directory", dir, e))?;
+    fs::create_dir_all(&ca.key_dir).map_err(|e| Error::io("cannot create directory", &ca.key_dir, e))?;
 
     let ca_key = KeyPair::generate().map_err(|e| rcgen_err("cannot generate the CA key", e))?;
     let mut ca_params = CertificateParams::default();
@@ -78,14 +118,19 @@ pub fn init(dir: &Path, federation: &str, sans: &[String]) -> Result<()> {
 
     let sans_params = CertificateParams::new(sans.to_vec())
         .map_err(|e| rcgen_err("invalid coordinator DNS name or IP address", e))?;
-    let (cert_pem, key_pem) = leaf(
-        &issuer,
+    let key = KeyPair::generate().map_err(|e| rcgen_err("cannot generate a key", e))?;
+    let params = leaf_params(
         Role::Coordinator,
         COORDINATOR_NAME,
         federation,
         DEFAULT_CERT_DAYS,
         sans_params,
-    )?;
+    );
+    let cert_pem = params
+        .signed_by(&key, &issuer)
+        .map_err(|e| rcgen_err("cannot sign the certificate", e))?
+        .pem();
+    let key_pem = key.serialize_pem();
 
     // The coordinator files first: if writing fails half-way, no CA exists yet and init can
     // simply be re-run.
@@ -106,17 +151,150 @@ pub fn init(dir: &Path, federation: &str, sans: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Issue a certificate and key for `role`/`name`, signed by the CA in `dir`: writes
+/// Issue a certificate and key for `role`/`name`, signed by the CA: writes
 /// `out_dir/NAME.pem` and `out_dir/NAME.key` (0600) and returns their paths. A coordinator
 /// certificate gets `name` as its DNS name. Refuses to overwrite existing files.
-pub fn issue(dir: &Path, role: Role, name: &str, out_dir: &Path, days: u32) -> Result<(PathBuf, PathBuf)> {
+///
+/// The key is made at the CA, so it has to travel to its owner: for demos and tests. In
+/// production use [`keygen`] at the party and [`sign`] at the CA.
+pub fn issue(ca: &CaDir, role: Role, name: &str, out_dir: &Path, days: u32) -> Result<(PathBuf, PathBuf)> {
     validate_name(name)?;
+    check_days(days)?;
+    let cert_path = out_dir.join(format!("{name}.pem"));
+    let key_path = out_dir.join(format!("{name}.key"));
+    refuse_existing(&[&cert_path, &key_path], name)?;
+    let (issuer, federation) = load_ca(ca)?;
+    let params = if role == Role::Coordinator {
+        CertificateParams::new(vec![name.to_owned()])
+            .map_err(|e| rcgen_err("invalid coordinator DNS name", e))?
+    } else {
+        CertificateParams::default()
+    };
+    let key = KeyPair::generate().map_err(|e| rcgen_err("cannot generate a key", e))?;
+    let cert = leaf_params(role, name, &federation, days, params)
+        .signed_by(&key, &issuer)
+        .map_err(|e| rcgen_err("cannot sign the certificate", e))?;
+
+    fs::create_dir_all(out_dir).map_err(|e| Error::io("cannot create directory", out_dir, e))?;
+    write_file(&key_path, key.serialize_pem().as_bytes(), true)?;
+    write_file(&cert_path, cert.pem().as_bytes(), false)?;
+    tracing::info!(%role, name, days, path = %cert_path.display(), "issued certificate");
+    Ok((cert_path, key_path))
+}
+
+/// Largest certificate signing request read from a file (a P-256 CSR is under 1 KiB).
+const MAX_CSR_BYTES: u64 = 64 << 10;
+
+/// At the party: make a key pair and a certificate signing request for `name`. Writes
+/// `out_dir/NAME.key` (0600, never leaves this machine) and `out_dir/NAME.csr` (send it to
+/// the secretariat); returns their paths. The request carries only the name: the role is the
+/// secretariat's decision. Refuses to overwrite existing files.
+pub fn keygen(name: &str, out_dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    validate_name(name)?;
+    let key_path = out_dir.join(format!("{name}.key"));
+    let csr_path = out_dir.join(format!("{name}.csr"));
+    refuse_existing(&[&key_path, &csr_path], name)?;
+    let key = KeyPair::generate().map_err(|e| rcgen_err("cannot generate a key", e))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, name);
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| rcgen_err("cannot make the certificate signing request", e))?;
+    let csr_pem = csr
+        .pem()
+        .map_err(|e| rcgen_err("cannot encode the certificate signing request", e))?;
+    fs::create_dir_all(out_dir).map_err(|e| Error::io("cannot create directory", out_dir, e))?;
+    write_file(&key_path, key.serialize_pem().as_bytes(), true)?;
+    write_file(&csr_path, csr_pem.as_bytes(), false)?;
+    tracing::info!(name, path = %csr_path.display(), "made a key and a certificate signing request");
+    Ok((key_path, csr_path))
+}
+
+/// At the CA: sign the certificate signing request in `csr` as `role`. The name comes from the
+/// request's subject CN; everything else in the request (other subject fields, extensions,
+/// SANs) is ignored, so a party cannot ask for more than the secretariat grants. The
+/// request's signature is checked (the party holds the key). Writes `out_dir/NAME.pem` and
+/// returns its path and the identity it certifies. Coordinator certificates come from
+/// [`init`] only.
+pub fn sign(
+    ca: &CaDir,
+    csr: &Path,
+    role: Role,
+    out_dir: &Path,
+    days: u32,
+) -> Result<(PathBuf, PeerIdentity)> {
+    use rustls_pki_types::CertificateSigningRequestDer;
+    use x509_parser::prelude::FromDer;
+
+    check_days(days)?;
+    if role == Role::Coordinator {
+        return Err(Error::Pki(
+            "coordinator certificates are made by `pki init` (they need the coordinator's host \
+             names); sign requests as node, researcher or admin"
+                .into(),
+        ));
+    }
+    let size = fs::metadata(csr)
+        .map_err(|e| Error::io("cannot read", csr, e))?
+        .len();
+    if size > MAX_CSR_BYTES {
+        return Err(Error::TooLarge {
+            what: "certificate signing request file",
+            size,
+            limit: MAX_CSR_BYTES,
+        });
+    }
+    let pem = fs::read(csr).map_err(|e| Error::io("cannot read", csr, e))?;
+    let not_csr = |problem: &str| {
+        Error::Pki(format!(
+            "{} is not a usable certificate signing request: {problem}; make one with \
+             `fedstat-node keygen` or `fedstat keygen`",
+            csr.display()
+        ))
+    };
+    let der = CertificateSigningRequestDer::from_pem_slice(&pem)
+        .map_err(|_| not_csr("no `-----BEGIN CERTIFICATE REQUEST-----` block"))?;
+    let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|_| not_csr("not DER PKCS#10"))?;
+    let mut cns = parsed.certification_request_info.subject.iter_common_name();
+    let name = match (cns.next(), cns.next()) {
+        (Some(cn), None) => cn
+            .as_str()
+            .map_err(|_| not_csr("the subject CN is not text"))?
+            .to_owned(),
+        _ => return Err(not_csr("the subject must hold exactly one CN, the party's name")),
+    };
+    validate_name(&name).map_err(|e| not_csr(&format!("subject CN: {e}")))?;
+    // Checks the request's self-signature: whoever sent it holds the private key.
+    let request =
+        rcgen::CertificateSigningRequestParams::from_der(&der).map_err(|e| not_csr(&format!("{e}")))?;
+
+    let cert_path = out_dir.join(format!("{name}.pem"));
+    refuse_existing(&[&cert_path], &name)?;
+    let (issuer, federation) = load_ca(ca)?;
+    let request = rcgen::CertificateSigningRequestParams {
+        params: leaf_params(role, &name, &federation, days, CertificateParams::default()),
+        public_key: request.public_key,
+    };
+    let cert = request
+        .signed_by(&issuer)
+        .map_err(|e| rcgen_err("cannot sign the certificate", e))?;
+    fs::create_dir_all(out_dir).map_err(|e| Error::io("cannot create directory", out_dir, e))?;
+    write_file(&cert_path, cert.pem().as_bytes(), false)?;
+    tracing::info!(%role, name, days, path = %cert_path.display(), "signed certificate request");
+    Ok((cert_path, PeerIdentity { role, name }))
+}
+
+fn check_days(days: u32) -> Result<()> {
     if days == 0 {
         return Err(Error::Pki("certificate validity must be at least 1 day".into()));
     }
-    let cert_path = out_dir.join(format!("{name}.pem"));
-    let key_path = out_dir.join(format!("{name}.key"));
-    for path in [&cert_path, &key_path] {
+    Ok(())
+}
+
+fn refuse_existing(paths: &[&Path], name: &str) -> Result<()> {
+    for path in paths {
         if path.exists() {
             return Err(Error::Pki(format!(
                 "{} already exists: refusing to overwrite it; remove it first to re-issue `{name}`",
@@ -124,27 +302,15 @@ pub fn issue(dir: &Path, role: Role, name: &str, out_dir: &Path, days: u32) -> R
             )));
         }
     }
-    let (issuer, federation) = load_ca(dir)?;
-    let params = if role == Role::Coordinator {
-        CertificateParams::new(vec![name.to_owned()])
-            .map_err(|e| rcgen_err("invalid coordinator DNS name", e))?
-    } else {
-        CertificateParams::default()
-    };
-    let (cert_pem, key_pem) = leaf(&issuer, role, name, &federation, days, params)?;
-
-    fs::create_dir_all(out_dir).map_err(|e| Error::io("cannot create directory", out_dir, e))?;
-    write_file(&key_path, key_pem.as_bytes(), true)?;
-    write_file(&cert_path, cert_pem.as_bytes(), false)?;
-    tracing::info!(%role, name, days, path = %cert_path.display(), "issued certificate");
-    Ok((cert_path, key_path))
+    Ok(())
 }
 
 /// Load the CA's signing key and subject; returns the federation name from its subject O.
-fn load_ca(dir: &Path) -> Result<(Issuer<'static, KeyPair>, String)> {
-    let cert_path = dir.join(CA_CERT_FILE);
-    let key_path = dir.join(CA_KEY_FILE);
+fn load_ca(ca: &CaDir) -> Result<(Issuer<'static, KeyPair>, String)> {
+    let cert_path = ca.dir.join(CA_CERT_FILE);
+    let key_path = ca.key_path();
     let cert_pem = fs::read_to_string(&cert_path).map_err(|e| Error::io("cannot read", &cert_path, e))?;
+    crate::files::check_private_key(&key_path)?;
     let key_pem = fs::read_to_string(&key_path).map_err(|e| Error::io("cannot read", &key_path, e))?;
 
     let key = KeyPair::from_pem(&key_pem).map_err(|_| {
@@ -181,16 +347,14 @@ fn load_ca(dir: &Path) -> Result<(Issuer<'static, KeyPair>, String)> {
     Ok((issuer, federation))
 }
 
-/// Make a leaf certificate for `role`/`name`; `params` carries the SANs, if any.
-fn leaf(
-    issuer: &Issuer<'_, KeyPair>,
+/// The parameters of a leaf certificate for `role`/`name`; `params` carries the SANs, if any.
+fn leaf_params(
     role: Role,
     name: &str,
     federation: &str,
     days: u32,
     mut params: CertificateParams,
-) -> Result<(String, String)> {
-    let key = KeyPair::generate().map_err(|e| rcgen_err("cannot generate a key", e))?;
+) -> CertificateParams {
     params.distinguished_name = dn(name, Some(role), federation);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -205,10 +369,7 @@ fn leaf(
     };
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, days);
-    let cert = params
-        .signed_by(&key, issuer)
-        .map_err(|e| rcgen_err("cannot sign the certificate", e))?;
-    Ok((cert.pem(), key.serialize_pem()))
+    params
 }
 
 fn dn(common_name: &str, role: Option<Role>, federation: &str) -> DistinguishedName {
@@ -281,7 +442,8 @@ const CRL_DAYS: u64 = 365;
 
 /// Revoke the certificate `cert` (default `dir/NAME.pem`) of `name` and rewrite `dir/crl.pem`.
 /// Load the new CRL into a running coordinator with SIGHUP. Returns the CRL's path.
-pub fn revoke(dir: &Path, name: &str, cert: Option<&Path>) -> Result<PathBuf> {
+pub fn revoke(ca: &CaDir, name: &str, cert: Option<&Path>) -> Result<PathBuf> {
+    let dir = ca.dir.as_path();
     validate_name(name)?;
     let default = dir.join(format!("{name}.pem"));
     let cert_path = cert.unwrap_or(&default);
@@ -289,7 +451,7 @@ pub fn revoke(dir: &Path, name: &str, cert: Option<&Path>) -> Result<PathBuf> {
     let der = CertificateDer::from_pem_slice(&pem)
         .map_err(|_| Error::Pki(format!("{} is not a PEM certificate", cert_path.display())))?;
     let serial = crate::identity::cert_serial(&der)?;
-    let (issuer, _) = load_ca(dir)?;
+    let (issuer, _) = load_ca(ca)?;
     let list_path = dir.join(REVOKED_FILE);
     let mut list = read_revoked(&list_path)?;
     if !list.iter().any(|(s, _)| *s == serial) {
@@ -372,7 +534,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use crate::identity::{identity_from_cert_der, PeerIdentity};
+    use crate::identity::identity_from_cert_der;
 
     fn sans() -> Vec<String> {
         vec!["localhost".into(), "127.0.0.1".into()]
@@ -391,7 +553,7 @@ mod tests {
     fn init_then_issue_every_role() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("pki");
-        init(&dir, "Test Federation", &sans()).expect("init");
+        init(&CaDir::new(&dir), "Test Federation", &sans()).expect("init");
         assert_eq!(mode(&dir.join("ca.key")), 0o600);
         assert_eq!(mode(&dir.join("coordinator.key")), 0o600);
         assert_eq!(
@@ -405,7 +567,7 @@ mod tests {
         let out = tmp.path().join("issued");
         for (i, role) in Role::ALL.into_iter().enumerate() {
             let name = format!("party-{i}");
-            let (cert, key) = issue(&dir, role, &name, &out, DEFAULT_CERT_DAYS).expect("issue");
+            let (cert, key) = issue(&CaDir::new(&dir), role, &name, &out, DEFAULT_CERT_DAYS).expect("issue");
             assert_eq!(cert, out.join(format!("{name}.pem")));
             assert_eq!(mode(&key), 0o600);
             assert_eq!(identity_of(&cert), PeerIdentity { role, name });
@@ -422,9 +584,9 @@ mod tests {
     #[test]
     fn init_refuses_to_overwrite_a_ca() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        init(tmp.path(), "fed", &sans()).expect("init");
+        init(&CaDir::new(tmp.path()), "fed", &sans()).expect("init");
         let before = fs::read(tmp.path().join("ca.key")).expect("read");
-        let err = init(tmp.path(), "fed", &sans()).expect_err("second init must fail");
+        let err = init(&CaDir::new(tmp.path()), "fed", &sans()).expect_err("second init must fail");
         assert!(err.to_string().contains("refusing to overwrite"), "{err}");
         assert_eq!(fs::read(tmp.path().join("ca.key")).expect("read"), before);
     }
@@ -432,25 +594,25 @@ mod tests {
     #[test]
     fn bad_input_is_refused() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        assert!(init(tmp.path(), "fed", &[]).is_err());
-        assert!(init(tmp.path(), "", &sans()).is_err());
-        init(tmp.path(), "fed", &sans()).expect("init");
+        assert!(init(&CaDir::new(tmp.path()), "fed", &[]).is_err());
+        assert!(init(&CaDir::new(tmp.path()), "", &sans()).is_err());
+        init(&CaDir::new(tmp.path()), "fed", &sans()).expect("init");
         for name in ["", "a b", "../x", "..", "ons/x", &"x".repeat(65)] {
-            let err = issue(tmp.path(), Role::Node, name, tmp.path(), 10).expect_err(name);
+            let err = issue(&CaDir::new(tmp.path()), Role::Node, name, tmp.path(), 10).expect_err(name);
             assert!(matches!(err, Error::Identity(_)), "{err}");
         }
-        assert!(issue(tmp.path(), Role::Node, "ons", tmp.path(), 0).is_err());
+        assert!(issue(&CaDir::new(tmp.path()), Role::Node, "ons", tmp.path(), 0).is_err());
         // `ca` would overwrite the CA itself.
-        let err = issue(tmp.path(), Role::Node, "ca", tmp.path(), 10).expect_err("ca");
+        let err = issue(&CaDir::new(tmp.path()), Role::Node, "ca", tmp.path(), 10).expect_err("ca");
         assert!(err.to_string().contains("refusing to overwrite"), "{err}");
-        issue(tmp.path(), Role::Node, "ons", tmp.path(), 10).expect("issue");
-        assert!(issue(tmp.path(), Role::Node, "ons", tmp.path(), 10).is_err());
+        issue(&CaDir::new(tmp.path()), Role::Node, "ons", tmp.path(), 10).expect("issue");
+        assert!(issue(&CaDir::new(tmp.path()), Role::Node, "ons", tmp.path(), 10).is_err());
     }
 
     #[test]
     fn issue_without_a_ca_names_the_file() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let err = issue(tmp.path(), Role::Node, "ons", tmp.path(), 10).expect_err("no CA");
+        let err = issue(&CaDir::new(tmp.path()), Role::Node, "ons", tmp.path(), 10).expect_err("no CA");
         assert!(err.to_string().contains("ca.pem"), "{err}");
     }
 
@@ -458,10 +620,96 @@ mod tests {
     fn mismatched_ca_key_is_detected() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-        init(&a, "fed", &sans()).expect("init a");
-        init(&b, "fed", &sans()).expect("init b");
+        init(&CaDir::new(&a), "fed", &sans()).expect("init a");
+        init(&CaDir::new(&b), "fed", &sans()).expect("init b");
         fs::copy(b.join("ca.key"), a.join("ca.key")).expect("copy");
-        let err = issue(&a, Role::Node, "ons", tmp.path(), 10).expect_err("mismatch");
+        let err = issue(&CaDir::new(&a), Role::Node, "ons", tmp.path(), 10).expect_err("mismatch");
         assert!(err.to_string().contains("do not match"), "{err}");
+    }
+
+    #[test]
+    fn a_signed_request_keeps_the_key_at_the_party_and_the_role_at_the_ca() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = CaDir::new(&tmp.path().join("pki")).with_key_dir(Some(&tmp.path().join("offline")));
+        init(&ca, "fed", &sans()).expect("init");
+        assert!(
+            !ca.dir.join("ca.key").exists(),
+            "the CA key must be in the offline folder"
+        );
+        assert_eq!(mode(&ca.key_path()), 0o600);
+
+        let party = tmp.path().join("at-ons");
+        let (key, csr) = keygen("ons", &party).expect("keygen");
+        assert_eq!(mode(&key), 0o600);
+        assert!(keygen("ons", &party).is_err(), "keygen must not overwrite a key");
+
+        let out = tmp.path().join("signed");
+        let (cert, id) = sign(&ca, &csr, Role::Researcher, &out, 30).expect("sign");
+        assert_eq!(
+            id,
+            PeerIdentity {
+                role: Role::Researcher,
+                name: "ons".into()
+            }
+        );
+        assert_eq!(identity_of(&cert), id);
+        assert_eq!(
+            fs::read_dir(&out).expect("read_dir").count(),
+            1,
+            "only the certificate is written"
+        );
+        // The certificate is for the party's own key, and chains to the CA.
+        let files = crate::tls::TlsFiles {
+            ca_cert: ca.dir.join("ca.pem"),
+            cert,
+            key,
+        };
+        crate::tls::client_config(&files).expect("usable with the party's key");
+
+        // Without the offline key folder, nothing can be signed.
+        let err =
+            sign(&CaDir::new(&ca.dir), &csr, Role::Node, &tmp.path().join("x"), 30).expect_err("no key");
+        assert!(err.to_string().contains("ca.key"), "{err}");
+        // Revocation takes the key from the offline folder too.
+        revoke(&ca, "ons", Some(&files.cert)).expect("revoke");
+    }
+
+    #[test]
+    fn requests_that_are_not_ours_are_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = CaDir::new(tmp.path());
+        init(&ca, "fed", &sans()).expect("init");
+        let out = tmp.path().join("out");
+        let check = |text: &[u8], expected: &str| {
+            let path = tmp.path().join("req.csr");
+            fs::write(&path, text).expect("write");
+            let err = sign(&ca, &path, Role::Node, &out, 30)
+                .expect_err(expected)
+                .to_string();
+            assert!(err.contains(expected), "{err}");
+        };
+        check(b"hello", "no `-----BEGIN CERTIFICATE REQUEST-----` block");
+        // A request for a name that is not a party name.
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "../ca");
+        let pem = params.serialize_request(&key).expect("csr").pem().expect("pem");
+        check(pem.as_bytes(), "subject CN");
+        // A tampered request (signature no longer matches).
+        let (_, csr) = keygen("ons", &tmp.path().join("k")).expect("keygen");
+        let pem = fs::read_to_string(&csr).expect("read");
+        let der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).expect("der");
+        let mut bytes = der.as_ref().to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let tampered = rcgen::CertificateSigningRequestParams::from_der(&bytes.into());
+        assert!(tampered.is_err(), "rcgen must check the request's signature");
+        // Coordinator certificates are not signed from requests, and no role escalation by CSR.
+        let err = sign(&ca, &csr, Role::Coordinator, &out, 30).expect_err("coordinator");
+        assert!(err.to_string().contains("pki init"), "{err}");
+        // Too large a file is not read.
+        check(&vec![b'x'; 100 << 10], "exceeds the limit");
     }
 }

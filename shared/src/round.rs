@@ -236,6 +236,17 @@ impl Experiment {
         self.progress.push_back(Progress::Finished(self.state.clone()));
     }
 
+    /// Stop the experiment as failed for a reason outside the protocol (its record cannot be
+    /// written, the audit log is down): nothing more is sent, answers in flight are ignored as
+    /// late, and the tasks already queued for sending are dropped.
+    pub fn abort(&mut self, now: Instant, reason: String) {
+        if self.is_finished() {
+            return;
+        }
+        self.outbox.clear();
+        self.fail(now, reason);
+    }
+
     /// The next durable fact to record.
     pub fn poll_progress(&mut self) -> Option<Progress> {
         self.progress.pop_front()

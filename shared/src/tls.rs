@@ -6,17 +6,16 @@
 //! office's own CA, as long as the leaf carries subject `CN=<name>` and `OU=<role>`.
 
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use rustls::client::danger::ServerCertVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{client::WebPkiServerVerifier, RootCertStore};
+use rustls::{client::WebPkiServerVerifier, DigitallySignedStruct, RootCertStore};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
@@ -149,8 +148,15 @@ pub fn server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<qu
 }
 
 /// Client configuration for nodes and the researcher/admin CLI: trusts only the federation
-/// CA, presents its own certificate, ALPN `fedstat/1`, keep-alive every 5 s.
+/// CA, accepts only a server certificate carrying the coordinator role, presents its own
+/// certificate, ALPN `fedstat/1`, keep-alive every 5 s.
 pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig> {
+    client_config_with_crl(files, None)
+}
+
+/// Like [`client_config`], also refusing a coordinator certificate listed in the PEM CRL at
+/// `crl`, so a stolen coordinator key can be revoked.
+pub fn client_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<quinn::ClientConfig> {
     let provider = provider();
     let roots = load_roots(&files.ca_cert)?;
     let chain = load_certs(&files.cert)?;
@@ -179,10 +185,25 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig> {
         .verify_client_cert(leaf, intermediates, UnixTime::now())
         .map_err(|e| not_from_ca(files, e))?;
 
+    let mut server = WebPkiServerVerifier::builder_with_provider(roots, provider.clone());
+    if let Some(path) = crl {
+        // As on the server: the CRL covers the certificates the CA issued.
+        server = server
+            .with_crls(load_crls(path)?)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    let server = server.build().map_err(|e| {
+        Error::Pki(format!(
+            "cannot build the server verifier from {}: {e}",
+            files.ca_cert.display()
+        ))
+    })?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Pki(format!("tls 1.3 unavailable: {e}")))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CoordinatorVerifier { inner: server }))
         .with_client_auth_cert(chain, key)
         .map_err(|e| key_mismatch(files, e))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -196,6 +217,70 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig> {
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// The client's check of the server: everything webpki checks (chain to the federation CA,
+/// validity, server usage, the name dialled, the CRL), then the role. Chaining and the name
+/// alone are not enough: a node or researcher certificate that happens to carry server usage
+/// and the coordinator's name (an office's own CA may issue such) must not be able to pose as
+/// the coordinator, so the certificate must say OU=coordinator.
+#[derive(Debug)]
+struct CoordinatorVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for CoordinatorVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        check_coordinator_role(end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The role half of [`CoordinatorVerifier`], as a pure function of the certificate.
+fn check_coordinator_role(end_entity: &CertificateDer<'_>) -> std::result::Result<(), rustls::Error> {
+    let problem = match identity_from_cert_der(end_entity) {
+        Ok(id) if id.role == Role::Coordinator => return Ok(()),
+        Ok(id) => format!(
+            "the server presented the certificate of {id}, not a coordinator certificate \
+             (subject OU=coordinator); it is not the federation's coordinator"
+        ),
+        Err(e) => format!("the server's certificate carries no coordinator identity: {e}"),
+    };
+    Err(rustls::Error::InvalidCertificate(
+        rustls::CertificateError::Other(rustls::OtherError(Arc::new(Error::Identity(problem)))),
+    ))
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -233,6 +318,8 @@ fn load_roots(path: &Path) -> Result<Arc<RootCertStore>> {
 
 /// The first private key in a PEM file: PKCS#8, SEC1 or PKCS#1.
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    // Before reading: a key others can read may already be copied, so refuse to rely on it.
+    crate::files::check_private_key(path)?;
     let key = PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
         pem::Error::NoItemsFound => Error::Pki(format!(
             "{} contains no private key: expected an unencrypted `PRIVATE KEY`, `EC PRIVATE KEY` \
@@ -241,12 +328,6 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
         )),
         other => pem_err(path, other, "private key"),
     })?;
-    // Not fatal (containers often mount keys 0644), but worth a loud hint.
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "private key is readable by other users; chmod 600 it");
-        }
-    }
     Ok(key)
 }
 
@@ -366,7 +447,12 @@ mod tests {
         fn new(federation: &str) -> Fed {
             let tmp = tempfile::tempdir().expect("tempdir");
             let dir = tmp.path().to_path_buf();
-            pki::init(&dir, federation, &["localhost".into(), "127.0.0.1".into()]).expect("init");
+            pki::init(
+                &pki::CaDir::new(&dir),
+                federation,
+                &["localhost".into(), "127.0.0.1".into()],
+            )
+            .expect("init");
             Fed { _tmp: tmp, dir }
         }
 
@@ -375,7 +461,8 @@ mod tests {
         }
 
         fn issue(&self, role: Role, name: &str) -> TlsFiles {
-            let (cert, key) = pki::issue(&self.dir, role, name, &self.dir, 30).expect("issue");
+            let (cert, key) =
+                pki::issue(&pki::CaDir::new(&self.dir), role, name, &self.dir, 30).expect("issue");
             TlsFiles {
                 ca_cert: self.dir.join("ca.pem"),
                 cert,
@@ -514,6 +601,9 @@ mod tests {
         let write = |name: &str, text: String| {
             let path = tmp.path().join(name);
             std::fs::write(&path, text).expect("write");
+            // Keys must be owner-only to be loaded at all.
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod");
             path
         };
 
@@ -580,6 +670,21 @@ mod tests {
     }
 
     #[test]
+    fn only_a_coordinator_certificate_is_a_coordinator() {
+        let fed = Fed::new("fed");
+        let der = |files: &TlsFiles| load_certs(&files.cert).expect("certs").remove(0);
+        check_coordinator_role(&der(&fed.server_files())).expect("the coordinator");
+        for role in [Role::Node, Role::Researcher, Role::Admin] {
+            let err =
+                check_coordinator_role(&der(&fed.issue(role, &format!("hub-{role}")))).expect_err("not one");
+            assert!(
+                format!("{err}").contains("not a coordinator certificate"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn file_errors_name_the_file() {
         let fed = Fed::new("fed");
         let node = fed.issue(Role::Node, "ons");
@@ -610,9 +715,21 @@ mod tests {
             },
             "is not a PEM certificate",
         );
+        // A certificate given as the key: refused for its permissions first, then for content.
         check(
             TlsFiles {
                 key: node.cert.clone(),
+                ..node.clone()
+            },
+            "chmod 600",
+        );
+        let not_a_key = fed.dir.join("not-a-key.pem");
+        std::fs::copy(&node.cert, &not_a_key).expect("copy");
+        std::fs::set_permissions(&not_a_key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        check(
+            TlsFiles {
+                key: not_a_key,
                 ..node.clone()
             },
             "contains no private key",

@@ -1,7 +1,7 @@
 //! The wire protocol: the only types that cross the network, and their byte encoding.
 //!
-//! Every QUIC stream carries length-prefixed frames: a 4-byte big-endian length, then a bincode
-//! (2.0, standard config, explicit size limit) payload. Model parameters never travel inside a
+//! Every QUIC stream carries length-prefixed frames: a 4-byte big-endian length, then a postcard
+//! (1.x: varint integers, no field names, explicit size limit checked here) payload. Model parameters never travel inside a
 //! frame: a frame announces a tensor (`dtype`, `len`) and its little-endian bytes follow raw on
 //! the same stream, so a receiver can fold them chunk by chunk.
 //!
@@ -332,14 +332,9 @@ pub enum Response {
     },
 }
 
-fn bincode_config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_FRAME>()
-}
-
 /// Encode a message as one frame: 4-byte big-endian length, then the payload.
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
-    let mut out = vec![0u8; 4];
-    bincode::serde::encode_into_std_write(msg, &mut out, bincode_config()).map_err(|e| Error::Wire {
+    let out = postcard::to_extend(msg, vec![0u8; 4]).map_err(|e| Error::Wire {
         what: "outgoing message",
         problem: e.to_string(),
     })?;
@@ -351,6 +346,7 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
             limit: MAX_FRAME as u64,
         });
     }
+    let mut out = out;
     out[..4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(out)
 }
@@ -369,16 +365,26 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize> {
 }
 
 /// Decode a frame payload (without its length prefix). Trailing bytes are an error.
+///
+/// The payload is at most [`MAX_FRAME`] bytes (checked from the prefix before it is read), and
+/// postcard allocates no more than the bytes it is given justify: collection lengths only
+/// pre-allocate through serde's capped size hint, and every element must actually be present.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8], what: &'static str) -> Result<T> {
-    let (msg, used) =
-        bincode::serde::decode_from_slice(payload, bincode_config()).map_err(|e| Error::Wire {
-            what,
-            problem: e.to_string(),
-        })?;
-    if used != payload.len() {
+    if payload.len() > MAX_FRAME {
+        return Err(Error::TooLarge {
+            what: "frame",
+            size: payload.len() as u64,
+            limit: MAX_FRAME as u64,
+        });
+    }
+    let (msg, rest) = postcard::take_from_bytes(payload).map_err(|e| Error::Wire {
+        what,
+        problem: e.to_string(),
+    })?;
+    if !rest.is_empty() {
         return Err(Error::Wire {
             what,
-            problem: format!("{} trailing bytes after the message", payload.len() - used),
+            problem: format!("{} trailing bytes after the message", rest.len()),
         });
     }
     Ok(msg)
@@ -535,6 +541,21 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    #[test]
+    fn lengths_beyond_the_frame_are_invalid_without_allocating_them() {
+        // A sequence that claims 2^32 - 1 elements in a 5-byte payload: postcard must refuse it
+        // for the missing bytes, not reserve memory for the claim.
+        let claim = [0xff, 0xff, 0xff, 0xff, 0x0f];
+        let err = decode_payload::<Vec<u64>>(&claim, "m").expect_err("short");
+        assert!(matches!(err, Error::Wire { .. }), "{err}");
+        let mut frame = (claim.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&claim);
+        assert!(matches!(
+            decode_frame::<Vec<String>>(&frame, "m"),
+            Err(Error::Wire { .. })
+        ));
     }
 
     #[test]

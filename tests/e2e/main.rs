@@ -6,6 +6,7 @@ mod configs;
 mod disclosure;
 mod durability;
 mod governance;
+mod hardening;
 mod load;
 mod privacy_of_researchers;
 mod rogue;

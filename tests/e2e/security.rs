@@ -11,7 +11,7 @@ use fedstat_shared::wire::{Request, Response, PROTOCOL_VERSION};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::support::{
-    bin, demo_data, events, logit_experiment, raw_client, wait_until, Fed, SLOW_TRAINING_POLICY,
+    bin, demo_data, events, logit_experiment, raw_client, wait_until, write_key, Fed, SLOW_TRAINING_POLICY,
 };
 
 /// Connect and make a request; Err(reason) when the coordinator refuses.
@@ -100,7 +100,7 @@ fn wrong_certificates_and_roles_are_refused_and_audited() {
     let stale = fed.path("stale");
     std::fs::create_dir_all(&stale).expect("mkdir");
     std::fs::write(stale.join("stale.pem"), cert_pem).expect("write");
-    std::fs::write(stale.join("stale.key"), key_pem).expect("write");
+    write_key(&stale.join("stale.key"), &key_pem);
     let cfg = fed.write_node_config("stale", &stale, &ca, &[("cps1988", demo_data("west"))]);
     let out = Command::new(bin("fedstat-node"))
         .args(["run", "--config"])

@@ -545,3 +545,16 @@ pub fn raw_client(
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
     quinn::ClientConfig::new(Arc::new(quic))
 }
+
+/// Write a private key the way the binaries require it: owner-only (0600) from creation on.
+pub fn write_key(path: &Path, pem: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .expect("create key file");
+    file.write_all(pem.as_bytes()).expect("write key");
+}

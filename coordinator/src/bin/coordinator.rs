@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedstat_shared::identity::Role;
+use fedstat_shared::pki::CaDir;
 
 #[derive(Parser)]
 #[command(
@@ -57,12 +58,42 @@ enum Pki {
         /// DNS names and IP addresses the coordinator is reached at (repeatable).
         #[arg(long = "san", default_values = ["localhost", "127.0.0.1"])]
         sans: Vec<String>,
+        /// Write the CA key here instead of DIR: a folder meant to stay offline (removable
+        /// media), mounted only to sign, issue or revoke.
+        #[arg(long)]
+        ca_key_dir: Option<PathBuf>,
     },
-    /// Issue a certificate and key for a node, researcher or admin.
+    /// Sign a certificate signing request (from `fedstat-node keygen` or `fedstat keygen`):
+    /// the name comes from the request, the role from you. The production path: the party's
+    /// key never leaves the party.
+    Sign {
+        /// Folder holding the CA (from `pki init`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA key's folder, if `pki init --ca-key-dir` put it elsewhere.
+        #[arg(long)]
+        ca_key_dir: Option<PathBuf>,
+        /// The request file (NAME.csr).
+        #[arg(long)]
+        csr: PathBuf,
+        /// node, researcher or admin; never taken from the request.
+        #[arg(long)]
+        role: Role,
+        /// Where to write NAME.pem (default: DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = fedstat_shared::pki::DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
+    /// Issue a certificate and its key at the CA (demos and tests: the key then has to travel
+    /// to its owner; in production use `keygen` at the party and `pki sign` here).
     Issue {
         /// Folder holding the CA (from `pki init`).
         #[arg(long)]
         dir: PathBuf,
+        /// The CA key's folder, if `pki init --ca-key-dir` put it elsewhere.
+        #[arg(long)]
+        ca_key_dir: Option<PathBuf>,
         #[arg(long)]
         role: Role,
         /// The party's name (letters, digits, `.`, `_`, `-`); nodes are known by it.
@@ -79,6 +110,9 @@ enum Pki {
     Revoke {
         #[arg(long)]
         dir: PathBuf,
+        /// The CA key's folder, if `pki init --ca-key-dir` put it elsewhere.
+        #[arg(long)]
+        ca_key_dir: Option<PathBuf>,
         #[arg(long)]
         name: String,
         /// The certificate to revoke (default: DIR/NAME.pem).
@@ -89,6 +123,9 @@ enum Pki {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Everything this process creates (store, models, audit log, state, results, keys) is
+    // owner-only; see fedstat_shared::files.
+    fedstat_shared::files::owner_only_umask();
     fedstat_shared::process::init_tracing("info,quinn=warn");
     fedstat_shared::process::exit_code(run(cli))
 }
@@ -120,16 +157,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             federation,
             sans,
+            ca_key_dir,
         }) => {
-            fedstat_shared::pki::init(&dir, &federation, &sans)?;
+            let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
+            fedstat_shared::pki::init(&ca, &federation, &sans)?;
             println!(
                 "created the federation CA and the coordinator certificate in {}",
                 dir.display()
             );
             Ok(())
         }
-        Command::Pki(Pki::Revoke { dir, name, cert }) => {
-            let crl = fedstat_shared::pki::revoke(&dir, &name, cert.as_deref())?;
+        Command::Pki(Pki::Revoke {
+            dir,
+            ca_key_dir,
+            name,
+            cert,
+        }) => {
+            let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
+            let crl = fedstat_shared::pki::revoke(&ca, &name, cert.as_deref())?;
             println!(
                 "revoked `{name}`; wrote {} (send SIGHUP to the coordinator to apply it now)",
                 crl.display()
@@ -138,14 +183,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Pki(Pki::Issue {
             dir,
+            ca_key_dir,
             role,
             name,
             out,
             days,
         }) => {
             let out = out.unwrap_or_else(|| dir.clone());
-            let (cert, key) = fedstat_shared::pki::issue(&dir, role, &name, &out, days)?;
+            let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
+            let (cert, key) = fedstat_shared::pki::issue(&ca, role, &name, &out, days)?;
             println!("issued {role} `{name}`: {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Pki(Pki::Sign {
+            dir,
+            ca_key_dir,
+            csr,
+            role,
+            out,
+            days,
+        }) => {
+            let out = out.unwrap_or_else(|| dir.clone());
+            let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
+            let (cert, who) = fedstat_shared::pki::sign(&ca, &csr, role, &out, days)?;
+            println!("signed {who}: {}", cert.display());
             Ok(())
         }
         Command::Audit(Audit::Verify { file }) => {

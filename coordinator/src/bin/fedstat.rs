@@ -50,6 +50,16 @@ enum Command {
     Cancel { id: u64 },
     /// Close a node's connection (admin certificate required).
     Disconnect { node: String },
+    /// Make your private key and a certificate signing request for the secretariat (which
+    /// signs it with `fedstat-coordinator pki sign`); the key never leaves this machine.
+    Keygen {
+        /// Your name in the federation (letters, digits, `.`, `_`, `-`).
+        #[arg(long)]
+        name: String,
+        /// Where to write NAME.key (mode 0600) and NAME.csr.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
     /// Run a complete local federation of real processes on this machine.
     Demo {
         /// Folder with one CSV per node (default: the bundled CPS 1988 data, 4 offices).
@@ -76,6 +86,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Everything this process creates (store, models, audit log, state, results, keys) is
+    // owner-only; see fedstat_shared::files.
+    fedstat_shared::files::owner_only_umask();
     fedstat_shared::process::init_tracing("warn");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -239,6 +252,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let r = client.call(Request::Disconnect { node: node.clone() }).await;
             client.close().await;
             done(r?, cli.json)?;
+        }
+        Command::Keygen { name, out } => {
+            let (key, csr) = fedstat_shared::pki::keygen(name, out)?;
+            println!(
+                "wrote {} (keep it here) and {} (send it to the secretariat)",
+                key.display(),
+                csr.display()
+            );
         }
         Command::Demo {
             data,
