@@ -660,6 +660,17 @@ pub(crate) mod tests {
         })
     }
 
+    /// A logistic design from CSV text, without limits.
+    fn read_text(text: &str, schema: &DataSchema) -> Result<LocalData> {
+        load_csv_from_reader(
+            "t.csv",
+            text.as_bytes(),
+            schema,
+            ModelKind::Logistic,
+            LoadLimits::UNLIMITED,
+        )
+    }
+
     pub(crate) const REGIONS: [&str; 4] = ["midwest", "northeast", "south", "west"];
 
     pub(crate) fn load_region(region: &str, schema: &DataSchema, model: ModelKind) -> LocalData {
@@ -856,25 +867,11 @@ pub(crate) mod tests {
         let schema = logit_schema();
         let text = "wage,education,experience,ethnicity,smsa,parttime,split\n\
                     600,12,3,cauc,no,no,train\n600,12,3,cauc,no,no,train\n100,9,1,afam,yes,no,train\n";
-        let d = load_csv_from_reader(
-            "t.csv",
-            text.as_bytes(),
-            &schema,
-            ModelKind::Logistic,
-            LoadLimits::UNLIMITED,
-        )
-        .expect("loads");
+        let d = read_text(text, &schema).expect("loads");
         let ids: std::collections::BTreeSet<_> = d.train.ids.iter().collect();
         assert_eq!(ids.len(), 3);
         // The same file read again gives the same fingerprints.
-        let again = load_csv_from_reader(
-            "t.csv",
-            text.as_bytes(),
-            &schema,
-            ModelKind::Logistic,
-            LoadLimits::UNLIMITED,
-        )
-        .expect("loads");
+        let again = read_text(text, &schema).expect("loads");
         assert_eq!(d.train.ids, again.train.ids);
     }
 
@@ -1005,14 +1002,7 @@ pub(crate) mod tests {
             }],
         };
         let text = "\u{feff}t, a ,c,s,unused\r\nhi,2,x,train,?\r\n\r\n\"lo\",\"-1.5\",z,test,\"a,b\"\nlo,3,y,train,\n";
-        let data = load_csv_from_reader(
-            "t.csv",
-            text.as_bytes(),
-            &schema,
-            ModelKind::Logistic,
-            LoadLimits::UNLIMITED,
-        )
-        .expect("loads");
+        let data = read_text(text, &schema).expect("loads");
         assert_eq!(
             data.train.x.as_slice(),
             Some(&[1.0, 2.0, 4.0, 1.0, 0.0, 1.0, 3.0, 9.0, 0.0, 0.0][..])
@@ -1022,14 +1012,7 @@ pub(crate) mod tests {
         assert_eq!(data.test.y.to_vec(), [0.0]);
 
         let fails = |text: &str, line: u64, column: &str| {
-            let e = load_csv_from_reader(
-                "t.csv",
-                text.as_bytes(),
-                &schema,
-                ModelKind::Logistic,
-                LoadLimits::UNLIMITED,
-            )
-            .expect_err(text);
+            let e = read_text(text, &schema).expect_err(text);
             assert!(
                 matches!(&e, Error::Csv { line: l, column: c, .. } if *l == line && c == column),
                 "{text:?}: {e}"
@@ -1039,14 +1022,7 @@ pub(crate) mod tests {
         fails("t,a,c,s,unused\nhi,2,X,train,?\n", 2, "c");
         fails("t,a,c,s,unused\nhi,-inf,x,train,?\n", 2, "a");
         let only_test = "t,a,c,s,unused\nhi,2,x,test,?\n";
-        let e = load_csv_from_reader(
-            "t.csv",
-            only_test.as_bytes(),
-            &schema,
-            ModelKind::Logistic,
-            LoadLimits::UNLIMITED,
-        )
-        .expect_err("no train");
+        let e = read_text(only_test, &schema).expect_err("no train");
         assert!(e.to_string().contains("nothing to train on"), "{e}");
     }
 

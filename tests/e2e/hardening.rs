@@ -154,7 +154,8 @@ fn keys_made_where_they_are_used_join_the_federation() {
     let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["experiment"]
         .as_u64()
         .expect("id");
-    let status = fed.wait_finished(id, Duration::from_secs(60));
+    // Only bob, who submitted it, may follow it.
+    let status = fed.wait_finished_as(&bob, id, Duration::from_secs(60));
     assert_eq!(status["state"], "Completed", "{status:#}");
 
     // Everything the binaries wrote is owner-only (umask 077): store, models, audit logs, node
@@ -396,6 +397,8 @@ fn state(status: &serde_json::Value) -> String {
 #[test]
 fn a_damaged_model_file_costs_only_its_experiment() {
     let mut fed = Fed::start();
+    // Echo models larger than a node allows by default.
+    fed.node_policy.push_str("max_params = 100000\n");
     fed.add_node("west", &[("cps1988", demo_data("west"))]);
     fed.wait_for_nodes(&["west"]);
     // 1000 f32 parameters: model files of 4000 bytes.
@@ -481,6 +484,8 @@ fn a_full_disk_stops_the_experiment_and_leaves_a_consistent_store() {
     let text = std::fs::read_to_string(&cfg).expect("config");
     std::fs::write(&cfg, format!("data_dir = \"{}\"\n{text}", disk.path.display())).expect("write");
     fed.crash_and_restart_coordinator();
+    // Echo models larger than a node allows by default.
+    fed.node_policy.push_str("max_params = 100000\n");
     fed.add_node("west", &[("cps1988", demo_data("west"))]);
     fed.wait_for_nodes(&["west"]);
 

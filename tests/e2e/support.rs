@@ -356,9 +356,21 @@ impl Fed {
 
     /// Wait until the experiment completed or failed; returns its status.
     pub fn wait_finished(&self, id: u64, limit: Duration) -> Value {
+        self.wait_finished_as(&self.path("researcher.toml"), id, limit)
+    }
+
+    /// [`Fed::wait_finished`] for the researcher whose config is `config` (only an
+    /// experiment's submitter and admins may follow it).
+    pub fn wait_finished_as(&self, config: &Path, id: u64, limit: Duration) -> Value {
         let mut last = Value::Null;
         wait_until(limit, "the experiment to finish", || {
-            last = self.status(id);
+            let out = self.cli_as(config, &["--json", "status", &id.to_string()]);
+            assert!(
+                out.status.success(),
+                "status: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            last = serde_json::from_slice::<Value>(&out.stdout).expect("json")[0].clone();
             last["state"] == "Completed" || last["state"].get("Failed").is_some()
         });
         last
