@@ -48,6 +48,7 @@ struct Shared {
     uploads: Arc<Semaphore>,
     max_params: u64,
     handshake_timeout: Duration,
+    max_per_identity: usize,
     /// Live authenticated connections by id, with their certificate serial, so that a reloaded
     /// revocation list can close the ones it revokes. Edge bookkeeping, not round state.
     live: Arc<std::sync::Mutex<LiveConnections>>,
@@ -119,11 +120,18 @@ impl Shared {
         }
     }
 
-    fn register(&self, id: u64, who: &PeerIdentity, conn: &quinn::Connection) {
+    /// Record a live connection; false (and nothing recorded) when its identity already holds
+    /// `max_per_identity` connections: one stolen or buggy certificate cannot take every slot.
+    fn register(&self, id: u64, who: &PeerIdentity, conn: &quinn::Connection) -> bool {
         let serial = fedstat_shared::identity::peer_serial(conn).unwrap_or_default();
-        if let Ok(mut live) = self.live.lock() {
-            live.insert(id, (serial, who.clone(), conn.clone()));
+        let Ok(mut live) = self.live.lock() else {
+            return false;
+        };
+        if live.values().filter(|(_, w, _)| w == who).count() >= self.max_per_identity {
+            return false;
         }
+        live.insert(id, (serial, who.clone(), conn.clone()));
+        true
     }
 
     fn unregister(&self, id: u64) {
@@ -202,12 +210,14 @@ pub async fn serve(
         uploads: Arc::new(Semaphore::new(config.limits.max_concurrent_updates)),
         max_params: config.limits.max_params,
         handshake_timeout: config.limits.handshake_timeout,
+        max_per_identity: config.limits.max_connections_per_identity,
         live: Arc::default(),
         refusals: Arc::default(),
     };
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
     let per_address = PerAddress::default();
+    let connections_per_address = PerAddress::default();
     let next_conn = AtomicU64::new(1);
     tokio::pin!(shutdown);
     let mut hangup = Hangup::new();
@@ -220,6 +230,7 @@ pub async fn serve(
                     connections: config.limits.max_connections - connections.available_permits(),
                     handshakes: config.limits.max_handshakes - handshakes.available_permits(),
                     from_address: per_address.count(source),
+                    connections_from_address: connections_per_address.count(source),
                     address_validated: incoming.remote_address_validated(),
                 };
                 match admit(&attempt, &config.limits) {
@@ -245,6 +256,7 @@ pub async fn serve(
                     continue;
                 };
                 let handshake = (handshake, per_address.enter(source));
+                let permit = (permit, connections_per_address.enter(source));
                 let id = next_conn.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 let peer = incoming.remote_address();
@@ -274,6 +286,8 @@ struct Attempt {
     handshakes: usize,
     /// TLS handshakes in progress from this attempt's IP address.
     from_address: usize,
+    /// Connections open from this attempt's IP address.
+    connections_from_address: usize,
     /// The attempt answered a QUIC retry, so its source address is real.
     address_validated: bool,
 }
@@ -295,6 +309,9 @@ fn admit(a: &Attempt, limits: &crate::config::Limits) -> Admission {
     }
     if a.handshakes >= limits.retry_above_handshakes && !a.address_validated {
         return Admission::Retry;
+    }
+    if a.connections_from_address >= limits.max_connections_per_address {
+        return Admission::Refuse("too many connections from this address");
     }
     if a.from_address >= limits.max_handshakes_per_address {
         return Admission::Refuse("too many handshakes in progress from this address");
@@ -447,7 +464,19 @@ async fn connection(
     };
     drop(handshake);
     let span = tracing::info_span!("peer", %who);
-    shared.register(id, &who, &conn);
+    if !shared.register(id, &who, &conn) {
+        let reason = format!(
+            "{who} already has {} connections open (limits.max_connections_per_identity)",
+            shared.max_per_identity
+        );
+        tracing::warn!("refused connection: {reason}");
+        shared.audit_refusal(peer, reason).await;
+        conn.close(
+            close::REFUSED.into(),
+            b"too many connections for this certificate",
+        );
+        return;
+    }
     let edge = shared.clone();
     async move {
         match who.role {
@@ -847,6 +876,8 @@ mod tests {
             max_handshakes: 64,
             max_handshakes_per_address: 8,
             retry_above_handshakes: 16,
+            max_connections_per_address: 40,
+            max_connections_per_identity: 4,
             max_concurrent_updates: 4,
             max_params: 1000,
             handshake_timeout: Duration::from_secs(10),
@@ -856,6 +887,7 @@ mod tests {
                 connections,
                 handshakes,
                 from_address,
+                connections_from_address: connections / 2,
                 address_validated,
             };
             assert_eq!(admit(&a, &limits), expected, "{a:?}");
@@ -883,5 +915,8 @@ mod tests {
         );
         check(10, 64, 0, true, Refuse("too many handshakes in progress"));
         check(100, 0, 0, true, Refuse("connection limit reached"));
+        // Connections from one address (here half of all open ones).
+        check(80, 0, 0, true, Refuse("too many connections from this address"));
+        check(78, 0, 0, true, Accept);
     }
 }

@@ -28,8 +28,11 @@ pub const ALPN: &[u8] = b"fedstat/1";
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Client keep-alive: well under the idle timeout, and under typical NAT UDP timeouts.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// Streams a peer may have open at once on one connection, per direction kind.
-pub const MAX_STREAMS: u32 = 64;
+/// Streams a client may open before the coordinator knows its role: one bidirectional stream
+/// (a node's control stream or a researcher's first request) and no unidirectional one. The
+/// coordinator raises the credit per role once the peer is identified.
+pub const INITIAL_BIDI_STREAMS: u32 = 1;
+pub const INITIAL_UNI_STREAMS: u32 = 0;
 
 /// The PEM files an endpoint needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,8 +137,8 @@ pub fn server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<qu
     let mut transport = TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle_timeout()))
-        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
-        .max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMS));
+        .max_concurrent_bidi_streams(VarInt::from_u32(INITIAL_BIDI_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(INITIAL_UNI_STREAMS));
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(transport));
     // Connection attempts the accept loop has not taken yet: a short queue with small buffers
