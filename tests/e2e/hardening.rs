@@ -740,3 +740,34 @@ fn a_node_gets_in_during_a_flood_of_unfinished_handshakes_from_one_address() {
     release.store(true, Ordering::SeqCst);
     attacker.join().expect("attacker thread");
 }
+
+#[test]
+fn a_renewed_certificate_keeps_the_node_in_the_federation() {
+    let mut fed = Fed::start();
+    let pki = fed.pki();
+    fed.add_node("ons", &[("cps1988", demo_data("west"))]);
+    fed.wait_for_nodes(&["ons"]);
+    let before = std::fs::read(pki.join("ons.pem")).expect("cert");
+    let key = std::fs::read(pki.join("ons.key")).expect("key");
+    let out = run_ok(
+        "fedstat-coordinator",
+        &["pki", "renew", "--dir", s(&pki), "--name", "ons", "--days", "30"],
+    );
+    assert!(out.contains("renewed node `ons` for 30 days"), "{out}");
+    assert_ne!(std::fs::read(pki.join("ons.pem")).expect("cert"), before);
+    assert_eq!(
+        std::fs::read(pki.join("ons.key")).expect("key"),
+        key,
+        "the key never changes"
+    );
+    let out = run_ok("fedstat-coordinator", &["pki", "crl", "--dir", s(&pki)]);
+    assert!(out.contains("valid 90 days"), "{out}");
+
+    fed.restart_node("ons");
+    fed.wait_for_nodes(&["ons"]);
+    let id = fed.submit("echo.toml", ECHO);
+    assert_eq!(
+        fed.wait_finished(id, Duration::from_secs(60))["state"],
+        "Completed"
+    );
+}
