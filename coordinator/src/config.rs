@@ -50,6 +50,10 @@ struct RawCoordinator {
 struct RawLimits {
     max_connections: usize,
     max_handshakes: usize,
+    max_handshakes_per_address: usize,
+    retry_above_handshakes: usize,
+    max_connections_per_address: usize,
+    max_connections_per_identity: usize,
     max_concurrent_updates: usize,
     max_params: u64,
     handshake_timeout_secs: u64,
@@ -61,6 +65,10 @@ impl Default for RawLimits {
         RawLimits {
             max_connections: 1000,
             max_handshakes: 64,
+            max_handshakes_per_address: 8,
+            retry_above_handshakes: 16,
+            max_connections_per_address: 256,
+            max_connections_per_identity: 8,
             max_concurrent_updates: 4,
             max_params: fedstat_shared::spec::MAX_PARAMS,
             handshake_timeout_secs: 10,
@@ -91,6 +99,17 @@ pub struct Limits {
     pub max_connections: usize,
     /// TLS handshakes in progress at most: peers not yet authenticated cannot take more.
     pub max_handshakes: usize,
+    /// TLS handshakes in progress from one IP address at most, so one source cannot take all
+    /// of `max_handshakes` and lock out the nodes.
+    pub max_handshakes_per_address: usize,
+    /// Above this many handshakes in progress, a new one must first prove its source address
+    /// with a QUIC retry (one more round trip), so spoofed floods cost no handshake state.
+    pub retry_above_handshakes: usize,
+    /// Open connections from one IP address at most (offices behind one NAT share it).
+    pub max_connections_per_address: usize,
+    /// Open connections per certificate identity at most (a node needs one, a researcher one
+    /// per running CLI command).
+    pub max_connections_per_identity: usize,
     /// Updates staged at the same time; bounds memory at (this + 1) model sizes whatever the
     /// number of nodes. Other uploads wait (QUIC flow control holds the senders back).
     pub max_concurrent_updates: usize,
@@ -153,6 +172,28 @@ impl CoordinatorConfig {
         if l.max_handshakes == 0 {
             return Err(invalid(&what, "limits.max_handshakes", "must be at least 1"));
         }
+        if l.max_handshakes_per_address == 0 || l.max_handshakes_per_address > l.max_handshakes {
+            return Err(invalid(
+                &what,
+                "limits.max_handshakes_per_address",
+                "must be between 1 and limits.max_handshakes",
+            ));
+        }
+        if l.max_connections_per_address == 0 {
+            return Err(invalid(
+                &what,
+                "limits.max_connections_per_address",
+                "must be at least 1",
+            ));
+        }
+        if l.max_connections_per_identity < 2 {
+            // A node's reconnection briefly overlaps its old connection.
+            return Err(invalid(
+                &what,
+                "limits.max_connections_per_identity",
+                "must be at least 2",
+            ));
+        }
         if l.max_concurrent_updates == 0 {
             return Err(invalid(
                 &what,
@@ -197,6 +238,10 @@ impl CoordinatorConfig {
             limits: Limits {
                 max_connections: l.max_connections,
                 max_handshakes: l.max_handshakes,
+                max_handshakes_per_address: l.max_handshakes_per_address,
+                retry_above_handshakes: l.retry_above_handshakes,
+                max_connections_per_address: l.max_connections_per_address,
+                max_connections_per_identity: l.max_connections_per_identity,
                 max_concurrent_updates: l.max_concurrent_updates,
                 max_params: l.max_params,
                 handshake_timeout: std::time::Duration::from_secs(l.handshake_timeout_secs),

@@ -48,6 +48,7 @@ struct Shared {
     uploads: Arc<Semaphore>,
     max_params: u64,
     handshake_timeout: Duration,
+    max_per_identity: usize,
     /// Live authenticated connections by id, with their certificate serial, so that a reloaded
     /// revocation list can close the ones it revokes. Edge bookkeeping, not round state.
     live: Arc<std::sync::Mutex<LiveConnections>>,
@@ -119,11 +120,18 @@ impl Shared {
         }
     }
 
-    fn register(&self, id: u64, who: &PeerIdentity, conn: &quinn::Connection) {
+    /// Record a live connection; false (and nothing recorded) when its identity already holds
+    /// `max_per_identity` connections: one stolen or buggy certificate cannot take every slot.
+    fn register(&self, id: u64, who: &PeerIdentity, conn: &quinn::Connection) -> bool {
         let serial = fedstat_shared::identity::peer_serial(conn).unwrap_or_default();
-        if let Ok(mut live) = self.live.lock() {
-            live.insert(id, (serial, who.clone(), conn.clone()));
+        let Ok(mut live) = self.live.lock() else {
+            return false;
+        };
+        if live.values().filter(|(_, w, _)| w == who).count() >= self.max_per_identity {
+            return false;
         }
+        live.insert(id, (serial, who.clone(), conn.clone()));
+        true
     }
 
     fn unregister(&self, id: u64) {
@@ -202,11 +210,14 @@ pub async fn serve(
         uploads: Arc::new(Semaphore::new(config.limits.max_concurrent_updates)),
         max_params: config.limits.max_params,
         handshake_timeout: config.limits.handshake_timeout,
+        max_per_identity: config.limits.max_connections_per_identity,
         live: Arc::default(),
         refusals: Arc::default(),
     };
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
+    let per_address = PerAddress::default();
+    let connections_per_address = PerAddress::default();
     let next_conn = AtomicU64::new(1);
     tokio::pin!(shutdown);
     let mut hangup = Hangup::new();
@@ -214,16 +225,38 @@ pub async fn serve(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    tracing::warn!(peer = %incoming.remote_address(), "connection limit reached; refusing");
+                let source = incoming.remote_address().ip();
+                let attempt = Attempt {
+                    connections: config.limits.max_connections - connections.available_permits(),
+                    handshakes: config.limits.max_handshakes - handshakes.available_permits(),
+                    from_address: per_address.count(source),
+                    connections_from_address: connections_per_address.count(source),
+                    address_validated: incoming.remote_address_validated(),
+                };
+                match admit(&attempt, &config.limits) {
+                    Admission::Accept => {}
+                    Admission::Retry => {
+                        // Stateless: the peer must echo the token from its real address.
+                        if let Err(e) = incoming.retry() {
+                            e.into_incoming().refuse();
+                        }
+                        continue;
+                    }
+                    Admission::Refuse(why) => {
+                        tracing::warn!(peer = %incoming.remote_address(), "{why}; refusing");
+                        incoming.refuse();
+                        continue;
+                    }
+                }
+                let (Ok(permit), Ok(handshake)) = (
+                    connections.clone().try_acquire_owned(),
+                    handshakes.clone().try_acquire_owned(),
+                ) else {
                     incoming.refuse();
                     continue;
                 };
-                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-                    tracing::warn!(peer = %incoming.remote_address(), "too many handshakes in progress; refusing");
-                    incoming.refuse();
-                    continue;
-                };
+                let handshake = (handshake, per_address.enter(source));
+                let permit = (permit, connections_per_address.enter(source));
                 let id = next_conn.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 let peer = incoming.remote_address();
@@ -242,6 +275,96 @@ pub async fn serve(
     // The federation task ends once every connection task has dropped its sender.
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), fed).await;
+}
+
+/// What the accept loop knows about a new connection attempt.
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    /// Connections open (authenticated or not).
+    connections: usize,
+    /// TLS handshakes in progress, all sources.
+    handshakes: usize,
+    /// TLS handshakes in progress from this attempt's IP address.
+    from_address: usize,
+    /// Connections open from this attempt's IP address.
+    connections_from_address: usize,
+    /// The attempt answered a QUIC retry, so its source address is real.
+    address_validated: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Accept,
+    /// Ask the peer to prove its address first (QUIC retry).
+    Retry,
+    Refuse(&'static str),
+}
+
+/// Admit, make prove its address, or refuse a connection attempt: a pure function of counts.
+/// Under load, address validation comes before the per-address limit, so that a spoofed
+/// source cannot use up the quota of a real office's address.
+fn admit(a: &Attempt, limits: &crate::config::Limits) -> Admission {
+    if a.connections >= limits.max_connections {
+        return Admission::Refuse("connection limit reached");
+    }
+    if a.handshakes >= limits.retry_above_handshakes && !a.address_validated {
+        return Admission::Retry;
+    }
+    if a.connections_from_address >= limits.max_connections_per_address {
+        return Admission::Refuse("too many connections from this address");
+    }
+    if a.from_address >= limits.max_handshakes_per_address {
+        return Admission::Refuse("too many handshakes in progress from this address");
+    }
+    if a.handshakes >= limits.max_handshakes {
+        return Admission::Refuse("too many handshakes in progress");
+    }
+    Admission::Accept
+}
+
+/// Handshakes in progress per source IP address. Edge bookkeeping, shared by the accept loop
+/// (which reads it) and the connection tasks (whose [`AddressSlot`]s release it).
+#[derive(Debug, Clone, Default)]
+struct PerAddress(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+impl PerAddress {
+    fn count(&self, ip: std::net::IpAddr) -> usize {
+        self.0
+            .lock()
+            .map(|m| m.get(&ip).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    fn enter(&self, ip: std::net::IpAddr) -> AddressSlot {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry(ip).or_insert(0) += 1;
+        }
+        AddressSlot {
+            map: self.clone(),
+            ip,
+        }
+    }
+}
+
+/// One handshake in progress from `ip`; released when dropped (handshake done or failed).
+#[derive(Debug)]
+struct AddressSlot {
+    map: PerAddress,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.0.lock() {
+            if let Some(n) = m.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    // No entry outlives its handshakes: the map stays as small as the flood.
+                    m.remove(&self.ip);
+                }
+            }
+        }
+    }
 }
 
 /// SIGHUP, or nothing where it cannot be installed.
@@ -307,7 +430,7 @@ async fn connection(
     incoming: quinn::Incoming,
     id: u64,
     shared: Shared,
-    handshake: tokio::sync::OwnedSemaphorePermit,
+    handshake: (tokio::sync::OwnedSemaphorePermit, AddressSlot),
 ) {
     let peer = incoming.remote_address();
     let conn = match tokio::time::timeout(shared.handshake_timeout, incoming).await {
@@ -341,7 +464,19 @@ async fn connection(
     };
     drop(handshake);
     let span = tracing::info_span!("peer", %who);
-    shared.register(id, &who, &conn);
+    if !shared.register(id, &who, &conn) {
+        let reason = format!(
+            "{who} already has {} connections open (limits.max_connections_per_identity)",
+            shared.max_per_identity
+        );
+        tracing::warn!("refused connection: {reason}");
+        shared.audit_refusal(peer, reason).await;
+        conn.close(
+            close::REFUSED.into(),
+            b"too many connections for this certificate",
+        );
+        return;
+    }
     let edge = shared.clone();
     async move {
         match who.role {
@@ -730,4 +865,60 @@ async fn request(
         tracing::warn!("cannot answer request: {e}");
     }
     let _ = send.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_under_load() {
+        let limits = crate::config::Limits {
+            max_connections: 100,
+            max_handshakes: 64,
+            max_handshakes_per_address: 8,
+            retry_above_handshakes: 16,
+            max_connections_per_address: 40,
+            max_connections_per_identity: 4,
+            max_concurrent_updates: 4,
+            max_params: 1000,
+            handshake_timeout: Duration::from_secs(10),
+        };
+        let check = |connections, handshakes, from_address, address_validated, expected| {
+            let a = Attempt {
+                connections,
+                handshakes,
+                from_address,
+                connections_from_address: connections / 2,
+                address_validated,
+            };
+            assert_eq!(admit(&a, &limits), expected, "{a:?}");
+        };
+        use Admission::*;
+        check(0, 0, 0, false, Accept);
+        check(10, 15, 7, false, Accept);
+        // Busy: prove your address first; a validated attempt goes on to the other checks.
+        check(10, 16, 0, false, Retry);
+        check(10, 16, 0, true, Accept);
+        // One address cannot take every handshake slot, validated or not.
+        check(
+            10,
+            3,
+            8,
+            false,
+            Refuse("too many handshakes in progress from this address"),
+        );
+        check(
+            10,
+            20,
+            8,
+            true,
+            Refuse("too many handshakes in progress from this address"),
+        );
+        check(10, 64, 0, true, Refuse("too many handshakes in progress"));
+        check(100, 0, 0, true, Refuse("connection limit reached"));
+        // Connections from one address (here half of all open ones).
+        check(80, 0, 0, true, Refuse("too many connections from this address"));
+        check(78, 0, 0, true, Accept);
+    }
 }

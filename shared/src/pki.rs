@@ -28,9 +28,10 @@ use rustls_pki_types::CertificateDer;
 use crate::identity::{validate_name, PeerIdentity, Role};
 use crate::{Error, Result};
 
-/// Default lifetime of an issued certificate (the CA/Browser Forum's old maximum; long enough
-/// for a statistical programme, short enough that lost keys age out).
-pub const DEFAULT_CERT_DAYS: u32 = 825;
+/// Default lifetime of an issued certificate: about a year (397 days, the CA/Browser Forum's
+/// current maximum), so a lost key ages out within a year; renew with `pki renew`, which keeps
+/// the party's name, role and key.
+pub const DEFAULT_CERT_DAYS: u32 = 397;
 /// Lifetime of the CA certificate.
 const CA_DAYS: u32 = 3650;
 /// Tolerated clock skew between the CA machine and the peers.
@@ -356,6 +357,12 @@ fn leaf_params(
     mut params: CertificateParams,
 ) -> CertificateParams {
     params.distinguished_name = dn(name, Some(role), federation);
+    // A random 127-bit serial (RFC 5280 asks for unpredictable serials). rcgen's default
+    // derives it from the public key, which a renewal keeps: revoking one certificate of a
+    // key would then revoke all of them.
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     // Only the coordinator may serve: webpki refuses a client-only EKU in a server certificate,
@@ -437,8 +444,78 @@ fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<()> {
 pub const CRL_FILE: &str = "crl.pem";
 /// The revoked certificates, one per line: `serial-hex name revoked-at-unix-seconds`.
 const REVOKED_FILE: &str = "revoked.txt";
-/// How long a CRL claims to be current; re-run `pki revoke` or `pki crl` before it lapses.
-const CRL_DAYS: u64 = 365;
+/// How long a CRL claims to be current; `pki crl` re-signs it (so does `pki revoke`). Peers
+/// warn from [`CRL_WARN_DAYS`] before it lapses.
+pub const CRL_DAYS: u64 = 90;
+/// Peers loading a CRL warn when its next update is closer than this.
+pub const CRL_WARN_DAYS: i64 = 30;
+
+/// Re-sign `dir/crl.pem` with the current revocations and a fresh next-update date. Returns its
+/// path.
+pub fn refresh_crl(ca: &CaDir) -> Result<PathBuf> {
+    let (issuer, _) = load_ca(ca)?;
+    let list = read_revoked(&ca.dir.join(REVOKED_FILE))?;
+    write_crl(&ca.dir, &issuer, &list)?;
+    Ok(ca.dir.join(CRL_FILE))
+}
+
+/// Re-sign the certificate in `cert` for another `days`: same name, role, public key (and, for
+/// the coordinator, the same DNS names and addresses), new serial and validity. Writes
+/// `out_dir/NAME.pem` (replacing it: the party keeps its key and only swaps the certificate)
+/// and returns its path and identity. The old certificate stays valid until it expires unless
+/// revoked.
+pub fn renew(ca: &CaDir, cert: &Path, out_dir: &Path, days: u32) -> Result<(PathBuf, PeerIdentity)> {
+    check_days(days)?;
+    let pem = fs::read(cert).map_err(|e| Error::io("cannot read", cert, e))?;
+    let not_cert = |problem: String| Error::Pki(format!("{}: {problem}", cert.display()));
+    let der = CertificateDer::from_pem_slice(&pem).map_err(|_| not_cert("not a PEM certificate".into()))?;
+    let who = crate::identity::identity_from_cert_der(&der).map_err(|e| not_cert(e.to_string()))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(&der).map_err(|e| not_cert(e.to_string()))?;
+    let (issuer, federation) = load_ca(ca)?;
+    let ca_pem = fs::read(ca.dir.join(CA_CERT_FILE))
+        .map_err(|e| Error::io("cannot read", ca.dir.join(CA_CERT_FILE), e))?;
+    let ca_der = CertificateDer::from_pem_slice(&ca_pem)
+        .map_err(|_| not_cert("the CA certificate is not PEM".into()))?;
+    let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).map_err(|e| not_cert(e.to_string()))?;
+    if x509.issuer() != ca_x509.subject() {
+        return Err(not_cert(
+            "was not issued by this federation's CA; renew it where it was issued".into(),
+        ));
+    }
+    let key = rcgen::SubjectPublicKeyInfo::from_der(x509.public_key().raw)
+        .map_err(|e| not_cert(format!("unusable public key: {e}")))?;
+    let mut sans = Vec::new();
+    if who.role == Role::Coordinator {
+        use x509_parser::extensions::GeneralName;
+        let names = x509
+            .subject_alternative_name()
+            .map_err(|e| not_cert(format!("cannot read its names: {e}")))?;
+        for name in names.iter().flat_map(|n| n.value.general_names.iter()) {
+            match name {
+                GeneralName::DNSName(dns) => sans.push((*dns).to_owned()),
+                GeneralName::IPAddress(&[a, b, c, d]) => {
+                    sans.push(std::net::IpAddr::from([a, b, c, d]).to_string())
+                }
+                GeneralName::IPAddress(bytes) => {
+                    if let Ok(v6) = <[u8; 16]>::try_from(*bytes) {
+                        sans.push(std::net::IpAddr::from(v6).to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let params =
+        CertificateParams::new(sans).map_err(|e| not_cert(format!("cannot reuse its names: {e}")))?;
+    let renewed = leaf_params(who.role, &who.name, &federation, days, params)
+        .signed_by(&key, &issuer)
+        .map_err(|e| rcgen_err("cannot sign the certificate", e))?;
+    fs::create_dir_all(out_dir).map_err(|e| Error::io("cannot create directory", out_dir, e))?;
+    let path = out_dir.join(format!("{}.pem", who.name));
+    write_file(&path, renewed.pem().as_bytes(), false)?;
+    tracing::info!(%who, days, path = %path.display(), "renewed certificate");
+    Ok((path, who))
+}
 
 /// Revoke the certificate `cert` (default `dir/NAME.pem`) of `name` and rewrite `dir/crl.pem`.
 /// Load the new CRL into a running coordinator with SIGHUP. Returns the CRL's path.
@@ -711,5 +788,53 @@ mod tests {
         assert!(err.to_string().contains("pki init"), "{err}");
         // Too large a file is not read.
         check(&vec![b'x'; 100 << 10], "exceeds the limit");
+    }
+
+    #[test]
+    fn renewal_keeps_name_role_key_and_names() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = CaDir::new(tmp.path());
+        init(&ca, "fed", &sans()).expect("init");
+        let (cert, key) = issue(&ca, Role::Node, "ons", tmp.path(), 1).expect("issue");
+        let serial = |p: &Path| {
+            crate::identity::cert_serial(&CertificateDer::from_pem_file(p).expect("pem")).expect("serial")
+        };
+        let old_serial = serial(&cert);
+        let (renewed, who) = renew(&ca, &cert, tmp.path(), 30).expect("renew");
+        assert_eq!(renewed, cert);
+        assert_eq!(
+            who,
+            PeerIdentity {
+                role: Role::Node,
+                name: "ons".into()
+            }
+        );
+        assert_ne!(serial(&cert), old_serial);
+        let files = crate::tls::TlsFiles {
+            ca_cert: tmp.path().join("ca.pem"),
+            cert,
+            key,
+        };
+        crate::tls::client_config(&files).expect("the old key fits the renewed certificate");
+
+        // The coordinator keeps the names nodes dial.
+        let coordinator = tmp.path().join("coordinator.pem");
+        renew(&ca, &coordinator, tmp.path(), 30).expect("renew coordinator");
+        let files = crate::tls::TlsFiles {
+            ca_cert: tmp.path().join("ca.pem"),
+            cert: coordinator,
+            key: tmp.path().join("coordinator.key"),
+        };
+        crate::tls::server_config(&files).expect("still serves localhost");
+
+        // Not from this CA: refused.
+        let other = tempfile::tempdir().expect("tempdir");
+        init(&CaDir::new(other.path()), "other", &sans()).expect("init");
+        let err = renew(&ca, &other.path().join("coordinator.pem"), tmp.path(), 30).expect_err("foreign");
+        assert!(
+            err.to_string().contains("not issued by this federation's CA"),
+            "{err}"
+        );
+        refresh_crl(&ca).expect("refresh");
     }
 }

@@ -28,8 +28,11 @@ pub const ALPN: &[u8] = b"fedstat/1";
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Client keep-alive: well under the idle timeout, and under typical NAT UDP timeouts.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// Streams a peer may have open at once on one connection, per direction kind.
-pub const MAX_STREAMS: u32 = 64;
+/// Streams a client may open before the coordinator knows its role: one bidirectional stream
+/// (a node's control stream or a researcher's first request) and no unidirectional one. The
+/// coordinator raises the credit per role once the peer is identified.
+pub const INITIAL_BIDI_STREAMS: u32 = 1;
+pub const INITIAL_UNI_STREAMS: u32 = 0;
 
 /// The PEM files an endpoint needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +66,49 @@ pub fn load_crls(path: &Path) -> Result<Vec<rustls_pki_types::CertificateRevocat
             path.display()
         )));
     }
+    for der in &crls {
+        warn_if_stale(path, der, UnixTime::now());
+    }
     Ok(crls)
+}
+
+/// How a CRL's next-update date compares with `now`.
+#[derive(Debug, PartialEq, Eq)]
+enum CrlFreshness {
+    Fresh,
+    /// Lapses within [`crate::pki::CRL_WARN_DAYS`]: days left.
+    Lapsing(i64),
+    /// Lapsed: days ago.
+    Lapsed(i64),
+}
+
+fn crl_freshness(der: &[u8], now: UnixTime) -> Option<CrlFreshness> {
+    let (_, crl) = x509_parser::parse_x509_crl(der).ok()?;
+    let next = crl.next_update()?.timestamp();
+    let days_left = (next - now.as_secs() as i64).div_euclid(86_400);
+    Some(if days_left < 0 {
+        CrlFreshness::Lapsed(-days_left)
+    } else if days_left < crate::pki::CRL_WARN_DAYS {
+        CrlFreshness::Lapsing(days_left)
+    } else {
+        CrlFreshness::Fresh
+    })
+}
+
+/// A lapsed CRL is still used (refusing to start over an operational lapse would take the
+/// federation down), but loudly, and well before it lapses.
+fn warn_if_stale(path: &Path, der: &[u8], now: UnixTime) {
+    match crl_freshness(der, now) {
+        Some(CrlFreshness::Lapsing(days)) => tracing::warn!(
+            path = %path.display(),
+            "the revocation list's next update is in {days} day(s): run `fedstat-coordinator pki crl` and distribute the new crl.pem"
+        ),
+        Some(CrlFreshness::Lapsed(days)) => tracing::error!(
+            path = %path.display(),
+            "the revocation list lapsed {days} day(s) ago; revocations after it are unknown here: run `fedstat-coordinator pki crl` and distribute the new crl.pem"
+        ),
+        Some(CrlFreshness::Fresh) | None => {}
+    }
 }
 
 /// Serial numbers revoked by the CRLs in a PEM file.
@@ -134,8 +179,8 @@ pub fn server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<qu
     let mut transport = TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle_timeout()))
-        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
-        .max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMS));
+        .max_concurrent_bidi_streams(VarInt::from_u32(INITIAL_BIDI_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(INITIAL_UNI_STREAMS));
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(transport));
     // Connection attempts the accept loop has not taken yet: a short queue with small buffers
@@ -667,6 +712,22 @@ mod tests {
         })
         .expect_err("no role");
         assert!(err.to_string().contains("OU=<role>"), "{err}");
+    }
+
+    #[test]
+    fn crl_freshness_is_judged_from_next_update() {
+        let fed = Fed::new("fed");
+        let crls = load_crls(&fed.dir.join("crl.pem")).expect("crl");
+        let day = 86_400;
+        let issued = UnixTime::now().as_secs();
+        let at = |secs: u64| UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        let days = crate::pki::CRL_DAYS;
+        let check = |now: UnixTime, expected: CrlFreshness| {
+            assert_eq!(crl_freshness(&crls[0], now), Some(expected));
+        };
+        check(at(issued), CrlFreshness::Fresh);
+        check(at(issued + (days - 10) * day + 3600), CrlFreshness::Lapsing(9));
+        check(at(issued + (days + 3) * day), CrlFreshness::Lapsed(3));
     }
 
     #[test]

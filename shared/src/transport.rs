@@ -48,12 +48,42 @@ pub async fn read_frame_payload(recv: &mut RecvStream, what: &'static str) -> Re
         Err(e) => return Err(stream_err(what, e)),
     }
     let len = frame_len(prefix)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(|e| stream_err(what, e))?;
+    // The prefix is the peer's claim: memory follows the bytes that actually arrive, a piece at
+    // a time, and every piece waits for room in the process-wide budget, so thousands of
+    // streams announcing 1 MiB and sending nothing more hold almost nothing. The caller's
+    // timeout bounds the wait.
+    let mut payload = Vec::new();
+    let mut held = Vec::new();
+    while payload.len() < len {
+        let want = (len - payload.len()).min(FRAME_PIECE);
+        // `want` <= FRAME_PIECE, far below u32::MAX; the budget is never closed.
+        let permit = FRAME_BUDGET
+            .acquire_many(want as u32)
+            .await
+            .map_err(|e| stream_err(what, e))?;
+        held.push(permit);
+        let start = payload.len();
+        payload.resize(start + want, 0);
+        recv.read_exact(&mut payload[start..])
+            .await
+            .map_err(|e| match e {
+                quinn::ReadExactError::FinishedEarly(n) => Error::Wire {
+                    what,
+                    problem: format!("stream finished early ({} of {len} bytes read)", start + n),
+                },
+                other => stream_err(what, other),
+            })?;
+    }
     Ok(Some(payload))
 }
+
+/// Bytes of partly received frames all connections together may hold (a complete frame is
+/// decoded and dropped by its reader at once): with every stream of every connection sending
+/// 1 MiB frames slowly, the coordinator still holds at most this much for them.
+pub const FRAME_BUDGET_BYTES: usize = 64 << 20;
+/// A frame is read and budgeted this many bytes at a time.
+const FRAME_PIECE: usize = 64 << 10;
+static FRAME_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(FRAME_BUDGET_BYTES);
 
 /// Read a tensor body of the announced size, validating values as they arrive.
 pub async fn read_tensor(recv: &mut RecvStream, meta: TensorMeta, max_len: u64) -> Result<Values> {

@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -609,4 +609,170 @@ fn a_failed_audit_write_stops_what_it_records() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     fed.coordinator.kill();
     fed.nodes.clear();
+}
+
+/// A TLS client that never finishes: it blocks in certificate verification until released,
+/// so every handshake it started stays in progress at the coordinator.
+#[derive(Debug)]
+struct Stall(Arc<AtomicBool>);
+
+impl rustls::client::danger::ServerCertVerifier for Stall {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        while !self.0.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(rustls::Error::General("stalled on purpose".into()))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("unused".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("unused".into()))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Start `attempts` handshakes from 127.0.0.2 at once and leave them unfinished until `release`.
+fn flood(
+    addr: std::net::SocketAddr,
+    attempts: usize,
+    release: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("tls13")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Stall(release.clone())))
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![fedstat_shared::tls::ALPN.to_vec()];
+            let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic");
+            let mut endpoint =
+                quinn::Endpoint::client("127.0.0.2:0".parse().expect("addr")).expect("endpoint");
+            endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+            // All Initials are queued before the runtime runs anything, so they leave together.
+            let pending: Vec<_> = (0..attempts)
+                .filter_map(|_| endpoint.connect(addr, "localhost").ok())
+                .collect();
+            while !release.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            drop(pending);
+            endpoint.close(0u32.into(), b"done");
+        });
+    })
+}
+
+#[test]
+fn a_node_gets_in_during_a_flood_of_unfinished_handshakes_from_one_address() {
+    let mut fed = Fed::start();
+    // Few handshake slots, held long: without the per-address limit the flood takes them all
+    // for 30 s and no office can connect.
+    fed.coordinator.kill();
+    let cfg = fed.path("coordinator.toml");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}\n[limits]\nmax_handshakes = 16\nmax_handshakes_per_address = 8\n\
+             retry_above_handshakes = 12\nhandshake_timeout_secs = 30\n"
+        ),
+    )
+    .expect("write");
+    fed.crash_and_restart_coordinator();
+    let addr: std::net::SocketAddr = fed.addr.parse().expect("addr");
+
+    let release = Arc::new(AtomicBool::new(false));
+    let attacker = flood(addr, 300, release.clone());
+    wait_until(
+        Duration::from_secs(10),
+        "the flood to hit the per-address limit",
+        || {
+            fed.coordinator
+                .log_text()
+                .contains("too many handshakes in progress from this address")
+        },
+    );
+    let started = std::time::Instant::now();
+    fed.add_node("west", &[("cps1988", demo_data("west"))]);
+    fed.wait_for_nodes(&["west"]);
+    let joined = started.elapsed();
+    assert!(
+        joined < Duration::from_secs(20),
+        "the node took {joined:?}: it waited out the flood"
+    );
+    let id = fed.submit("echo.toml", ECHO);
+    let status = fed.wait_finished(id, Duration::from_secs(60));
+    assert_eq!(status["state"], "Completed", "{status:#}");
+    let log = fed.coordinator.log_text();
+    let refused = log
+        .matches("too many handshakes in progress from this address")
+        .count();
+    eprintln!(
+        "flood: 300 unfinished handshakes from 127.0.0.2, {refused} refused at the per-address \
+         limit; the node joined in {joined:?} and the experiment completed"
+    );
+    release.store(true, Ordering::SeqCst);
+    attacker.join().expect("attacker thread");
+}
+
+#[test]
+fn a_renewed_certificate_keeps_the_node_in_the_federation() {
+    let mut fed = Fed::start();
+    let pki = fed.pki();
+    fed.add_node("ons", &[("cps1988", demo_data("west"))]);
+    fed.wait_for_nodes(&["ons"]);
+    let before = std::fs::read(pki.join("ons.pem")).expect("cert");
+    let key = std::fs::read(pki.join("ons.key")).expect("key");
+    let out = run_ok(
+        "fedstat-coordinator",
+        &["pki", "renew", "--dir", s(&pki), "--name", "ons", "--days", "30"],
+    );
+    assert!(out.contains("renewed node `ons` for 30 days"), "{out}");
+    assert_ne!(std::fs::read(pki.join("ons.pem")).expect("cert"), before);
+    assert_eq!(
+        std::fs::read(pki.join("ons.key")).expect("key"),
+        key,
+        "the key never changes"
+    );
+    let out = run_ok("fedstat-coordinator", &["pki", "crl", "--dir", s(&pki)]);
+    assert!(out.contains("valid 90 days"), "{out}");
+
+    fed.restart_node("ons");
+    fed.wait_for_nodes(&["ons"]);
+    let id = fed.submit("echo.toml", ECHO);
+    assert_eq!(
+        fed.wait_finished(id, Duration::from_secs(60))["state"],
+        "Completed"
+    );
 }

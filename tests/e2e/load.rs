@@ -147,8 +147,11 @@ fn load_identity(pki: &Path, name: &str) -> (Vec<CertificateDer<'static>>, Priva
     (chain, key)
 }
 
-fn client_endpoint(cfg: quinn::ClientConfig) -> quinn::Endpoint {
-    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).expect("endpoint");
+/// A client endpoint on loopback address 127.0.0.`host`: each attacker gets its own source
+/// address, as in the field, so the coordinator's per-address limits bear on it and not on the
+/// legitimate nodes and CLI (127.0.0.1).
+fn client_endpoint(cfg: quinn::ClientConfig, host: u8) -> quinn::Endpoint {
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, host], 0))).expect("endpoint");
     endpoint.set_default_client_config(cfg);
     endpoint
 }
@@ -181,7 +184,7 @@ async fn bad_certificates(
     other_ca: quinn::ClientConfig,
     f: Arc<Figures>,
 ) {
-    let endpoints = [client_endpoint(no_cert), client_endpoint(other_ca)];
+    let endpoints = [client_endpoint(no_cert, 2), client_endpoint(other_ca, 3)];
     let gate = Arc::new(Semaphore::new(50));
     let mut tasks = Vec::new();
     for i in 0..BAD_CERT_ATTEMPTS {
@@ -205,21 +208,30 @@ async fn bad_certificates(
 
 /// Valid node certificate, garbage instead of a hello: the coordinator must close.
 async fn bad_hellos(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figures>) {
-    let endpoint = client_endpoint(cfg);
+    let endpoint = client_endpoint(cfg, 4);
     let mut junk = Junk(0x5eed_0001);
     for i in 0..BAD_HELLOS {
         let frame = malformed_frame(i, &mut junk);
+        // Refused outright (this certificate's connection cap, while earlier garbage
+        // connections are still being torn down) counts as closed too: never welcomed.
         let closed = async {
-            let conn = endpoint.connect(addr, "localhost").ok()?.await.ok()?;
-            let (mut send, mut recv) = conn.open_bi().await.ok()?;
-            send.write_all(&frame).await.ok()?;
+            let Ok(connecting) = endpoint.connect(addr, "localhost") else {
+                return true;
+            };
+            let Ok(conn) = connecting.await else { return true };
+            let Ok((mut send, mut recv)) = conn.open_bi().await else {
+                return true;
+            };
+            if send.write_all(&frame).await.is_err() {
+                return true;
+            }
             let _ = send.finish();
             // Either the stream or the connection ends: nothing is ever answered.
             let answer = read_frame::<CoordMsg>(&mut recv, "answer").await;
-            Some(!matches!(answer, Ok(Some(CoordMsg::Welcome { .. }))))
+            !matches!(answer, Ok(Some(CoordMsg::Welcome { .. })))
         };
         f.bad_hellos.fetch_add(1, Ordering::Relaxed);
-        if let Ok(Some(true)) = tokio::time::timeout(Duration::from_secs(12), closed).await {
+        if let Ok(true) = tokio::time::timeout(Duration::from_secs(12), closed).await {
             f.bad_hellos_closed.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -228,7 +240,7 @@ async fn bad_hellos(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figures>)
 /// A node that says a valid hello (offering a dataset no experiment uses), then opens
 /// thousands of update streams carrying malformed frames, some of which stall half-way.
 async fn node_flood(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figures>) {
-    let endpoint = client_endpoint(cfg);
+    let endpoint = client_endpoint(cfg, 5);
     let conn = endpoint
         .connect(addr, "localhost")
         .expect("connect")
@@ -294,7 +306,7 @@ async fn node_flood(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figures>)
 
 /// A researcher sending malformed requests, one per stream; each must get an error back.
 async fn request_flood(addr: SocketAddr, cfg: quinn::ClientConfig, f: Arc<Figures>) {
-    let endpoint = client_endpoint(cfg);
+    let endpoint = client_endpoint(cfg, 6);
     let conn = endpoint
         .connect(addr, "localhost")
         .expect("connect")

@@ -105,6 +105,35 @@ enum Pki {
         #[arg(long, default_value_t = fedstat_shared::pki::DEFAULT_CERT_DAYS)]
         days: u32,
     },
+    /// Re-sign a certificate for another period, keeping its name, role and key (and the
+    /// coordinator's host names): the party swaps the certificate, its key never moves.
+    Renew {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA key's folder, if `pki init --ca-key-dir` put it elsewhere.
+        #[arg(long)]
+        ca_key_dir: Option<PathBuf>,
+        /// Renew DIR/NAME.pem.
+        #[arg(long, required_unless_present = "cert", conflicts_with = "cert")]
+        name: Option<String>,
+        /// Or renew this certificate (the name is the one it carries).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Where to write NAME.pem (default: the folder of the certificate renewed).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = fedstat_shared::pki::DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
+    /// Re-sign DIR/crl.pem with a fresh next-update date (it is valid for 90 days; peers warn
+    /// 30 days before it lapses). Distribute the new file.
+    Crl {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA key's folder, if `pki init --ca-key-dir` put it elsewhere.
+        #[arg(long)]
+        ca_key_dir: Option<PathBuf>,
+    },
     /// Revoke a party's certificate and rewrite DIR/crl.pem; then send SIGHUP to the
     /// coordinator (whose config names the CRL) to refuse and disconnect it at once.
     Revoke {
@@ -193,6 +222,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
             let (cert, key) = fedstat_shared::pki::issue(&ca, role, &name, &out, days)?;
             println!("issued {role} `{name}`: {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Pki(Pki::Renew {
+            dir,
+            ca_key_dir,
+            name,
+            cert,
+            out,
+            days,
+        }) => {
+            let cert = match (cert, name) {
+                (Some(cert), _) => cert,
+                (None, Some(name)) => {
+                    fedstat_shared::identity::validate_name(&name)?;
+                    dir.join(format!("{name}.pem"))
+                }
+                (None, None) => anyhow::bail!("give --name or --cert"),
+            };
+            let out = out.unwrap_or_else(|| cert.parent().map(PathBuf::from).unwrap_or_default());
+            let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
+            let (path, who) = fedstat_shared::pki::renew(&ca, &cert, &out, days)?;
+            println!("renewed {who} for {days} days: {}", path.display());
+            Ok(())
+        }
+        Command::Pki(Pki::Crl { dir, ca_key_dir }) => {
+            let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
+            let crl = fedstat_shared::pki::refresh_crl(&ca)?;
+            println!(
+                "re-signed {} (valid {} days); send SIGHUP to the coordinator and give nodes the new copy",
+                crl.display(),
+                fedstat_shared::pki::CRL_DAYS
+            );
             Ok(())
         }
         Command::Pki(Pki::Sign {
