@@ -764,6 +764,10 @@ mod tests {
         let limits = Limits {
             max_connections: 10,
             max_handshakes: 10,
+            max_handshakes_per_address: 10,
+            retry_above_handshakes: 10,
+            max_connections_per_address: 10,
+            max_connections_per_identity: 10,
             max_concurrent_updates: 1,
             max_params: 1000,
             handshake_timeout: std::time::Duration::from_secs(1),

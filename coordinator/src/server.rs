@@ -883,6 +883,7 @@ mod tests {
             max_concurrent_updates: 4,
             max_params: 1000,
             handshake_timeout: Duration::from_secs(10),
+            max_experiments_per_researcher: 4,
         };
         let check = |connections, handshakes, from_address, address_validated, expected| {
             let a = Attempt {
