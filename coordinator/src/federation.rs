@@ -406,11 +406,8 @@ impl Federation {
             while let Some(p) = exp.poll_progress() {
                 let id = exp.id();
                 if store_failed {
-                    // Best effort: record why it stopped. If this fails too, the store still
-                    // says `running` and a restart resumes after its last recorded round.
-                    if let Progress::Finished(state) = &p {
-                        let _ = tokio::task::block_in_place(|| self.store.set_state(id, state));
-                    }
+                    // Nothing after a failed write: the store keeps a consistent prefix and
+                    // still says `running`, so a restart resumes after the last recorded round.
                     continue;
                 }
                 // Writes are synchronous: when `status` shows a round, it is on disk.

@@ -236,15 +236,30 @@ impl Experiment {
         self.progress.push_back(Progress::Finished(self.state.clone()));
     }
 
-    /// Stop the experiment as failed for a reason outside the protocol (its record cannot be
+    /// Stop the experiment in memory for a reason outside the protocol (its record cannot be
     /// written, the audit log is down): nothing more is sent, answers in flight are ignored as
-    /// late, and the tasks already queued for sending are dropped.
+    /// late, the tasks already queued for sending are dropped, and `status` shows the reason.
+    /// Nothing is queued for the store, which cannot be trusted to take it: the store still
+    /// says `running`, so a coordinator restarted once the fault is mended resumes after the
+    /// last recorded round.
     pub fn abort(&mut self, now: Instant, reason: String) {
         if self.is_finished() {
             return;
         }
         self.outbox.clear();
-        self.fail(now, reason);
+        self.progress.clear();
+        self.phase = None;
+        let reason =
+            format!("{reason}; it resumes after its last recorded round when the coordinator restarts");
+        tracing::error!(experiment = self.id, "stopped: {reason}");
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(EventRecord {
+            at_ms: now.saturating_duration_since(self.created).as_millis() as u64,
+            message: format!("stopped: {reason}"),
+        });
+        self.state = ExperimentState::Failed { reason };
     }
 
     /// The next durable fact to record.
@@ -1092,6 +1107,32 @@ mod tests {
             );
             assert_eq!(store.history.len(), 6);
         }
+    }
+
+    /// A store or audit fault stops the experiment in memory only: nothing is queued for the
+    /// store (which still says running, so a restart resumes), nothing more is sent, and late
+    /// answers are ignored.
+    #[test]
+    fn an_aborted_experiment_writes_and_sends_nothing_more() {
+        let mut sim = Sim::new(echo(2, 3, 0), &["a", "b"]);
+        sim.answer("a", 1.0, 1).expect("a");
+        sim.exp
+            .abort(sim.now, "the store cannot record progress (disk full)".into());
+        assert!(sim.exp.poll_progress().is_none());
+        assert!(sim.exp.poll_transmit().is_none());
+        assert!(sim.exp.poll_timeout().is_none());
+        match sim.exp.state() {
+            ExperimentState::Failed { reason } => {
+                assert!(
+                    reason.contains("disk full") && reason.contains("resumes"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(sim.answer("b", 1.0, 1).is_err(), "late after the abort");
+        assert!(sim.exp.poll_progress().is_none());
+        assert!(sim.events().contains("stopped: the store cannot record progress"));
     }
 
     #[test]

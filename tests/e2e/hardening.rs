@@ -552,6 +552,17 @@ fn a_full_disk_stops_the_experiment_and_leaves_a_consistent_store() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // The stop was never written as a failure: with room again the experiment resumes after
+    // its last recorded round and completes.
+    let status = fed.wait_finished(id, Duration::from_secs(120));
+    assert_eq!(status["state"], "Completed", "{status:#}");
+    let rounds: Vec<u64> = status["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|r| r["round"].as_u64())
+        .collect();
+    assert_eq!(rounds, (1..=60).collect::<Vec<u64>>(), "{status:#}");
     fed.coordinator.kill();
     fed.nodes.clear();
 }
