@@ -235,19 +235,18 @@ impl Federation {
             Event::UpdateBegin { name, header, reply } => {
                 let answer = match self.experiments.get_mut(&header.experiment) {
                     Some(exp) => exp.begin_update(now, &name, &header),
-                    None => Err(Rejection(format!(
-                        "late update: unknown experiment {}",
-                        header.experiment
-                    ))),
+                    None => Err(Rejection::UnknownExperiment {
+                        experiment: header.experiment,
+                    }),
                 };
                 if let Err(rej) = &answer {
                     tracing::warn!(node = %name, round = header.round, "update refused before reading: {rej}");
                     // The state machine tells the node about the failures it records itself.
                     if rej.is_stale() {
-                        self.tell(&name, header.experiment, header.round, rej.0.clone());
+                        self.tell(&name, header.experiment, header.round, rej.to_string());
                     }
                 }
-                let _ = reply.send(answer.map_err(|r| r.0));
+                let _ = reply.send(answer.map_err(|r| r.to_string()));
             }
             Event::UpdateDone {
                 name,
@@ -256,9 +255,12 @@ impl Federation {
                 permit,
             } => {
                 let result = match self.experiments.get_mut(&header.experiment) {
-                    Some(exp) => exp.handle_update(now, &name, &header, values).map_err(|r| r.0),
-                    None => Err("unknown experiment".to_owned()),
-                };
+                    Some(exp) => exp.handle_update(now, &name, &header, values),
+                    None => Err(Rejection::UnknownExperiment {
+                        experiment: header.experiment,
+                    }),
+                }
+                .map_err(|r| r.to_string());
                 drop(permit);
                 if let Err(r) = &result {
                     tracing::warn!(node = %name, round = header.round, "update not used: {r}");
