@@ -118,10 +118,27 @@ impl Client {
         }
     }
 
+    /// One experiment's status, or every experiment we may see: the list comes in pages (a
+    /// frame has a size limit), fetched here one after the other.
     pub async fn status(&self, experiment: Option<ExperimentId>) -> Result<Vec<ExperimentStatus>> {
-        match self.call(Request::Status { experiment }).await? {
-            Response::Status { experiments } => Ok(experiments),
-            other => Err(unexpected(other)),
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let (experiments, next) = match self.call(Request::Status { experiment, after }).await? {
+                Response::Status { experiments, next } => (experiments, next),
+                other => return Err(unexpected(other)),
+            };
+            all.extend(experiments);
+            match next {
+                None => return Ok(all),
+                // Pages go up in id order; one that does not would have us ask for ever.
+                Some(n) if experiment.is_none() && after.is_none_or(|a| n > a) => after = Some(n),
+                Some(n) => {
+                    return Err(Error::Protocol(format!(
+                        "the coordinator's status pages do not advance (next page after {n})"
+                    )))
+                }
+            }
         }
     }
 

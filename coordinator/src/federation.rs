@@ -3,6 +3,7 @@
 //! [`Event`]s; it answers through channels. No locks around round state.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,8 +12,9 @@ use fedstat_shared::identity::{PeerIdentity, Role};
 use fedstat_shared::round::{Experiment, Progress, Rejection, Transmit};
 use fedstat_shared::spec::ExperimentSpec;
 use fedstat_shared::wire::{
-    CoordMsg, ExperimentId, NodeInfo, NodeMsg, Request, Response, ResultsHeader, Task, TensorMeta,
-    UpdateHeader, PROTOCOL_VERSION,
+    encoded_len, CoordMsg, ExperimentId, ExperimentStatus, NodeInfo, NodeMsg, Request, Response,
+    ResultsHeader, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION, STATUS_BUDGET, STATUS_PAGE_BUDGET,
+    STATUS_PAGE_LEN,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -235,19 +237,18 @@ impl Federation {
             Event::UpdateBegin { name, header, reply } => {
                 let answer = match self.experiments.get_mut(&header.experiment) {
                     Some(exp) => exp.begin_update(now, &name, &header),
-                    None => Err(Rejection(format!(
-                        "late update: unknown experiment {}",
-                        header.experiment
-                    ))),
+                    None => Err(Rejection::UnknownExperiment {
+                        experiment: header.experiment,
+                    }),
                 };
                 if let Err(rej) = &answer {
                     tracing::warn!(node = %name, round = header.round, "update refused before reading: {rej}");
                     // The state machine tells the node about the failures it records itself.
                     if rej.is_stale() {
-                        self.tell(&name, header.experiment, header.round, rej.0.clone());
+                        self.tell(&name, header.experiment, header.round, rej.to_string());
                     }
                 }
-                let _ = reply.send(answer.map_err(|r| r.0));
+                let _ = reply.send(answer.map_err(|r| r.to_string()));
             }
             Event::UpdateDone {
                 name,
@@ -256,9 +257,12 @@ impl Federation {
                 permit,
             } => {
                 let result = match self.experiments.get_mut(&header.experiment) {
-                    Some(exp) => exp.handle_update(now, &name, &header, values).map_err(|r| r.0),
-                    None => Err("unknown experiment".to_owned()),
-                };
+                    Some(exp) => exp.handle_update(now, &name, &header, values),
+                    None => Err(Rejection::UnknownExperiment {
+                        experiment: header.experiment,
+                    }),
+                }
+                .map_err(|r| r.to_string());
                 drop(permit);
                 if let Err(r) = &result {
                     tracing::warn!(node = %name, round = header.round, "update not used: {r}");
@@ -481,22 +485,27 @@ impl Federation {
                 Ok(id) => Response::Submitted { experiment: id }.into(),
                 Err(message) => refuse(message),
             },
-            Request::Status { experiment: Some(id) } => match self.visible(who, id) {
-                Ok(e) => Response::Status {
-                    experiments: vec![e.status()],
+            Request::Status {
+                experiment: Some(id), ..
+            } => match self.visible(who, id) {
+                Ok(e) => {
+                    let mut status = e.status();
+                    status.fit(STATUS_BUDGET);
+                    Response::Status {
+                        experiments: vec![status],
+                        next: None,
+                    }
+                    .into()
                 }
-                .into(),
                 Err(message) => refuse(message),
             },
-            Request::Status { experiment: None } => Response::Status {
-                experiments: self
-                    .experiments
-                    .values()
-                    .filter(|e| may_see(who, e.submitter()))
-                    .map(Experiment::status)
-                    .collect(),
+            Request::Status {
+                experiment: None,
+                after,
+            } => {
+                let (experiments, next) = self.status_page(who, after);
+                Response::Status { experiments, next }.into()
             }
-            .into(),
             Request::Nodes => Response::Nodes {
                 nodes: self
                     .nodes
@@ -547,6 +556,46 @@ impl Federation {
                 .into()
             }
         }
+    }
+
+    /// The statuses of the experiments `who` may see after `after`, in id order, and the `after`
+    /// of the next page if one follows. A page holds at most `STATUS_PAGE_LEN` statuses, each
+    /// cut to `STATUS_BUDGET`, within `STATUS_PAGE_BUDGET` encoded bytes, so any number of
+    /// experiments with any history can be listed in frames of `MAX_FRAME`. The filter comes
+    /// first, so `next` is always one of `who`'s own experiments.
+    fn status_page(
+        &self,
+        who: &PeerIdentity,
+        after: Option<ExperimentId>,
+    ) -> (Vec<ExperimentStatus>, Option<ExperimentId>) {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut visible = self
+            .experiments
+            .range((from, Bound::Unbounded))
+            .map(|(_, e)| e)
+            .filter(|e| may_see(who, e.submitter()))
+            .peekable();
+        let (mut page, mut used) = (Vec::new(), 0usize);
+        while let Some(e) = visible.peek() {
+            if page.len() >= STATUS_PAGE_LEN {
+                break;
+            }
+            let mut status = e.status();
+            status.fit(STATUS_BUDGET);
+            let size = encoded_len(&status).unwrap_or(usize::MAX);
+            // The first always goes in (it fits its budget), so every page advances.
+            if !page.is_empty() && used.saturating_add(size) > STATUS_PAGE_BUDGET {
+                break;
+            }
+            used = used.saturating_add(size);
+            page.push(status);
+            visible.next();
+        }
+        let next = match visible.peek() {
+            Some(_) => page.last().map(|s| s.id),
+            None => None,
+        };
+        (page, next)
     }
 
     /// The experiment `id` if `who` may see it. Someone else's experiment is refused with the
@@ -796,7 +845,7 @@ mod tests {
 
     fn ids(r: Response) -> Vec<ExperimentId> {
         match r {
-            Response::Status { experiments } => experiments.iter().map(|s| s.id).collect(),
+            Response::Status { experiments, .. } => experiments.iter().map(|s| s.id).collect(),
             other => panic!("expected a status, got {other:?}"),
         }
     }
@@ -814,10 +863,20 @@ mod tests {
         assert_eq!(submit(&mut fed, &root), Response::Submitted { experiment: 2 });
 
         // Bob cannot tell alice's experiment 1 from the missing experiment 9.
-        let missing = refusal(ask(&mut fed, &bob, Request::Status { experiment: Some(9) }));
+        let missing = refusal(ask(
+            &mut fed,
+            &bob,
+            Request::Status {
+                experiment: Some(9),
+                after: None,
+            },
+        ));
         assert_eq!(missing, "no experiment 9 visible to researcher `bob`");
         for request in [
-            Request::Status { experiment: Some(1) },
+            Request::Status {
+                experiment: Some(1),
+                after: None,
+            },
             Request::Results {
                 experiment: 1,
                 round: None,
@@ -836,28 +895,70 @@ mod tests {
             );
         }
         assert_eq!(
-            ids(ask(&mut fed, &bob, Request::Status { experiment: None })),
+            ids(ask(
+                &mut fed,
+                &bob,
+                Request::Status {
+                    experiment: None,
+                    after: None
+                }
+            )),
             Vec::<u64>::new()
         );
         assert_eq!(
-            ids(ask(&mut fed, &alice, Request::Status { experiment: None })),
+            ids(ask(
+                &mut fed,
+                &alice,
+                Request::Status {
+                    experiment: None,
+                    after: None
+                }
+            )),
             [1]
         );
         assert_eq!(
-            ids(ask(&mut fed, &root, Request::Status { experiment: None })),
+            ids(ask(
+                &mut fed,
+                &root,
+                Request::Status {
+                    experiment: None,
+                    after: None
+                }
+            )),
             [1, 2]
         );
         assert_eq!(
-            ids(ask(&mut fed, &alice, Request::Status { experiment: Some(1) })),
+            ids(ask(
+                &mut fed,
+                &alice,
+                Request::Status {
+                    experiment: Some(1),
+                    after: None
+                }
+            )),
             [1]
         );
         assert_eq!(
-            ids(ask(&mut fed, &root, Request::Status { experiment: Some(1) })),
+            ids(ask(
+                &mut fed,
+                &root,
+                Request::Status {
+                    experiment: Some(1),
+                    after: None
+                }
+            )),
             [1]
         );
         // Alice may not see the admin's experiment either.
         assert_eq!(
-            refusal(ask(&mut fed, &alice, Request::Status { experiment: Some(2) })),
+            refusal(ask(
+                &mut fed,
+                &alice,
+                Request::Status {
+                    experiment: Some(2),
+                    after: None
+                }
+            )),
             "no experiment 2 visible to researcher `alice`"
         );
         // Results for the owner get past the permission check (no round has completed yet).
@@ -937,5 +1038,184 @@ mod tests {
         ));
         assert!(matches!(submit(&mut fed, &alice), Response::Submitted { .. }));
         assert!(refusal(submit(&mut fed, &alice)).contains("limits.max_experiments_per_researcher"));
+    }
+
+    /// Every page of the list as `who`: (ids, encoded frame size) per page.
+    fn pages(fed: &mut Federation, who: &PeerIdentity) -> Vec<(Vec<ExperimentId>, usize)> {
+        let mut after = None;
+        let mut out = Vec::new();
+        loop {
+            let response = ask(
+                fed,
+                who,
+                Request::Status {
+                    experiment: None,
+                    after,
+                },
+            );
+            let size = fedstat_shared::wire::encode_frame(&response)
+                .expect("a page fits a frame")
+                .len();
+            let Response::Status { experiments, next } = response else {
+                panic!("expected a status, got {response:?}");
+            };
+            out.push((experiments.iter().map(|s| s.id).collect(), size));
+            match next {
+                Some(n) => {
+                    assert_eq!(
+                        Some(n),
+                        experiments.last().map(|s| s.id),
+                        "next is the page's last"
+                    );
+                    after = Some(n);
+                }
+                None => return out,
+            }
+            assert!(out.len() < 1000, "pages do not end");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_experiment_list_comes_in_pages_of_ones_own() {
+        let mut fed = federation(1000);
+        let (alice, bob, root) = (
+            peer(Role::Researcher, "alice"),
+            peer(Role::Researcher, "bob"),
+            peer(Role::Admin, "root"),
+        );
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for i in 0..200 {
+            let (who, ids) = if i % 7 == 3 {
+                (&bob, &mut theirs)
+            } else {
+                (&alice, &mut mine)
+            };
+            match submit(&mut fed, who) {
+                Response::Submitted { experiment } => ids.push(experiment),
+                other => panic!("expected a submission, got {other:?}"),
+            }
+        }
+        for (who, want) in [(&alice, &mine), (&bob, &theirs)] {
+            let got = pages(&mut fed, who);
+            assert_eq!(got.concat_ids(), *want, "{who}");
+            for (ids, size) in &got {
+                assert!(ids.len() <= STATUS_PAGE_LEN, "{who}: {}", ids.len());
+                assert!(*size <= STATUS_PAGE_BUDGET + 64, "{who}: {size}");
+            }
+        }
+        let all = pages(&mut fed, &root);
+        assert_eq!(all.len(), 200_usize.div_ceil(STATUS_PAGE_LEN));
+        assert_eq!(all.concat_ids(), (1..=200).collect::<Vec<_>>());
+        // A page after the last experiment is empty and final.
+        assert_eq!(
+            ask(
+                &mut fed,
+                &alice,
+                Request::Status {
+                    experiment: None,
+                    after: Some(10_000)
+                }
+            ),
+            Response::Status {
+                experiments: vec![],
+                next: None
+            }
+        );
+    }
+
+    trait ConcatIds {
+        fn concat_ids(&self) -> Vec<ExperimentId>;
+    }
+
+    impl ConcatIds for Vec<(Vec<ExperimentId>, usize)> {
+        fn concat_ids(&self) -> Vec<ExperimentId> {
+            self.iter().flat_map(|(ids, _)| ids.iter().copied()).collect()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn status_answers_stay_under_the_frame_limit() {
+        let mut fed = federation(100);
+        let alice = peer(Role::Researcher, "alice");
+        // 250 nodes each fail with a reason of 5 kB (a node's frame may hold 1 MiB): the event
+        // log of each experiment alone is more than a frame.
+        let mut links = Vec::new();
+        for n in 0..250 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            links.push(rx);
+            fed.handle(
+                Instant::now(),
+                Event::NodeUp {
+                    conn: n,
+                    name: format!("office-{n}"),
+                    datasets: vec![],
+                    tx,
+                },
+            );
+        }
+        for _ in 0..3 {
+            let Response::Submitted { experiment } = submit(&mut fed, &alice) else {
+                panic!("not submitted");
+            };
+            for n in 0..250 {
+                fed.handle(
+                    Instant::now(),
+                    Event::FromNode {
+                        name: format!("office-{n}"),
+                        msg: NodeMsg::TaskFailed {
+                            experiment,
+                            round: 1,
+                            phase: fedstat_shared::wire::Phase::Train,
+                            reason: "x".repeat(5000),
+                        },
+                    },
+                );
+            }
+        }
+        let whole = fed.experiments[&1].status();
+        assert!(
+            fedstat_shared::wire::encode_frame(&whole).is_err(),
+            "the test needs a status too large for a frame"
+        );
+        let one = ask(
+            &mut fed,
+            &alice,
+            Request::Status {
+                experiment: Some(1),
+                after: None,
+            },
+        );
+        let frame = fedstat_shared::wire::encode_frame(&one).expect("one status fits a frame");
+        assert!(frame.len() <= STATUS_BUDGET + 64, "{}", frame.len());
+        let Response::Status { experiments, next } = one else {
+            panic!("expected a status");
+        };
+        assert_eq!(next, None);
+        let events = &experiments[0].events;
+        let (last, newest) = (
+            events.last().expect("events are kept"),
+            whole.events.last().expect("events"),
+        );
+        assert_eq!(last.at_ms, newest.at_ms, "the newest event is kept");
+        assert!(newest
+            .message
+            .starts_with(last.message.trim_end_matches(" [...]")));
+        assert!(
+            events
+                .iter()
+                .any(|e| e.message.contains("could not do training: xxx") && e.message.ends_with("[...]")),
+            "{:?}",
+            events
+                .iter()
+                .map(|e| &e.message[..e.message.len().min(80)])
+                .collect::<Vec<_>>()
+        );
+        // The list pages them: three statuses of about a quarter frame do not share one page.
+        let got = pages(&mut fed, &alice);
+        assert_eq!(got.concat_ids(), [1, 2, 3]);
+        assert!(got.len() >= 2, "{:?}", got);
+        for (_, size) in &got {
+            assert!(*size <= STATUS_PAGE_BUDGET + 64, "{size}");
+        }
     }
 }

@@ -111,8 +111,18 @@ fn main() {
     }
     let requests = [
         frame(&Request::Hello { protocol: 2 }),
-        frame(&Request::Status { experiment: Some(1) }),
-        frame(&Request::Status { experiment: None }),
+        frame(&Request::Status {
+            experiment: Some(1),
+            after: None,
+        }),
+        frame(&Request::Status {
+            experiment: None,
+            after: None,
+        }),
+        frame(&Request::Status {
+            experiment: None,
+            after: Some(64),
+        }),
         frame(&Request::Nodes),
         frame(&Request::Results {
             experiment: 1,
@@ -220,6 +230,11 @@ fn main() {
             frame(&Response::Submitted { experiment: 1 }),
             frame(&Response::Status {
                 experiments: vec![status.clone()],
+                next: None,
+            }),
+            frame(&Response::Status {
+                experiments: vec![status.clone()],
+                next: Some(1),
             }),
             frame(&Response::Nodes {
                 nodes: vec![NodeInfo {

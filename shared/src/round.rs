@@ -75,22 +75,79 @@ impl PhaseRun {
     }
 }
 
-/// Why an answer was not accepted; the shell logs it and tells the node.
+/// Why an answer was not accepted; the shell logs it and tells the node. The variants are the
+/// contract ([`Rejection::is_stale`] matches on them); the text exists only in `Display`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection(pub String);
+pub enum Rejection {
+    /// The answer is for `round` of `phase`, which is not open. A training answer is an
+    /// update; for updates `open` is the training round that is open, if any.
+    Late {
+        phase: Phase,
+        round: u32,
+        open: Option<u32>,
+    },
+    /// The node already answered (or failed) `round` of `phase`.
+    Duplicate { phase: Phase, round: u32 },
+    /// The node was not asked for `round` (it joined after the phase started).
+    NotSelected { round: u32 },
+    /// An update for an experiment the coordinator does not hold (ended and forgotten, or
+    /// never existed).
+    UnknownExperiment { experiment: ExperimentId },
+    /// An update announced a tensor other than the model's.
+    WrongShape { got: TensorMeta, expected: TensorMeta },
+    /// Statistics over no training rows: nothing to pool.
+    NoRows,
+    /// The answer failed validation or broke off; the reason carries no data values.
+    Invalid(String),
+}
 
 impl Rejection {
     /// Late, duplicate or unrequested: the node is not at fault for the round it is in.
     pub fn is_stale(&self) -> bool {
-        self.0.starts_with("late")
-            || self.0.starts_with("duplicate")
-            || self.0.starts_with("node was not selected")
+        matches!(
+            self,
+            Rejection::Late { .. }
+                | Rejection::Duplicate { .. }
+                | Rejection::NotSelected { .. }
+                | Rejection::UnknownExperiment { .. }
+        )
     }
 }
 
 impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Rejection::Late {
+                phase: Phase::Train,
+                round,
+                open: Some(open),
+            } => write!(f, "late update for round {round}: round {open} is open"),
+            Rejection::Late {
+                phase: Phase::Train,
+                round,
+                open: None,
+            } => write!(
+                f,
+                "late update for round {round}: the experiment is not training now"
+            ),
+            Rejection::Late { phase, round, .. } => write!(f, "late {phase} answer for round {round}"),
+            Rejection::Duplicate {
+                phase: Phase::Train,
+                round,
+            } => write!(f, "duplicate update for round {round}"),
+            Rejection::Duplicate { phase, round } => write!(f, "duplicate {phase} answer for round {round}"),
+            Rejection::NotSelected { round } => write!(f, "node was not selected for round {round}"),
+            Rejection::UnknownExperiment { experiment } => {
+                write!(f, "late update: unknown experiment {experiment}")
+            }
+            Rejection::WrongShape { got, expected } => write!(
+                f,
+                "wrong shape: {} {:?} parameters, the model has {} {:?}",
+                got.len, got.dtype, expected.len, expected.dtype
+            ),
+            Rejection::NoRows => f.write_str("no training rows"),
+            Rejection::Invalid(reason) => f.write_str(reason),
+        }
     }
 }
 
@@ -370,7 +427,7 @@ impl Experiment {
         match &result {
             Err(rej) if rej.is_stale() => self.log(now, format!("ignored update from `{node}`: {rej}")),
             Err(rej) => {
-                self.fail_answer(now, node, header.round, &rej.0);
+                self.fail_answer(now, node, header.round, &rej.to_string());
                 self.check_close(now);
             }
             Ok(_) => {}
@@ -379,36 +436,39 @@ impl Experiment {
     }
 
     fn check_update(&self, node: &str, header: &UpdateHeader) -> Result<TensorMeta, Rejection> {
+        let round = header.round;
         let Some(p) = self.phase.as_ref().filter(|p| p.phase == Phase::Train) else {
-            return Err(Rejection(format!(
-                "late update for round {}: the experiment is not training now",
-                header.round
-            )));
+            return Err(Rejection::Late {
+                phase: Phase::Train,
+                round,
+                open: None,
+            });
         };
-        if header.round != p.round {
-            return Err(Rejection(format!(
-                "late update for round {}: round {} is open",
-                header.round, p.round
-            )));
+        if round != p.round {
+            return Err(Rejection::Late {
+                phase: Phase::Train,
+                round,
+                open: Some(p.round),
+            });
         }
         if p.answered.contains(node) || p.failed.contains_key(node) {
-            return Err(Rejection(format!("duplicate update for round {}", header.round)));
+            return Err(Rejection::Duplicate {
+                phase: Phase::Train,
+                round,
+            });
         }
         if !p.selected.contains(node) {
-            return Err(Rejection(format!(
-                "node was not selected for round {}",
-                header.round
-            )));
+            return Err(Rejection::NotSelected { round });
         }
         let expected = TensorMeta {
             dtype: self.global.dtype(),
             len: self.global.len() as u64,
         };
         if header.tensor != expected {
-            return Err(Rejection(format!(
-                "wrong shape: {} {:?} parameters, the model has {} {:?}",
-                header.tensor.len, header.tensor.dtype, expected.len, expected.dtype
-            )));
+            return Err(Rejection::WrongShape {
+                got: header.tensor,
+                expected,
+            });
         }
         Ok(expected)
     }
@@ -446,7 +506,7 @@ impl Experiment {
             }
             Err(reason) => {
                 self.fail_answer(now, node, round, &reason);
-                Err(Rejection(reason))
+                Err(Rejection::Invalid(reason))
             }
         };
         self.check_close(now);
@@ -463,17 +523,11 @@ impl Experiment {
     ) -> Result<(), Rejection> {
         let width = self.spec.num_params().saturating_sub(1) as usize;
         let check = self.expect_answer(node, round, Phase::Stats).and_then(|()| {
-            if sums.sum.len() != width || sums.sum_sq.len() != width {
-                return Err(Rejection(format!(
-                    "statistics for {} columns, expected {width}",
-                    sums.sum.len()
-                )));
-            }
-            if sums.sum.iter().chain(&sums.sum_sq).any(|v| !v.is_finite()) {
-                return Err(Rejection("statistics contain a non-finite sum".into()));
-            }
+            // One place for the rules on sums (shape, finite, no negative sum of squares).
+            sums.validate(width)
+                .map_err(|e| Rejection::Invalid(e.to_string()))?;
             if sums.n == 0 {
-                return Err(Rejection("no training rows".into()));
+                return Err(Rejection::NoRows);
             }
             Ok(())
         });
@@ -493,7 +547,7 @@ impl Experiment {
         let kind = self.spec.model;
         let check = self
             .expect_answer(node, round, Phase::Evaluate)
-            .and_then(|()| sums.validate(kind).map_err(|e| Rejection(e.to_string())));
+            .and_then(|()| sums.validate(kind).map_err(|e| Rejection::Invalid(e.to_string())));
         self.accept(now, node, round, check, |p| {
             p.evals.insert(node.to_owned(), sums);
         })
@@ -539,9 +593,13 @@ impl Experiment {
         match self.phase.as_ref() {
             Some(p) if p.phase == phase && p.round == round && p.expects(node) => Ok(()),
             Some(p) if p.phase == phase && p.round == round && p.selected.contains(node) => {
-                Err(Rejection(format!("duplicate {phase} answer for round {round}")))
+                Err(Rejection::Duplicate { phase, round })
             }
-            _ => Err(Rejection(format!("late {phase} answer for round {round}"))),
+            _ => Err(Rejection::Late {
+                phase,
+                round,
+                open: None,
+            }),
         }
     }
 
@@ -565,7 +623,7 @@ impl Experiment {
                 if rej.is_stale() {
                     self.log(now, format!("ignored answer from `{node}`: {rej}"));
                 } else {
-                    self.fail_answer(now, node, round, &rej.0);
+                    self.fail_answer(now, node, round, &rej.to_string());
                 }
                 Err(rej)
             }
@@ -1314,7 +1372,15 @@ mod tests {
         let mut sim = Sim::new(echo(1, 2, 0), &["a", "b"]);
         sim.answer("a", 1.0, 1).expect("a");
         let dup = sim.answer("a", 9.0, 1).expect_err("duplicate");
-        assert!(dup.0.contains("duplicate"), "{dup}");
+        assert_eq!(
+            dup,
+            Rejection::Duplicate {
+                phase: Phase::Train,
+                round: 1
+            }
+        );
+        assert_eq!(dup.to_string(), "duplicate update for round 1");
+        assert!(dup.is_stale());
         sim.answer("b", 1.0, 1).expect("b");
         assert_eq!(sim.rounds_done(), 1);
         // A round-1 update arriving during round 2 is late.
@@ -1323,7 +1389,16 @@ mod tests {
             .exp
             .handle_update(sim.now, "a", &header, Ok(Values::F32(vec![0.0; 4])))
             .expect_err("late");
-        assert!(late.0.contains("late"), "{late}");
+        assert_eq!(
+            late,
+            Rejection::Late {
+                phase: Phase::Train,
+                round: 1,
+                open: Some(2)
+            }
+        );
+        assert_eq!(late.to_string(), "late update for round 1: round 2 is open");
+        assert!(late.is_stale());
         assert_eq!(sim.exp.global(), &Values::F32(vec![1.0; 4]));
     }
 
@@ -1341,9 +1416,10 @@ mod tests {
         assert_eq!(sim.inbox["b"].len(), 1);
         let stale = sim.answer("b", 1.0, 1).expect_err("not selected");
         assert!(
-            stale.0.contains("late") || stale.0.contains("not selected"),
+            matches!(stale, Rejection::Late { .. } | Rejection::NotSelected { .. }),
             "{stale}"
         );
+        assert!(stale.is_stale());
         sim.answer("a", 0.0, 1).expect("a");
         assert_eq!(sim.exp.state(), &ExperimentState::Completed);
     }
@@ -1375,14 +1451,22 @@ mod tests {
                 Ok(Values::F32(vec![0.0, f32::NAN, 0.0, 0.0])),
             )
             .expect_err("nan");
-        assert!(err.0.contains("parameter 1"), "{err}");
+        assert!(matches!(err, Rejection::Invalid(_)) && !err.is_stale(), "{err:?}");
+        assert!(err.to_string().contains("parameter 1"), "{err}");
         let mut wrong = sim.header(1, 1);
         wrong.tensor.len = 3;
         let err = sim
             .exp
             .begin_update(sim.now, "c", &wrong)
             .expect_err("wrong shape");
-        assert!(err.0.contains("wrong shape"), "{err}");
+        assert!(
+            matches!(err, Rejection::WrongShape { .. }) && !err.is_stale(),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "wrong shape: 3 F32 parameters, the model has 4 F32"
+        );
         sim.pump();
         assert_eq!(sim.rejected, ["b", "c"]);
         sim.answer("a", 1.0, 1).expect("a");
@@ -1427,5 +1511,133 @@ mod tests {
         for perm in [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]] {
             assert_eq!(run_perm(&perm), base, "order {perm:?}");
         }
+    }
+
+    #[test]
+    fn rejections_read_as_before() {
+        let meta = |len| TensorMeta {
+            dtype: crate::wire::DType::F64,
+            len,
+        };
+        // (rejection, text, stale)
+        let cases = [
+            (
+                Rejection::Late {
+                    phase: Phase::Train,
+                    round: 3,
+                    open: None,
+                },
+                "late update for round 3: the experiment is not training now",
+                true,
+            ),
+            (
+                Rejection::Late {
+                    phase: Phase::Evaluate,
+                    round: 2,
+                    open: None,
+                },
+                "late evaluation answer for round 2",
+                true,
+            ),
+            (
+                Rejection::Duplicate {
+                    phase: Phase::Stats,
+                    round: 0,
+                },
+                "duplicate statistics answer for round 0",
+                true,
+            ),
+            (
+                Rejection::NotSelected { round: 4 },
+                "node was not selected for round 4",
+                true,
+            ),
+            (
+                Rejection::UnknownExperiment { experiment: 7 },
+                "late update: unknown experiment 7",
+                true,
+            ),
+            (
+                Rejection::WrongShape {
+                    got: meta(2),
+                    expected: meta(5),
+                },
+                "wrong shape: 2 F64 parameters, the model has 5 F64",
+                false,
+            ),
+            (Rejection::NoRows, "no training rows", false),
+            (
+                Rejection::Invalid("parameter 1 is not finite".into()),
+                "parameter 1 is not finite",
+                false,
+            ),
+        ];
+        for (rejection, text, stale) in cases {
+            assert_eq!(rejection.to_string(), text);
+            assert_eq!(rejection.is_stale(), stale, "{text}");
+        }
+    }
+
+    #[test]
+    fn negative_sum_of_squares_is_rejected_and_statistics_complete_with_the_others() {
+        let mut sim = Sim::with_data(linear(2, 1, 0), &["a", "b", "c"]);
+        assert_eq!(sim.phase(), Some(Phase::Stats));
+        let bad = ColumnSums {
+            n: 10,
+            sum: vec![5.0],
+            sum_sq: vec![-1.0],
+        };
+        let err = sim.exp.handle_stats(sim.now, "b", 0, bad).expect_err("negative");
+        sim.pump();
+        assert!(matches!(err, Rejection::Invalid(_)) && !err.is_stale(), "{err:?}");
+        assert!(err.to_string().contains("sum of squares is negative"), "{err}");
+        assert_eq!(sim.rejected, ["b"], "b is told");
+        // A second answer from b is a duplicate, not a second chance.
+        let again = sim
+            .exp
+            .handle_stats(
+                sim.now,
+                "b",
+                0,
+                ColumnSums {
+                    n: 10,
+                    sum: vec![5.0],
+                    sum_sq: vec![10.0],
+                },
+            )
+            .expect_err("duplicate");
+        assert!(matches!(again, Rejection::Duplicate { .. }), "{again:?}");
+        // No rows is its own rule, kept next to the shared ones.
+        let mut sim2 = Sim::with_data(linear(1, 1, 0), &["a", "z"]);
+        let empty = ColumnSums {
+            n: 0,
+            sum: vec![0.0],
+            sum_sq: vec![0.0],
+        };
+        assert_eq!(
+            sim2.exp.handle_stats(sim2.now, "z", 0, empty),
+            Err(Rejection::NoRows)
+        );
+        sim2.stats("a");
+        assert_eq!(sim2.phase(), Some(Phase::Train));
+        // a and c answer well: the phase closes on them without waiting for the deadline.
+        sim.stats("a");
+        assert_eq!(sim.phase(), Some(Phase::Stats), "c is still expected");
+        sim.stats("c");
+        assert_eq!(sim.phase(), Some(Phase::Train));
+        assert!(sim
+            .events()
+            .contains("round 0: rejected answer from `b`: model: column sums are not all finite, or a sum of squares is negative"),
+            "{}",
+            sim.events()
+        );
+        assert!(
+            sim.events()
+                .contains("pooled standardisation computed from 2 node(s)"),
+            "{}",
+            sim.events()
+        );
+        let st = sim.exp.standardization().cloned().expect("pooled");
+        assert_eq!(st.mean, [0.5], "b's sums are not in the pool");
     }
 }

@@ -26,12 +26,26 @@ use crate::spec::{ExperimentSpec, ModelKind};
 use crate::{Error, Result};
 
 /// Version of this protocol; both sides check it in the first exchange. Version 2: a node's
-/// connection time is shown to admins only ([`NodeInfo::connected_secs`]).
+/// connection time is shown to admins only ([`NodeInfo::connected_secs`]); the list of
+/// experiments comes in pages ([`Request::Status`]).
 pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest control frame payload. Evaluation sums (two 4096-bin histograms) and an experiment
 /// spec fit comfortably; anything larger is an attack or a bug.
 pub const MAX_FRAME: usize = 1 << 20;
+
+/// Largest encoded [`ExperimentStatus`] in a status answer ([`ExperimentStatus::fit`]): a
+/// quarter of a frame, so one always fits in a page.
+pub const STATUS_BUDGET: usize = MAX_FRAME / 4;
+
+/// Largest encoded page of statuses: half a frame leaves room for the response around it.
+pub const STATUS_PAGE_BUDGET: usize = MAX_FRAME / 2;
+
+/// Most statuses in one page, whatever their size: bounds the coordinator's work per request.
+pub const STATUS_PAGE_LEN: usize = 64;
+
+/// Longest event text kept when a status must be cut to fit ([`ExperimentStatus::fit`]).
+const MAX_EVENT_TEXT: usize = 4096;
 
 /// Experiment identifier, assigned by the coordinator.
 pub type ExperimentId = u64;
@@ -187,8 +201,11 @@ pub enum Request {
     Submit {
         spec: Box<ExperimentSpec>,
     },
+    /// One experiment (`Some`), or a page of the experiments the caller may see, in id order
+    /// from the first after `after` (`experiment: None`); `after` is ignored for one experiment.
     Status {
         experiment: Option<ExperimentId>,
+        after: Option<ExperimentId>,
     },
     Nodes,
     /// The model after round `round` (default: the latest).
@@ -287,6 +304,76 @@ pub struct ExperimentStatus {
     pub events: Vec<EventRecord>,
 }
 
+impl ExperimentStatus {
+    /// Cut this status so that it encodes to at most `budget` bytes (when the fixed fields
+    /// allow: names are bounded by spec validation). Nothing is cut from a status that fits.
+    /// Otherwise long event texts are shortened, the current participants dropped if even
+    /// the rest is too large, and the newest events and rounds kept, up to half the room
+    /// each and what the other leaves over; `rounds_done` still counts every round, and the
+    /// whole history is in `results`.
+    pub fn fit(&mut self, budget: usize) {
+        if encoded_len(self).is_ok_and(|n| n <= budget) {
+            return;
+        }
+        let history = std::mem::take(&mut self.history);
+        let mut events = std::mem::take(&mut self.events);
+        for e in &mut events {
+            cut_text(&mut e.message, MAX_EVENT_TEXT);
+        }
+        // Two sequence lengths (varints of at most 10 bytes each) come back with the lists.
+        let fixed = |s: &Self| encoded_len(s).map_or(usize::MAX, |n| n.saturating_add(20));
+        if fixed(self) > budget {
+            self.participants.clear();
+        }
+        let room = budget.saturating_sub(fixed(self));
+        let (event_sizes, round_sizes) = (element_sizes(&events), element_sizes(&history));
+        let (_, half_events) = newest_within(&event_sizes, room / 2);
+        let (rounds, used_rounds) = newest_within(&round_sizes, room - half_events);
+        let (kept_events, _) = newest_within(&event_sizes, room - used_rounds);
+        self.events = events.split_off(events.len() - kept_events);
+        self.history = history[history.len() - rounds..].to_vec();
+    }
+}
+
+/// The encoded size of each element: a sequence encodes as its length, then its elements one
+/// after the other, so the parts add up.
+fn element_sizes<T: Serialize>(items: &[T]) -> Vec<usize> {
+    items
+        .iter()
+        .map(|i| encoded_len(i).unwrap_or(usize::MAX))
+        .collect()
+}
+
+/// How many of the last `sizes` fit in `room` together, and their total size.
+fn newest_within(sizes: &[usize], room: usize) -> (usize, usize) {
+    let mut used = 0usize;
+    let mut count = 0;
+    for &size in sizes.iter().rev() {
+        match used.checked_add(size) {
+            Some(total) if total <= room => {
+                used = total;
+                count += 1;
+            }
+            _ => break,
+        }
+    }
+    (count, used)
+}
+
+/// Shorten `text` to at most `max` bytes at a character boundary, marking the cut.
+fn cut_text(text: &mut String, max: usize) {
+    const MARK: &str = " [...]";
+    if text.len() <= max {
+        return;
+    }
+    let mut end = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(MARK);
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub name: String,
@@ -316,8 +403,12 @@ pub enum Response {
     Submitted {
         experiment: ExperimentId,
     },
+    /// Statuses, each cut to [`STATUS_BUDGET`]; a list page holds at most [`STATUS_PAGE_LEN`]
+    /// of them within [`STATUS_PAGE_BUDGET`]. `next` is the `after` of the next page, `None`
+    /// on the last one (and for a single experiment).
     Status {
         experiments: Vec<ExperimentStatus>,
+        next: Option<ExperimentId>,
     },
     Nodes {
         nodes: Vec<NodeInfo>,
@@ -349,6 +440,14 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
     let mut out = out;
     out[..4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(out)
+}
+
+/// The size of `msg`'s frame payload, without encoding it anywhere.
+pub fn encoded_len<T: Serialize>(msg: &T) -> Result<usize> {
+    postcard::serialize_with_flavor(msg, postcard::ser_flavors::Size::default()).map_err(|e| Error::Wire {
+        what: "outgoing message",
+        problem: e.to_string(),
+    })
 }
 
 /// Check a frame's length prefix before reading its payload.
@@ -530,6 +629,90 @@ mod tests {
             let bytes = crate::aggregate::Values::F64(values.clone()).to_le_bytes();
             prop_assert_eq!(tensor_to_f64(&bytes, DType::F64).expect("decode"), values);
         }
+    }
+
+    fn status(events: usize, event_text: usize, rounds: u32) -> ExperimentStatus {
+        ExperimentStatus {
+            id: 1,
+            name: "big".into(),
+            model: ModelKind::Echo,
+            submitter: "researcher `r`".into(),
+            state: ExperimentState::Running { phase: Phase::Train },
+            rounds_done: rounds,
+            rounds: rounds + 1,
+            participants: vec!["a".into(), "b".into()],
+            history: (1..=rounds)
+                .map(|round| RoundRecord {
+                    round,
+                    participants: (0..20).map(|i| format!("office-{i:03}")).collect(),
+                    total_examples: 1000,
+                    train_loss: 0.5,
+                    metrics: None,
+                    train_ms: 10,
+                    round_ms: 20,
+                    retries: 0,
+                })
+                .collect(),
+            events: (0..events)
+                .map(|i| EventRecord {
+                    at_ms: i as u64,
+                    message: format!("{i} {}", "é".repeat(event_text / 2)),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_status_that_fits_is_not_cut() {
+        let small = status(30, 100, 5);
+        let mut fitted = small.clone();
+        fitted.fit(STATUS_BUDGET);
+        assert_eq!(fitted, small);
+    }
+
+    #[test]
+    fn a_large_status_is_cut_to_its_budget_keeping_the_newest() {
+        // (events, bytes per event, rounds): many events, long events, a long history, all.
+        for (events, text, rounds) in [
+            (3000, 1000, 3),
+            (2, 900_000, 3),
+            (10, 100, 5000),
+            (500, 4000, 3000),
+        ] {
+            let whole = status(events, text, rounds);
+            assert!(encoded_len(&whole).expect("size") > STATUS_BUDGET);
+            let mut cut = whole.clone();
+            cut.fit(STATUS_BUDGET);
+            let size = encoded_len(&cut).expect("size");
+            assert!(size <= STATUS_BUDGET, "{events} x {text}, {rounds}: {size}");
+            assert!(encode_frame(&cut).is_ok());
+            let what = format!("{events} x {text}, {rounds} rounds");
+            assert!(!cut.events.is_empty(), "{what}");
+            assert_eq!(
+                cut.events.last().map(|e| e.at_ms),
+                whole.events.last().map(|e| e.at_ms),
+                "{what}"
+            );
+            assert!(
+                cut.events.iter().all(|e| e.message.len() <= MAX_EVENT_TEXT),
+                "{what}"
+            );
+            assert_eq!(cut.history.last(), whole.history.last(), "{what}");
+            assert_eq!(cut.rounds_done, rounds, "{what}");
+            // What is left of it is a suffix: the newest, in order.
+            let first = cut.history.first().map_or(0, |r| r.round);
+            assert_eq!(cut.history, whole.history[(first - 1) as usize..], "{what}");
+        }
+    }
+
+    #[test]
+    fn long_texts_are_cut_at_a_character() {
+        let mut text = "é".repeat(10);
+        cut_text(&mut text, 13);
+        assert_eq!(text, "ééé [...]");
+        let mut short = "abc".to_owned();
+        cut_text(&mut short, 3);
+        assert_eq!(short, "abc");
     }
 
     #[test]

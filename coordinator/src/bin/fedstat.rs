@@ -197,14 +197,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         println!("  +{:>8.1} s  {}", e.at_ms as f64 / 1000.0, e.message);
                     }
                 }
-                for r in s.history.iter().skip(rounds) {
+                // By round number, not position: a status may carry only the newest rounds.
+                for r in s.history.iter().filter(|r| r.round > rounds) {
                     if cli.json {
                         print_json(&serde_json::json!({ "round": r }))?;
                     } else {
                         println!("{}", results::round_line(r, s.rounds));
                     }
                 }
-                (rounds, events) = (s.history.len(), s.events.len());
+                rounds = s.history.last().map_or(rounds, |r| r.round);
+                events = s.events.len();
                 if s.state.is_finished() {
                     break s;
                 }
