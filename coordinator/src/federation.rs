@@ -850,6 +850,22 @@ mod tests {
         }
     }
 
+    /// The ids in `who`'s (first page of) status of `experiment`, or of every experiment.
+    fn status_ids(
+        fed: &mut Federation,
+        who: &PeerIdentity,
+        experiment: Option<ExperimentId>,
+    ) -> Vec<ExperimentId> {
+        ids(ask(
+            fed,
+            who,
+            Request::Status {
+                experiment,
+                after: None,
+            },
+        ))
+    }
+
     // block_in_place (store writes) needs the multi-threaded runtime.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn researchers_see_only_their_own_experiments() {
@@ -894,61 +910,11 @@ mod tests {
                 "{what}"
             );
         }
-        assert_eq!(
-            ids(ask(
-                &mut fed,
-                &bob,
-                Request::Status {
-                    experiment: None,
-                    after: None
-                }
-            )),
-            Vec::<u64>::new()
-        );
-        assert_eq!(
-            ids(ask(
-                &mut fed,
-                &alice,
-                Request::Status {
-                    experiment: None,
-                    after: None
-                }
-            )),
-            [1]
-        );
-        assert_eq!(
-            ids(ask(
-                &mut fed,
-                &root,
-                Request::Status {
-                    experiment: None,
-                    after: None
-                }
-            )),
-            [1, 2]
-        );
-        assert_eq!(
-            ids(ask(
-                &mut fed,
-                &alice,
-                Request::Status {
-                    experiment: Some(1),
-                    after: None
-                }
-            )),
-            [1]
-        );
-        assert_eq!(
-            ids(ask(
-                &mut fed,
-                &root,
-                Request::Status {
-                    experiment: Some(1),
-                    after: None
-                }
-            )),
-            [1]
-        );
+        assert_eq!(status_ids(&mut fed, &bob, None), Vec::<u64>::new());
+        assert_eq!(status_ids(&mut fed, &alice, None), [1]);
+        assert_eq!(status_ids(&mut fed, &root, None), [1, 2]);
+        assert_eq!(status_ids(&mut fed, &alice, Some(1)), [1]);
+        assert_eq!(status_ids(&mut fed, &root, Some(1)), [1]);
         // Alice may not see the admin's experiment either.
         assert_eq!(
             refusal(ask(

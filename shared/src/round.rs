@@ -173,6 +173,8 @@ pub struct Experiment {
     events: VecDeque<EventRecord>,
     outbox: VecDeque<Transmit>,
     progress: VecDeque<Progress>,
+    /// Stopped by [`Experiment::abort`]: nothing more is queued for the store.
+    aborted: bool,
 }
 
 /// A durable fact the shell must record, in order (see `poll_progress`).
@@ -231,6 +233,7 @@ impl Experiment {
             events: VecDeque::new(),
             outbox: VecDeque::new(),
             progress: VecDeque::new(),
+            aborted: false,
         };
         exp.log(now, format!("submitted by {}", exp.submitter));
         exp.nodes.extend(connected.iter().cloned());
@@ -272,6 +275,7 @@ impl Experiment {
             events: r.events.into_iter().collect(),
             outbox: VecDeque::new(),
             progress: VecDeque::new(),
+            aborted: false,
         };
         if !finished {
             let done = exp.history.len();
@@ -305,17 +309,11 @@ impl Experiment {
         }
         self.outbox.clear();
         self.progress.clear();
+        self.aborted = true;
         self.phase = None;
         let reason =
             format!("{reason}; it resumes after its last recorded round when the coordinator restarts");
-        tracing::error!(experiment = self.id, "stopped: {reason}");
-        if self.events.len() == MAX_EVENTS {
-            self.events.pop_front();
-        }
-        self.events.push_back(EventRecord {
-            at_ms: now.saturating_duration_since(self.created).as_millis() as u64,
-            message: format!("stopped: {reason}"),
-        });
+        self.log(now, format!("stopped: {reason}"));
         self.state = ExperimentState::Failed { reason };
     }
 
@@ -389,7 +387,9 @@ impl Experiment {
             at_ms: now.saturating_duration_since(self.created).as_millis() as u64,
             message,
         };
-        self.progress.push_back(Progress::Event(event.clone()));
+        if !self.aborted {
+            self.progress.push_back(Progress::Event(event.clone()));
+        }
         self.events.push_back(event);
     }
 
