@@ -965,24 +965,19 @@ mod tests {
 
     impl Sim {
         fn new(spec: ExperimentSpec, nodes: &[&str]) -> Sim {
-            let now = Instant::now();
-            let connected: Vec<(String, Vec<String>)> =
-                nodes.iter().map(|n| (n.to_string(), vec![])).collect();
-            let mut sim = Sim {
-                now,
-                exp: Experiment::new(1, spec, "researcher `r`".into(), now, &connected),
-                inbox: BTreeMap::new(),
-                rejected: Vec::new(),
-            };
-            sim.pump();
-            sim
+            Sim::offering(spec, nodes, &[])
         }
 
         /// Like [`Sim::new`], every node offering dataset `d`.
         fn with_data(spec: ExperimentSpec, nodes: &[&str]) -> Sim {
+            Sim::offering(spec, nodes, &["d"])
+        }
+
+        fn offering(spec: ExperimentSpec, nodes: &[&str], datasets: &[&str]) -> Sim {
             let now = Instant::now();
+            let datasets: Vec<String> = datasets.iter().map(|d| d.to_string()).collect();
             let connected: Vec<(String, Vec<String>)> =
-                nodes.iter().map(|n| (n.to_string(), vec!["d".into()])).collect();
+                nodes.iter().map(|n| (n.to_string(), datasets.clone())).collect();
             let mut sim = Sim {
                 now,
                 exp: Experiment::new(1, spec, "researcher `r`".into(), now, &connected),
