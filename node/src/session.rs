@@ -396,7 +396,7 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
             tracing::error!("cannot write the audit log, nothing is sent: {e}");
             Error::AuditUnavailable
         };
-        let outcome = worker.run(task, model)?;
+        let outcome = worker.run(task, &hash, model)?;
         gov.record_binding(task, &inputs).map_err(blocked)?;
         Ok(match outcome {
             Outcome::Stats(sums) => {

@@ -11,7 +11,6 @@ use std::time::SystemTime;
 
 use fedstat_shared::aggregate::Values;
 use fedstat_shared::data::{column_sums, load_csv, ColumnSums, LoadLimits, LocalData, Standardization};
-use fedstat_shared::manifest::Manifest;
 use fedstat_shared::model::{evaluate, train_sgd, EvalSums};
 use fedstat_shared::spec::ModelKind;
 use fedstat_shared::wire::{Phase, Task};
@@ -96,13 +95,14 @@ impl Worker {
         }
     }
 
-    /// Do one task. `model` is the global model for Train and Evaluate.
-    pub fn run(&self, task: &Task, model: Option<Values>) -> Result<Outcome> {
+    /// Do one task admitted under the manifest hashing to `manifest`. `model` is the global
+    /// model for Train and Evaluate.
+    pub fn run(&self, task: &Task, manifest: &str, model: Option<Values>) -> Result<Outcome> {
         let spec = &task.spec;
         if spec.model == ModelKind::Echo {
             return self.echo(task, model);
         }
-        let data = self.data(task)?;
+        let data = self.data(task, manifest)?;
         let model_f64 = || -> Result<Vec<f64>> {
             let m = model
                 .as_ref()
@@ -163,7 +163,7 @@ impl Worker {
     /// statistics afterwards. Loaded once per manifest and file version; the disclosure rules
     /// (row thresholds, cells, differencing) pass before it is cached, so no answer of any
     /// kind comes from data that fails them.
-    fn data(&self, task: &Task) -> Result<Arc<LocalData>> {
+    fn data(&self, task: &Task, manifest: &str) -> Result<Arc<LocalData>> {
         let spec = &task.spec;
         let schema = spec
             .schema
@@ -179,7 +179,7 @@ impl Worker {
             source: e,
         })?;
         let key = CacheKey {
-            manifest: Manifest::new(spec, &task.submitter).hash(),
+            manifest: manifest.to_owned(),
             path: path.clone(),
             len: meta.len(),
             modified: meta.modified().ok(),
