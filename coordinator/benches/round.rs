@@ -58,9 +58,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fedstat_coordinator::client::Client;
 use fedstat_coordinator::config::ResearcherConfig;
-use fedstat_shared::aggregate::{FedAvg, Values};
-use fedstat_shared::spec::{EchoSpec, ExperimentSpec};
-use fedstat_shared::wire::{DType, ExperimentState};
+use fedstat_core::aggregate::{FedAvg, Values};
+use fedstat_core::spec::{EchoSpec, ExperimentSpec};
+use fedstat_proto::wire::{DType, ExperimentState};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};

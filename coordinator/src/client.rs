@@ -4,10 +4,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fedstat_shared::identity::Role;
-use fedstat_shared::tls;
-use fedstat_shared::transport::{read_frame, read_tensor, write_frame};
-use fedstat_shared::wire::{
+use fedstat_net::identity::Role;
+use fedstat_net::tls;
+use fedstat_net::transport::{read_frame, read_tensor, write_frame};
+use fedstat_proto::wire::{
     ExperimentId, ExperimentStatus, NodeInfo, Request, Response, ResultsHeader, PROTOCOL_VERSION,
 };
 
@@ -111,7 +111,7 @@ impl Client {
         Ok(response)
     }
 
-    pub async fn submit(&self, spec: fedstat_shared::spec::ExperimentSpec) -> Result<ExperimentId> {
+    pub async fn submit(&self, spec: fedstat_core::spec::ExperimentSpec) -> Result<ExperimentId> {
         match self.call(Request::Submit { spec: Box::new(spec) }).await? {
             Response::Submitted { experiment } => Ok(experiment),
             other => Err(unexpected(other)),
@@ -160,7 +160,7 @@ impl Client {
             let Response::Results(header) = response else {
                 return Err(unexpected(response));
             };
-            let values = read_tensor(&mut recv, header.tensor, fedstat_shared::spec::MAX_PARAMS).await?;
+            let values = read_tensor(&mut recv, header.tensor, fedstat_core::spec::MAX_PARAMS).await?;
             Ok((*header, values.to_f64()))
         };
         tokio::time::timeout(REQUEST_TIMEOUT, fetch)

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use fedstat_shared::tls::TlsFiles;
+use fedstat_net::tls::TlsFiles;
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -70,7 +70,7 @@ impl Default for RawLimits {
             max_connections_per_address: 256,
             max_connections_per_identity: 8,
             max_concurrent_updates: 4,
-            max_params: fedstat_shared::spec::MAX_PARAMS,
+            max_params: fedstat_core::spec::MAX_PARAMS,
             handshake_timeout_secs: 10,
             max_experiments_per_researcher: 4,
         }
@@ -129,7 +129,7 @@ fn yes() -> bool {
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
     toml::from_str(&text).map_err(|e| {
-        fedstat_shared::Error::Toml {
+        fedstat_core::Error::Toml {
             path: path.to_owned(),
             message: e.to_string(),
         }
@@ -142,7 +142,7 @@ fn base_dir(path: &Path) -> PathBuf {
 }
 
 fn invalid(what: &str, key: &str, problem: &str) -> Error {
-    fedstat_shared::Error::Config {
+    fedstat_core::Error::Config {
         what: what.into(),
         key: key.into(),
         problem: problem.into(),
@@ -160,7 +160,7 @@ impl CoordinatorConfig {
     /// Parse and validate config text (what [`CoordinatorConfig::load`] does after reading the
     /// file). Relative paths are resolved against `base_dir`; `label` names the file in errors.
     pub fn from_toml_str(text: &str, base_dir: &Path, label: &str) -> Result<Self> {
-        let raw: RawCoordinator = toml::from_str(text).map_err(|e| fedstat_shared::Error::Toml {
+        let raw: RawCoordinator = toml::from_str(text).map_err(|e| fedstat_core::Error::Toml {
             path: PathBuf::from(label),
             message: e.to_string(),
         })?;
@@ -201,7 +201,7 @@ impl CoordinatorConfig {
                 "must be at least 1",
             ));
         }
-        if l.max_params == 0 || l.max_params > fedstat_shared::spec::MAX_PARAMS {
+        if l.max_params == 0 || l.max_params > fedstat_core::spec::MAX_PARAMS {
             return Err(invalid(
                 &what,
                 "limits.max_params",

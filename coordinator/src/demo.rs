@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use fedstat_shared::data::{column_sums, load_csv, Design, LoadLimits, Standardization};
-use fedstat_shared::model::{evaluate, fit_central, metrics, Metrics};
-use fedstat_shared::spec::ExperimentSpec;
-use fedstat_shared::wire::ExperimentState;
+use fedstat_core::data::{column_sums, load_csv, Design, LoadLimits, Standardization, StandardizationExt};
+use fedstat_core::model::{evaluate, fit_central, metrics, Metrics};
+use fedstat_core::spec::ExperimentSpec;
+use fedstat_proto::wire::ExperimentState;
 use ndarray::{concatenate, Axis};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -205,7 +205,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
     let started = Instant::now();
     let bins = bin_dir()?;
     let mut spec: ExperimentSpec = match &opts.experiment {
-        Some(path) => ExperimentSpec::from_toml_file(path)?,
+        Some(path) => fedstat_core::spec::from_toml_file(path)?,
         None => {
             toml::from_str(DEFAULT_EXPERIMENT).map_err(|e| Error::Demo(format!("bundled experiment: {e}")))?
         }
@@ -213,7 +213,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
     if let Some(r) = opts.rounds {
         spec.rounds = r;
     }
-    spec.validate()?;
+    fedstat_core::spec::validate(&spec)?;
     let tmp = tempfile::Builder::new()
         .prefix("fedstat-demo-")
         .tempdir()
@@ -454,7 +454,7 @@ async fn follow(
         }
         if nodes.saturating_sub(refused.len()) < spec.min_nodes as usize {
             let _ = client
-                .call(fedstat_shared::wire::Request::Cancel { experiment: id })
+                .call(fedstat_proto::wire::Request::Cancel { experiment: id })
                 .await;
             return Err(Error::Demo(format!(
                 "{} of the {nodes} offices refused the experiment, fewer than min_nodes = {} are left",

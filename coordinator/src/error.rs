@@ -8,7 +8,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// Something from the shared crate (config, PKI, wire, data).
     #[error(transparent)]
-    Shared(#[from] fedstat_shared::Error),
+    Core(#[from] fedstat_core::Error),
+
+    #[error(transparent)]
+    Net(#[from] fedstat_net::Error),
+
+    #[error(transparent)]
+    Proto(#[from] fedstat_proto::Error),
 
     #[error("{action} {path}: {source}")]
     Io {

@@ -1,5 +1,5 @@
 //! The one task that owns all federation state: connected nodes, experiments (each a round
-//! state machine from `fedstat_shared::round`) and their results. Connection tasks only send it
+//! state machine from `fedstat_core::round`) and their results. Connection tasks only send it
 //! [`Event`]s; it answers through channels. No locks around round state.
 
 use std::collections::BTreeMap;
@@ -7,11 +7,11 @@ use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedstat_shared::aggregate::Values;
-use fedstat_shared::identity::{PeerIdentity, Role};
-use fedstat_shared::round::{Experiment, Progress, Rejection, Transmit};
-use fedstat_shared::spec::ExperimentSpec;
-use fedstat_shared::wire::{
+use fedstat_core::aggregate::Values;
+use fedstat_core::round::{Experiment, Progress, Rejection, Transmit};
+use fedstat_core::spec::ExperimentSpec;
+use fedstat_net::identity::{PeerIdentity, Role};
+use fedstat_proto::wire::{
     encoded_len, CoordMsg, ExperimentId, ExperimentStatus, NodeInfo, NodeMsg, Request, Response,
     ResultsHeader, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION, STATUS_BUDGET, STATUS_PAGE_BUDGET,
     STATUS_PAGE_LEN,
@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Limits;
 use crate::store::Store;
-use fedstat_shared::audit::AuditLog;
+use fedstat_core::audit::AuditLog;
 use serde_json::json;
 
 /// What connection tasks tell the federation.
@@ -308,7 +308,7 @@ impl Federation {
                         let hash = self
                             .experiments
                             .get(experiment)
-                            .map(|e| fedstat_shared::manifest::Manifest::new(e.spec(), e.submitter()).hash());
+                            .map(|e| fedstat_proto::manifest::Manifest::new(e.spec(), e.submitter()).hash());
                         let details =
                             json!({ "peer": who.to_string(), "experiment": experiment, "manifest": hash });
                         self.audit(now, "experiment_submitted", details)
@@ -661,7 +661,7 @@ impl Federation {
         who: &PeerIdentity,
         spec: ExperimentSpec,
     ) -> Result<ExperimentId, String> {
-        spec.validate().map_err(|e| e.to_string())?;
+        fedstat_core::spec::validate(&spec).map_err(|e| e.to_string())?;
         if spec.num_params() > self.max_params {
             return Err(format!(
                 "the model has {} parameters; this coordinator accepts at most {}",
@@ -1019,7 +1019,7 @@ mod tests {
                     after,
                 },
             );
-            let size = fedstat_shared::wire::encode_frame(&response)
+            let size = fedstat_proto::wire::encode_frame(&response)
                 .expect("a page fits a frame")
                 .len();
             let Response::Status { experiments, next } = response else {
@@ -1131,7 +1131,7 @@ mod tests {
                         msg: NodeMsg::TaskFailed {
                             experiment,
                             round: 1,
-                            phase: fedstat_shared::wire::Phase::Train,
+                            phase: fedstat_proto::wire::Phase::Train,
                             reason: "x".repeat(5000),
                         },
                     },
@@ -1140,7 +1140,7 @@ mod tests {
         }
         let whole = fed.experiments[&1].status();
         assert!(
-            fedstat_shared::wire::encode_frame(&whole).is_err(),
+            fedstat_proto::wire::encode_frame(&whole).is_err(),
             "the test needs a status too large for a frame"
         );
         let one = ask(
@@ -1151,7 +1151,7 @@ mod tests {
                 after: None,
             },
         );
-        let frame = fedstat_shared::wire::encode_frame(&one).expect("one status fits a frame");
+        let frame = fedstat_proto::wire::encode_frame(&one).expect("one status fits a frame");
         assert!(frame.len() <= STATUS_BUDGET + 64, "{}", frame.len());
         let Response::Status { experiments, next } = one else {
             panic!("expected a status");

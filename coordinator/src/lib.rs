@@ -2,7 +2,7 @@
 //!
 //! Data flow: [`server`] accepts QUIC connections and turns every stream into an event for
 //! [`federation`], the one task that owns all experiment state (the round state machines of
-//! `fedstat_shared::round`) and records every completed round in [`store`]; [`client`] is the researcher's
+//! `fedstat_core::round`) and records every completed round in [`store`]; [`client`] is the researcher's
 //! side of the same protocol, and [`demo`] runs a whole local federation of real processes.
 #![forbid(unsafe_code)]
 

@@ -5,9 +5,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use fedstat_shared::model::{unstandardize, Metrics};
-use fedstat_shared::spec::ModelKind;
-use fedstat_shared::wire::{DType, ExperimentStatus, NodeInfo, ResultsHeader, RoundRecord};
+use fedstat_core::model::{unstandardize, Metrics};
+use fedstat_core::spec::ModelKind;
+use fedstat_proto::wire::{DType, ExperimentStatus, NodeInfo, ResultsHeader, RoundRecord};
 use serde_json::json;
 
 use crate::{Error, Result};

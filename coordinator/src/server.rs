@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedstat_shared::identity::{peer_identity, PeerIdentity, Role};
-use fedstat_shared::tls;
-use fedstat_shared::transport::{read_frame, read_frame_payload, read_tensor, write_frame, write_tensor};
-use fedstat_shared::wire::{
+use fedstat_net::identity::{peer_identity, PeerIdentity, Role};
+use fedstat_net::tls;
+use fedstat_net::transport::{read_frame, read_frame_payload, read_tensor, write_frame, write_tensor};
+use fedstat_proto::wire::{
     decode_payload, CoordMsg, NodeMsg, Request, Response, UpdateHeader, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -123,7 +123,7 @@ impl Shared {
     /// Record a live connection; false (and nothing recorded) when its identity already holds
     /// `max_per_identity` connections: one stolen or buggy certificate cannot take every slot.
     fn register(&self, id: u64, who: &PeerIdentity, conn: &quinn::Connection) -> bool {
-        let serial = fedstat_shared::identity::peer_serial(conn).unwrap_or_default();
+        let serial = fedstat_net::identity::peer_serial(conn).unwrap_or_default();
         let Ok(mut live) = self.live.lock() else {
             return false;
         };
@@ -189,7 +189,7 @@ pub fn federation(config: &CoordinatorConfig) -> Result<federation::Federation> 
     let audit = config
         .audit_log
         .as_deref()
-        .map(fedstat_shared::audit::AuditLog::open)
+        .map(fedstat_core::audit::AuditLog::open)
         .transpose()?;
     tokio::task::block_in_place(|| {
         federation::Federation::new(store, audit, &config.limits, std::time::Instant::now())
@@ -624,7 +624,7 @@ async fn send_hello_answer(
                 || datasets.iter().any(|d| {
                     d.is_empty()
                         || d.len() > MAX_DATASET_NAME
-                        || d.chars().any(fedstat_shared::text::is_unprintable)
+                        || d.chars().any(fedstat_core::text::is_unprintable)
                 })
             {
                 let reason = format!(
@@ -859,7 +859,7 @@ async fn request(
         if let Some(t) = reply.tensor {
             write_tensor(&mut send, &t).await?;
         }
-        Ok::<_, fedstat_shared::Error>(())
+        Ok::<_, fedstat_net::Error>(())
     };
     if let Err(e) = sent.await {
         tracing::warn!("cannot answer request: {e}");

@@ -7,13 +7,13 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use fedstat_shared::aggregate::Values;
-use fedstat_shared::audit::now_rfc3339;
-use fedstat_shared::data::Standardization;
-use fedstat_shared::manifest::{hex, Manifest};
-use fedstat_shared::round::Restored;
-use fedstat_shared::spec::ExperimentSpec;
-use fedstat_shared::wire::{DType, EventRecord, ExperimentId, ExperimentState, RoundRecord};
+use fedstat_core::aggregate::Values;
+use fedstat_core::audit::now_rfc3339;
+use fedstat_core::data::Standardization;
+use fedstat_core::round::Restored;
+use fedstat_core::spec::ExperimentSpec;
+use fedstat_proto::manifest::{hex, Manifest};
+use fedstat_proto::wire::{DType, EventRecord, ExperimentId, ExperimentState, RoundRecord};
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
@@ -80,8 +80,8 @@ struct Inner {
     db: Connection,
     models: PathBuf,
     path: PathBuf,
-    /// Held as long as the store is open (see [`fedstat_shared::files::lock_dir`]).
-    _lock: fedstat_shared::files::DirLock,
+    /// Held as long as the store is open (see [`fedstat_core::files::lock_dir`]).
+    _lock: fedstat_core::files::DirLock,
 }
 
 impl std::fmt::Debug for Store {
@@ -125,7 +125,7 @@ impl Store {
         })?;
         // Before anything in the folder is written or read: a second coordinator on the same
         // store would interleave rounds and fork the audit log's hash chain.
-        let lock = fedstat_shared::files::lock_dir(dir, "data folder")?;
+        let lock = fedstat_core::files::lock_dir(dir, "data folder")?;
         // Prove the folder is writable now (a read-only mount, a full disk, permissions).
         let probe = dir.join(".write-probe");
         std::fs::File::create(&probe)
@@ -314,7 +314,7 @@ impl Store {
             )));
         }
         let dtype = if dtype == "f32" { DType::F32 } else { DType::F64 };
-        let values = fedstat_shared::wire::tensor_to_f64(&bytes, dtype)?;
+        let values = fedstat_proto::wire::tensor_to_f64(&bytes, dtype)?;
         if values.len() as i64 != len {
             return Err(Error::Store(format!(
                 "{} holds {} values, expected {len}",
@@ -476,7 +476,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstat_shared::model::Metrics;
+    use fedstat_core::model::Metrics;
 
     fn spec() -> ExperimentSpec {
         toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("spec")

@@ -5,13 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-use fedstat_shared::aggregate::Values;
-use fedstat_shared::audit::AuditLog;
-use fedstat_shared::data::{ColumnSums, Standardization};
-use fedstat_shared::identity::Role;
-use fedstat_shared::model::{EvalSums, Metrics};
-use fedstat_shared::spec::ExperimentSpec;
-use fedstat_shared::wire::{
+use fedstat_core::aggregate::Values;
+use fedstat_core::audit::AuditLog;
+use fedstat_core::data::{ColumnSums, Standardization};
+use fedstat_core::model::{EvalSums, Metrics};
+use fedstat_core::spec::ExperimentSpec;
+use fedstat_net::identity::Role;
+use fedstat_proto::wire::{
     encode_frame, CoordMsg, DType, ExperimentState, ExperimentStatus, NodeInfo, NodeMsg, Phase, Request,
     Response, ResultsHeader, RoundRecord, Task, TensorMeta, UpdateHeader,
 };
@@ -36,7 +36,7 @@ fn specs() -> Vec<ExperimentSpec> {
         .iter()
         .map(|n| {
             let path = PathBuf::from(format!("../configs/{n}.toml"));
-            ExperimentSpec::from_toml_file(&path).expect("example spec")
+            fedstat_core::spec::from_toml_file(&path).expect("example spec")
         })
         .collect()
 }

@@ -2,7 +2,7 @@
 //! verifier names the first bad record or counts intact ones; it never panics.
 #![no_main]
 
-use fedstat_shared::audit::verify_bytes;
+use fedstat_core::audit::verify_bytes;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

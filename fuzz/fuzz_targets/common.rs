@@ -1,7 +1,7 @@
 //! Helpers shared by the wire targets: decode a stream of frames the way a receiver does, and
 //! check what came out against properties every decoded message must have.
 
-use fedstat_shared::wire::{decode_frame, decode_payload, encode_frame};
+use fedstat_proto::wire::{decode_frame, decode_payload, encode_frame};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 

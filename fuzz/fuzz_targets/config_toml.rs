@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use fedstat_coordinator::config::CoordinatorConfig;
+use fedstat_core::spec::ExperimentSpec;
 use fedstat_node::config::NodeConfig;
-use fedstat_shared::manifest::Manifest;
-use fedstat_shared::spec::ExperimentSpec;
-use fedstat_shared::wire::{decode_payload, encode_frame};
+use fedstat_proto::manifest::Manifest;
+use fedstat_proto::wire::{decode_payload, encode_frame};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             let Ok(spec) = toml::from_str::<ExperimentSpec>(text) else {
                 return;
             };
-            if spec.validate().is_err() {
+            if fedstat_core::spec::validate(&spec).is_err() {
                 return;
             }
             let _ = spec.num_params();
@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
             // A valid spec travels to the coordinator and the nodes inside frames.
             let frame = encode_frame(&spec).expect("a valid spec encodes");
             let back: ExperimentSpec = decode_payload(&frame[4..], "spec").expect("and decodes");
-            back.validate().expect("and is still valid");
+            fedstat_core::spec::validate(&back).expect("and is still valid");
         }
         1 => {
             let _ = CoordinatorConfig::from_toml_str(text, base, "coordinator.toml");

@@ -3,8 +3,8 @@
 //! the reader returns data of the schema's shape or an error; it never panics.
 #![no_main]
 
-use fedstat_shared::data::{load_csv_from_reader, LoadLimits};
-use fedstat_shared::spec::{CategoricalFeature, DataSchema, ModelKind, NumericFeature, TargetSpec};
+use fedstat_core::data::{load_csv_from_reader, LoadLimits};
+use fedstat_core::spec::{CategoricalFeature, DataSchema, ModelKind, NumericFeature, TargetSpec};
 use libfuzzer_sys::fuzz_target;
 
 fn target(column: &str) -> TargetSpec {

@@ -3,8 +3,8 @@
 //! them exactly when they are the announced number of in-range values.
 #![no_main]
 
-use fedstat_shared::aggregate::{Staging, Values};
-use fedstat_shared::wire::{tensor_to_f64, DType};
+use fedstat_core::aggregate::{Staging, Values};
+use fedstat_proto::wire::{tensor_to_f64, DType};
 use libfuzzer_sys::fuzz_target;
 
 /// The input: a dtype flag, the announced number of values, up to 15 piece sizes (the last
@@ -74,13 +74,13 @@ fuzz_target!(|data: &[u8]| {
         && tensor_to_f64(input.bytes, dtype)
             .expect("whole values")
             .iter()
-            .all(|x| x.abs() < fedstat_shared::aggregate::MAX_ABS_PARAM);
+            .all(|x| x.abs() < fedstat_core::aggregate::MAX_ABS_PARAM);
     assert_eq!(whole.is_ok(), expected_ok, "{whole:?}");
     if let Ok(values) = whole {
         assert_eq!(values.len(), len);
         assert_eq!(values.dtype(), dtype);
         let decoded = tensor_to_f64(input.bytes, dtype).expect("whole values");
         assert_eq!(values.to_f64(), decoded);
-        let _ = fedstat_shared::aggregate::validate(&values);
+        let _ = fedstat_core::aggregate::validate(&values);
     }
 });

@@ -4,9 +4,10 @@
 //! coordinator too: the task's spec and standardisation are checked before any work starts.
 #![no_main]
 
-use fedstat_shared::aggregate::Staging;
-use fedstat_shared::manifest::Manifest;
-use fedstat_shared::wire::{CoordMsg, Response, Task, TensorMeta};
+use fedstat_core::aggregate::Staging;
+use fedstat_core::data::StandardizationExt;
+use fedstat_proto::manifest::Manifest;
+use fedstat_proto::wire::{CoordMsg, Response, Task, TensorMeta};
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
@@ -29,7 +30,7 @@ fn stage(meta: TensorMeta, bytes: &[u8]) {
 fn check_task(task: &Task) {
     let manifest = Manifest::new(&task.spec, &task.submitter);
     let _ = manifest.hash();
-    if task.spec.validate().is_err() {
+    if fedstat_core::spec::validate(&task.spec).is_err() {
         return;
     }
     let _ = task.spec.num_params();
@@ -58,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
             // A researcher reads one response per stream; a stream of several tests more frames.
             common::frames::<Response>(rest, "response", |_| {});
             if let Some((Response::Results(header), body)) = common::one::<Response>(rest, "response") {
-                let _ = header.spec.validate();
+                let _ = fedstat_core::spec::validate(&header.spec);
                 if let Some(st) = &header.standardization {
                     let _ = st.validate(header.columns.len());
                 }

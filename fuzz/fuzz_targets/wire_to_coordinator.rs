@@ -4,10 +4,12 @@
 //! coordinator applies before they reach the round state machine.
 #![no_main]
 
-use fedstat_shared::aggregate::Staging;
-use fedstat_shared::manifest::Manifest;
-use fedstat_shared::spec::ModelKind;
-use fedstat_shared::wire::{NodeMsg, Request, UpdateHeader};
+use fedstat_core::aggregate::Staging;
+use fedstat_core::data::ColumnSumsExt;
+use fedstat_core::model::EvalSumsExt;
+use fedstat_core::spec::ModelKind;
+use fedstat_proto::manifest::Manifest;
+use fedstat_proto::wire::{NodeMsg, Request, UpdateHeader};
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
@@ -50,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
             common::frames::<Request>(rest, "request", |req| {
                 if let Request::Submit { spec } = req {
                     let _ = Manifest::new(spec, "researcher `fuzz`").hash();
-                    if spec.validate().is_ok() {
+                    if fedstat_core::spec::validate(&spec).is_ok() {
                         let _ = spec.num_params();
                         if let Some(schema) = &spec.schema {
                             let _ = schema.design_columns();

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fedstat_shared::manifest::hex;
+use fedstat_proto::manifest::hex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -56,7 +56,7 @@ pub struct Pending {
 impl Pending {
     /// One block of text for the custodian: every field that changes what the node would
     /// release. The researcher's text is printed with control and invisible characters escaped
-    /// (see [`fedstat_shared::text`]), so what is shown is what is approved.
+    /// (see [`fedstat_core::text`]), so what is shown is what is approved.
     pub fn describe(&self) -> String {
         use serde_json::Value;
         let c = &self.content;
@@ -67,7 +67,7 @@ impl Pending {
                 Value::Null => "-".to_owned(),
                 other => other.to_string(),
             };
-            fedstat_shared::text::printable(&raw).into_owned()
+            fedstat_core::text::printable(&raw).into_owned()
         };
         let schema = &spec["schema"];
         let t = &schema["target"];
@@ -343,7 +343,7 @@ impl ApprovalStore {
             manifest: hash.clone(),
             decision: verdict,
             reason,
-            decided_at: fedstat_shared::audit::now_rfc3339(),
+            decided_at: fedstat_core::audit::now_rfc3339(),
             content,
         };
         let bytes = serde_json::to_vec_pretty(&record)
@@ -416,8 +416,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstat_shared::manifest::Manifest;
-    use fedstat_shared::spec::ExperimentSpec;
+    use fedstat_core::spec::ExperimentSpec;
+    use fedstat_proto::manifest::Manifest;
 
     fn manifest_bytes(rounds: u32) -> (String, Vec<u8>) {
         let mut spec: ExperimentSpec =

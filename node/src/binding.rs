@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use fedstat_shared::wire::{ExperimentId, Phase, Task};
+use fedstat_proto::wire::{ExperimentId, Phase, Task};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Binding;
@@ -176,7 +176,7 @@ impl Bindings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstat_shared::spec::ExperimentSpec;
+    use fedstat_core::spec::ExperimentSpec;
 
     fn task(id: ExperimentId, phase: Phase, round: u32) -> Task {
         let spec: ExperimentSpec =

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use fedstat_shared::tls::TlsFiles;
+use fedstat_net::tls::TlsFiles;
 use serde::Deserialize;
 
 use crate::policy::{RawPolicy, SitePolicy};
@@ -75,14 +75,14 @@ impl NodeConfig {
     /// Parse and validate config text. Relative paths are resolved against `base_dir`; `label`
     /// names the file in errors, and its stem names the default state folder.
     pub fn from_toml_str(text: &str, base_dir: &Path, label: &str) -> Result<Self> {
-        let raw: RawNode = toml::from_str(text).map_err(|e| fedstat_shared::Error::Toml {
+        let raw: RawNode = toml::from_str(text).map_err(|e| fedstat_core::Error::Toml {
             path: PathBuf::from(label),
             message: e.to_string(),
         })?;
         let base = base_dir;
         let what = format!("node config {label}");
         let invalid = |key: String, problem: &str| -> Error {
-            fedstat_shared::Error::Config {
+            fedstat_core::Error::Config {
                 what: what.clone(),
                 key,
                 problem: problem.into(),
@@ -99,7 +99,7 @@ impl NodeConfig {
             ));
         }
         for name in raw.datasets.keys() {
-            if name.is_empty() || name.len() > 128 || name.chars().any(fedstat_shared::text::is_unprintable) {
+            if name.is_empty() || name.len() > 128 || name.chars().any(fedstat_core::text::is_unprintable) {
                 return Err(invalid(
                     format!("datasets.{name}"),
                     "dataset names are 1 to 128 printable characters",

@@ -10,7 +10,7 @@
 //!   every set this node has released, per dataset, durably, and refuses a new experiment with
 //!   a set that differs from a recorded one by between 1 and `min_cell - 1` rows.
 //!
-//! Rows are recognised by fingerprints ([`fedstat_shared::data::Design::ids`]), so the rule also
+//! Rows are recognised by fingerprints ([`fedstat_core::data::Design::ids`]), so the rule also
 //! holds across edits of the file: adding or removing a few people between two experiments is
 //! refused like two thresholds a few rows apart.
 
@@ -18,9 +18,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use fedstat_shared::data::{Design, LocalData, RowId};
-use fedstat_shared::manifest::hex;
-use fedstat_shared::spec::{DataSchema, ModelKind};
+use fedstat_core::data::{Design, LocalData, RowId};
+use fedstat_core::spec::{DataSchema, ModelKind};
+use fedstat_proto::manifest::hex;
 use sha2::{Digest, Sha256};
 
 use crate::policy::{Refusal, Split};
@@ -163,14 +163,14 @@ pub fn released_sets(schema: &DataSchema, model: ModelKind, data: &LocalData) ->
             }
         };
         if model == ModelKind::Logistic {
-            let column = fedstat_shared::text::printable(&schema.target.column).into_owned();
+            let column = fedstat_core::text::printable(&schema.target.column).into_owned();
             split_by(format!("the positive class of target `{column}`"), &|i| {
                 d.y[i] > 0.5
             });
         }
         for &(feature, first, dummies) in &blocks {
             let f = &schema.categorical[feature];
-            let column = fedstat_shared::text::printable(&f.column).into_owned();
+            let column = fedstat_core::text::printable(&f.column).into_owned();
             // Dummies in design order, then the reference level (see `level_counts`).
             let levels: Vec<&String> = f
                 .levels
@@ -179,7 +179,7 @@ pub fn released_sets(schema: &DataSchema, model: ModelKind, data: &LocalData) ->
                 .chain(std::iter::once(&f.reference))
                 .collect();
             for (k, level) in levels.iter().enumerate() {
-                let level = fedstat_shared::text::printable(level);
+                let level = fedstat_core::text::printable(level);
                 let label = format!("level `{level}` of column `{column}`");
                 if k < dummies {
                     split_by(label, &|i| d.x[[i, first + k]] != 0.0);
@@ -353,8 +353,8 @@ impl ReleaseLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstat_shared::data::{load_csv_from_reader, LoadLimits};
-    use fedstat_shared::spec::{CategoricalFeature, NumericFeature, TargetSpec};
+    use fedstat_core::data::{load_csv_from_reader, LoadLimits};
+    use fedstat_core::spec::{CategoricalFeature, NumericFeature, TargetSpec};
 
     fn schema(threshold: f64) -> DataSchema {
         DataSchema {

@@ -34,13 +34,19 @@ impl std::fmt::Display for Binding {
         }
     }
 }
-use fedstat_shared::wire::Phase;
+use fedstat_proto::wire::Phase;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Config, PKI, wire, data or model errors from the shared crate.
     #[error(transparent)]
-    Shared(#[from] fedstat_shared::Error),
+    Core(#[from] fedstat_core::Error),
+
+    #[error(transparent)]
+    Net(#[from] fedstat_net::Error),
+
+    #[error(transparent)]
+    Proto(#[from] fedstat_proto::Error),
 
     #[error("{action} {path}: {source}")]
     Io {
@@ -55,7 +61,7 @@ pub enum Error {
     Connect { addr: String, problem: String },
 
     /// A task names a dataset this node does not offer.
-    #[error("this node offers no dataset named `{}`", fedstat_shared::text::printable(.0))]
+    #[error("this node offers no dataset named `{}`", fedstat_core::text::printable(.0))]
     UnknownDataset(String),
 
     /// The experiment breaks the site policy; the text names the rule, never a data value.
@@ -76,7 +82,7 @@ pub enum Error {
 
     /// The task's experiment spec does not validate.
     #[error("the experiment spec is invalid: {0}")]
-    InvalidSpec(fedstat_shared::Error),
+    InvalidSpec(fedstat_core::Error),
 
     /// An answer could not be recorded in the audit log, so it was not sent.
     #[error(
@@ -99,14 +105,14 @@ impl Error {
     /// goes to the node's log and audit log, for the custodian. `dataset` names the dataset
     /// the task was about.
     pub fn public(&self, dataset: &str) -> String {
-        let dataset = fedstat_shared::text::printable(dataset);
+        let dataset = fedstat_core::text::printable(dataset);
         match self {
-            Error::Shared(
-                e @ (fedstat_shared::Error::Csv { .. } | fedstat_shared::Error::Dataset { .. }),
-            ) => {
+            Error::Core(e @ (fedstat_core::Error::Csv { .. } | fedstat_core::Error::Dataset { .. })) => {
                 format!("dataset `{dataset}`: {}", e.public())
             }
-            Error::Shared(e) => e.public(),
+            Error::Core(e) => e.public(),
+            Error::Proto(e) => fedstat_core::Error::Proto(e.clone()).public(),
+            Error::Net(_) => "certificate or connection problem on the node".to_owned(),
             Error::InvalidSpec(e) => format!("the experiment spec is invalid: {}", e.public()),
             Error::UnknownDataset(_) | Error::Policy(_) | Error::Binding(_) | Error::CustodianRejected(_) => {
                 self.to_string()

@@ -8,9 +8,9 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
-use fedstat_shared::audit::{self, AuditLog};
-use fedstat_shared::manifest::{hex, Manifest};
-use fedstat_shared::wire::Task;
+use fedstat_core::audit::{self, AuditLog};
+use fedstat_proto::manifest::{hex, Manifest};
+use fedstat_proto::wire::Task;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -108,7 +108,7 @@ impl Governance {
                     "manifest": hash,
                     "experiment": task.experiment,
                     "submitter": task.submitter,
-                    "name": fedstat_shared::text::printable(&task.spec.name),
+                    "name": fedstat_core::text::printable(&task.spec.name),
                     "model": task.spec.model.as_str(),
                     "dataset": task.spec.dataset,
                     "rounds": task.spec.rounds,
@@ -173,7 +173,7 @@ impl Governance {
                     tracing::warn!(
                         "experiment {} (`{}`) is held for the custodian: manifest {hash}{}; see `fedstat-node pending`",
                         task.experiment,
-                        fedstat_shared::text::printable(&task.spec.name),
+                        fedstat_core::text::printable(&task.spec.name),
                         rerun_of.map_or(String::new(), |e| format!(
                             " (its approval was used by experiment {e}: a new run needs a new approval)"
                         )),
@@ -207,7 +207,7 @@ impl Governance {
                 "row_sets_recorded",
                 json!({
                     "experiment": task.experiment,
-                    "dataset": fedstat_shared::text::printable(&task.spec.dataset),
+                    "dataset": fedstat_core::text::printable(&task.spec.dataset),
                     "sets": added.iter().map(|(label, rows, digest)| json!({
                         "set": label, "rows": rows, "sha256": digest,
                     })).collect::<Vec<_>>(),
@@ -284,8 +284,8 @@ pub fn verify_audit(path: &std::path::Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstat_shared::spec::ExperimentSpec;
-    use fedstat_shared::wire::Phase;
+    use fedstat_core::spec::ExperimentSpec;
+    use fedstat_proto::wire::Phase;
     use std::path::Path;
 
     fn config(dir: &Path, policy: &str) -> NodeConfig {

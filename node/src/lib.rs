@@ -22,8 +22,7 @@ pub use error::{Error, Result};
 
 use std::path::Path;
 
-use fedstat_shared::data::{load_csv, LoadLimits};
-use fedstat_shared::spec::ExperimentSpec;
+use fedstat_core::data::{load_csv, LoadLimits};
 
 use crate::policy::Columns;
 
@@ -33,13 +32,13 @@ use crate::policy::Columns;
 /// lacks (as `[policy]` lines to add), then whether the data pass the disclosure rules.
 /// Nothing is recorded. Returns the report's lines.
 pub fn check(config: &config::NodeConfig, experiment: &Path) -> Result<Vec<String>> {
-    let spec = ExperimentSpec::from_toml_file(experiment)?;
+    let spec = fedstat_core::spec::from_toml_file(experiment)?;
     let policy = &config.policy;
     let mut out = Vec::new();
     let schema = spec
         .schema
         .as_ref()
-        .ok_or_else(|| fedstat_shared::Error::Model("the experiment has no schema to check".into()))?;
+        .ok_or_else(|| fedstat_core::Error::Model("the experiment has no schema to check".into()))?;
     let features: Vec<&String> = schema
         .numeric
         .iter()

@@ -83,10 +83,10 @@ enum Audit {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Everything this process creates (store, models, audit log, state, results, keys) is
-    // owner-only; see fedstat_shared::files.
-    fedstat_shared::files::owner_only_umask();
-    fedstat_shared::process::init_tracing("info,quinn=warn");
-    fedstat_shared::process::exit_code(run(cli))
+    // owner-only; see fedstat_core::files.
+    fedstat_core::files::owner_only_umask();
+    fedstat_net::process::init_tracing("info,quinn=warn");
+    fedstat_net::process::exit_code(run(cli))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -96,7 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(fedstat_node::session::run(
                 cfg,
-                fedstat_shared::process::shutdown_signal(),
+                fedstat_net::process::shutdown_signal(),
             ))?;
             eprintln!("fedstat-node: stopped");
             Ok(())
@@ -129,7 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keygen { name, out } => {
-            let (key, csr) = fedstat_shared::pki::keygen(&name, &out)?;
+            let (key, csr) = fedstat_net::pki::keygen(&name, &out)?;
             println!(
                 "wrote {} (keep it here) and {} (send it to the secretariat)",
                 key.display(),

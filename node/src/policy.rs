@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 
-use fedstat_shared::spec::{ExperimentSpec, ModelKind};
+use fedstat_core::spec::{ExperimentSpec, ModelKind};
 use serde::Deserialize;
 
 /// Whether manifests the policy allows run at once or wait for the custodian.
@@ -238,17 +238,17 @@ impl std::fmt::Display for Refusal {
             Refusal::DatasetNotAllowed(d) => write!(
                 f,
                 "dataset `{}` is not allowed (policy.allowed_datasets)",
-                fedstat_shared::text::printable(d)
+                fedstat_core::text::printable(d)
             ),
             Refusal::TargetNotAllowed(c) => write!(
                 f,
                 "column `{}` is not allowed as the target (policy.allowed_targets)",
-                fedstat_shared::text::printable(c)
+                fedstat_core::text::printable(c)
             ),
             Refusal::FeatureNotAllowed(c) => write!(
                 f,
                 "column `{}` is not allowed as a feature (policy.allowed_features)",
-                fedstat_shared::text::printable(c)
+                fedstat_core::text::printable(c)
             ),
             Refusal::BatchTooSmall { min } => write!(
                 f,
@@ -269,7 +269,7 @@ impl std::fmt::Display for Refusal {
             Refusal::TooManyLevels { column, max } => write!(
                 f,
                 "column `{}` declares more than {max} levels (policy.max_levels)",
-                fedstat_shared::text::printable(column)
+                fedstat_core::text::printable(column)
             ),
             Refusal::TooFewTrainRows { min } => write!(
                 f,
@@ -284,12 +284,12 @@ impl std::fmt::Display for Refusal {
                 f,
                 "column `{}`: a level, or the rows outside it, has too few {split} rows \
                  (policy.min_cell)",
-                fedstat_shared::text::printable(column)
+                fedstat_core::text::printable(column)
             ),
             Refusal::SmallClass { column, split } => write!(
                 f,
                 "target `{}`: a class has too few {split} rows (policy.min_cell)",
-                fedstat_shared::text::printable(column)
+                fedstat_core::text::printable(column)
             ),
             Refusal::SmallSplit { split } => {
                 write!(f, "the {split} split has too few rows (policy.min_cell)")
@@ -362,7 +362,7 @@ impl RawPolicy {
             return Err(err("min_batch_size", "must be at least 1"));
         }
         let max_local_epochs = self.max_local_epochs.unwrap_or(d.max_local_epochs);
-        if max_local_epochs == 0 || max_local_epochs > fedstat_shared::spec::MAX_LOCAL_EPOCHS {
+        if max_local_epochs == 0 || max_local_epochs > fedstat_core::spec::MAX_LOCAL_EPOCHS {
             return Err(err("max_local_epochs", "must be between 1 and 1000"));
         }
         let min_nodes_floor = self.min_nodes_floor.unwrap_or(d.min_nodes_floor);
@@ -370,11 +370,11 @@ impl RawPolicy {
             return Err(err("min_nodes_floor", "must be at least 1"));
         }
         let max_params = self.max_params.unwrap_or(d.max_params);
-        if max_params == 0 || max_params > fedstat_shared::spec::MAX_PARAMS {
+        if max_params == 0 || max_params > fedstat_core::spec::MAX_PARAMS {
             return Err(err("max_params", "must be between 1 and 100000000"));
         }
         let max_levels = self.max_levels.unwrap_or(d.max_levels);
-        if !(2..=fedstat_shared::spec::MAX_LEVELS).contains(&max_levels) {
+        if !(2..=fedstat_core::spec::MAX_LEVELS).contains(&max_levels) {
             return Err(err("max_levels", "must be between 2 and 1000"));
         }
         let max_memory_mb = self.max_memory_mb.unwrap_or(d.max_memory_mb);
@@ -705,7 +705,7 @@ mod tests {
         assert!(p.check_spec(&echo).is_err());
         // The default size limit keeps a padded echo far below the coordinator's 10^8.
         let mut big = echo.clone();
-        big.echo = Some(fedstat_shared::spec::EchoSpec { params: 1_001 });
+        big.echo = Some(fedstat_core::spec::EchoSpec { params: 1_001 });
         assert_eq!(
             SitePolicy::default().check_spec(&big),
             Err(Refusal::TooManyParams { max: 1_000 })

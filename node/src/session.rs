@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedstat_shared::aggregate::Values;
-use fedstat_shared::data::ColumnSums;
-use fedstat_shared::manifest::Manifest;
-use fedstat_shared::model::EvalSums;
-use fedstat_shared::tls;
-use fedstat_shared::transport::{read_frame, read_tensor, write_frame, write_tensor};
-use fedstat_shared::wire::{CoordMsg, NodeMsg, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION};
+use fedstat_core::aggregate::Values;
+use fedstat_core::data::ColumnSums;
+use fedstat_core::model::EvalSums;
+use fedstat_net::tls;
+use fedstat_net::transport::{read_frame, read_tensor, write_frame, write_tensor};
+use fedstat_proto::manifest::Manifest;
+use fedstat_proto::wire::{CoordMsg, NodeMsg, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION};
 use rand::Rng;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -263,7 +263,7 @@ async fn task(
         let task =
             read_frame::<Task>(&mut stream, "task")
                 .await?
-                .ok_or_else(|| fedstat_shared::Error::Wire {
+                .ok_or_else(|| fedstat_proto::Error::Wire {
                     what: "task",
                     problem: "empty stream".into(),
                 })?;
@@ -276,7 +276,7 @@ async fn task(
             Some(meta) => Some(read_tensor(&mut stream, meta, task.spec.num_params()).await?),
             None => None,
         };
-        Ok::<_, fedstat_shared::Error>(Ok((task, model)))
+        Ok::<_, fedstat_net::Error>(Ok((task, model)))
     };
     let (task, model) = match tokio::time::timeout(TASK_IDLE, received).await {
         Ok(Ok(Ok(x))) => x,
@@ -303,9 +303,7 @@ async fn task(
                 return fail(
                     &ctl,
                     &task,
-                    &Error::Shared(fedstat_shared::Error::Model(
-                        "the task crashed at the node".into(),
-                    )),
+                    &Error::Core(fedstat_core::Error::Model("the task crashed at the node".into())),
                 );
             }
         };
@@ -360,7 +358,7 @@ async fn task(
 
 /// What needs no data and no model: the spec is valid and the site policy allows it.
 fn precheck(task: &Task, gov: &Governance) -> Result<()> {
-    task.spec.validate().map_err(Error::InvalidSpec)?;
+    fedstat_core::spec::validate(&task.spec).map_err(Error::InvalidSpec)?;
     gov.policy().check_spec(&task.spec).map_err(Error::Policy)
 }
 
@@ -375,7 +373,7 @@ fn input_digest(task: &Task, model: Option<&Values>) -> String {
     if let Some(m) = model {
         h.update(m.to_le_bytes());
     }
-    fedstat_shared::manifest::hex(&h.finalize())
+    fedstat_proto::manifest::hex(&h.finalize())
 }
 
 /// Everything before sending, on a blocking thread: validate, admit (policy, approval), check

@@ -9,11 +9,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use fedstat_shared::aggregate::Values;
-use fedstat_shared::data::{column_sums, load_csv, ColumnSums, LoadLimits, LocalData, Standardization};
-use fedstat_shared::model::{evaluate, train_sgd, EvalSums};
-use fedstat_shared::spec::ModelKind;
-use fedstat_shared::wire::{Phase, Task};
+use fedstat_core::aggregate::Values;
+use fedstat_core::data::{
+    column_sums, load_csv, ColumnSums, LoadLimits, LocalData, Standardization, StandardizationExt,
+};
+use fedstat_core::model::{evaluate, train_sgd, EvalSums};
+use fedstat_core::spec::ModelKind;
+use fedstat_proto::wire::{Phase, Task};
 use rand::{Rng, SeedableRng};
 
 use crate::disclosure::{check_cells, released_sets};
@@ -239,7 +241,7 @@ impl Worker {
 }
 
 fn shared_model(msg: &str) -> Error {
-    fedstat_shared::Error::Model(msg.to_owned()).into()
+    fedstat_core::Error::Model(msg.to_owned()).into()
 }
 
 #[cfg(test)]

@@ -4,11 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use fedstat_core::audit::AuditLog;
 use fedstat_node::approval::ApprovalStore;
 use fedstat_node::config::NodeConfig;
-use fedstat_shared::audit::AuditLog;
-use fedstat_shared::manifest::Manifest;
-use fedstat_shared::spec::ExperimentSpec;
+use fedstat_proto::manifest::Manifest;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -46,7 +45,7 @@ fn setup() -> (tempfile::TempDir, PathBuf, NodeConfig) {
 
 fn hold(cfg: &NodeConfig, purpose: &str) -> String {
     let mut spec =
-        ExperimentSpec::from_toml_file(&repo().join("configs/experiment-logit.toml")).expect("spec");
+        fedstat_core::spec::from_toml_file(&repo().join("configs/experiment-logit.toml")).expect("spec");
     spec.purpose = purpose.to_owned();
     let m = Manifest::new(&spec, "researcher `alice`");
     ApprovalStore::new(&cfg.state_dir)

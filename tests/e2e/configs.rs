@@ -2,7 +2,6 @@
 
 use fedstat_coordinator::config::{CoordinatorConfig, ResearcherConfig};
 use fedstat_node::config::NodeConfig;
-use fedstat_shared::spec::ExperimentSpec;
 
 use crate::support::repo;
 
@@ -26,7 +25,7 @@ fn every_example_config_parses() {
                 .map_err(|e| e.to_string()),
             "node.toml" => NodeConfig::load(&path).map(drop).map_err(|e| e.to_string()),
             "researcher.toml" => ResearcherConfig::load(&path).map(drop).map_err(|e| e.to_string()),
-            n if n.starts_with("experiment-") => ExperimentSpec::from_toml_file(&path)
+            n if n.starts_with("experiment-") => fedstat_core::spec::from_toml_file(&path)
                 .map(drop)
                 .map_err(|e| e.to_string()),
             other => panic!("configs/{other}: no test knows this kind of file; add it here"),

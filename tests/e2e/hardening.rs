@@ -266,7 +266,7 @@ impl Impostor {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .expect("server cert");
-        tls.alpn_protocols = vec![fedstat_shared::tls::ALPN.to_vec()];
+        tls.alpn_protocols = vec![fedstat_net::tls::ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("quic");
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let endpoint = rt
@@ -686,7 +686,7 @@ fn flood(
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(Stall(release.clone())))
                 .with_no_client_auth();
-            tls.alpn_protocols = vec![fedstat_shared::tls::ALPN.to_vec()];
+            tls.alpn_protocols = vec![fedstat_net::tls::ALPN.to_vec()];
             let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic");
             let mut endpoint =
                 quinn::Endpoint::client("127.0.0.2:0".parse().expect("addr")).expect("endpoint");

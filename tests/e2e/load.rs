@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedstat_shared::tls::{client_config, TlsFiles};
-use fedstat_shared::transport::{read_frame, write_frame};
-use fedstat_shared::wire::{
+use fedstat_net::tls::{client_config, TlsFiles};
+use fedstat_net::transport::{read_frame, write_frame};
+use fedstat_proto::wire::{
     encode_frame, CoordMsg, DType, NodeMsg, Response, TensorMeta, UpdateHeader, PROTOCOL_VERSION,
 };
 use rustls_pki_types::pem::PemObject;
@@ -163,7 +163,7 @@ async fn bad_cert_attempt(endpoint: &quinn::Endpoint, addr: SocketAddr) -> bool 
         let (mut send, mut recv) = conn.open_bi().await.ok()?;
         write_frame(
             &mut send,
-            &fedstat_shared::wire::Request::Hello {
+            &fedstat_proto::wire::Request::Hello {
                 protocol: PROTOCOL_VERSION,
             },
         )

@@ -270,7 +270,7 @@ fn bad_updates_are_rejected_and_rounds_complete() {
     fed.issue("node", "rogue-shape");
     fed.issue("node", "rogue-nan");
     let addr: std::net::SocketAddr = fed.addr.parse().expect("addr");
-    let tls = |name: &str| fedstat_shared::tls::TlsFiles {
+    let tls = |name: &str| fedstat_net::tls::TlsFiles {
         ca_cert: fed.pki().join("ca.pem"),
         cert: fed.pki().join(format!("{name}.pem")),
         key: fed.pki().join(format!("{name}.key")),

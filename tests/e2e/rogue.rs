@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fedstat_shared::data::ColumnSums;
-use fedstat_shared::tls::{client_config, TlsFiles};
-use fedstat_shared::transport::{read_frame, read_tensor, write_frame, write_tensor};
-use fedstat_shared::wire::{CoordMsg, NodeMsg, Phase, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION};
+use fedstat_core::data::ColumnSums;
+use fedstat_net::tls::{client_config, TlsFiles};
+use fedstat_net::transport::{read_frame, read_tensor, write_frame, write_tensor};
+use fedstat_proto::wire::{CoordMsg, NodeMsg, Phase, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Misbehaviour {
@@ -131,7 +131,7 @@ async fn answer(
                 num_examples: 50,
                 train_loss: 0.5,
                 tensor: TensorMeta {
-                    dtype: fedstat_shared::wire::DType::F64,
+                    dtype: fedstat_proto::wire::DType::F64,
                     len: params.len() as u64,
                 },
             };

@@ -7,11 +7,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fedstat_shared::aggregate::Values;
-use fedstat_shared::spec::ExperimentSpec;
-use fedstat_shared::tls::{server_config, TlsFiles};
-use fedstat_shared::transport::{read_frame, write_frame, write_tensor};
-use fedstat_shared::wire::{CoordMsg, NodeMsg, Phase, Task, TensorMeta, PROTOCOL_VERSION};
+use fedstat_core::aggregate::Values;
+use fedstat_core::spec::ExperimentSpec;
+use fedstat_net::tls::{server_config, TlsFiles};
+use fedstat_net::transport::{read_frame, write_frame, write_tensor};
+use fedstat_proto::wire::{CoordMsg, NodeMsg, Phase, Task, TensorMeta, PROTOCOL_VERSION};
 use serde_json::Value;
 
 use crate::support::{demo_data, logit_experiment, run_bin, Fed};

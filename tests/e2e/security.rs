@@ -6,8 +6,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use fedstat_shared::transport::{read_frame, write_frame};
-use fedstat_shared::wire::{Request, Response, PROTOCOL_VERSION};
+use fedstat_net::transport::{read_frame, write_frame};
+use fedstat_proto::wire::{Request, Response, PROTOCOL_VERSION};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::support::{

@@ -553,7 +553,7 @@ pub fn raw_client(
         Some((chain, key)) => builder.with_client_auth_cert(chain, key).expect("client cert"),
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![fedstat_shared::tls::ALPN.to_vec()];
+    tls.alpn_protocols = vec![fedstat_net::tls::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
     quinn::ClientConfig::new(Arc::new(quic))
 }

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fedstat_shared::identity::Role;
-use fedstat_shared::pki::CaDir;
+use fedstat_net::identity::Role;
+use fedstat_net::pki::CaDir;
 
 #[derive(Parser)]
 #[command(
@@ -82,7 +82,7 @@ enum Pki {
         /// Where to write NAME.pem (default: DIR).
         #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long, default_value_t = fedstat_shared::pki::DEFAULT_CERT_DAYS)]
+        #[arg(long, default_value_t = fedstat_net::pki::DEFAULT_CERT_DAYS)]
         days: u32,
     },
     /// Issue a certificate and its key at the CA (demos and tests: the key then has to travel
@@ -102,7 +102,7 @@ enum Pki {
         /// Where to write NAME.pem and NAME.key (default: DIR).
         #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long, default_value_t = fedstat_shared::pki::DEFAULT_CERT_DAYS)]
+        #[arg(long, default_value_t = fedstat_net::pki::DEFAULT_CERT_DAYS)]
         days: u32,
     },
     /// Re-sign a certificate for another period, keeping its name, role and key (and the
@@ -122,7 +122,7 @@ enum Pki {
         /// Where to write NAME.pem (default: the folder of the certificate renewed).
         #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long, default_value_t = fedstat_shared::pki::DEFAULT_CERT_DAYS)]
+        #[arg(long, default_value_t = fedstat_net::pki::DEFAULT_CERT_DAYS)]
         days: u32,
     },
     /// Re-sign DIR/crl.pem with a fresh next-update date (it is valid for 90 days; peers warn
@@ -153,10 +153,10 @@ enum Pki {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Everything this process creates (store, models, audit log, state, results, keys) is
-    // owner-only; see fedstat_shared::files.
-    fedstat_shared::files::owner_only_umask();
-    fedstat_shared::process::init_tracing("info,quinn=warn");
-    fedstat_shared::process::exit_code(run(cli))
+    // owner-only; see fedstat_core::files.
+    fedstat_core::files::owner_only_umask();
+    fedstat_net::process::init_tracing("info,quinn=warn");
+    fedstat_net::process::exit_code(run(cli))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -174,7 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     endpoint,
                     fed,
                     &cfg,
-                    fedstat_shared::process::shutdown_signal(),
+                    fedstat_net::process::shutdown_signal(),
                 )
                 .await;
                 anyhow::Ok(())
@@ -189,7 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ca_key_dir,
         }) => {
             let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
-            fedstat_shared::pki::init(&ca, &federation, &sans)?;
+            fedstat_net::pki::init(&ca, &federation, &sans)?;
             println!(
                 "created the federation CA and the coordinator certificate in {}",
                 dir.display()
@@ -203,7 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cert,
         }) => {
             let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
-            let crl = fedstat_shared::pki::revoke(&ca, &name, cert.as_deref())?;
+            let crl = fedstat_net::pki::revoke(&ca, &name, cert.as_deref())?;
             println!(
                 "revoked `{name}`; wrote {} (send SIGHUP to the coordinator to apply it now)",
                 crl.display()
@@ -220,7 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let out = out.unwrap_or_else(|| dir.clone());
             let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
-            let (cert, key) = fedstat_shared::pki::issue(&ca, role, &name, &out, days)?;
+            let (cert, key) = fedstat_net::pki::issue(&ca, role, &name, &out, days)?;
             println!("issued {role} `{name}`: {} and {}", cert.display(), key.display());
             Ok(())
         }
@@ -235,24 +235,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cert = match (cert, name) {
                 (Some(cert), _) => cert,
                 (None, Some(name)) => {
-                    fedstat_shared::identity::validate_name(&name)?;
+                    fedstat_net::identity::validate_name(&name)?;
                     dir.join(format!("{name}.pem"))
                 }
                 (None, None) => anyhow::bail!("give --name or --cert"),
             };
             let out = out.unwrap_or_else(|| cert.parent().map(PathBuf::from).unwrap_or_default());
             let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
-            let (path, who) = fedstat_shared::pki::renew(&ca, &cert, &out, days)?;
+            let (path, who) = fedstat_net::pki::renew(&ca, &cert, &out, days)?;
             println!("renewed {who} for {days} days: {}", path.display());
             Ok(())
         }
         Command::Pki(Pki::Crl { dir, ca_key_dir }) => {
             let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
-            let crl = fedstat_shared::pki::refresh_crl(&ca)?;
+            let crl = fedstat_net::pki::refresh_crl(&ca)?;
             println!(
                 "re-signed {} (valid {} days); send SIGHUP to the coordinator and give nodes the new copy",
                 crl.display(),
-                fedstat_shared::pki::CRL_DAYS
+                fedstat_net::pki::CRL_DAYS
             );
             Ok(())
         }
@@ -266,12 +266,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let out = out.unwrap_or_else(|| dir.clone());
             let ca = CaDir::new(&dir).with_key_dir(ca_key_dir.as_deref());
-            let (cert, who) = fedstat_shared::pki::sign(&ca, &csr, role, &out, days)?;
+            let (cert, who) = fedstat_net::pki::sign(&ca, &csr, role, &out, days)?;
             println!("signed {who}: {}", cert.display());
             Ok(())
         }
         Command::Audit(Audit::Verify { file }) => {
-            let report = fedstat_shared::audit::verify(&file)?;
+            let report = fedstat_core::audit::verify(&file)?;
             anyhow::ensure!(report.is_intact(), "audit log {}: {report}", file.display());
             println!("audit log {}: {report}", file.display());
             Ok(())

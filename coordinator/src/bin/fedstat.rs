@@ -11,8 +11,7 @@ use fedstat_coordinator::client::Client;
 use fedstat_coordinator::config::ResearcherConfig;
 use fedstat_coordinator::demo::{self, DemoOptions};
 use fedstat_coordinator::results;
-use fedstat_shared::spec::ExperimentSpec;
-use fedstat_shared::wire::{ExperimentState, Request, Response};
+use fedstat_proto::wire::{ExperimentState, Request, Response};
 
 #[derive(Parser)]
 #[command(name = "fedstat", version, about = "fedstat researcher CLI")]
@@ -87,9 +86,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Everything this process creates (store, models, audit log, state, results, keys) is
-    // owner-only; see fedstat_shared::files.
-    fedstat_shared::files::owner_only_umask();
-    fedstat_shared::process::init_tracing("warn");
+    // owner-only; see fedstat_core::files.
+    fedstat_core::files::owner_only_umask();
+    fedstat_net::process::init_tracing("warn");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -138,7 +137,7 @@ fn done(r: Response, json: bool) -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Submit { experiment } => {
-            let spec = ExperimentSpec::from_toml_file(experiment)?;
+            let spec = fedstat_core::spec::from_toml_file(experiment)?;
             let client = connect(&cli).await?;
             let id = client.submit(spec).await?;
             if cli.json {
@@ -256,7 +255,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             done(r?, cli.json)?;
         }
         Command::Keygen { name, out } => {
-            let (key, csr) = fedstat_shared::pki::keygen(name, out)?;
+            let (key, csr) = fedstat_net::pki::keygen(name, out)?;
             println!(
                 "wrote {} (keep it here) and {} (send it to the secretariat)",
                 key.display(),

@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::aggregate::{FedAvg, Values};
-use crate::data::{ColumnSums, Standardization};
-use crate::model::{metrics, EvalSums};
+use crate::data::{ColumnSumsExt, StandardizationExt};
+use crate::model::{metrics, EvalSumsExt};
 use crate::spec::ExperimentSpec;
+use crate::sums::{ColumnSums, EvalSums, Standardization};
 use crate::wire::{
     EventRecord, ExperimentId, ExperimentState, ExperimentStatus, Phase, RoundRecord, Task, TensorMeta,
     UpdateHeader,
@@ -949,7 +950,7 @@ mod tests {
             T0.as_secs()
         );
         let spec: ExperimentSpec = toml::from_str(&text).expect("linear spec");
-        spec.validate().expect("valid linear spec");
+        crate::spec::validate(&spec).expect("valid linear spec");
         spec
     }
 

@@ -4,64 +4,16 @@
 //! wire, so everything the coordinator logs or authorises keys on what the CA signed.
 
 use std::fmt;
-use std::str::FromStr;
 
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+pub use fedstat_proto::Role;
+
 /// Longest accepted name; also the X.520 upper bound for a CN, so every name fits a certificate.
 pub const MAX_NAME_LEN: usize = 64;
-
-/// What a party may do in the federation, carried in the subject OU of its certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// A statistical office that holds data and trains locally.
-    Node,
-    /// Submits experiments and reads pooled results.
-    Researcher,
-    /// Operates the federation.
-    Admin,
-    /// Runs rounds and aggregates; the only role that serves connections.
-    Coordinator,
-}
-
-impl Role {
-    /// Every role, in declaration order.
-    pub const ALL: [Role; 4] = [Role::Node, Role::Researcher, Role::Admin, Role::Coordinator];
-
-    /// The spelling used in certificates, configs and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Node => "node",
-            Role::Researcher => "researcher",
-            Role::Admin => "admin",
-            Role::Coordinator => "coordinator",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = Error;
-
-    // Exact lower-case match only: a role is an authorisation decision, so no guessing.
-    fn from_str(s: &str) -> Result<Self> {
-        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| {
-            Error::Identity(format!(
-                "unknown role `{}`: expected one of node, researcher, admin, coordinator",
-                printable(s)
-            ))
-        })
-    }
-}
 
 /// A verified peer: role and name as signed by the federation CA.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -55,7 +55,7 @@ mod tests {
     use super::*;
 
     fn spec() -> ExperimentSpec {
-        toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("example experiment")
+        toml::from_str(include_str!("../../../configs/experiment-logit.toml")).expect("example experiment")
     }
 
     #[test]
@@ -74,5 +74,16 @@ mod tests {
         let mut t = s;
         t.training.learning_rate *= 1.0000001;
         assert_ne!(h, Manifest::new(&t, "researcher `alice`").hash());
+    }
+
+    /// The hash of a fixed experiment, written down: a refactor that changes the manifest's
+    /// bytes (a renamed or reordered field, a new default) fails here, because it would void
+    /// every custodian's approval. Change it only with `manifest_version`, on purpose.
+    #[test]
+    fn hash_of_the_shipped_example_is_pinned() {
+        assert_eq!(
+            Manifest::new(&spec(), "researcher `alice`").hash(),
+            "808f2107b0e0cd222ff572df2e19abe0c95c0c6fb3c89defa9e5330dfd837bf7"
+        );
     }
 }

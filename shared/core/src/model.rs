@@ -8,10 +8,10 @@ use ndarray::{ArrayView1, ArrayView2};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
-use crate::data::Standardization;
 use crate::spec::{ModelKind, TrainingSpec};
+use crate::sums::Standardization;
+pub use crate::sums::{EvalSums, Metrics};
 use crate::{Error, Result};
 
 /// Result of a node's local training.
@@ -159,23 +159,6 @@ pub fn train_sgd(
 /// pooled AUC moves by well under 0.001 on CPS 1988 against exact ranking).
 pub const AUC_BINS: usize = 100;
 
-/// Evaluation sums of one node's test rows; sums from many nodes merge into the pooled metrics.
-///
-/// Logistic: `loss_sum` is Σ log-loss with p clipped to [1e-15, 1-1e-15], `correct` counts
-/// `(p > 0.5) == y`, `hist_pos`/`hist_neg` count predicted p per bin for y = 1 / y = 0.
-/// Linear: `sse` (also `loss_sum`), `sum_y`, `sum_y2`; empty histograms.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct EvalSums {
-    pub n: u64,
-    pub loss_sum: f64,
-    pub correct: u64,
-    pub sse: f64,
-    pub sum_y: f64,
-    pub sum_y2: f64,
-    pub hist_pos: Vec<u64>,
-    pub hist_neg: Vec<u64>,
-}
-
 /// Evaluation sums of `params` on `(x, y)`, in the scale `x` is given in.
 pub fn evaluate(kind: ModelKind, x: ArrayView2<f64>, y: ArrayView1<f64>, params: &[f64]) -> Result<EvalSums> {
     check_inputs(kind, x, y, params)?;
@@ -219,9 +202,18 @@ pub fn evaluate(kind: ModelKind, x: ArrayView2<f64>, y: ArrayView1<f64>, params:
     Ok(s)
 }
 
-impl EvalSums {
+/// Merging and checking [`EvalSums`].
+pub trait EvalSumsExt {
     /// Add another node's sums. Merging into `EvalSums::default()` adopts the other's shape.
-    pub fn merge(&mut self, other: &EvalSums) -> Result<()> {
+    fn merge(&mut self, other: &EvalSums) -> Result<()>;
+    /// Check sums that came from the network: finite, non-negative where they must be, the
+    /// histograms of the right size and the counts consistent with `n`.
+    fn validate(&self, kind: ModelKind) -> Result<()>;
+}
+
+impl EvalSumsExt for EvalSums {
+    /// Add another node's sums. Merging into `EvalSums::default()` adopts the other's shape.
+    fn merge(&mut self, other: &EvalSums) -> Result<()> {
         let blank = self.n == 0 && self.hist_pos.is_empty() && self.hist_neg.is_empty();
         if blank && self.hist_pos.len() != other.hist_pos.len() {
             self.hist_pos = vec![0; other.hist_pos.len()];
@@ -252,7 +244,7 @@ impl EvalSums {
 
     /// Check sums that came from the network: finite, non-negative where they must be, the
     /// histograms of the right size and the counts consistent with `n`.
-    pub fn validate(&self, kind: ModelKind) -> Result<()> {
+    fn validate(&self, kind: ModelKind) -> Result<()> {
         let bad = |what: &str| Err(Error::Model(format!("evaluation sums: {what}")));
         if ![self.loss_sum, self.sse, self.sum_y, self.sum_y2]
             .iter()
@@ -293,17 +285,6 @@ impl EvalSums {
         }
         Ok(())
     }
-}
-
-/// Pooled test metrics; `None` where a metric does not apply or is undefined.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct Metrics {
-    pub n: u64,
-    pub log_loss: Option<f64>,
-    pub accuracy: Option<f64>,
-    pub auc: Option<f64>,
-    pub rmse: Option<f64>,
-    pub r2: Option<f64>,
 }
 
 /// Metrics from (merged) sums. AUC from the two histograms, pairs in the same bin counting ½;
@@ -528,7 +509,7 @@ mod tests {
 
     use super::*;
     use crate::data::tests::{data_dir, load_region, logit_schema, ols_schema, REGIONS};
-    use crate::data::{column_sums, Design, LocalData};
+    use crate::data::{column_sums, Design, LocalData, StandardizationExt};
 
     struct Pooled {
         regions: Vec<LocalData>,

@@ -19,10 +19,9 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{ColumnSums, Standardization};
-use crate::identity::Role;
-use crate::model::{EvalSums, Metrics};
 use crate::spec::{ExperimentSpec, ModelKind};
+use crate::sums::{ColumnSums, EvalSums, Metrics, Standardization};
+use crate::Role;
 use crate::{Error, Result};
 
 /// Version of this protocol; both sides check it in the first exchange. Version 2: a node's
@@ -626,7 +625,7 @@ mod tests {
 
         #[test]
         fn tensors_round_trip(values in prop::collection::vec(-1e12f64..1e12, 0..64)) {
-            let bytes = crate::aggregate::Values::F64(values.clone()).to_le_bytes();
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             prop_assert_eq!(tensor_to_f64(&bytes, DType::F64).expect("decode"), values);
         }
     }

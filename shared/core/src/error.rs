@@ -1,13 +1,13 @@
-//! The one error type of the shared crate. Messages are lower case, name the file, line,
+//! The one error type of the core crate. Messages are lower case, name the file, line,
 //! column, key, node or round that failed, say what to do, and never carry a data value:
 //! many of them travel from a node to the coordinator.
 
 use std::path::PathBuf;
 
-/// Result with the shared crate's [`Error`].
+/// Result with the core crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in the shared crate.
+/// Everything that can go wrong in the core crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read or written.
@@ -50,25 +50,13 @@ pub enum Error {
     #[error("model: {0}")]
     Model(String),
 
-    /// Bytes from the network could not be decoded.
-    #[error("malformed {what}: {problem}")]
-    Wire { what: &'static str, problem: String },
-
-    /// A frame or stream is larger than its limit.
-    #[error("{what} of {size} bytes exceeds the limit of {limit} bytes")]
-    TooLarge {
-        what: &'static str,
-        size: u64,
-        limit: u64,
-    },
+    /// Bytes that should follow the protocol do not.
+    #[error(transparent)]
+    Proto(#[from] fedstat_proto::Error),
 
     /// An update was rejected by validation; the reason names the check that failed.
     #[error("update rejected: {0}")]
     Rejected(String),
-
-    /// Certificates, keys or the TLS configuration are unusable.
-    #[error("pki: {0}")]
-    Pki(String),
 
     /// A file another process holds an exclusive lock on (a second coordinator on the same
     /// `data_dir`, a second writer of one audit log).
@@ -82,10 +70,6 @@ pub enum Error {
     /// A private key file that users other than its owner can read or write.
     #[error("private key {path} is accessible to other users (mode {mode:o}); run `chmod 600 {path}` and start again")]
     KeyPermissions { path: PathBuf, mode: u32 },
-
-    /// A peer's certificate does not carry a usable fedstat identity.
-    #[error("peer identity: {0}")]
-    Identity(String),
 }
 
 /// What is wrong with one cell or row of a CSV file.
@@ -247,12 +231,13 @@ impl Error {
                 format!("invalid {what}: key `{key}`: {problem}")
             }
             Error::Model(m) => format!("model: {m}"),
-            Error::Wire { what, .. } => format!("malformed {what}"),
-            Error::TooLarge { what, .. } => format!("{what} exceeds its size limit"),
-            Error::Rejected(r) => format!("update rejected: {r}"),
-            Error::Pki(_) | Error::Identity(_) | Error::KeyPermissions { .. } => {
-                "certificate problem on the node".to_owned()
+            Error::Proto(fedstat_proto::Error::Wire { what, .. }) => format!("malformed {what}"),
+            Error::Proto(fedstat_proto::Error::TooLarge { what, .. }) => {
+                format!("{what} exceeds its size limit")
             }
+            Error::Proto(fedstat_proto::Error::Unknown { what, .. }) => format!("unknown {what}"),
+            Error::Rejected(r) => format!("update rejected: {r}"),
+            Error::KeyPermissions { .. } => "certificate problem on the node".to_owned(),
             Error::Locked { .. } => "a file on the node is in use by another process".to_owned(),
         }
     }

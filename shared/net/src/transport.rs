@@ -5,10 +5,9 @@ use quinn::{RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::aggregate::Staging;
-use crate::aggregate::Values;
-use crate::wire::{decode_payload, encode_frame, frame_len, TensorMeta};
 use crate::{Error, Result};
+use fedstat_core::aggregate::{Staging, Values};
+use fedstat_proto::wire::{decode_payload, encode_frame, frame_len, TensorMeta};
 
 /// Largest piece read from a stream at once while receiving a tensor.
 const CHUNK: usize = 256 * 1024;
@@ -21,7 +20,7 @@ fn stream_err(what: &'static str, e: impl std::error::Error) -> Error {
         problem = format!("{problem}: {s}");
         source = s.source();
     }
-    Error::Wire { what, problem }
+    Error::wire(what, problem)
 }
 
 /// Write one frame.
@@ -33,7 +32,7 @@ pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result
 /// Read one frame. `Ok(None)` when the stream ended cleanly before the frame started.
 pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'static str) -> Result<Option<T>> {
     match read_frame_payload(recv, what).await? {
-        Some(payload) => decode_payload(&payload, what).map(Some),
+        Some(payload) => Ok(Some(decode_payload(&payload, what)?)),
         None => Ok(None),
     }
 }
@@ -67,10 +66,10 @@ pub async fn read_frame_payload(recv: &mut RecvStream, what: &'static str) -> Re
         recv.read_exact(&mut payload[start..])
             .await
             .map_err(|e| match e {
-                quinn::ReadExactError::FinishedEarly(n) => Error::Wire {
+                quinn::ReadExactError::FinishedEarly(n) => Error::wire(
                     what,
-                    problem: format!("stream finished early ({} of {len} bytes read)", start + n),
-                },
+                    format!("stream finished early ({} of {len} bytes read)", start + n),
+                ),
                 other => stream_err(what, other),
             })?;
     }
@@ -88,11 +87,12 @@ static FRAME_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(
 /// Read a tensor body of the announced size, validating values as they arrive.
 pub async fn read_tensor(recv: &mut RecvStream, meta: TensorMeta, max_len: u64) -> Result<Values> {
     if meta.len > max_len {
-        return Err(Error::TooLarge {
+        return Err(fedstat_proto::Error::TooLarge {
             what: "tensor",
             size: meta.byte_len()?,
             limit: max_len.saturating_mul(meta.dtype.size() as u64),
-        });
+        }
+        .into());
     }
     let mut remaining = meta.byte_len()? as usize;
     let mut staging = Staging::new(meta.dtype, meta.len as usize);
@@ -102,12 +102,12 @@ pub async fn read_tensor(recv: &mut RecvStream, meta: TensorMeta, max_len: u64) 
             .await
             .map_err(|e| stream_err("tensor stream", e))?
             .ok_or_else(|| {
-                Error::Rejected(format!("stream ended {remaining} bytes before the tensor did"))
+                fedstat_core::Error::Rejected(format!("stream ended {remaining} bytes before the tensor did"))
             })?;
         remaining -= chunk.bytes.len();
         staging.push(&chunk.bytes)?;
     }
-    staging.finish()
+    Ok(staging.finish()?)
 }
 
 /// Write a tensor body.

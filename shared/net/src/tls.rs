@@ -364,7 +364,7 @@ fn load_roots(path: &Path) -> Result<Arc<RootCertStore>> {
 /// The first private key in a PEM file: PKCS#8, SEC1 or PKCS#1.
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     // Before reading: a key others can read may already be copied, so refuse to rely on it.
-    crate::files::check_private_key(path)?;
+    fedstat_core::files::check_private_key(path)?;
     let key = PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
         pem::Error::NoItemsFound => Error::Pki(format!(
             "{} contains no private key: expected an unencrypted `PRIVATE KEY`, `EC PRIVATE KEY` \

@@ -240,11 +240,12 @@ pub fn sign(
         .map_err(|e| Error::io("cannot read", csr, e))?
         .len();
     if size > MAX_CSR_BYTES {
-        return Err(Error::TooLarge {
+        return Err(fedstat_proto::Error::TooLarge {
             what: "certificate signing request file",
             size,
             limit: MAX_CSR_BYTES,
-        });
+        }
+        .into());
     }
     let pem = fs::read(csr).map_err(|e| Error::io("cannot read", csr, e))?;
     let not_csr = |problem: &str| {
@@ -311,7 +312,7 @@ fn load_ca(ca: &CaDir) -> Result<(Issuer<'static, KeyPair>, String)> {
     let cert_path = ca.dir.join(CA_CERT_FILE);
     let key_path = ca.key_path();
     let cert_pem = fs::read_to_string(&cert_path).map_err(|e| Error::io("cannot read", &cert_path, e))?;
-    crate::files::check_private_key(&key_path)?;
+    fedstat_core::files::check_private_key(&key_path)?;
     let key_pem = fs::read_to_string(&key_path).map_err(|e| Error::io("cannot read", &key_path, e))?;
 
     let key = KeyPair::from_pem(&key_pem).map_err(|_| {
@@ -540,7 +541,7 @@ pub fn revoke(ca: &CaDir, name: &str, cert: Option<&Path>) -> Result<PathBuf> {
         let mut text = fs::read_to_string(&list_path).unwrap_or_default();
         text.push_str(&format!(
             "{} {name} {now}\n",
-            crate::manifest::hex(&list[list.len() - 1].0)
+            fedstat_proto::manifest::hex(&list[list.len() - 1].0)
         ));
         write_file(&list_path, text.as_bytes(), false)?;
     }

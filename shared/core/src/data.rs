@@ -5,10 +5,10 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use ndarray::{Array1, Array2, ArrayView2};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{CsvProblem, DatasetProblem};
 use crate::spec::{DataSchema, ModelKind};
+pub use crate::sums::{ColumnSums, Standardization};
 use crate::{Error, Result};
 
 /// A design matrix and its response.
@@ -469,17 +469,14 @@ fn parse_number(value: &str) -> std::result::Result<f64, CsvProblem> {
     }
 }
 
-/// Sums over the train rows of every non-const design column: what the statistics phase sends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ColumnSums {
-    pub n: u64,
-    pub sum: Vec<f64>,
-    pub sum_sq: Vec<f64>,
+/// Checks of [`ColumnSums`] that came from the network.
+pub trait ColumnSumsExt {
+    /// `k` columns, all finite, sums of squares not negative.
+    fn validate(&self, k: usize) -> Result<()>;
 }
 
-impl ColumnSums {
-    /// Check sums that came from the network: `k` columns, all finite, sums of squares not negative.
-    pub fn validate(&self, k: usize) -> Result<()> {
+impl ColumnSumsExt for ColumnSums {
+    fn validate(&self, k: usize) -> Result<()> {
         if self.sum.len() != k || self.sum_sq.len() != k {
             return Err(Error::Model(format!(
                 "{} sums and {} sums of squares, expected {k} of each",
@@ -515,18 +512,24 @@ pub fn column_sums(x: ArrayView2<f64>) -> ColumnSums {
     }
 }
 
-/// Pooled mean and population sd of every non-const design column.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Standardization {
-    pub mean: Vec<f64>,
-    pub sd: Vec<f64>,
+/// The pooled standardisation: computed from the nodes' sums, checked and applied.
+pub trait StandardizationExt: Sized {
+    /// Combine per-node sums (in a fixed order, e.g. sorted by node name, so the result is
+    /// deterministic). Population sd (ddof 0). Fails naming the column if it is constant over
+    /// the pooled rows, or if there are no rows.
+    fn from_sums(parts: &[ColumnSums], column_names: &[String]) -> Result<Self>;
+    /// Check this fits a design of `p` columns (constant included) and is usable.
+    fn validate(&self, p: usize) -> Result<()>;
+    /// `x_std = (x - mean) / sd` for columns 1.., the constant untouched. Columns without a
+    /// mean/sd are left as they are: call [`StandardizationExt::validate`] first.
+    fn apply(&self, x: &mut Array2<f64>);
 }
 
-impl Standardization {
+impl StandardizationExt for Standardization {
     /// Combine per-node sums (the caller passes them in a fixed order, e.g. sorted by node name, so
     /// the result is deterministic). Population sd (ddof 0). Fails naming the column if it is
     /// constant over the pooled rows, or if there are no rows.
-    pub fn from_sums(parts: &[ColumnSums], column_names: &[String]) -> Result<Self> {
+    fn from_sums(parts: &[ColumnSums], column_names: &[String]) -> Result<Self> {
         let k = column_names.len();
         let mut n: u64 = 0;
         let mut sum = vec![0.0; k];
@@ -570,7 +573,7 @@ impl Standardization {
     }
 
     /// Check this fits a design of `p` columns (constant included) and is usable.
-    pub fn validate(&self, p: usize) -> Result<()> {
+    fn validate(&self, p: usize) -> Result<()> {
         if self.mean.len() + 1 != p || self.sd.len() + 1 != p {
             return Err(Error::Model(format!(
                 "standardisation has {} means and {} sds, the design has {} non-constant columns",
@@ -589,7 +592,7 @@ impl Standardization {
 
     /// `x_std = (x - mean) / sd` for columns 1.., the constant untouched. Columns without a
     /// mean/sd are left as they are: call [`Standardization::validate`] first.
-    pub fn apply(&self, x: &mut Array2<f64>) {
+    fn apply(&self, x: &mut Array2<f64>) {
         for mut row in x.rows_mut() {
             for ((v, m), s) in row.iter_mut().skip(1).zip(&self.mean).zip(&self.sd) {
                 *v = (*v - m) / s;
@@ -608,7 +611,7 @@ pub(crate) mod tests {
     /// The data sets the repository ships: the clean CPS 1988 files (with the pooled reference
     /// fits) under `configs/demo`, the deliberately malformed copies under `tests/data`.
     pub(crate) fn data_dir() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data")
     }
 
     fn cat(column: &str, levels: &[&str]) -> CategoricalFeature {

@@ -12,8 +12,8 @@
 //! update is staged (validated as its chunks arrive) and folded once complete, so a node that
 //! vanishes mid-stream, or sends a NaN in its last chunk, leaves no trace in the sum.
 
-use crate::wire::DType;
 use crate::{Error, Result};
+use fedstat_proto::wire::DType;
 
 /// Fractional bits of the fixed-point representation (resolution 3.6e-15).
 pub const FRAC_BITS: u32 = 48;

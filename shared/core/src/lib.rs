@@ -1,0 +1,24 @@
+//! The core of fedstat, shared by the coordinator and the nodes: spec validation, schema to
+//! design matrix, the models and their local training, the exact aggregation and the round
+//! engine. It never sees the network (no tokio, quinn or rustls) nor the store (no rusqlite):
+//! the binaries feed it events and carry out what it asks.
+//!
+//! Data flow: a node loads its CSV ([`data`]), trains ([`model`]) and answers with a sum; the
+//! coordinator's round engine ([`round`]) folds answers into the exact aggregate
+//! ([`aggregate`]) and records pooled metrics.
+#![forbid(unsafe_code)]
+
+pub mod aggregate;
+pub mod audit;
+pub mod data;
+pub mod error;
+pub mod files;
+pub mod model;
+pub mod round;
+pub mod spec;
+pub mod text;
+
+pub use fedstat_proto as proto;
+pub use fedstat_proto::{manifest, sums, wire};
+
+pub use error::{Error, Result};

@@ -1,0 +1,365 @@
+//! Validation of the experiment form ([`fedstat_proto::spec`], re-exported here): everything
+//! that can be checked without data, with the bounds both sides enforce.
+
+use std::path::Path;
+
+pub use fedstat_proto::spec::*;
+
+use crate::{Error, Result};
+
+/// Largest model the federation accepts, in parameters (a guard against typos, not a design
+/// limit of the aggregator). Coordinators and nodes set tighter limits in their configs.
+pub const MAX_PARAMS: u64 = 100_000_000;
+/// Most levels one categorical feature may declare. Checked before any node allocates a design
+/// matrix, so a spec padded with unused levels is refused from its text alone; a node's policy
+/// (`max_levels`) is usually much tighter.
+pub const MAX_LEVELS: usize = 1_000;
+/// Most design columns a GLM may have (node policies set `max_params` far lower).
+pub const MAX_DESIGN_COLUMNS: usize = 10_000;
+/// Longest experiment name and purpose, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+pub const MAX_PURPOSE_CHARS: usize = 4_000;
+/// Longest column name, level or dataset name, in characters.
+pub const MAX_IDENT_CHARS: usize = 128;
+/// Bounds on the round settings: a phase waits at most a day, a round is retried at most 10
+/// times, and local training makes at most 1000 passes (node policies bound these further).
+pub const MAX_ROUND_TIMEOUT_SECS: u64 = 86_400;
+pub const MAX_ROUND_RETRIES: u32 = 10;
+pub const MAX_LOCAL_EPOCHS: u32 = 1_000;
+
+const WHAT: &str = "experiment";
+
+/// Researchers' text: at most `max` characters, nothing unprintable (see [`crate::text`]).
+fn check_text(key: &str, text: &str, max: usize) -> Result<()> {
+    if text.chars().count() > max {
+        return Err(Error::config(
+            WHAT,
+            key,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if text.chars().any(crate::text::is_unprintable) {
+        return Err(Error::config(
+            WHAT,
+            key,
+            "contains a control or invisible formatting character; use printable text only",
+        ));
+    }
+    Ok(())
+}
+
+/// Parse and validate an experiment TOML file.
+pub fn from_toml_file(path: &Path) -> Result<ExperimentSpec> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+    let spec: ExperimentSpec = toml::from_str(&text).map_err(|e| Error::Toml {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    validate(&spec)?;
+    Ok(spec)
+}
+
+/// Check everything that can be checked without data. Researchers' text (name, purpose,
+/// dataset, columns, levels) must be printable: it is shown to custodians and logged.
+pub fn validate(spec: &ExperimentSpec) -> Result<()> {
+    if spec.name.trim().is_empty() {
+        return Err(Error::config(WHAT, "name", "must not be empty"));
+    }
+    check_text("name", &spec.name, MAX_NAME_CHARS)?;
+    check_text("purpose", &spec.purpose, MAX_PURPOSE_CHARS)?;
+    check_text("dataset", &spec.dataset, MAX_IDENT_CHARS)?;
+    if spec.rounds == 0 || spec.rounds > 100_000 {
+        return Err(Error::config(WHAT, "rounds", "must be between 1 and 100000"));
+    }
+    if spec.min_nodes == 0 {
+        return Err(Error::config(WHAT, "min_nodes", "must be at least 1"));
+    }
+    if spec.round_timeout_secs == 0 || spec.round_timeout_secs > MAX_ROUND_TIMEOUT_SECS {
+        return Err(Error::config(
+            WHAT,
+            "round_timeout_secs",
+            format!("must be between 1 and {MAX_ROUND_TIMEOUT_SECS}"),
+        ));
+    }
+    if spec.max_round_retries > MAX_ROUND_RETRIES {
+        return Err(Error::config(
+            WHAT,
+            "max_round_retries",
+            format!("must be at most {MAX_ROUND_RETRIES}"),
+        ));
+    }
+    let t = &spec.training;
+    if t.local_epochs == 0 || t.local_epochs > MAX_LOCAL_EPOCHS {
+        return Err(Error::config(
+            WHAT,
+            "training.local_epochs",
+            format!("must be between 1 and {MAX_LOCAL_EPOCHS}"),
+        ));
+    }
+    if t.batch_size == 0 {
+        return Err(Error::config(WHAT, "training.batch_size", "must be at least 1"));
+    }
+    if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+        return Err(Error::config(
+            WHAT,
+            "training.learning_rate",
+            "must be a positive number",
+        ));
+    }
+    if !(t.l2.is_finite() && t.l2 >= 0.0) {
+        return Err(Error::config(WHAT, "training.l2", "must be zero or positive"));
+    }
+    match spec.model {
+        ModelKind::Echo => {
+            let echo = spec
+                .echo
+                .as_ref()
+                .ok_or_else(|| Error::config(WHAT, "echo", "required when model = \"echo\""))?;
+            if echo.params == 0 || echo.params > MAX_PARAMS {
+                return Err(Error::config(
+                    WHAT,
+                    "echo.params",
+                    format!("must be between 1 and {MAX_PARAMS}"),
+                ));
+            }
+        }
+        ModelKind::Linear | ModelKind::Logistic => {
+            if spec.dataset.trim().is_empty() {
+                return Err(Error::config(
+                    WHAT,
+                    "dataset",
+                    "must name a dataset the nodes offer",
+                ));
+            }
+            let schema = spec
+                .schema
+                .as_ref()
+                .ok_or_else(|| Error::config(WHAT, "schema", "required for linear and logistic models"))?;
+            validate_schema(schema, spec.model)?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_schema(schema: &DataSchema, model: ModelKind) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut check_col = |key: &str, col: &str| -> Result<()> {
+        if col.trim().is_empty() {
+            return Err(Error::config(WHAT, key, "column name must not be empty"));
+        }
+        check_text(key, col, MAX_IDENT_CHARS)?;
+        if !seen.insert(col.to_owned()) {
+            return Err(Error::config(WHAT, key, format!("column `{col}` is used twice")));
+        }
+        Ok(())
+    };
+    check_col("schema.split_column", &schema.split_column)?;
+    check_col("schema.target.column", &schema.target.column)?;
+    for f in &schema.numeric {
+        check_col("schema.numeric.column", &f.column)?;
+    }
+    for f in &schema.categorical {
+        check_col("schema.categorical.column", &f.column)?;
+        if f.levels.len() > MAX_LEVELS {
+            return Err(Error::config(
+                WHAT,
+                "schema.categorical.levels",
+                format!("column `{}` lists more than {MAX_LEVELS} levels", f.column),
+            ));
+        }
+        for level in &f.levels {
+            check_text("schema.categorical.levels", level, MAX_IDENT_CHARS)?;
+        }
+        if f.levels.len() < 2 {
+            return Err(Error::config(
+                WHAT,
+                "schema.categorical.levels",
+                format!("column `{}` needs at least two levels", f.column),
+            ));
+        }
+        let distinct: std::collections::BTreeSet<_> = f.levels.iter().collect();
+        if distinct.len() != f.levels.len() {
+            return Err(Error::config(
+                WHAT,
+                "schema.categorical.levels",
+                format!("column `{}` lists a level twice", f.column),
+            ));
+        }
+        if !f.levels.contains(&f.reference) {
+            return Err(Error::config(
+                WHAT,
+                "schema.categorical.reference",
+                format!("reference level of column `{}` is not among its levels", f.column),
+            ));
+        }
+    }
+    if schema.numeric.is_empty() && schema.categorical.is_empty() {
+        return Err(Error::config(
+            WHAT,
+            "schema",
+            "needs at least one numeric or categorical feature",
+        ));
+    }
+    if schema.design_width() > MAX_DESIGN_COLUMNS {
+        return Err(Error::config(
+            WHAT,
+            "schema",
+            format!("the design would have more than {MAX_DESIGN_COLUMNS} columns"),
+        ));
+    }
+    let t = &schema.target;
+    if let Some(level) = &t.positive_level {
+        check_text("schema.target.positive_level", level, MAX_IDENT_CHARS)?;
+    }
+    match model {
+        ModelKind::Linear => {
+            if t.threshold.is_some() || t.positive_level.is_some() {
+                return Err(Error::config(
+                    WHAT,
+                    "schema.target",
+                    "threshold and positive_level apply to logistic models only",
+                ));
+            }
+        }
+        ModelKind::Logistic => {
+            if t.log {
+                return Err(Error::config(
+                    WHAT,
+                    "schema.target.log",
+                    "applies to linear models only",
+                ));
+            }
+            match (&t.threshold, &t.positive_level) {
+                (Some(th), None) if th.is_finite() => {}
+                (Some(_), None) => {
+                    return Err(Error::config(
+                        WHAT,
+                        "schema.target.threshold",
+                        "must be a finite number",
+                    ))
+                }
+                (None, Some(_)) => {}
+                _ => {
+                    return Err(Error::config(
+                        WHAT,
+                        "schema.target",
+                        "a logistic target needs exactly one of `threshold` or `positive_level`",
+                    ))
+                }
+            }
+        }
+        ModelKind::Echo => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logit_toml() -> &'static str {
+        r#"
+name = "high wage"
+dataset = "cps1988"
+model = "logistic"
+rounds = 5
+[schema]
+target = { column = "wage", threshold = 522.32 }
+numeric = [{ column = "education" }, { column = "experience", squared = true }]
+categorical = [
+  { column = "ethnicity", levels = ["cauc", "afam"], reference = "cauc" },
+  { column = "smsa", levels = ["no", "yes"], reference = "no" },
+]
+"#
+    }
+
+    #[test]
+    fn design_columns_follow_the_reference_order() {
+        let spec: ExperimentSpec = toml::from_str(logit_toml()).expect("parse");
+        validate(&spec).expect("valid");
+        let cols = spec
+            .schema
+            .as_ref()
+            .map(|s| s.design_columns())
+            .unwrap_or_default();
+        assert_eq!(
+            cols,
+            [
+                "const",
+                "education",
+                "experience",
+                "experience^2",
+                "ethnicity=afam",
+                "smsa=yes"
+            ]
+        );
+        assert_eq!(spec.num_params(), 6);
+    }
+
+    #[test]
+    fn invalid_specs_name_the_key() {
+        let check = |edit: &dyn Fn(&mut ExperimentSpec), key: &str| {
+            let mut spec: ExperimentSpec = toml::from_str(logit_toml()).expect("parse");
+            edit(&mut spec);
+            let err = validate(&spec).expect_err("must be invalid").to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        };
+        check(&|s| s.rounds = 0, "rounds");
+        check(&|s| s.training.learning_rate = f64::NAN, "training.learning_rate");
+        check(
+            &|s| {
+                if let Some(schema) = s.schema.as_mut() {
+                    schema.target.threshold = None;
+                }
+            },
+            "schema.target",
+        );
+        check(
+            &|s| {
+                if let Some(schema) = s.schema.as_mut() {
+                    schema.categorical[0].reference = "other".into();
+                }
+            },
+            "schema.categorical.reference",
+        );
+        check(&|s| s.model = ModelKind::Echo, "echo");
+        check(&|s| s.name = "a\u{1b}[2Jname".into(), "name");
+        check(&|s| s.purpose = "why\u{202E}".into(), "purpose");
+        check(&|s| s.max_round_retries = 11, "max_round_retries");
+        check(&|s| s.round_timeout_secs = 86_401, "round_timeout_secs");
+        check(&|s| s.training.local_epochs = 1_001, "training.local_epochs");
+        check(
+            &|s| {
+                if let Some(schema) = s.schema.as_mut() {
+                    let f = &mut schema.categorical[0];
+                    f.levels.extend((0..1_000).map(|i| format!("pad{i}")));
+                }
+            },
+            "schema.categorical.levels",
+        );
+        check(
+            &|s| {
+                if let Some(schema) = s.schema.as_mut() {
+                    schema.categorical[1].levels[1] = "y\nes".into();
+                }
+            },
+            "schema.categorical.levels",
+        );
+    }
+
+    #[test]
+    fn design_width_matches_the_column_names() {
+        let spec: ExperimentSpec = toml::from_str(logit_toml()).expect("parse");
+        let schema = spec.schema.as_ref().expect("schema");
+        assert_eq!(schema.design_width(), schema.design_columns().len());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = format!(
+            "{}\nlearning_rat = 0.1\n",
+            logit_toml().replace("[schema]", "bogus = 1\n[schema]")
+        );
+        assert!(toml::from_str::<ExperimentSpec>(&text).is_err());
+    }
+}
