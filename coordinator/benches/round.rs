@@ -32,8 +32,8 @@
 //! - d. peak RSS of the coordinator (VmHWM from /proc/PID/status at the end of the run) in b
 //!   and in the same run with 50 nodes (1 warm-up + 3 rounds); node side: the sum of the
 //!   nodes' VmHWM and the peak of their summed VmRSS (sampled every 50 ms);
-//! - e. `FedAvg::fold` of 10 updates x 10M params, f32 and f64: GB/s of input bytes, median
-//!   of 5 reps; a rep times `FedAvg::new` (the accumulator is fresh each round in the real
+//! - e. `ExactSum::fold` of 10 updates x 10M params, f32 and f64: GB/s of input bytes, median
+//!   of 5 reps; a rep times `ExactSum::new` (the accumulator is fresh each round in the real
 //!   coordinator, page faults included) and the ten folds.
 //!
 //! What is timed: a round's time is the coordinator's own `RoundRecord.round_ms` (from the
@@ -58,7 +58,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fedstat_coordinator::client::Client;
 use fedstat_coordinator::config::ResearcherConfig;
-use fedstat_core::aggregate::{FedAvg, Values};
+use fedstat_core::aggregate::{ExactSum, Values};
 use fedstat_core::spec::{EchoSpec, ExperimentSpec};
 use fedstat_proto::wire::{DType, ExperimentState};
 use serde_json::{json, Value};
@@ -700,7 +700,7 @@ fn update(len: usize, seed: u64, dtype: DType) -> Values {
     }
 }
 
-/// Case e: `FedAvg::new` + 10 folds of 10M parameters, GB/s of input bytes.
+/// Case e: `ExactSum::new` + 10 folds of 10M parameters, GB/s of input bytes.
 fn aggregation(dtype: DType, reps: usize) -> Value {
     const UPDATES: usize = 10;
     let len = LARGE as usize;
@@ -711,7 +711,7 @@ fn aggregation(dtype: DType, reps: usize) -> Value {
     let mut average_ms = Vec::new();
     for _ in 0..reps {
         let t = Instant::now();
-        let mut agg = FedAvg::new(dtype, len);
+        let mut agg = ExactSum::new(dtype, len);
         let mut folds = Vec::with_capacity(UPDATES);
         for u in &updates {
             let f = Instant::now();
@@ -731,7 +731,7 @@ fn aggregation(dtype: DType, reps: usize) -> Value {
     let (wmd, _, _) = stats(&warm_gbs);
     let (amd, _, _) = stats(&average_ms);
     println!(
-        "  FedAvg {dtype:?}: new + 10 folds {md:.2} GB/s ({lo:.2}-{hi:.2}); folds into a mapped accumulator {wmd:.2} GB/s; average() {amd:.0} ms"
+        "  ExactSum {dtype:?}: new + 10 folds {md:.2} GB/s ({lo:.2}-{hi:.2}); folds into a mapped accumulator {wmd:.2} GB/s; average() {amd:.0} ms"
     );
     json!({
         "dtype": format!("{dtype:?}"),
@@ -874,7 +874,7 @@ fn markdown(report: &Value) -> String {
         }
     }
     if let Some(aggs) = report["aggregation"].as_array() {
-        let _ = writeln!(md, "\n| e. FedAvg, 10 updates x 10M params | new + 10 folds GB/s, median (min-max) | folds into mapped accumulator GB/s | average() ms |");
+        let _ = writeln!(md, "\n| e. ExactSum, 10 updates x 10M params | new + 10 folds GB/s, median (min-max) | folds into mapped accumulator GB/s | average() ms |");
         let _ = writeln!(md, "|---|---|---|---|");
         for a in aggs {
             let g = &a["new_plus_folds_gb_per_s"];

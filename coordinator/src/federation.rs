@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fedstat_core::aggregate::Values;
-use fedstat_core::round::{Experiment, Progress, Rejection, Transmit};
+use fedstat_core::engine::{Experiment, Progress, Rejection, Transmit};
 use fedstat_core::spec::ExperimentSpec;
 use fedstat_net::identity::{PeerIdentity, Role};
 use fedstat_proto::wire::{
-    encoded_len, CoordMsg, ExperimentId, ExperimentStatus, NodeInfo, NodeMsg, Request, Response,
-    ResultsHeader, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION, STATUS_BUDGET, STATUS_PAGE_BUDGET,
+    encoded_len, AnswerHeader, CoordMsg, ExperimentId, ExperimentStatus, NodeInfo, NodeMsg, Request,
+    Response, ResultsHeader, Task, TensorMeta, PROTOCOL_VERSION, STATUS_BUDGET, STATUS_PAGE_BUDGET,
     STATUS_PAGE_LEN,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -40,16 +40,16 @@ pub enum Event {
         name: String,
         msg: NodeMsg,
     },
-    /// An update header arrived; the answer says whether to read its bytes.
-    UpdateBegin {
+    /// An answer's header arrived; the reply says whether to read its bytes.
+    AnswerBegin {
         name: String,
-        header: UpdateHeader,
+        header: AnswerHeader,
         reply: oneshot::Sender<Result<TensorMeta, String>>,
     },
-    /// An update's bytes were read (or failed to be).
-    UpdateDone {
+    /// An answer's bytes were read (or failed to be).
+    AnswerDone {
         name: String,
-        header: UpdateHeader,
+        header: AnswerHeader,
         values: Result<Values, String>,
         /// The staging slot, released after the fold: read, queued and folding updates
         /// together stay within `limits.max_concurrent_updates`.
@@ -234,9 +234,9 @@ impl Federation {
                 }
             }
             Event::FromNode { name, msg } => self.node_message(now, &name, msg),
-            Event::UpdateBegin { name, header, reply } => {
+            Event::AnswerBegin { name, header, reply } => {
                 let answer = match self.experiments.get_mut(&header.experiment) {
-                    Some(exp) => exp.begin_update(now, &name, &header),
+                    Some(exp) => exp.begin_answer(now, &name, &header),
                     None => Err(Rejection::UnknownExperiment {
                         experiment: header.experiment,
                     }),
@@ -250,14 +250,14 @@ impl Federation {
                 }
                 let _ = reply.send(answer.map_err(|r| r.to_string()));
             }
-            Event::UpdateDone {
+            Event::AnswerDone {
                 name,
                 header,
                 values,
                 permit,
             } => {
                 let result = match self.experiments.get_mut(&header.experiment) {
-                    Some(exp) => exp.handle_update(now, &name, &header, values),
+                    Some(exp) => exp.handle_answer(now, &name, &header, values),
                     None => Err(Rejection::UnknownExperiment {
                         experiment: header.experiment,
                     }),
@@ -272,7 +272,7 @@ impl Federation {
                     "update_received",
                     json!({
                         "node": name, "experiment": header.experiment, "round": header.round,
-                        "rows": header.num_examples, "parameters": header.tensor.len,
+                        "phase": header.phase, "weight": header.weight, "values": header.tensor.len,
                         "accepted": result.is_ok(), "reason": result.err(),
                     }),
                 );
@@ -335,30 +335,8 @@ impl Federation {
     }
 
     fn node_message(&mut self, now: Instant, name: &str, msg: NodeMsg) {
-        let (experiment, round, result) = match msg {
-            NodeMsg::Heartbeat | NodeMsg::Hello { .. } => return,
-            NodeMsg::StatsReply {
-                experiment,
-                round,
-                sums,
-            } => (
-                experiment,
-                round,
-                self.experiments
-                    .get_mut(&experiment)
-                    .map(|e| e.handle_stats(now, name, round, sums)),
-            ),
-            NodeMsg::EvalReply {
-                experiment,
-                round,
-                sums,
-            } => (
-                experiment,
-                round,
-                self.experiments
-                    .get_mut(&experiment)
-                    .map(|e| e.handle_eval(now, name, round, sums)),
-            ),
+        match msg {
+            NodeMsg::Heartbeat | NodeMsg::Hello { .. } => {}
             NodeMsg::Held {
                 experiment,
                 round,
@@ -368,7 +346,6 @@ impl Federation {
                 if let Some(e) = self.experiments.get_mut(&experiment) {
                     e.handle_held(now, name, round, phase, &manifest);
                 }
-                return;
             }
             NodeMsg::TaskFailed {
                 experiment,
@@ -380,13 +357,7 @@ impl Federation {
                 if let Some(e) = self.experiments.get_mut(&experiment) {
                     e.handle_failure(now, name, round, phase, &reason);
                 }
-                return;
             }
-        };
-        match result {
-            None => tracing::warn!(node = %name, experiment, "answer for an unknown experiment ignored"),
-            Some(Err(r)) => tracing::warn!(node = %name, experiment, round, "answer not used: {r}"),
-            Some(Ok(())) => {}
         }
     }
 

@@ -12,7 +12,7 @@ use fedstat_net::identity::{peer_identity, PeerIdentity, Role};
 use fedstat_net::tls;
 use fedstat_net::transport::{read_frame, read_frame_payload, read_tensor, write_frame, write_tensor};
 use fedstat_proto::wire::{
-    decode_payload, CoordMsg, NodeMsg, Request, Response, UpdateHeader, PROTOCOL_VERSION,
+    decode_payload, AnswerHeader, CoordMsg, NodeMsg, Request, Response, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
@@ -705,7 +705,7 @@ async fn accept_updates(conn: quinn::Connection, name: String, shared: Shared) {
 async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
     let header = match tokio::time::timeout(
         shared.handshake_timeout,
-        read_frame::<UpdateHeader>(&mut recv, "update header"),
+        read_frame::<AnswerHeader>(&mut recv, "update header"),
     )
     .await
     {
@@ -723,7 +723,7 @@ async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
         }
     };
     let (reply, answer) = oneshot::channel();
-    let begin = Event::UpdateBegin {
+    let begin = Event::AnswerBegin {
         name: name.clone(),
         header: header.clone(),
         reply,
@@ -752,7 +752,7 @@ async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
     }
     let _ = shared
         .events
-        .send(Event::UpdateDone {
+        .send(Event::AnswerDone {
             name,
             header,
             values,

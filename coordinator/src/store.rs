@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use fedstat_core::aggregate::Values;
 use fedstat_core::audit::now_rfc3339;
 use fedstat_core::data::Standardization;
-use fedstat_core::round::Restored;
+use fedstat_core::engine::Restored;
 use fedstat_core::spec::ExperimentSpec;
 use fedstat_proto::manifest::{hex, Manifest};
 use fedstat_proto::wire::{DType, EventRecord, ExperimentId, ExperimentState, RoundRecord};

@@ -6,14 +6,15 @@
 use std::path::{Path, PathBuf};
 
 use fedstat_core::aggregate::Values;
+use fedstat_core::algorithm::{evaluate, standardize};
 use fedstat_core::audit::AuditLog;
 use fedstat_core::data::{ColumnSums, Standardization};
 use fedstat_core::model::{EvalSums, Metrics};
 use fedstat_core::spec::ExperimentSpec;
 use fedstat_net::identity::Role;
 use fedstat_proto::wire::{
-    encode_frame, CoordMsg, DType, ExperimentState, ExperimentStatus, NodeInfo, NodeMsg, Phase, Request,
-    Response, ResultsHeader, RoundRecord, Task, TensorMeta, UpdateHeader,
+    encode_frame, AnswerHeader, CoordMsg, DType, ExperimentState, ExperimentStatus, NodeInfo, NodeMsg, Phase,
+    Request, Response, ResultsHeader, RoundRecord, Task, TensorMeta,
 };
 use serde::Serialize;
 
@@ -50,8 +51,8 @@ fn main() {
         sse: 3.0,
         sum_y: 20.0,
         sum_y2: 30.0,
-        hist_pos: vec![1; 4096],
-        hist_neg: vec![2; 4096],
+        hist_pos: vec![1; 100],
+        hist_neg: vec![2; 100],
     };
     let sums = ColumnSums {
         n: 40,
@@ -71,16 +72,6 @@ fn main() {
     let control = [
         hello.clone(),
         frame(&NodeMsg::Heartbeat),
-        frame(&NodeMsg::StatsReply {
-            experiment: 1,
-            round: 0,
-            sums: sums.clone(),
-        }),
-        frame(&NodeMsg::EvalReply {
-            experiment: 1,
-            round: 2,
-            sums: eval,
-        }),
         frame(&NodeMsg::Held {
             experiment: 1,
             round: 1,
@@ -100,14 +91,38 @@ fn main() {
         .into_iter()
         .enumerate()
     {
-        let header = UpdateHeader {
+        let header = AnswerHeader {
             experiment: 1,
             round: 1,
-            num_examples: 40,
-            train_loss: 0.7,
+            phase: Phase::Train,
+            weight: 40,
+            aux: vec![0.7],
             tensor: TensorMeta { dtype, len: 3 },
         };
         write(t, &format!("update-{i}"), 1, &[frame(&header), body.clone()]);
+    }
+    // Statistics and evaluation answers, encoded as the node encodes them.
+    for (name, phase, values) in [
+        ("stats", Phase::Stats, standardize::answer(&sums)),
+        ("eval", Phase::Evaluate, evaluate::answer(&eval)),
+    ] {
+        let header = AnswerHeader {
+            experiment: 1,
+            round: 2,
+            phase,
+            weight: 1,
+            aux: Vec::new(),
+            tensor: TensorMeta {
+                dtype: DType::F64,
+                len: values.len() as u64,
+            },
+        };
+        write(
+            t,
+            &format!("answer-{name}"),
+            1,
+            &[frame(&header), values.to_le_bytes()],
+        );
     }
     let requests = [
         frame(&Request::Hello { protocol: 2 }),

@@ -74,13 +74,13 @@ fuzz_target!(|data: &[u8]| {
         && tensor_to_f64(input.bytes, dtype)
             .expect("whole values")
             .iter()
-            .all(|x| x.abs() < fedstat_core::aggregate::MAX_ABS_PARAM);
+            .all(|x| x.abs() < fedstat_core::aggregate::MAX_ABS_VALUE);
     assert_eq!(whole.is_ok(), expected_ok, "{whole:?}");
     if let Ok(values) = whole {
         assert_eq!(values.len(), len);
         assert_eq!(values.dtype(), dtype);
         let decoded = tensor_to_f64(input.bytes, dtype).expect("whole values");
         assert_eq!(values.to_f64(), decoded);
-        let _ = fedstat_core::aggregate::validate(&values);
+        let _ = fedstat_core::aggregate::validate(&values, fedstat_core::aggregate::MAX_ABS_PARAM);
     }
 });

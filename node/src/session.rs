@@ -9,12 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedstat_core::aggregate::Values;
-use fedstat_core::data::ColumnSums;
-use fedstat_core::model::EvalSums;
 use fedstat_net::tls;
 use fedstat_net::transport::{read_frame, read_tensor, write_frame, write_tensor};
 use fedstat_proto::manifest::Manifest;
-use fedstat_proto::wire::{CoordMsg, NodeMsg, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION};
+use fedstat_proto::wire::{AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, PROTOCOL_VERSION};
 use rand::Rng;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -23,7 +21,7 @@ use tracing::Instrument;
 
 use crate::config::NodeConfig;
 use crate::governance::{Admission, Governance};
-use crate::worker::{Outcome, Worker};
+use crate::worker::Worker;
 use crate::{Error, Result};
 
 /// Protocol heartbeat: proves the node process (not only its connection) is alive, also during
@@ -241,13 +239,11 @@ async fn session(
 /// What a task comes to, ready to send.
 enum Step {
     Held(String),
-    Stats(ColumnSums),
-    Eval(EvalSums),
-    Update {
+    Answer {
         tensor: TensorMeta,
         bytes: Vec<u8>,
-        num_examples: u64,
-        train_loss: f64,
+        weight: u64,
+        aux: Vec<f64>,
     },
 }
 
@@ -317,34 +313,21 @@ async fn task(
                     manifest,
                 })
                 .map_err(closed),
-            Step::Stats(sums) => ctl
-                .send(NodeMsg::StatsReply {
-                    experiment,
-                    round,
-                    sums,
-                })
-                .map_err(closed),
-            Step::Eval(sums) => ctl
-                .send(NodeMsg::EvalReply {
-                    experiment,
-                    round,
-                    sums,
-                })
-                .map_err(closed),
-            Step::Update {
+            Step::Answer {
                 tensor,
                 bytes,
-                num_examples,
-                train_loss,
+                weight,
+                aux,
             } => {
-                let header = UpdateHeader {
+                let header = AnswerHeader {
                     experiment,
                     round,
-                    num_examples,
-                    train_loss,
+                    phase,
+                    weight,
+                    aux,
                     tensor,
                 };
-                send_update(&conn, &header, &bytes).await
+                send_answer(&conn, &header, &bytes).await
             }
         };
         match sent {
@@ -394,35 +377,23 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
             tracing::error!("cannot write the audit log, nothing is sent: {e}");
             Error::AuditUnavailable
         };
-        let outcome = worker.run(task, &hash, model)?;
+        let answer = worker.run(task, &hash, model)?;
         gov.record_binding(task, &inputs).map_err(blocked)?;
-        Ok(match outcome {
-            Outcome::Stats(sums) => {
-                gov.record_answer(task, &hash).map_err(blocked)?;
-                Step::Stats(sums)
-            }
-            Outcome::Eval(sums) => {
-                gov.record_answer(task, &hash).map_err(blocked)?;
-                Step::Eval(sums)
-            }
-            Outcome::Update {
-                values,
-                num_examples,
-                train_loss,
-            } => {
-                let bytes = values.to_le_bytes();
-                gov.record_update(task, &hash, num_examples, &bytes)
-                    .map_err(blocked)?;
-                Step::Update {
-                    tensor: TensorMeta {
-                        dtype: values.dtype(),
-                        len: values.len() as u64,
-                    },
-                    bytes,
-                    num_examples,
-                    train_loss,
-                }
-            }
+        let bytes = answer.values.to_le_bytes();
+        if task.phase == Phase::Train {
+            gov.record_update(task, &hash, answer.weight, &bytes)
+                .map_err(blocked)?;
+        } else {
+            gov.record_answer(task, &hash).map_err(blocked)?;
+        }
+        Ok(Step::Answer {
+            tensor: TensorMeta {
+                dtype: answer.values.dtype(),
+                len: answer.values.len() as u64,
+            },
+            bytes,
+            weight: answer.weight,
+            aux: answer.aux,
         })
     })();
     if let Err(e) = &result {
@@ -443,7 +414,7 @@ fn fail(ctl: &mpsc::UnboundedSender<NodeMsg>, task: &Task, error: &Error) {
     });
 }
 
-async fn send_update(conn: &quinn::Connection, header: &UpdateHeader, bytes: &[u8]) -> Result<(), String> {
+async fn send_answer(conn: &quinn::Connection, header: &AnswerHeader, bytes: &[u8]) -> Result<(), String> {
     let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
     write_frame(&mut s, header).await.map_err(|e| e.to_string())?;
     write_tensor(&mut s, bytes).await.map_err(|e| e.to_string())?;

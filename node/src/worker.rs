@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use fedstat_core::aggregate::Values;
-use fedstat_core::data::{
-    column_sums, load_csv, ColumnSums, LoadLimits, LocalData, Standardization, StandardizationExt,
-};
-use fedstat_core::model::{evaluate, train_sgd, EvalSums};
+use fedstat_core::algorithm::{self, standardize};
+use fedstat_core::data::{column_sums, load_csv, LoadLimits, LocalData, Standardization, StandardizationExt};
+use fedstat_core::model::{evaluate, train_sgd};
 use fedstat_core::spec::ModelKind;
 use fedstat_proto::wire::{Phase, Task};
 use rand::{Rng, SeedableRng};
@@ -27,17 +26,26 @@ pub const ECHO_EXAMPLES: u64 = 100;
 /// Prepared datasets kept in memory.
 const CACHE_SIZE: usize = 4;
 
-/// A task's result, to be sent back.
+/// A task's answer, to be sent back: one vector the coordinator sums over the nodes.
 #[derive(Debug)]
-pub enum Outcome {
-    Stats(ColumnSums),
-    Update {
-        values: Values,
-        /// The update's weight: training rows rounded to the policy's `count_rounding`.
-        num_examples: u64,
-        train_loss: f64,
-    },
-    Eval(EvalSums),
+pub struct Answer {
+    pub values: Values,
+    /// Its weight in a weighted mean (training rows rounded to the policy's
+    /// `count_rounding`); 1 for plain sums.
+    pub weight: u64,
+    /// Side figures summed with the same weight (training: the mean local loss).
+    pub aux: Vec<f64>,
+}
+
+impl Answer {
+    /// An answer to a plain sum.
+    fn sum(values: Values) -> Self {
+        Answer {
+            values,
+            weight: 1,
+            aux: Vec::new(),
+        }
+    }
 }
 
 /// Which data a cache entry holds: the experiment's manifest (its schema) and the version of
@@ -98,8 +106,10 @@ impl Worker {
     }
 
     /// Do one task admitted under the manifest hashing to `manifest`. `model` is the global
-    /// model for Train and Evaluate.
-    pub fn run(&self, task: &Task, manifest: &str, model: Option<Values>) -> Result<Outcome> {
+    /// model for Train and Evaluate. The match on the phase is the registry of local
+    /// computations: each phase's answer is encoded by its algorithm's module in
+    /// `fedstat_core::algorithm`, the same module that reads the pooled sum at the coordinator.
+    pub fn run(&self, task: &Task, manifest: &str, model: Option<Values>) -> Result<Answer> {
         let spec = &task.spec;
         if spec.model == ModelKind::Echo {
             return self.echo(task, model);
@@ -112,7 +122,9 @@ impl Worker {
             Ok(m.to_f64())
         };
         match task.phase {
-            Phase::Stats => Ok(Outcome::Stats(column_sums(data.train.x.view()))),
+            Phase::Stats => Ok(Answer::sum(standardize::answer(&column_sums(
+                data.train.x.view(),
+            )))),
             Phase::Train => {
                 let init = model_f64()?;
                 let seed = task_seed(spec.training.seed, task.round, &self.name);
@@ -124,26 +136,22 @@ impl Worker {
                     &spec.training,
                     seed,
                 )?;
-                Ok(Outcome::Update {
+                Ok(Answer {
                     values: Values::F64(out.params),
-                    num_examples: self.gov.policy().rounded_count(data.train.rows() as u64),
-                    train_loss: out.mean_loss,
+                    weight: self.gov.policy().rounded_count(data.train.rows() as u64),
+                    aux: vec![out.mean_loss],
                 })
             }
             Phase::Evaluate => {
                 let params = model_f64()?;
-                Ok(Outcome::Eval(evaluate(
-                    spec.model,
-                    data.test.x.view(),
-                    data.test.y.view(),
-                    &params,
-                )?))
+                let sums = evaluate(spec.model, data.test.x.view(), data.test.y.view(), &params)?;
+                Ok(Answer::sum(algorithm::evaluate::answer(&sums)))
             }
         }
     }
 
     /// The diagnostic model: the global parameters plus a small seeded change.
-    fn echo(&self, task: &Task, model: Option<Values>) -> Result<Outcome> {
+    fn echo(&self, task: &Task, model: Option<Values>) -> Result<Answer> {
         let Some(Values::F32(mut v)) = model else {
             return Err(shared_model("an echo task must carry a float32 model"));
         };
@@ -154,10 +162,10 @@ impl Worker {
         ));
         let delta: f32 = rng.gen_range(-1e-3..1e-3);
         v.iter_mut().for_each(|x| *x += delta);
-        Ok(Outcome::Update {
+        Ok(Answer {
             values: Values::F32(v),
-            num_examples: ECHO_EXAMPLES,
-            train_loss: 0.0,
+            weight: ECHO_EXAMPLES,
+            aux: vec![0.0],
         })
     }
 

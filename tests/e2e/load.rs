@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use fedstat_net::tls::{client_config, TlsFiles};
 use fedstat_net::transport::{read_frame, write_frame};
 use fedstat_proto::wire::{
-    encode_frame, CoordMsg, DType, NodeMsg, Response, TensorMeta, UpdateHeader, PROTOCOL_VERSION,
+    encode_frame, AnswerHeader, CoordMsg, DType, NodeMsg, Phase, Response, TensorMeta, PROTOCOL_VERSION,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -108,11 +108,12 @@ fn malformed_frame(i: u64, junk: &mut Junk) -> Vec<u8> {
             prefixed(n as u32, junk.bytes(n / 2))
         }
         5 => {
-            let header = UpdateHeader {
+            let header = AnswerHeader {
                 experiment: junk.below(4),
                 round: junk.below(10) as u32,
-                num_examples: 100,
-                train_loss: 0.5,
+                phase: Phase::Train,
+                weight: 100,
+                aux: vec![0.5],
                 tensor: TensorMeta {
                     dtype: DType::F64,
                     len: 9,
@@ -123,11 +124,12 @@ fn malformed_frame(i: u64, junk: &mut Junk) -> Vec<u8> {
             out
         }
         _ => {
-            let header = UpdateHeader {
+            let header = AnswerHeader {
                 experiment: 1,
                 round: 1,
-                num_examples: u64::MAX,
-                train_loss: f64::NAN,
+                phase: Phase::Train,
+                weight: u64::MAX,
+                aux: vec![f64::NAN; 3],
                 tensor: TensorMeta {
                     dtype: DType::F32,
                     len: u64::MAX,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use fedstat_core::data::ColumnSums;
 use fedstat_net::tls::{client_config, TlsFiles};
 use fedstat_net::transport::{read_frame, read_tensor, write_frame, write_tensor};
-use fedstat_proto::wire::{CoordMsg, NodeMsg, Phase, Task, TensorMeta, UpdateHeader, PROTOCOL_VERSION};
+use fedstat_proto::wire::{AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, PROTOCOL_VERSION};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Misbehaviour {
@@ -103,15 +103,13 @@ async fn answer(
     match task.phase {
         // Plausible statistics (mean 0.5, variance 0.25 over 50 rows), so it stays selected.
         Phase::Stats => {
-            let _ = tx.send(NodeMsg::StatsReply {
-                experiment: task.experiment,
-                round: task.round,
-                sums: ColumnSums {
-                    n: 50,
-                    sum: vec![25.0; k],
-                    sum_sq: vec![25.0; k],
-                },
-            });
+            let sums = ColumnSums {
+                n: 50,
+                sum: vec![25.0; k],
+                sum_sq: vec![25.0; k],
+            };
+            let values = fedstat_core::algorithm::standardize::answer(&sums).to_f64();
+            send_answer(conn, task, 1, Vec::new(), &values).await;
         }
         Phase::Train => {
             let mut params = model.unwrap_or_default();
@@ -125,22 +123,7 @@ async fn answer(
                 }
                 Misbehaviour::NotANumber => params[2] = f64::NAN,
             }
-            let header = UpdateHeader {
-                experiment: task.experiment,
-                round: task.round,
-                num_examples: 50,
-                train_loss: 0.5,
-                tensor: TensorMeta {
-                    dtype: fedstat_proto::wire::DType::F64,
-                    len: params.len() as u64,
-                },
-            };
-            if let Ok(mut s) = conn.open_uni().await {
-                let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
-                let _ = write_frame(&mut s, &header).await;
-                let _ = write_tensor(&mut s, &bytes).await;
-                let _ = s.finish();
-            }
+            send_answer(conn, task, 50, vec![0.5], &params).await;
         }
         Phase::Evaluate => {
             let _ = tx.send(NodeMsg::TaskFailed {
@@ -150,5 +133,26 @@ async fn answer(
                 reason: "rogue node does not evaluate".into(),
             });
         }
+    }
+}
+
+/// Send an answer to `task` on a stream of its own.
+async fn send_answer(conn: &quinn::Connection, task: &Task, weight: u64, aux: Vec<f64>, values: &[f64]) {
+    let header = AnswerHeader {
+        experiment: task.experiment,
+        round: task.round,
+        phase: task.phase,
+        weight,
+        aux,
+        tensor: TensorMeta {
+            dtype: fedstat_proto::wire::DType::F64,
+            len: values.len() as u64,
+        },
+    };
+    if let Ok(mut s) = conn.open_uni().await {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let _ = write_frame(&mut s, &header).await;
+        let _ = write_tensor(&mut s, &bytes).await;
+        let _ = s.finish();
     }
 }

@@ -1,12 +1,19 @@
-//! Exact, order-independent federated averaging.
+//! Aggregators: how the engine combines the nodes' answers to one step.
 //!
-//! Floating-point addition is not associative, so a running `f64` sum would depend on the order
-//! in which updates arrive. Instead every parameter is converted to fixed point (`FRAC_BITS`
-//! fractional bits, truncated toward zero: a deterministic function of the value alone) and
-//! multiplied by the update's integer weight; these `i128` products are summed exactly. Integer
-//! addition is associative and commutative, so the aggregate is bit-identical under any
-//! permutation of arrival order. Bounds: |parameter| < 2^31 and total weight < 2^47 keep every
-//! partial sum below 2^126, so no sum can overflow.
+//! The default, [`ExactSum`], is exact, order-independent and streaming. Floating-point
+//! addition is not associative, so a running `f64` sum would depend on the order in which
+//! answers arrive. Instead every value is converted to fixed point (`FRAC_BITS` fractional
+//! bits, truncated toward zero: a deterministic function of the value alone) and multiplied by
+//! the answer's integer weight; these `i128` products are summed exactly. Integer addition is
+//! associative and commutative, so the aggregate is bit-identical under any permutation of
+//! arrival order. Bounds ([`SumRange`]): |value| × total weight < 2^78 keeps every partial sum
+//! below 2^126, so no sum can overflow: model updates take |value| < 2^31 and weights up to
+//! 2^47 rows, plain sums (statistics, evaluation counts) |value| < 2^62 from up to 2^16
+//! answers of weight 1.
+//!
+//! [`Median`] needs every answer at once (coordinate-wise median, robust to a few wild
+//! updates): it is *non-streaming*, holds one vector per node, and cannot work on masked
+//! answers, so spec validation refuses it where secure aggregation is on.
 //!
 //! Memory: one `i128` per parameter for the running sum, whatever the number of nodes. An
 //! update is staged (validated as its chunks arrive) and folded once complete, so a node that
@@ -17,10 +24,36 @@ use fedstat_proto::wire::DType;
 
 /// Fractional bits of the fixed-point representation (resolution 3.6e-15).
 pub const FRAC_BITS: u32 = 48;
-/// Largest accepted parameter magnitude (2^31). A larger one means training diverged.
+/// Largest accepted model parameter magnitude (2^31). A larger one means training diverged.
 pub const MAX_ABS_PARAM: f64 = 2_147_483_648.0;
-/// Largest total weight (training rows) of one aggregate (2^47, about 1.4e14 rows).
+/// Largest total weight (training rows) of one weighted mean (2^47, about 1.4e14 rows).
 pub const MAX_TOTAL_WEIGHT: u64 = 1 << 47;
+/// Largest magnitude of any value on the wire (2^62): what [`Staging`] lets through. Each
+/// aggregate then checks its own, usually tighter, [`SumRange`].
+pub const MAX_ABS_VALUE: f64 = 4_611_686_018_427_387_904.0;
+
+/// The values and weights one [`ExactSum`] accepts. `max_abs × max_total_weight` must stay
+/// at or below 2^78 (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SumRange {
+    /// Every value's magnitude is below this.
+    pub max_abs: f64,
+    /// The weights of all answers add up to at most this.
+    pub max_total_weight: u64,
+}
+
+impl SumRange {
+    /// Model updates averaged by rows: |parameter| < 2^31, up to 2^47 rows.
+    pub const MEAN: SumRange = SumRange {
+        max_abs: MAX_ABS_PARAM,
+        max_total_weight: MAX_TOTAL_WEIGHT,
+    };
+    /// Plain sums (weight 1 per answer): |value| < 2^62 from up to 2^16 answers.
+    pub const SUM: SumRange = SumRange {
+        max_abs: MAX_ABS_VALUE,
+        max_total_weight: 1 << 16,
+    };
+}
 
 const SCALE: f64 = (1u64 << FRAC_BITS) as f64;
 
@@ -157,7 +190,7 @@ impl Staging {
         let start = self.filled;
         let bad = |i: usize| {
             Error::Rejected(format!(
-                "parameter {} is not finite or exceeds {MAX_ABS_PARAM:e} in magnitude",
+                "value {} is not finite or exceeds {MAX_ABS_VALUE:e} in magnitude",
                 start + i
             ))
         };
@@ -170,7 +203,7 @@ impl Staging {
                         .chunks_exact(4)
                         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
                 );
-                let at = first_out_of_range_f32(&v[start..]);
+                let at = first_out_of_range_f32(&v[start..], MAX_ABS_VALUE);
                 if at.is_some() {
                     v.truncate(start);
                 }
@@ -182,7 +215,7 @@ impl Staging {
                         .chunks_exact(8)
                         .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
                 );
-                let at = first_out_of_range_f64(&v[start..]);
+                let at = first_out_of_range_f64(&v[start..], MAX_ABS_VALUE);
                 if at.is_some() {
                     v.truncate(start);
                 }
@@ -209,20 +242,22 @@ impl Staging {
     }
 }
 
-/// Finite and below [`MAX_ABS_PARAM`] in magnitude (false for NaN).
+/// Finite and below `max_abs` in magnitude (false for NaN).
 #[inline(always)]
-fn in_range(x: f64) -> bool {
-    x.abs() < MAX_ABS_PARAM
+fn in_range(x: f64, max_abs: f64) -> bool {
+    x.abs() < max_abs
 }
 
 /// Values checked per block without an early exit, so the check vectorises; the exact index
 /// is looked for only in a block that failed.
 const CHECK_BLOCK: usize = 4096;
 
-/// Index of the first value that is not finite or not below [`MAX_ABS_PARAM`] in magnitude.
-fn first_out_of_range_f32(v: &[f32]) -> Option<usize> {
-    // 2^31 is exact in f32 and f32 -> f64 is exact, so this is `in_range(x as f64)`.
-    let fits = |x: &f32| x.abs() < MAX_ABS_PARAM as f32;
+/// Index of the first value that is not finite or not below `max_abs` in magnitude.
+fn first_out_of_range_f32(v: &[f32], max_abs: f64) -> Option<usize> {
+    // The bounds are powers of two, exact in f32, and f32 -> f64 is exact, so this is
+    // `in_range(x as f64, max_abs)`.
+    let max_abs = max_abs as f32;
+    let fits = |x: &f32| x.abs() < max_abs;
     v.chunks(CHECK_BLOCK).enumerate().find_map(|(b, block)| {
         let ok = block.iter().fold(true, |ok, x| ok & fits(x));
         (!ok).then(|| b * CHECK_BLOCK + block.iter().position(|x| !fits(x)).unwrap_or(0))
@@ -230,44 +265,64 @@ fn first_out_of_range_f32(v: &[f32]) -> Option<usize> {
 }
 
 /// As [`first_out_of_range_f32`], for f64.
-fn first_out_of_range_f64(v: &[f64]) -> Option<usize> {
+fn first_out_of_range_f64(v: &[f64], max_abs: f64) -> Option<usize> {
     v.chunks(CHECK_BLOCK).enumerate().find_map(|(b, block)| {
-        let ok = block.iter().fold(true, |ok, &x| ok & in_range(x));
-        (!ok).then(|| b * CHECK_BLOCK + block.iter().position(|&x| !in_range(x)).unwrap_or(0))
+        let ok = block.iter().fold(true, |ok, &x| ok & in_range(x, max_abs));
+        (!ok).then(|| b * CHECK_BLOCK + block.iter().position(|&x| !in_range(x, max_abs)).unwrap_or(0))
     })
 }
 
-/// Check a complete update before it is folded.
-pub fn validate(values: &Values) -> Result<()> {
+/// Check a complete answer against a range before it is folded.
+pub fn validate(values: &Values, max_abs: f64) -> Result<()> {
     let at = match values {
-        Values::F32(v) => first_out_of_range_f32(v),
-        Values::F64(v) => first_out_of_range_f64(v),
+        Values::F32(v) => first_out_of_range_f32(v, max_abs),
+        Values::F64(v) => first_out_of_range_f64(v, max_abs),
     };
     match at {
         Some(i) => Err(Error::Rejected(format!(
-            "parameter {i} is not finite or exceeds {MAX_ABS_PARAM:e} in magnitude"
+            "value {i} is not finite or exceeds {max_abs:e} in magnitude"
         ))),
         None => Ok(()),
     }
 }
 
-/// The running weighted sum of a round's updates.
+/// The running exact weighted sum of a step's answers (see the module docs).
 #[derive(Debug, Clone)]
-pub struct FedAvg {
+pub struct ExactSum {
     dtype: DType,
+    range: SumRange,
     acc: Vec<i128>,
     total_weight: u64,
     count: usize,
 }
 
-impl FedAvg {
+impl ExactSum {
+    /// A weighted sum of model updates ([`SumRange::MEAN`]).
     pub fn new(dtype: DType, len: usize) -> Self {
-        FedAvg {
+        ExactSum::with_range(dtype, len, SumRange::MEAN)
+    }
+
+    /// A sum accepting `range`. A range beyond the module's bound is clamped to it.
+    pub fn with_range(dtype: DType, len: usize, range: SumRange) -> Self {
+        let range = SumRange {
+            max_abs: range.max_abs.min(MAX_ABS_VALUE),
+            max_total_weight: range.max_total_weight.min(MAX_TOTAL_WEIGHT),
+        };
+        ExactSum {
             dtype,
+            range,
             acc: vec![0; len],
             total_weight: 0,
             count: 0,
         }
+    }
+
+    pub fn len(&self) -> usize {
+        self.acc.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.acc.is_empty()
     }
 
     /// Number of updates folded in.
@@ -299,12 +354,13 @@ impl FedAvg {
         if weight == 0 {
             return Err(Error::Rejected("update trained on zero rows".into()));
         }
+        let limit = self.range.max_total_weight;
         let total = self
             .total_weight
             .checked_add(weight)
-            .filter(|t| *t <= MAX_TOTAL_WEIGHT)
-            .ok_or_else(|| Error::Rejected(format!("row count exceeds the limit of {MAX_TOTAL_WEIGHT}")))?;
-        validate(values)?;
+            .filter(|t| *t <= limit)
+            .ok_or_else(|| Error::Rejected(format!("total weight exceeds the limit of {limit}")))?;
+        validate(values, self.range.max_abs)?;
         match values {
             Values::F32(v) => fold_into(&mut self.acc, v.iter().map(|&x| x as f64), weight),
             Values::F64(v) => fold_into(&mut self.acc, v.iter().copied(), weight),
@@ -314,7 +370,12 @@ impl FedAvg {
         Ok(())
     }
 
-    /// The weighted average, in the model's precision.
+    /// The exact sum, rounded once to f64 per value.
+    pub fn sum(&self) -> Vec<f64> {
+        self.acc.iter().map(|&s| i128_to_f64(s) / SCALE).collect()
+    }
+
+    /// The weighted average, in the answers' precision.
     pub fn average(&self) -> Result<Values> {
         if self.total_weight == 0 {
             return Err(Error::Rejected("no update to average".into()));
@@ -324,6 +385,197 @@ impl FedAvg {
         Ok(match self.dtype {
             DType::F32 => Values::F32(mean.map(|x| x as f32).collect()),
             DType::F64 => Values::F64(mean.collect()),
+        })
+    }
+}
+
+/// How a step combines its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggregatorKind {
+    /// The exact sum of the answers (each of weight 1): statistics, evaluation counts.
+    Sum,
+    /// The exact weighted mean: model updates weighted by their rows.
+    Mean,
+    /// The coordinate-wise median of the answers: robust to a few wild updates, but it must
+    /// hold every answer at once.
+    Median,
+}
+
+impl AggregatorKind {
+    /// Whether the aggregate can be folded one answer at a time, never holding an individual
+    /// answer after it is folded. Only streaming aggregators work on masked answers (secure
+    /// aggregation reveals nothing but the sum).
+    pub fn is_streaming(self) -> bool {
+        !matches!(self, AggregatorKind::Median)
+    }
+
+    /// The range of values and weights this aggregate accepts.
+    pub fn range(self) -> SumRange {
+        match self {
+            AggregatorKind::Sum => SumRange::SUM,
+            AggregatorKind::Mean | AggregatorKind::Median => SumRange::MEAN,
+        }
+    }
+
+    /// A fresh aggregate for answers of `len` values of `dtype` with `aux` side figures.
+    pub fn start(self, dtype: DType, len: usize, aux: usize) -> Box<dyn Aggregator> {
+        let range = self.range();
+        let aux = ExactSum::with_range(DType::F64, aux, range);
+        match self {
+            AggregatorKind::Sum | AggregatorKind::Mean => Box::new(Streaming {
+                kind: self,
+                values: ExactSum::with_range(dtype, len, range),
+                aux,
+            }),
+            AggregatorKind::Median => Box::new(Median {
+                dtype,
+                len,
+                answers: Vec::new(),
+                aux,
+            }),
+        }
+    }
+}
+
+/// What the answers to one step pooled into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pooled {
+    /// The aggregate: the sum (`Sum`, in f64), the weighted mean or the median (in the
+    /// answers' precision).
+    pub values: Values,
+    /// The side figures: summed like `values` (`Sum`), or their weighted mean.
+    pub aux: Vec<f64>,
+    pub total_weight: u64,
+    pub answers: usize,
+}
+
+/// One step's aggregate, fed one validated answer at a time.
+pub trait Aggregator: std::fmt::Debug + Send {
+    /// Fold one answer with its weight and side figures. Checks everything before touching
+    /// the aggregate, so a rejected answer leaves no trace.
+    fn fold(&mut self, values: &Values, weight: u64, aux: &[f64]) -> Result<()>;
+    /// The pooled result; fails when no answer was folded.
+    fn finish(self: Box<Self>) -> Result<Pooled>;
+}
+
+#[derive(Debug)]
+struct Streaming {
+    kind: AggregatorKind,
+    values: ExactSum,
+    aux: ExactSum,
+}
+
+fn check_aux(aux: &ExactSum, given: &[f64], weight: u64) -> Result<()> {
+    if given.len() != aux.len() {
+        return Err(Error::Rejected(format!(
+            "{} side figures, the step has {}",
+            given.len(),
+            aux.len()
+        )));
+    }
+    // Checked like the values, so the aux fold below cannot fail after the values'.
+    validate(&Values::F64(given.to_vec()), aux.range.max_abs)?;
+    if aux
+        .total_weight
+        .checked_add(weight)
+        .is_none_or(|t| t > aux.range.max_total_weight)
+    {
+        return Err(Error::Rejected("total weight exceeds its limit".into()));
+    }
+    Ok(())
+}
+
+impl Aggregator for Streaming {
+    fn fold(&mut self, values: &Values, weight: u64, aux: &[f64]) -> Result<()> {
+        check_aux(&self.aux, aux, weight)?;
+        self.values.fold(values, weight)?;
+        self.aux.fold(&Values::F64(aux.to_vec()), weight)
+    }
+
+    fn finish(self: Box<Self>) -> Result<Pooled> {
+        let (values, aux) = match self.kind {
+            AggregatorKind::Sum => (Values::F64(self.values.sum()), self.aux.sum()),
+            _ => (
+                self.values.average()?,
+                if self.aux.is_empty() {
+                    Vec::new()
+                } else {
+                    self.aux.average()?.to_f64()
+                },
+            ),
+        };
+        if self.values.count() == 0 {
+            return Err(Error::Rejected("no answer to pool".into()));
+        }
+        Ok(Pooled {
+            values,
+            aux,
+            total_weight: self.values.total_weight(),
+            answers: self.values.count(),
+        })
+    }
+}
+
+/// Coordinate-wise median of the answers (the mean of the two middle ones for an even count),
+/// computed after sorting, so arrival order does not matter. Non-streaming: it holds every
+/// answer until the step closes.
+#[derive(Debug)]
+struct Median {
+    dtype: DType,
+    len: usize,
+    answers: Vec<Vec<f64>>,
+    aux: ExactSum,
+}
+
+impl Aggregator for Median {
+    fn fold(&mut self, values: &Values, weight: u64, aux: &[f64]) -> Result<()> {
+        if values.len() != self.len || values.dtype() != self.dtype {
+            return Err(Error::Rejected(format!(
+                "wrong shape: {} {:?} values, the step expects {} {:?}",
+                values.len(),
+                values.dtype(),
+                self.len,
+                self.dtype
+            )));
+        }
+        if weight == 0 {
+            return Err(Error::Rejected("answer of weight zero".into()));
+        }
+        check_aux(&self.aux, aux, weight)?;
+        validate(values, MAX_ABS_PARAM)?;
+        self.aux.fold(&Values::F64(aux.to_vec()), weight)?;
+        self.answers.push(values.to_f64());
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Pooled> {
+        let n = self.answers.len();
+        if n == 0 {
+            return Err(Error::Rejected("no answer to pool".into()));
+        }
+        let mut column = vec![0.0; n];
+        let median: Vec<f64> = (0..self.len)
+            .map(|j| {
+                for (c, a) in column.iter_mut().zip(&self.answers) {
+                    *c = a[j];
+                }
+                column.sort_by(f64::total_cmp);
+                if n % 2 == 1 {
+                    column[n / 2]
+                } else {
+                    (column[n / 2 - 1] + column[n / 2]) / 2.0
+                }
+            })
+            .collect();
+        Ok(Pooled {
+            values: Values::from_f64(&median, self.dtype),
+            aux: if self.aux.is_empty() {
+                Vec::new()
+            } else {
+                self.aux.average()?.to_f64()
+            },
+            total_weight: self.aux.total_weight(),
+            answers: n,
         })
     }
 }
@@ -379,7 +631,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn average(updates: &[(Vec<f64>, u64)]) -> Vec<f64> {
-        let mut agg = FedAvg::new(DType::F64, updates[0].0.len());
+        let mut agg = ExactSum::new(DType::F64, updates[0].0.len());
         for (v, w) in updates {
             agg.fold(&Values::F64(v.clone()), *w).expect("fold");
         }
@@ -506,14 +758,16 @@ mod tests {
             3 * CHECK_BLOCK + 7,
             5 * CHECK_BLOCK - 1,
         ] {
-            for bad in [f64::NAN, f64::NEG_INFINITY, -MAX_ABS_PARAM] {
+            for bad in [f64::NAN, f64::NEG_INFINITY, -MAX_ABS_VALUE] {
                 let mut v = vec![0.5; 5 * CHECK_BLOCK];
                 v[at] = bad;
-                let want = format!("parameter {at} ");
-                let err = validate(&Values::F64(v.clone())).expect_err("f64").to_string();
+                let want = format!("value {at} ");
+                let err = validate(&Values::F64(v.clone()), MAX_ABS_PARAM)
+                    .expect_err("f64")
+                    .to_string();
                 assert!(err.contains(&want), "{err}");
                 let v32 = Values::from_f64(&v, DType::F32);
-                let err = validate(&v32).expect_err("f32").to_string();
+                let err = validate(&v32, MAX_ABS_PARAM).expect_err("f32").to_string();
                 assert!(err.contains(&want), "{err}");
                 let mut st = Staging::new(DType::F32, v.len());
                 let err = st.push(&v32.to_le_bytes()).expect_err("staging").to_string();
@@ -523,7 +777,7 @@ mod tests {
         let mut st = Staging::new(DType::F32, 2);
         st.push(&[0, 0, 0x80, 0x3f, 0xff]).expect("1.0 and a byte");
         let err = st.push(&[0xff, 0x7f, 0xff]).expect_err("nan second").to_string();
-        assert!(err.contains("parameter 1 "), "{err}");
+        assert!(err.contains("value 1 "), "{err}");
     }
 
     #[test]
@@ -534,22 +788,17 @@ mod tests {
 
     #[test]
     fn bad_updates_leave_no_trace() {
-        let mut agg = FedAvg::new(DType::F64, 3);
+        let mut agg = ExactSum::new(DType::F64, 3);
         agg.fold(&Values::F64(vec![1.0, 2.0, 3.0]), 10).expect("fold");
         let before = agg.acc.clone();
-        let check = |agg: &mut FedAvg, v: Values, w: u64, needle: &str| {
+        let check = |agg: &mut ExactSum, v: Values, w: u64, needle: &str| {
             let err = agg.fold(&v, w).expect_err("must be rejected").to_string();
             assert!(err.contains(needle), "{err} should mention {needle}");
         };
         check(&mut agg, Values::F64(vec![1.0, 2.0]), 5, "wrong shape");
-        check(&mut agg, Values::F64(vec![1.0, f64::NAN, 3.0]), 5, "parameter 1");
-        check(
-            &mut agg,
-            Values::F64(vec![1.0, 2.0, f64::INFINITY]),
-            5,
-            "parameter 2",
-        );
-        check(&mut agg, Values::F64(vec![1e300, 2.0, 3.0]), 5, "parameter 0");
+        check(&mut agg, Values::F64(vec![1.0, f64::NAN, 3.0]), 5, "value 1");
+        check(&mut agg, Values::F64(vec![1.0, 2.0, f64::INFINITY]), 5, "value 2");
+        check(&mut agg, Values::F64(vec![1e300, 2.0, 3.0]), 5, "value 0");
         check(&mut agg, Values::F32(vec![1.0, 2.0, 3.0]), 5, "precision");
         check(&mut agg, Values::F64(vec![1.0, 2.0, 3.0]), 0, "zero rows");
         check(
@@ -566,7 +815,7 @@ mod tests {
     fn staging_rejects_bad_streams() {
         let mut st = Staging::new(DType::F32, 2);
         let err = st.push(&f32::NAN.to_le_bytes()).expect_err("nan");
-        assert!(err.to_string().contains("parameter 0"), "{err}");
+        assert!(err.to_string().contains("value 0"), "{err}");
 
         let mut st = Staging::new(DType::F32, 1);
         st.push(&[0, 0]).expect("half a value is fine so far");

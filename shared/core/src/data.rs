@@ -8,8 +8,9 @@ use ndarray::{Array1, Array2, ArrayView2};
 
 use crate::error::{CsvProblem, DatasetProblem};
 use crate::spec::{DataSchema, ModelKind};
-pub use crate::sums::{ColumnSums, Standardization};
+pub use crate::sums::Standardization;
 use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
 
 /// A design matrix and its response.
 #[derive(Debug, Clone, PartialEq)]
@@ -469,14 +470,17 @@ fn parse_number(value: &str) -> std::result::Result<f64, CsvProblem> {
     }
 }
 
-/// Checks of [`ColumnSums`] that came from the network.
-pub trait ColumnSumsExt {
-    /// `k` columns, all finite, sums of squares not negative.
-    fn validate(&self, k: usize) -> Result<()>;
+/// Sums over the train rows of every non-const design column: what the statistics phase sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnSums {
+    pub n: u64,
+    pub sum: Vec<f64>,
+    pub sum_sq: Vec<f64>,
 }
 
-impl ColumnSumsExt for ColumnSums {
-    fn validate(&self, k: usize) -> Result<()> {
+impl ColumnSums {
+    /// Check sums that came from a node: `k` columns, all finite, sums of squares not negative.
+    pub fn validate(&self, k: usize) -> Result<()> {
         if self.sum.len() != k || self.sum_sq.len() != k {
             return Err(Error::Model(format!(
                 "{} sums and {} sums of squares, expected {k} of each",

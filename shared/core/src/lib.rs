@@ -4,17 +4,18 @@
 //! the binaries feed it events and carry out what it asks.
 //!
 //! Data flow: a node loads its CSV ([`data`]), trains ([`model`]) and answers with a sum; the
-//! coordinator's round engine ([`round`]) folds answers into the exact aggregate
+//! coordinator's engine ([`engine`]) runs an [`algorithm`]'s steps and folds answers into the exact aggregate
 //! ([`aggregate`]) and records pooled metrics.
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod algorithm;
 pub mod audit;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod files;
 pub mod model;
-pub mod round;
 pub mod spec;
 pub mod text;
 

@@ -10,9 +10,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::spec::{ModelKind, TrainingSpec};
+pub use crate::sums::Metrics;
 use crate::sums::Standardization;
-pub use crate::sums::{EvalSums, Metrics};
 use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
 
 /// Result of a node's local training.
 #[derive(Debug, Clone, PartialEq)]
@@ -202,18 +203,27 @@ pub fn evaluate(kind: ModelKind, x: ArrayView2<f64>, y: ArrayView1<f64>, params:
     Ok(s)
 }
 
-/// Merging and checking [`EvalSums`].
-pub trait EvalSumsExt {
-    /// Add another node's sums. Merging into `EvalSums::default()` adopts the other's shape.
-    fn merge(&mut self, other: &EvalSums) -> Result<()>;
-    /// Check sums that came from the network: finite, non-negative where they must be, the
-    /// histograms of the right size and the counts consistent with `n`.
-    fn validate(&self, kind: ModelKind) -> Result<()>;
+/// Evaluation sums of one node's test rows; sums from many nodes merge into the pooled metrics.
+///
+/// Logistic: `loss_sum` is Σ log-loss with p clipped to [1e-15, 1-1e-15], `correct` counts
+/// `(p > 0.5) == y`, `hist_pos`/`hist_neg` count predicted p per bin for y = 1 / y = 0.
+/// Linear: `sse` (also `loss_sum`), `sum_y`, `sum_y2`; empty histograms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct EvalSums {
+    pub n: u64,
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub sse: f64,
+    pub sum_y: f64,
+    pub sum_y2: f64,
+    pub hist_pos: Vec<u64>,
+    pub hist_neg: Vec<u64>,
 }
 
-impl EvalSumsExt for EvalSums {
+impl EvalSums {
     /// Add another node's sums. Merging into `EvalSums::default()` adopts the other's shape.
-    fn merge(&mut self, other: &EvalSums) -> Result<()> {
+    /// Add another node's sums. Merging into `EvalSums::default()` adopts the other's shape.
+    pub fn merge(&mut self, other: &EvalSums) -> Result<()> {
         let blank = self.n == 0 && self.hist_pos.is_empty() && self.hist_neg.is_empty();
         if blank && self.hist_pos.len() != other.hist_pos.len() {
             self.hist_pos = vec![0; other.hist_pos.len()];
@@ -244,7 +254,9 @@ impl EvalSumsExt for EvalSums {
 
     /// Check sums that came from the network: finite, non-negative where they must be, the
     /// histograms of the right size and the counts consistent with `n`.
-    fn validate(&self, kind: ModelKind) -> Result<()> {
+    /// Check sums that came from a node: finite, non-negative where they must be, the
+    /// histograms of the right size and the counts consistent with `n`.
+    pub fn validate(&self, kind: ModelKind) -> Result<()> {
         let bad = |what: &str| Err(Error::Model(format!("evaluation sums: {what}")));
         if ![self.loss_sum, self.sse, self.sum_y, self.sum_y2]
             .iter()

@@ -11,8 +11,8 @@
 //!   then both sides send control messages on it for the life of the connection.
 //! - coordinator -> node, one unidirectional stream per task: a [`Task`] frame, then the global
 //!   model's bytes when the task carries one.
-//! - node -> coordinator, one unidirectional stream per update: an [`UpdateHeader`] frame, then
-//!   the update's bytes.
+//! - node -> coordinator, one unidirectional stream per answer: an [`AnswerHeader`] frame, then
+//!   the answer's bytes (every phase: statistics, training, evaluation).
 //! - researcher -> coordinator, one bidirectional stream per request: a [`Request`] frame, then a
 //!   [`Response`] frame (followed by a tensor's bytes for [`Response::Results`]).
 
@@ -20,14 +20,16 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{ExperimentSpec, ModelKind};
-use crate::sums::{ColumnSums, EvalSums, Metrics, Standardization};
+use crate::sums::{Metrics, Standardization};
 use crate::Role;
 use crate::{Error, Result};
 
 /// Version of this protocol; both sides check it in the first exchange. Version 2: a node's
 /// connection time is shown to admins only ([`NodeInfo::connected_secs`]); the list of
-/// experiments comes in pages ([`Request::Status`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// experiments comes in pages ([`Request::Status`]). Version 3: every answer is a vector on
+/// its own stream ([`AnswerHeader`]); statistics and evaluation no longer travel on the
+/// control stream.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest control frame payload. Evaluation sums (two 4096-bin histograms) and an experiment
 /// spec fit comfortably; anything larger is an attack or a bug.
@@ -121,17 +123,25 @@ pub struct Task {
     pub model: Option<TensorMeta>,
 }
 
-/// A node's local update; its bytes follow the frame.
+/// A node's answer to a task: one vector, summed exactly over the nodes by the coordinator's
+/// engine. Its bytes follow the frame on a unidirectional stream of its own. Every phase
+/// answers this way (statistics, training, evaluation, and what later algorithms ask), so one
+/// path carries, bounds and folds them all.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UpdateHeader {
+pub struct AnswerHeader {
     pub experiment: ExperimentId,
     pub round: u32,
-    /// Training rows behind the update: its weight in the average.
-    pub num_examples: u64,
-    /// Mean local training loss (reported, not averaged into anything sensitive).
-    pub train_loss: f64,
+    pub phase: Phase,
+    /// The answer's weight in a weighted mean (training rows, rounded by the node's policy);
+    /// 1 for answers that are plain sums.
+    pub weight: u64,
+    /// A few side figures summed with the same weight (training: the mean local loss).
+    pub aux: Vec<f64>,
     pub tensor: TensorMeta,
 }
+
+/// Most side figures an answer may carry ([`AnswerHeader::aux`]).
+pub const MAX_AUX: usize = 16;
 
 /// Messages from a node on its control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,16 +153,6 @@ pub enum NodeMsg {
         datasets: Vec<String>,
     },
     Heartbeat,
-    StatsReply {
-        experiment: ExperimentId,
-        round: u32,
-        sums: ColumnSums,
-    },
-    EvalReply {
-        experiment: ExperimentId,
-        round: u32,
-        sums: EvalSums,
-    },
     /// The node holds the task until its data custodian approves the experiment's manifest
     /// (see [`crate::manifest`]). It can take part once approved.
     Held {
@@ -555,21 +555,14 @@ mod tests {
                 }
             ),
             Just(NodeMsg::Heartbeat),
-            (
-                any::<u64>(),
-                any::<u32>(),
-                any::<u64>(),
-                prop::collection::vec(any::<f64>(), 0..8)
-            )
-                .prop_map(|(experiment, round, n, sum)| NodeMsg::StatsReply {
+            (any::<u64>(), any::<u32>(), "[0-9a-f]{64}").prop_map(|(experiment, round, manifest)| {
+                NodeMsg::Held {
                     experiment,
                     round,
-                    sums: ColumnSums {
-                        n,
-                        sum_sq: sum.iter().map(|v| v * 2.0).collect(),
-                        sum,
-                    },
-                }),
+                    phase: Phase::Stats,
+                    manifest,
+                }
+            }),
             (any::<u64>(), any::<u32>(), ".{0,40}").prop_map(|(experiment, round, reason)| {
                 NodeMsg::TaskFailed {
                     experiment,
@@ -616,7 +609,7 @@ mod tests {
             let _ = decode_frame::<NodeMsg>(&bytes, "node message");
             let _ = decode_frame::<CoordMsg>(&bytes, "coordinator message");
             let _ = decode_frame::<Task>(&bytes, "task");
-            let _ = decode_frame::<UpdateHeader>(&bytes, "update header");
+            let _ = decode_frame::<AnswerHeader>(&bytes, "answer header");
             let _ = decode_frame::<Request>(&bytes, "request");
             let _ = decode_frame::<Response>(&bytes, "response");
             let _ = decode_payload::<Task>(&bytes, "task");

@@ -1,31 +1,34 @@
-//! The round state machine of one experiment: statistics, then rounds of training and
-//! evaluation. It does no I/O and reads no clock: events and the current time come in as
-//! arguments (`handle_*`), and the caller drains what to send (`poll_transmit`) and when to
-//! wake it (`poll_timeout`). That is what lets tests drive a whole simulated federation with a
-//! fake clock in milliseconds.
+//! The engine: one experiment's steps, each a query to the nodes whose answers are summed.
 //!
-//! Every phase works the same way: select the connected nodes that can take part, send each a
-//! task, collect answers until every selected node answered (or failed, or left) or the phase
-//! deadline passes. Any phase (statistics, training or evaluation) that ends with fewer than
-//! `min_nodes` good answers is tried again; a round's phases share `max_round_retries` retries,
-//! then the experiment fails. Evaluation needs the quorum too: pooled test metrics from fewer
-//! offices than the experiment asked for could describe one office's test rows alone.
-//! Answers are kept in maps ordered by node name and updates are folded exactly (see
-//! [`crate::aggregate`]), so no result depends on arrival order.
+//! It is algorithm-agnostic. An [`Algorithm`] says what to ask next (a [`Step`]) and what the
+//! pooled answers mean; the engine owns node selection, quorum, deadlines, retries, the
+//! approval hand-off (held tasks), events, durable progress and the exact order-independent
+//! aggregate ([`crate::aggregate`]). It does no I/O and reads no clock: events and the current
+//! time come in as arguments (`handle_*`), and the caller drains what to send
+//! (`poll_transmit`), what to record (`poll_progress`) and when to wake it (`poll_timeout`).
+//! That is what lets tests drive a whole simulated federation with a fake clock.
+//!
+//! Every step works the same way: select the connected nodes that can take part, send each a
+//! task, fold answers until every selected node answered (or failed, or left) or the deadline
+//! passes. A step that ends with fewer than `min_nodes` good answers is tried again; a round's
+//! steps share `max_round_retries` retries, then the experiment fails. Every step needs the
+//! quorum: pooled figures from fewer offices than the experiment asked for could describe one
+//! office alone. Answers fold exactly, so no result depends on arrival order.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::aggregate::{FedAvg, Values};
-use crate::data::{ColumnSumsExt, StandardizationExt};
-use crate::model::{metrics, EvalSumsExt};
+use crate::aggregate::{Aggregator, Values};
+use crate::algorithm::{self, Algorithm, Answer, Checkpoint, Step};
 use crate::spec::ExperimentSpec;
-use crate::sums::{ColumnSums, EvalSums, Standardization};
+use crate::sums::Standardization;
 use crate::wire::{
-    EventRecord, ExperimentId, ExperimentState, ExperimentStatus, Phase, RoundRecord, Task, TensorMeta,
-    UpdateHeader,
+    AnswerHeader, EventRecord, ExperimentId, ExperimentState, ExperimentStatus, Phase, RoundRecord, Task,
+    TensorMeta,
 };
+
+pub use crate::algorithm::Progress;
 
 /// Events kept per experiment for `status` and `watch`; older ones are dropped.
 const MAX_EVENTS: usize = 500;
@@ -48,23 +51,18 @@ pub enum Transmit {
     },
 }
 
+/// The step in progress: who was asked, who answered, and the aggregate so far.
 #[derive(Debug)]
-struct PhaseRun {
-    phase: Phase,
-    round: u32,
+struct StepRun {
+    step: Step,
     selected: BTreeSet<String>,
     answered: BTreeSet<String>,
     failed: BTreeMap<String, String>,
     deadline: Instant,
-    started: Instant,
-    agg: Option<FedAvg>,
-    /// Per node (rows, mean local loss), for the weighted training loss.
-    losses: BTreeMap<String, (u64, f64)>,
-    stats: BTreeMap<String, ColumnSums>,
-    evals: BTreeMap<String, EvalSums>,
+    agg: Box<dyn Aggregator>,
 }
 
-impl PhaseRun {
+impl StepRun {
     fn outstanding(&self) -> impl Iterator<Item = &String> {
         self.selected
             .iter()
@@ -94,10 +92,12 @@ pub enum Rejection {
     /// An update for an experiment the coordinator does not hold (ended and forgotten, or
     /// never existed).
     UnknownExperiment { experiment: ExperimentId },
-    /// An update announced a tensor other than the model's.
+    /// An answer announced a tensor, side figures or weight other than the step's.
     WrongShape { got: TensorMeta, expected: TensorMeta },
-    /// Statistics over no training rows: nothing to pool.
-    NoRows,
+    /// An answer to a plain sum carried a weight other than 1, or an update weight 0.
+    WrongWeight { weight: u64 },
+    /// The answer carries a number of side figures other than the step's.
+    WrongAux { got: usize, expected: usize },
     /// The answer failed validation or broke off; the reason carries no data values.
     Invalid(String),
 }
@@ -146,7 +146,10 @@ impl std::fmt::Display for Rejection {
                 "wrong shape: {} {:?} parameters, the model has {} {:?}",
                 got.len, got.dtype, expected.len, expected.dtype
             ),
-            Rejection::NoRows => f.write_str("no training rows"),
+            Rejection::WrongWeight { weight } => write!(f, "wrong weight {weight} for this step"),
+            Rejection::WrongAux { got, expected } => {
+                write!(f, "{got} side figures, the step has {expected}")
+            }
             Rejection::Invalid(reason) => f.write_str(reason),
         }
     }
@@ -164,31 +167,15 @@ pub struct Experiment {
     nodes: BTreeMap<String, Vec<String>>,
     /// Nodes that cannot take part (e.g. their data failed to load), with the reason.
     excluded: BTreeMap<String, String>,
+    /// Retries of the current round so far (its steps share them).
     retries: u32,
-    global: Arc<Values>,
-    standardization: Option<Standardization>,
-    phase: Option<PhaseRun>,
-    round_started: Option<Instant>,
-    train_done: Option<(RoundRecord, Instant)>,
-    history: Vec<RoundRecord>,
+    algorithm: Box<dyn Algorithm>,
+    run: Option<StepRun>,
     events: VecDeque<EventRecord>,
     outbox: VecDeque<Transmit>,
     progress: VecDeque<Progress>,
     /// Stopped by [`Experiment::abort`]: nothing more is queued for the store.
     aborted: bool,
-}
-
-/// A durable fact the shell must record, in order (see `poll_progress`).
-#[derive(Debug, Clone)]
-pub enum Progress {
-    /// The pooled standardisation is known.
-    Standardized(Standardization),
-    /// A round completed; `model` is the global model after it.
-    RoundCompleted { record: RoundRecord, model: Arc<Values> },
-    /// The experiment ended.
-    Finished(ExperimentState),
-    /// A line of the event log.
-    Event(EventRecord),
 }
 
 /// What a store keeps of an experiment, to rebuild it after a restart.
@@ -215,31 +202,38 @@ impl Experiment {
         now: Instant,
         connected: &[(String, Vec<String>)],
     ) -> Self {
-        let global = Arc::new(Values::zeros(spec.dtype(), spec.num_params() as usize));
-        let mut exp = Experiment {
-            id,
-            spec,
-            submitter,
-            created: now,
-            state: ExperimentState::Waiting,
-            nodes: BTreeMap::new(),
-            excluded: BTreeMap::new(),
-            retries: 0,
-            global,
-            standardization: None,
-            phase: None,
-            round_started: None,
-            train_done: None,
-            history: Vec::new(),
-            events: VecDeque::new(),
-            outbox: VecDeque::new(),
-            progress: VecDeque::new(),
-            aborted: false,
-        };
+        let algorithm = algorithm::for_spec(&spec, Checkpoint::default());
+        let mut exp = Experiment::with(id, spec, submitter, now, ExperimentState::Waiting, algorithm);
         exp.log(now, format!("submitted by {}", exp.submitter));
         exp.nodes.extend(connected.iter().cloned());
         exp.maybe_start(now);
         exp
+    }
+
+    fn with(
+        id: ExperimentId,
+        spec: ExperimentSpec,
+        submitter: String,
+        created: Instant,
+        state: ExperimentState,
+        algorithm: Box<dyn Algorithm>,
+    ) -> Self {
+        Experiment {
+            id,
+            spec,
+            submitter,
+            created,
+            state,
+            nodes: BTreeMap::new(),
+            excluded: BTreeMap::new(),
+            retries: 0,
+            algorithm,
+            run: None,
+            events: VecDeque::new(),
+            outbox: VecDeque::new(),
+            progress: VecDeque::new(),
+            aborted: false,
+        }
     }
 
     /// Rebuild an experiment from its stored record after a coordinator restart. A finished one
@@ -249,37 +243,22 @@ impl Experiment {
     pub fn restore(id: ExperimentId, r: Restored, now: Instant, connected: &[(String, Vec<String>)]) -> Self {
         let elapsed = r.events.last().map_or(0, |e| e.at_ms);
         let created = now.checked_sub(Duration::from_millis(elapsed)).unwrap_or(now);
-        let global = match r.global {
-            Some(g) => g,
-            None => Values::zeros(r.spec.dtype(), r.spec.num_params() as usize),
-        };
         let finished = r.state.is_finished();
-        let mut exp = Experiment {
-            id,
-            spec: r.spec,
-            submitter: r.submitter,
-            created,
-            state: if finished {
-                r.state
-            } else {
-                ExperimentState::Waiting
-            },
-            nodes: BTreeMap::new(),
-            excluded: BTreeMap::new(),
-            retries: 0,
-            global: Arc::new(global),
+        let checkpoint = Checkpoint {
             standardization: r.standardization,
-            phase: None,
-            round_started: None,
-            train_done: None,
             history: r.history,
-            events: r.events.into_iter().collect(),
-            outbox: VecDeque::new(),
-            progress: VecDeque::new(),
-            aborted: false,
+            global: r.global,
         };
+        let algorithm = algorithm::for_spec(&r.spec, checkpoint);
+        let state = if finished {
+            r.state
+        } else {
+            ExperimentState::Waiting
+        };
+        let mut exp = Experiment::with(id, r.spec, r.submitter, created, state, algorithm);
+        exp.events = r.events.into_iter().collect();
         if !finished {
-            let done = exp.history.len();
+            let done = exp.history().len();
             exp.log(now, format!("coordinator restarted: resuming after round {done}"));
             exp.nodes.extend(connected.iter().cloned());
             exp.maybe_start(now);
@@ -292,7 +271,7 @@ impl Experiment {
         if self.is_finished() {
             return;
         }
-        self.phase = None;
+        self.run = None;
         self.state = ExperimentState::Cancelled { by: by.to_owned() };
         self.log(now, format!("cancelled by {by}"));
         self.progress.push_back(Progress::Finished(self.state.clone()));
@@ -311,7 +290,7 @@ impl Experiment {
         self.outbox.clear();
         self.progress.clear();
         self.aborted = true;
-        self.phase = None;
+        self.run = None;
         let reason =
             format!("{reason}; it resumes after its last recorded round when the coordinator restarts");
         self.log(now, format!("stopped: {reason}"));
@@ -325,7 +304,7 @@ impl Experiment {
 
     fn maybe_start(&mut self, now: Instant) {
         if self.state == ExperimentState::Waiting && self.candidates().len() >= self.spec.min_nodes as usize {
-            self.start_next(now);
+            self.start_next(now, None);
         }
     }
 
@@ -347,12 +326,12 @@ impl Experiment {
 
     /// The current global model (the final one once completed).
     pub fn global(&self) -> &Values {
-        &self.global
+        self.algorithm.model()
     }
 
     /// The current global model, shared rather than copied (it can be hundreds of MB).
     pub fn global_shared(&self) -> Arc<Values> {
-        self.global.clone()
+        self.algorithm.model().clone()
     }
 
     pub fn submitter(&self) -> &str {
@@ -360,11 +339,11 @@ impl Experiment {
     }
 
     pub fn standardization(&self) -> Option<&Standardization> {
-        self.standardization.as_ref()
+        self.algorithm.standardization()
     }
 
     pub fn history(&self) -> &[RoundRecord] {
-        &self.history
+        self.algorithm.history()
     }
 
     fn eligible(&self, datasets: &[String]) -> bool {
@@ -394,19 +373,19 @@ impl Experiment {
         self.events.push_back(event);
     }
 
-    /// A node connected (or reconnected). It takes part from the next phase that starts.
+    /// A node connected (or reconnected). It takes part from the next step that starts.
     pub fn node_available(&mut self, now: Instant, name: &str, datasets: &[String]) {
         self.nodes.insert(name.to_owned(), datasets.to_vec());
         self.maybe_start(now);
     }
 
-    /// A node's connection ended. If the current phase waits for it, it counts as failed.
+    /// A node's connection ended. If the current step waits for it, it counts as failed.
     pub fn node_gone(&mut self, now: Instant, name: &str) {
         self.nodes.remove(name);
-        let Some(p) = self.phase.as_mut() else { return };
+        let Some(p) = self.run.as_mut() else { return };
         if p.expects(name) {
             p.failed.insert(name.to_owned(), "disconnected".into());
-            let (phase, round) = (p.phase, p.round);
+            let (phase, round) = (p.step.phase, p.step.round);
             self.log(
                 now,
                 format!("round {round}: node `{name}` dropped out during {phase}"),
@@ -415,18 +394,21 @@ impl Experiment {
         }
     }
 
-    /// Whether an update from `node` would be accepted now; call before reading the update's
-    /// bytes so late, duplicate and misshapen updates are refused without being read. A
-    /// misshapen one counts as the node's failed answer for the round.
-    pub fn begin_update(
+    /// Whether an answer from `node` would be accepted now; call before reading the answer's
+    /// bytes so late, duplicate and misshapen answers are refused without being read. A
+    /// misshapen one counts as the node's failed answer for the step.
+    pub fn begin_answer(
         &mut self,
         now: Instant,
         node: &str,
-        header: &UpdateHeader,
+        header: &AnswerHeader,
     ) -> Result<TensorMeta, Rejection> {
-        let result = self.check_update(node, header);
+        let result = self.check_header(node, header);
         match &result {
-            Err(rej) if rej.is_stale() => self.log(now, format!("ignored update from `{node}`: {rej}")),
+            Err(rej) if rej.is_stale() => self.log(
+                now,
+                format!("ignored {} from `{node}`: {rej}", noun(header.phase)),
+            ),
             Err(rej) => {
                 self.fail_answer(now, node, header.round, &rej.to_string());
                 self.check_close(now);
@@ -436,34 +418,32 @@ impl Experiment {
         result
     }
 
-    fn check_update(&self, node: &str, header: &UpdateHeader) -> Result<TensorMeta, Rejection> {
-        let round = header.round;
-        let Some(p) = self.phase.as_ref().filter(|p| p.phase == Phase::Train) else {
+    fn check_header(&self, node: &str, header: &AnswerHeader) -> Result<TensorMeta, Rejection> {
+        let (phase, round) = (header.phase, header.round);
+        let Some(p) = self.run.as_ref().filter(|p| p.step.phase == phase) else {
             return Err(Rejection::Late {
-                phase: Phase::Train,
+                phase,
                 round,
                 open: None,
             });
         };
-        if round != p.round {
+        if round != p.step.round {
             return Err(Rejection::Late {
-                phase: Phase::Train,
+                phase,
                 round,
-                open: Some(p.round),
+                open: Some(p.step.round),
             });
         }
         if p.answered.contains(node) || p.failed.contains_key(node) {
-            return Err(Rejection::Duplicate {
-                phase: Phase::Train,
-                round,
-            });
+            return Err(Rejection::Duplicate { phase, round });
         }
         if !p.selected.contains(node) {
             return Err(Rejection::NotSelected { round });
         }
+        let shape = p.step.answer;
         let expected = TensorMeta {
-            dtype: self.global.dtype(),
-            len: self.global.len() as u64,
+            dtype: shape.dtype,
+            len: shape.len,
         };
         if header.tensor != expected {
             return Err(Rejection::WrongShape {
@@ -471,42 +451,57 @@ impl Experiment {
                 expected,
             });
         }
+        if header.aux.len() != shape.aux {
+            return Err(Rejection::WrongAux {
+                got: header.aux.len(),
+                expected: shape.aux,
+            });
+        }
+        if header.weight == 0 || (!shape.weighted && header.weight != 1) {
+            return Err(Rejection::WrongWeight {
+                weight: header.weight,
+            });
+        }
         Ok(expected)
     }
 
-    /// A node's update arrived whole (`Ok`) or broke off / failed validation while streaming
+    /// A node's answer arrived whole (`Ok`) or broke off / failed validation while streaming
     /// (`Err`, with the reason).
-    pub fn handle_update(
+    pub fn handle_answer(
         &mut self,
         now: Instant,
         node: &str,
-        header: &UpdateHeader,
+        header: &AnswerHeader,
         values: Result<Values, String>,
     ) -> Result<(), Rejection> {
-        if let Err(rej) = self.check_update(node, header) {
-            self.log(now, format!("ignored update from `{node}`: {rej}"));
+        if let Err(rej) = self.check_header(node, header) {
+            self.log(
+                now,
+                format!("ignored {} from `{node}`: {rej}", noun(header.phase)),
+            );
             return Err(rej);
         }
         let folded = values.and_then(|v| {
-            if !header.train_loss.is_finite() {
-                return Err("training loss is not finite".to_owned());
-            }
-            let p = self.phase.as_mut().ok_or("no open phase")?;
-            let agg = p.agg.as_mut().ok_or("no open aggregate")?;
-            agg.fold(&v, header.num_examples).map_err(|e| e.to_string())
+            let p = self.run.as_mut().ok_or("no open step")?;
+            let answer = Answer {
+                values: &v,
+                weight: header.weight,
+                aux: &header.aux,
+            };
+            self.algorithm.check_answer(&p.step, answer)?;
+            p.agg
+                .fold(&v, header.weight, &header.aux)
+                .map_err(|e| e.to_string())
         });
-        let round = header.round;
         let result = match folded {
             Ok(()) => {
-                if let Some(p) = self.phase.as_mut() {
+                if let Some(p) = self.run.as_mut() {
                     p.answered.insert(node.to_owned());
-                    p.losses
-                        .insert(node.to_owned(), (header.num_examples, header.train_loss));
                 }
                 Ok(())
             }
             Err(reason) => {
-                self.fail_answer(now, node, round, &reason);
+                self.fail_answer(now, node, header.round, &reason);
                 Err(Rejection::Invalid(reason))
             }
         };
@@ -514,51 +509,11 @@ impl Experiment {
         result
     }
 
-    /// A node's answer to the statistics phase.
-    pub fn handle_stats(
-        &mut self,
-        now: Instant,
-        node: &str,
-        round: u32,
-        sums: ColumnSums,
-    ) -> Result<(), Rejection> {
-        let width = self.spec.num_params().saturating_sub(1) as usize;
-        let check = self.expect_answer(node, round, Phase::Stats).and_then(|()| {
-            // One place for the rules on sums (shape, finite, no negative sum of squares).
-            sums.validate(width)
-                .map_err(|e| Rejection::Invalid(e.to_string()))?;
-            if sums.n == 0 {
-                return Err(Rejection::NoRows);
-            }
-            Ok(())
-        });
-        self.accept(now, node, round, check, |p| {
-            p.stats.insert(node.to_owned(), sums);
-        })
-    }
-
-    /// A node's answer to an evaluation phase.
-    pub fn handle_eval(
-        &mut self,
-        now: Instant,
-        node: &str,
-        round: u32,
-        sums: EvalSums,
-    ) -> Result<(), Rejection> {
-        let kind = self.spec.model;
-        let check = self
-            .expect_answer(node, round, Phase::Evaluate)
-            .and_then(|()| sums.validate(kind).map_err(|e| Rejection::Invalid(e.to_string())));
-        self.accept(now, node, round, check, |p| {
-            p.evals.insert(node.to_owned(), sums);
-        })
-    }
-
     /// The node could not do its task; `reason` carries no data values (and is escaped: it is
     /// a node's text, shown to researchers and logged).
     pub fn handle_failure(&mut self, now: Instant, node: &str, round: u32, phase: Phase, reason: &str) {
         let reason = &*crate::text::printable(reason);
-        if self.expect_answer(node, round, phase).is_ok() {
+        if self.expect_answer(node, round, phase) {
             self.log(
                 now,
                 format!("round {round}: node `{node}` could not do {phase}: {reason}"),
@@ -567,7 +522,7 @@ impl Experiment {
                 // Its data cannot be used: keep it out of the later rounds too.
                 self.excluded.insert(node.to_owned(), reason.to_owned());
             }
-            if let Some(p) = self.phase.as_mut() {
+            if let Some(p) = self.run.as_mut() {
                 p.failed.insert(node.to_owned(), reason.to_owned());
             }
             self.check_close(now);
@@ -575,62 +530,25 @@ impl Experiment {
     }
 
     /// The node holds the task until its custodian approves the manifest: no answer this
-    /// phase, but it stays a candidate for the next one.
+    /// step, but it stays a candidate for the next one.
     pub fn handle_held(&mut self, now: Instant, node: &str, round: u32, phase: Phase, manifest: &str) {
         let manifest = &*crate::text::printable(manifest);
-        if self.expect_answer(node, round, phase).is_ok() {
+        if self.expect_answer(node, round, phase) {
             self.log(
                 now,
                 format!("round {round}: node `{node}` holds the experiment for its custodian's approval (manifest {manifest})"),
             );
-            if let Some(p) = self.phase.as_mut() {
+            if let Some(p) = self.run.as_mut() {
                 p.failed.insert(node.to_owned(), "held for approval".to_owned());
             }
             self.check_close(now);
         }
     }
 
-    fn expect_answer(&self, node: &str, round: u32, phase: Phase) -> Result<(), Rejection> {
-        match self.phase.as_ref() {
-            Some(p) if p.phase == phase && p.round == round && p.expects(node) => Ok(()),
-            Some(p) if p.phase == phase && p.round == round && p.selected.contains(node) => {
-                Err(Rejection::Duplicate { phase, round })
-            }
-            _ => Err(Rejection::Late {
-                phase,
-                round,
-                open: None,
-            }),
-        }
-    }
-
-    fn accept(
-        &mut self,
-        now: Instant,
-        node: &str,
-        round: u32,
-        check: Result<(), Rejection>,
-        store: impl FnOnce(&mut PhaseRun),
-    ) -> Result<(), Rejection> {
-        let result = match check {
-            Ok(()) => {
-                if let Some(p) = self.phase.as_mut() {
-                    store(p);
-                    p.answered.insert(node.to_owned());
-                }
-                Ok(())
-            }
-            Err(rej) => {
-                if rej.is_stale() {
-                    self.log(now, format!("ignored answer from `{node}`: {rej}"));
-                } else {
-                    self.fail_answer(now, node, round, &rej.to_string());
-                }
-                Err(rej)
-            }
-        };
-        self.check_close(now);
-        result
+    fn expect_answer(&self, node: &str, round: u32, phase: Phase) -> bool {
+        self.run
+            .as_ref()
+            .is_some_and(|p| p.step.phase == phase && p.step.round == round && p.expects(node))
     }
 
     fn fail_answer(&mut self, now: Instant, node: &str, round: u32, reason: &str) {
@@ -638,7 +556,7 @@ impl Experiment {
             now,
             format!("round {round}: rejected answer from `{node}`: {reason}"),
         );
-        if let Some(p) = self.phase.as_mut() {
+        if let Some(p) = self.run.as_mut() {
             p.failed.insert(node.to_owned(), reason.to_owned());
         }
         self.outbox.push_back(Transmit::Reject {
@@ -651,12 +569,12 @@ impl Experiment {
 
     /// Advance past deadlines.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let Some(p) = self.phase.as_ref() else { return };
+        let Some(p) = self.run.as_ref() else { return };
         if now < p.deadline {
             return;
         }
         let late: Vec<String> = p.outstanding().cloned().collect();
-        let (phase, round, answered) = (p.phase, p.round, p.answered.len());
+        let (phase, round, answered) = (p.step.phase, p.step.round, p.answered.len());
         if !late.is_empty() {
             self.log(
                 now,
@@ -667,7 +585,7 @@ impl Experiment {
             );
         }
         if answered >= self.spec.min_nodes as usize {
-            self.finish_phase(now);
+            self.finish_step(now);
         } else {
             self.retry(now, answered);
         }
@@ -675,32 +593,32 @@ impl Experiment {
 
     /// When the shell must call [`Experiment::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.phase.as_ref().map(|p| p.deadline)
+        self.run.as_ref().map(|p| p.deadline)
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.outbox.pop_front()
     }
 
-    /// Close the phase early once every selected node has answered and the quorum is met.
+    /// Close the step early once every selected node has answered and the quorum is met.
     fn check_close(&mut self, now: Instant) {
-        let Some(p) = self.phase.as_ref() else { return };
+        let Some(p) = self.run.as_ref() else { return };
         if p.outstanding().next().is_some() {
             return;
         }
         if p.answered.len() >= self.spec.min_nodes as usize {
-            self.finish_phase(now);
+            self.finish_step(now);
         }
         // Otherwise no answer can still come: wait for the deadline, then retry, so that a
         // federation whose nodes are restarting is not failed within milliseconds.
     }
 
     fn retry(&mut self, now: Instant, answered: usize) {
-        let Some(p) = self.phase.take() else { return };
+        let Some(p) = self.run.take() else { return };
         self.retries += 1;
         let why = format!(
             "round {}: {} of the {} answers needed in {} arrived within {} s",
-            p.round, answered, self.spec.min_nodes, p.phase, self.spec.round_timeout_secs
+            p.step.round, answered, self.spec.min_nodes, p.step.phase, self.spec.round_timeout_secs
         );
         if self.retries > self.spec.max_round_retries {
             self.fail(
@@ -717,182 +635,101 @@ impl Experiment {
                 self.spec.max_round_retries + 1
             ),
         );
-        self.start_phase(now, p.phase, p.round);
+        self.start_step(now, p.step);
     }
 
     fn fail(&mut self, now: Instant, reason: String) {
         self.log(now, format!("failed: {reason}"));
         self.state = ExperimentState::Failed { reason };
-        self.phase = None;
+        self.run = None;
         self.progress.push_back(Progress::Finished(self.state.clone()));
     }
 
-    fn start_next(&mut self, now: Instant) {
-        let done = self.history.len() as u32;
-        if done >= self.spec.rounds {
-            // Every round was recorded before a restart; only the ending was not.
-            self.finish(now);
-        } else if self.spec.uses_data() && self.standardization.is_none() {
-            self.start_phase(now, Phase::Stats, 0);
-        } else {
-            self.start_round(now, done + 1);
+    /// Ask the algorithm for its next step and start it, or complete the experiment. A step
+    /// of another round than `after` (the step that just closed, if any) starts the round's
+    /// retries afresh.
+    fn start_next(&mut self, now: Instant, after: Option<u32>) {
+        match self.algorithm.next_step(now) {
+            Some(step) => {
+                if after != Some(step.round) {
+                    self.retries = 0;
+                }
+                self.start_step(now, step);
+            }
+            None => {
+                self.state = ExperimentState::Completed;
+                self.log(now, format!("completed {} round(s)", self.history().len()));
+                self.progress.push_back(Progress::Finished(self.state.clone()));
+            }
         }
     }
 
-    fn finish(&mut self, now: Instant) {
-        self.state = ExperimentState::Completed;
-        self.log(now, format!("completed {} round(s)", self.history.len()));
-        self.progress.push_back(Progress::Finished(self.state.clone()));
-    }
-
-    fn start_round(&mut self, now: Instant, round: u32) {
-        self.retries = 0;
-        self.round_started = Some(now);
-        self.start_phase(now, Phase::Train, round);
-    }
-
-    fn start_phase(&mut self, now: Instant, phase: Phase, round: u32) {
+    fn start_step(&mut self, now: Instant, step: Step) {
         let selected = self.candidates();
-        self.state = ExperimentState::Running { phase };
-        let model_bytes = match phase {
-            Phase::Stats => None,
-            Phase::Train | Phase::Evaluate => Some(Arc::new(self.global.to_le_bytes())),
-        };
-        let model_meta = model_bytes.as_ref().map(|_| TensorMeta {
-            dtype: self.global.dtype(),
-            len: self.global.len() as u64,
+        self.state = ExperimentState::Running { phase: step.phase };
+        let model_bytes = step.model.as_ref().map(|m| Arc::new(m.to_le_bytes()));
+        let model_meta = step.model.as_ref().map(|m| TensorMeta {
+            dtype: m.dtype(),
+            len: m.len() as u64,
         });
         for to in &selected {
             self.outbox.push_back(Transmit::Task {
                 to: to.clone(),
                 task: Box::new(Task {
                     experiment: self.id,
-                    round,
-                    phase,
+                    round: step.round,
+                    phase: step.phase,
                     submitter: self.submitter.clone(),
                     spec: self.spec.clone(),
-                    standardization: self.standardization.clone(),
+                    standardization: step.standardization.clone(),
                     model: model_meta,
                 }),
                 model: model_bytes.clone(),
             });
         }
-        let agg = (phase == Phase::Train).then(|| FedAvg::new(self.global.dtype(), self.global.len()));
+        let shape = step.answer;
+        let agg = step.aggregator.start(shape.dtype, shape.len as usize, shape.aux);
         self.log(
             now,
-            format!("round {round}: {phase} started with {} node(s)", selected.len()),
+            format!(
+                "round {}: {} started with {} node(s)",
+                step.round,
+                step.phase,
+                selected.len()
+            ),
         );
-        self.phase = Some(PhaseRun {
-            phase,
-            round,
+        self.run = Some(StepRun {
+            step,
             selected,
             answered: BTreeSet::new(),
             failed: BTreeMap::new(),
             deadline: now + Duration::from_secs(self.spec.round_timeout_secs),
-            started: now,
             agg,
-            losses: BTreeMap::new(),
-            stats: BTreeMap::new(),
-            evals: BTreeMap::new(),
         });
-        // A phase with nobody to ask can only end at its deadline; one whose quorum is already
+        // A step with nobody to ask can only end at its deadline; one whose quorum is already
         // impossible is handled there too.
     }
 
-    fn finish_phase(&mut self, now: Instant) {
-        let Some(p) = self.phase.take() else { return };
-        match p.phase {
-            Phase::Stats => {
-                let parts: Vec<ColumnSums> = p.stats.into_values().collect();
-                let names: Vec<String> = self
-                    .spec
-                    .schema
-                    .as_ref()
-                    .map(|s| s.design_columns().into_iter().skip(1).collect())
-                    .unwrap_or_default();
-                match Standardization::from_sums(&parts, &names) {
-                    Ok(st) => {
-                        self.log(
-                            now,
-                            format!("pooled standardisation computed from {} node(s)", parts.len()),
-                        );
-                        self.progress.push_back(Progress::Standardized(st.clone()));
-                        self.standardization = Some(st);
-                        self.start_round(now, 1);
-                    }
-                    Err(e) => self.fail(now, format!("statistics phase: {e}")),
+    fn finish_step(&mut self, now: Instant) {
+        let Some(p) = self.run.take() else { return };
+        let round = p.step.round;
+        let pooled = match p.agg.finish() {
+            Ok(pooled) => pooled,
+            Err(e) => return self.fail(now, format!("round {round}: {e}")),
+        };
+        let participants = p.answered.into_iter().collect();
+        match self
+            .algorithm
+            .finish_step(now, &p.step, pooled, participants, self.retries)
+        {
+            Ok(report) => {
+                for e in report.events {
+                    self.log(now, e);
                 }
+                self.progress.extend(report.progress);
+                self.start_next(now, Some(round));
             }
-            Phase::Train => {
-                let Some(agg) = p.agg else { return };
-                match agg.average() {
-                    Ok(avg) => self.global = Arc::new(avg),
-                    Err(e) => return self.fail(now, format!("round {}: {e}", p.round)),
-                }
-                let total: u64 = p.losses.values().map(|(n, _)| n).sum();
-                let loss = p.losses.values().map(|(n, l)| *n as f64 * l).sum::<f64>() / total.max(1) as f64;
-                let started = self.round_started.unwrap_or(p.started);
-                let record = RoundRecord {
-                    round: p.round,
-                    participants: p.answered.into_iter().collect(),
-                    total_examples: total,
-                    train_loss: loss,
-                    metrics: None,
-                    train_ms: now.saturating_duration_since(started).as_millis() as u64,
-                    round_ms: 0,
-                    retries: self.retries,
-                };
-                self.log(
-                    now,
-                    format!(
-                        "round {}: aggregated {} update(s) over {} rows",
-                        p.round,
-                        record.participants.len(),
-                        total
-                    ),
-                );
-                if self.spec.uses_data() {
-                    self.train_done = Some((record, started));
-                    self.start_phase(now, Phase::Evaluate, p.round);
-                } else {
-                    self.complete_round(now, record, started);
-                }
-            }
-            Phase::Evaluate => {
-                let Some((mut record, started)) = self.train_done.take() else {
-                    return;
-                };
-                let mut sums: Option<EvalSums> = None;
-                for s in p.evals.values() {
-                    match sums.as_mut() {
-                        None => sums = Some(s.clone()),
-                        Some(acc) => {
-                            if let Err(e) = acc.merge(s) {
-                                return self.fail(now, format!("round {}: evaluation: {e}", p.round));
-                            }
-                        }
-                    }
-                }
-                record.metrics = sums.map(|s| metrics(self.spec.model, &s));
-                // The round's retries so far: training's and, after them, evaluation's.
-                record.retries = self.retries;
-                self.complete_round(now, record, started);
-            }
-        }
-    }
-
-    fn complete_round(&mut self, now: Instant, mut record: RoundRecord, started: Instant) {
-        record.round_ms = now.saturating_duration_since(started).as_millis() as u64;
-        let round = record.round;
-        self.progress.push_back(Progress::RoundCompleted {
-            record: record.clone(),
-            model: self.global.clone(),
-        });
-        self.history.push(record);
-        if round >= self.spec.rounds {
-            self.finish(now);
-        } else {
-            self.start_round(now, round + 1);
+            Err(reason) => self.fail(now, reason),
         }
     }
 
@@ -904,22 +741,32 @@ impl Experiment {
             model: self.spec.model,
             submitter: self.submitter.clone(),
             state: self.state.clone(),
-            rounds_done: self.history.len() as u32,
+            rounds_done: self.history().len() as u32,
             rounds: self.spec.rounds,
             participants: self
-                .phase
+                .run
                 .as_ref()
                 .map(|p| p.selected.iter().cloned().collect())
                 .unwrap_or_default(),
-            history: self.history.clone(),
+            history: self.history().to_vec(),
             events: self.events.iter().cloned().collect(),
         }
+    }
+}
+
+/// What an answer to `phase` is called in the event log.
+fn noun(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Train => "update",
+        _ => "answer",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::ColumnSums;
+    use crate::model::EvalSums;
     use crate::spec::{EchoSpec, ModelKind, TrainingSpec};
 
     const T0: Duration = Duration::from_secs(10);
@@ -996,8 +843,16 @@ mod tests {
                 sum: vec![5.0],
                 sum_sq: vec![10.0],
             };
-            self.exp.handle_stats(self.now, node, 0, sums).expect("stats");
+            self.send_stats(node, &sums).expect("stats");
+        }
+
+        /// The node answers the statistics phase with `sums`.
+        fn send_stats(&mut self, node: &str, sums: &ColumnSums) -> Result<(), Rejection> {
+            let values = crate::algorithm::standardize::answer(sums);
+            let header = sum_header(Phase::Stats, 0, &values);
+            let r = self.exp.handle_answer(self.now, node, &header, Ok(values));
             self.pump();
+            r
         }
 
         /// The node answers its latest task, an evaluation, with sums over 5 test rows.
@@ -1011,7 +866,9 @@ mod tests {
                 sum_y2: 10.0,
                 ..EvalSums::default()
             };
-            let r = self.exp.handle_eval(self.now, node, round, sums);
+            let values = crate::algorithm::evaluate::answer(&sums);
+            let header = sum_header(Phase::Evaluate, round, &values);
+            let r = self.exp.handle_answer(self.now, node, &header, Ok(values));
             self.pump();
             r
         }
@@ -1044,12 +901,13 @@ mod tests {
             }
         }
 
-        fn header(&self, round: u32, rows: u64) -> UpdateHeader {
-            UpdateHeader {
+        fn header(&self, round: u32, rows: u64) -> AnswerHeader {
+            AnswerHeader {
                 experiment: 1,
                 round,
-                num_examples: rows,
-                train_loss: 0.5,
+                phase: Phase::Train,
+                weight: rows,
+                aux: vec![0.5],
                 tensor: TensorMeta {
                     dtype: self.exp.spec().dtype(),
                     len: self.exp.spec().num_params(),
@@ -1063,7 +921,7 @@ mod tests {
             let moved: Vec<f64> = global.iter().map(|g| g + f64::from(offset)).collect();
             let values = Values::from_f64(&moved, self.exp.spec().dtype());
             let header = self.header(round, rows);
-            let r = self.exp.handle_update(self.now, node, &header, Ok(values));
+            let r = self.exp.handle_answer(self.now, node, &header, Ok(values));
             self.pump();
             r
         }
@@ -1078,6 +936,21 @@ mod tests {
 
         fn rounds_done(&self) -> usize {
             self.exp.history().len()
+        }
+    }
+
+    /// The header of an answer to a plain sum.
+    fn sum_header(phase: Phase, round: u32, values: &Values) -> AnswerHeader {
+        AnswerHeader {
+            experiment: 1,
+            round,
+            phase,
+            weight: 1,
+            aux: Vec::new(),
+            tensor: TensorMeta {
+                dtype: values.dtype(),
+                len: values.len() as u64,
+            },
         }
     }
 
@@ -1383,7 +1256,7 @@ mod tests {
         let header = sim.header(1, 1);
         let late = sim
             .exp
-            .handle_update(sim.now, "a", &header, Ok(Values::F32(vec![0.0; 4])))
+            .handle_answer(sim.now, "a", &header, Ok(Values::F32(vec![0.0; 4])))
             .expect_err("late");
         assert_eq!(
             late,
@@ -1440,7 +1313,7 @@ mod tests {
         let header = sim.header(1, 1);
         let err = sim
             .exp
-            .handle_update(
+            .handle_answer(
                 sim.now,
                 "b",
                 &header,
@@ -1448,12 +1321,12 @@ mod tests {
             )
             .expect_err("nan");
         assert!(matches!(err, Rejection::Invalid(_)) && !err.is_stale(), "{err:?}");
-        assert!(err.to_string().contains("parameter 1"), "{err}");
+        assert!(err.to_string().contains("value 1"), "{err}");
         let mut wrong = sim.header(1, 1);
         wrong.tensor.len = 3;
         let err = sim
             .exp
-            .begin_update(sim.now, "c", &wrong)
+            .begin_answer(sim.now, "c", &wrong)
             .expect_err("wrong shape");
         assert!(
             matches!(err, Rejection::WrongShape { .. }) && !err.is_stale(),
@@ -1561,7 +1434,16 @@ mod tests {
                 "wrong shape: 2 F64 parameters, the model has 5 F64",
                 false,
             ),
-            (Rejection::NoRows, "no training rows", false),
+            (
+                Rejection::WrongWeight { weight: 0 },
+                "wrong weight 0 for this step",
+                false,
+            ),
+            (
+                Rejection::WrongAux { got: 2, expected: 1 },
+                "2 side figures, the step has 1",
+                false,
+            ),
             (
                 Rejection::Invalid("parameter 1 is not finite".into()),
                 "parameter 1 is not finite",
@@ -1583,19 +1465,15 @@ mod tests {
             sum: vec![5.0],
             sum_sq: vec![-1.0],
         };
-        let err = sim.exp.handle_stats(sim.now, "b", 0, bad).expect_err("negative");
-        sim.pump();
+        let err = sim.send_stats("b", &bad).expect_err("negative");
         assert!(matches!(err, Rejection::Invalid(_)) && !err.is_stale(), "{err:?}");
         assert!(err.to_string().contains("sum of squares is negative"), "{err}");
         assert_eq!(sim.rejected, ["b"], "b is told");
         // A second answer from b is a duplicate, not a second chance.
         let again = sim
-            .exp
-            .handle_stats(
-                sim.now,
+            .send_stats(
                 "b",
-                0,
-                ColumnSums {
+                &ColumnSums {
                     n: 10,
                     sum: vec![5.0],
                     sum_sq: vec![10.0],
@@ -1610,10 +1488,8 @@ mod tests {
             sum: vec![0.0],
             sum_sq: vec![0.0],
         };
-        assert_eq!(
-            sim2.exp.handle_stats(sim2.now, "z", 0, empty),
-            Err(Rejection::NoRows)
-        );
+        let err = sim2.send_stats("z", &empty).expect_err("no rows");
+        assert!(err.to_string().contains("no training rows"), "{err}");
         sim2.stats("a");
         assert_eq!(sim2.phase(), Some(Phase::Train));
         // a and c answer well: the phase closes on them without waiting for the deadline.

@@ -1,0 +1,182 @@
+//! Federated averaging (FedAvg) of linear and logistic models, and the `echo` diagnostic.
+//!
+//! Steps: the pooled standardisation ([`super::standardize`]) once, then per round a training
+//! step (every node trains from the global model and answers its local model, weighted by its
+//! training rows, with its mean training loss as a side figure; the exact weighted mean is
+//! the new global model) and an evaluation step ([`super::evaluate`]) scoring it on every
+//! office's test rows. `echo` has neither statistics nor evaluation.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use fedstat_proto::wire::{Phase, RoundRecord};
+
+use crate::aggregate::{AggregatorKind, Pooled, Values};
+use crate::spec::ExperimentSpec;
+use crate::sums::Standardization;
+
+use super::{evaluate, standardize, Algorithm, Answer, AnswerShape, Checkpoint, Progress, Report, Step};
+
+#[derive(Debug)]
+pub struct FedAvg {
+    spec: ExperimentSpec,
+    global: Arc<Values>,
+    standardization: Option<Standardization>,
+    history: Vec<RoundRecord>,
+    /// The round whose training is done and whose evaluation is pending.
+    trained: Option<RoundRecord>,
+    /// When the current round's training step was first asked for.
+    round_started: Option<(u32, Instant)>,
+}
+
+impl FedAvg {
+    pub fn new(spec: &ExperimentSpec, checkpoint: Checkpoint) -> Self {
+        let global = checkpoint
+            .global
+            .unwrap_or_else(|| Values::zeros(spec.dtype(), spec.num_params() as usize));
+        FedAvg {
+            spec: spec.clone(),
+            global: Arc::new(global),
+            standardization: checkpoint.standardization,
+            history: checkpoint.history,
+            trained: None,
+            round_started: None,
+        }
+    }
+
+    fn started(&self, round: u32, now: Instant) -> Instant {
+        match self.round_started {
+            Some((r, t)) if r == round => t,
+            _ => now,
+        }
+    }
+
+    fn complete_round(&mut self, now: Instant, mut record: RoundRecord, report: &mut Report) {
+        record.round_ms = now
+            .saturating_duration_since(self.started(record.round, now))
+            .as_millis() as u64;
+        report.progress.push(Progress::RoundCompleted {
+            record: record.clone(),
+            model: self.global.clone(),
+        });
+        self.history.push(record);
+    }
+}
+
+impl Algorithm for FedAvg {
+    fn next_step(&mut self, now: Instant) -> Option<Step> {
+        if self.spec.uses_data() && self.standardization.is_none() {
+            return Some(standardize::step(&self.spec));
+        }
+        if let Some(trained) = &self.trained {
+            return Some(evaluate::step(
+                &self.spec,
+                trained.round,
+                self.global.clone(),
+                self.standardization.clone(),
+            ));
+        }
+        let done = self.history.len() as u32;
+        if done >= self.spec.rounds {
+            return None;
+        }
+        let round = done + 1;
+        if self.round_started.is_none_or(|(r, _)| r != round) {
+            self.round_started = Some((round, now));
+        }
+        Some(Step {
+            phase: Phase::Train,
+            round,
+            model: Some(self.global.clone()),
+            standardization: self.standardization.clone(),
+            answer: AnswerShape {
+                dtype: self.spec.dtype(),
+                len: self.spec.num_params(),
+                aux: 1,
+                weighted: true,
+            },
+            aggregator: AggregatorKind::Mean,
+        })
+    }
+
+    fn check_answer(&self, step: &Step, answer: Answer<'_>) -> Result<(), String> {
+        match step.phase {
+            Phase::Stats => standardize::check(answer),
+            Phase::Evaluate => evaluate::check(self.spec.model, answer),
+            // The aggregate checks the range of every parameter and of the loss.
+            Phase::Train => Ok(()),
+        }
+    }
+
+    fn finish_step(
+        &mut self,
+        now: Instant,
+        step: &Step,
+        pooled: Pooled,
+        participants: Vec<String>,
+        retries: u32,
+    ) -> Result<Report, String> {
+        let mut report = Report::default();
+        match step.phase {
+            Phase::Stats => {
+                let st = standardize::pool(&self.spec, &pooled.values)
+                    .map_err(|e| format!("statistics phase: {e}"))?;
+                report.events.push(format!(
+                    "pooled standardisation computed from {} node(s)",
+                    pooled.answers
+                ));
+                report.progress.push(Progress::Standardized(st.clone()));
+                self.standardization = Some(st);
+            }
+            Phase::Train => {
+                self.global = Arc::new(pooled.values);
+                let started = self.started(step.round, now);
+                let record = RoundRecord {
+                    round: step.round,
+                    participants,
+                    total_examples: pooled.total_weight,
+                    train_loss: pooled.aux.first().copied().unwrap_or(f64::NAN),
+                    metrics: None,
+                    train_ms: now.saturating_duration_since(started).as_millis() as u64,
+                    round_ms: 0,
+                    retries,
+                };
+                report.events.push(format!(
+                    "round {}: aggregated {} update(s) over {} rows",
+                    step.round,
+                    record.participants.len(),
+                    record.total_examples
+                ));
+                if self.spec.uses_data() {
+                    self.trained = Some(record);
+                } else {
+                    self.complete_round(now, record, &mut report);
+                }
+            }
+            Phase::Evaluate => {
+                let Some(mut record) = self.trained.take() else {
+                    return Err(format!("round {}: evaluation without training", step.round));
+                };
+                let metrics = evaluate::pool(self.spec.model, &pooled.values)
+                    .map_err(|e| format!("round {}: evaluation: {e}", step.round))?;
+                record.metrics = Some(metrics);
+                // The round's retries so far: training's and, after them, evaluation's.
+                record.retries = retries;
+                self.complete_round(now, record, &mut report);
+            }
+        }
+        Ok(report)
+    }
+
+    fn history(&self) -> &[RoundRecord] {
+        &self.history
+    }
+
+    fn model(&self) -> &Arc<Values> {
+        &self.global
+    }
+
+    fn standardization(&self) -> Option<&Standardization> {
+        self.standardization.as_ref()
+    }
+}
