@@ -825,4 +825,46 @@ mod tests {
         let err = st.push(&[0; 8]).expect_err("too many");
         assert!(err.to_string().contains("more than"), "{err}");
     }
+
+    #[test]
+    fn the_median_holds_every_answer_and_ignores_order() {
+        assert!(AggregatorKind::Sum.is_streaming() && AggregatorKind::Mean.is_streaming());
+        assert!(!AggregatorKind::Median.is_streaming());
+        let answers = [vec![1.0, 10.0], vec![3.0, -5.0], vec![2.0, 1e6], vec![4.0, 0.0]];
+        let pool = |order: &[usize]| {
+            let mut agg = AggregatorKind::Median.start(DType::F64, 2, 1);
+            for &i in order {
+                agg.fold(&Values::F64(answers[i].clone()), 10, &[i as f64])
+                    .expect("fold");
+            }
+            agg.finish().expect("pooled")
+        };
+        let a = pool(&[0, 1, 2, 3]);
+        assert_eq!(
+            a.values,
+            Values::F64(vec![2.5, 5.0]),
+            "one wild value moves nothing"
+        );
+        assert_eq!(a.aux, vec![1.5]);
+        assert_eq!((a.total_weight, a.answers), (40, 4));
+        assert_eq!(pool(&[3, 1, 0, 2]), a);
+        let mut agg = AggregatorKind::Median.start(DType::F64, 2, 0);
+        assert!(agg.fold(&Values::F64(vec![1.0]), 1, &[]).is_err(), "wrong shape");
+        assert!(agg.finish().is_err(), "nothing to pool");
+    }
+
+    #[test]
+    fn plain_sums_take_large_values_and_means_do_not() {
+        let big = Values::F64(vec![3.0e12, -1.0]);
+        let mut sum = AggregatorKind::Sum.start(DType::F64, 2, 0);
+        sum.fold(&big, 1, &[]).expect("a sum of squares of wages fits");
+        sum.fold(&Values::F64(vec![1.0, 0.25]), 1, &[]).expect("fold");
+        let pooled = sum.finish().expect("pooled");
+        assert_eq!(pooled.values, Values::F64(vec![3.0e12 + 1.0, -0.75]));
+        let mut mean = AggregatorKind::Mean.start(DType::F64, 2, 0);
+        assert!(
+            mean.fold(&big, 1, &[]).is_err(),
+            "a parameter of 3e12 means divergence"
+        );
+    }
 }

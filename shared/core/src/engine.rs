@@ -1036,6 +1036,173 @@ mod tests {
         }
     }
 
+    /// A data experiment (statistics, then training and evaluation each round) interrupted by a
+    /// coordinator restart after any step resumes from the store and ends bit-identical, with
+    /// the same pooled metrics, and never asks for the statistics again.
+    #[test]
+    fn a_restored_data_experiment_ends_bit_identical() {
+        let spec = linear(3, 3, 0);
+        let fresh = || Restored {
+            spec: spec.clone(),
+            submitter: "researcher `r`".into(),
+            state: ExperimentState::Waiting,
+            standardization: None,
+            history: vec![],
+            global: None,
+            events: vec![],
+        };
+        // Every node's answers depend only on (node, round, global model).
+        let step = |sim: &mut Sim, store: &mut Restored| {
+            let phase = sim.phase().expect("running");
+            for (i, n) in ["a", "b", "c"].iter().enumerate() {
+                match phase {
+                    Phase::Stats => sim.stats(n),
+                    Phase::Train => {
+                        let round = sim.inbox[*n].last().map_or(0, |t| t.0);
+                        let offset = (round as f32 * 0.37 + i as f32 * 0.11).sin();
+                        sim.answer(n, offset, 10 + i as u64).expect("update");
+                    }
+                    Phase::Evaluate => sim.eval(n).expect("evaluation"),
+                }
+            }
+            record(&mut sim.exp, store);
+        };
+        let mut whole = Sim::with_data(spec.clone(), &["a", "b", "c"]);
+        let mut store = fresh();
+        while !whole.exp.is_finished() {
+            step(&mut whole, &mut store);
+        }
+        assert_eq!(whole.exp.state(), &ExperimentState::Completed);
+        let want = (whole.exp.global().to_le_bytes(), whole.exp.history().to_vec());
+        // 1 statistics step + 3 rounds of training and evaluation.
+        for crash_after in 0..7 {
+            let mut first = Sim::with_data(spec.clone(), &["a", "b", "c"]);
+            let mut store = fresh();
+            for _ in 0..crash_after {
+                step(&mut first, &mut store);
+            }
+            let connected: Vec<_> = ["a", "b", "c"]
+                .iter()
+                .map(|n| (n.to_string(), vec!["d".to_owned()]))
+                .collect();
+            let mut again = Sim {
+                now: first.now,
+                exp: Experiment::restore(1, store.clone(), first.now, &connected),
+                inbox: BTreeMap::new(),
+                rejected: vec![],
+            };
+            again.pump();
+            if crash_after > 0 {
+                assert_ne!(again.phase(), Some(Phase::Stats), "crash after {crash_after}");
+            }
+            while !again.exp.is_finished() {
+                step(&mut again, &mut store);
+            }
+            assert_eq!(
+                again.exp.global().to_le_bytes(),
+                want.0,
+                "crash after {crash_after}"
+            );
+            let metrics = |h: &[RoundRecord]| h.iter().map(|r| r.metrics.clone()).collect::<Vec<_>>();
+            assert_eq!(
+                metrics(again.exp.history()),
+                metrics(&want.1),
+                "crash after {crash_after}"
+            );
+        }
+    }
+
+    /// A node that holds the task for its custodian sits out the step, which closes on the
+    /// others; it stays a candidate and is asked again in the next step.
+    #[test]
+    fn a_held_node_sits_out_the_step_and_is_asked_again() {
+        let mut sim = Sim::with_data(linear(2, 1, 0), &["a", "b", "c"]);
+        sim.exp
+            .handle_held(sim.now, "c", 0, Phase::Stats, &"ab".repeat(32));
+        sim.stats("a");
+        assert_eq!(sim.phase(), Some(Phase::Stats), "b is still expected");
+        sim.stats("b");
+        assert_eq!(sim.phase(), Some(Phase::Train), "closed without c");
+        assert!(
+            sim.events().contains("node `c` holds the experiment"),
+            "{}",
+            sim.events()
+        );
+        assert_eq!(sim.inbox["c"].last().map(|t| t.0), Some(1), "c is asked to train");
+        // A held node's later answer to the held step is late, not counted.
+        let err = sim.send_stats(
+            "c",
+            &ColumnSums {
+                n: 10,
+                sum: vec![5.0],
+                sum_sq: vec![10.0],
+            },
+        );
+        assert!(err.is_err_and(|e| e.is_stale()));
+        for n in ["a", "b", "c"] {
+            sim.answer(n, 1.0, 10).expect("trains");
+        }
+        assert_eq!(sim.exp.history().len(), 0);
+        assert_eq!(sim.phase(), Some(Phase::Evaluate));
+    }
+
+    /// A node whose data fails at the statistics step is kept out of every later step; the
+    /// experiment goes on with the others.
+    #[test]
+    fn a_node_whose_data_fails_is_kept_out_of_later_steps() {
+        let mut sim = Sim::with_data(linear(2, 1, 0), &["a", "b", "c"]);
+        sim.exp.handle_failure(
+            sim.now,
+            "c",
+            0,
+            Phase::Stats,
+            "dataset `d`: column `x`: not a number",
+        );
+        sim.stats("a");
+        sim.stats("b");
+        assert_eq!(sim.phase(), Some(Phase::Train));
+        assert_eq!(sim.inbox["c"].len(), 1, "c gets no training task");
+        sim.answer("a", 1.0, 10).expect("a");
+        sim.answer("b", 1.0, 10).expect("b");
+        sim.eval("a").expect("a");
+        sim.eval("b").expect("b");
+        assert_eq!(sim.exp.state(), &ExperimentState::Completed);
+        assert_eq!(sim.exp.history()[0].participants, ["a", "b"]);
+        assert!(
+            sim.events().contains("node `c` could not do statistics"),
+            "{}",
+            sim.events()
+        );
+    }
+
+    /// Answers whose header does not match the step are refused before their bytes are read.
+    #[test]
+    fn answers_must_match_the_step_shape_weight_and_side_figures() {
+        let mut sim = Sim::with_data(linear(1, 1, 0), &["a", "b", "c", "d"]);
+        let values = crate::algorithm::standardize::answer(&ColumnSums {
+            n: 10,
+            sum: vec![5.0],
+            sum_sq: vec![10.0],
+        });
+        let mut weighted = sum_header(Phase::Stats, 0, &values);
+        weighted.weight = 10;
+        let mut aux = sum_header(Phase::Stats, 0, &values);
+        aux.aux = vec![1.0];
+        let mut long = sum_header(Phase::Stats, 0, &values);
+        long.tensor.len += 1;
+        let mut train = sum_header(Phase::Train, 0, &values);
+        train.weight = 10;
+        for (node, header, want) in [
+            ("a", weighted, "wrong weight 10"),
+            ("b", aux, "1 side figures, the step has 0"),
+            ("c", long, "wrong shape"),
+            ("d", train, "late update for round 0"),
+        ] {
+            let err = sim.exp.begin_answer(sim.now, node, &header).expect_err(want);
+            assert!(err.to_string().contains(want), "{err}");
+        }
+    }
+
     /// A store or audit fault stops the experiment in memory only: nothing is queued for the
     /// store (which still says running, so a restart resumes), nothing more is sent, and late
     /// answers are ignored.
