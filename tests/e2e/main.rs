@@ -305,7 +305,7 @@ fn bad_updates_are_rejected_and_rounds_complete() {
         "{ev}"
     );
     assert!(
-        ev.contains("rejected answer from `rogue-nan`: update rejected: parameter 2 is not finite"),
+        ev.contains("rejected answer from `rogue-nan`: update rejected: value 2 is not finite"),
         "{ev}"
     );
     // The rogues were told why, and the coordinator is still serving.
@@ -314,7 +314,7 @@ fn bad_updates_are_rejected_and_rounds_complete() {
         .map(|h| h.join().expect("rogue thread"))
         .collect();
     assert!(told[0].iter().any(|r| r.contains("wrong shape")), "{told:?}");
-    assert!(told[1].iter().any(|r| r.contains("parameter 2")), "{told:?}");
+    assert!(told[1].iter().any(|r| r.contains("value 2")), "{told:?}");
     assert!(fed.coordinator.is_running());
     fed.wait_for_nodes(&["midwest", "south"]);
 }

@@ -135,6 +135,9 @@ fn a_rogue_coordinator_gets_nothing_beyond_the_approved_manifest() {
             name: "office".into(),
         };
         write_frame(&mut send, &welcome).await.expect("welcome");
+        // As the real coordinator does once the hello is accepted: answers come on streams of
+        // their own.
+        conn.set_max_concurrent_uni_streams(8u32.into());
 
         // Held until the custodian approves; then the statistics are answered.
         push(&conn, &spec, 1, Phase::Stats, 0, None).await;

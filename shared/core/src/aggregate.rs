@@ -190,7 +190,7 @@ impl Staging {
         let start = self.filled;
         let bad = |i: usize| {
             Error::Rejected(format!(
-                "value {} is not finite or exceeds {MAX_ABS_VALUE:e} in magnitude",
+                "value {} is not finite or exceeds 2^62 in magnitude",
                 start + i
             ))
         };
