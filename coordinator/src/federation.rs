@@ -442,8 +442,8 @@ impl Federation {
 
     fn request(&mut self, now: Instant, who: &PeerIdentity, request: Request) -> Reply {
         let refuse = |message: String| Reply::from(Response::Error { message });
-        if !matches!(who.role, Role::Researcher | Role::Admin) {
-            return refuse(format!("{who} may not make researcher requests"));
+        if let Err(message) = permission(who, &request) {
+            return refuse(message);
         }
         match request {
             Request::Hello { .. } => Response::Welcome {
@@ -514,9 +514,6 @@ impl Federation {
                 .into()
             }
             Request::Disconnect { node } => {
-                if who.role != Role::Admin {
-                    return refuse(format!("only an admin may disconnect nodes; {who} is not one"));
-                }
                 let Some(n) = self.nodes.get(&node) else {
                     return refuse(format!("no node `{node}` is connected"));
                 };
@@ -663,6 +660,21 @@ impl Federation {
     }
 }
 
+/// Whether `who` may make `request` at all, from its role and the kind of request alone: only
+/// researchers and admins make requests, and only admins disconnect nodes. Requests about one
+/// experiment (status, results, cancel) are further limited to the experiments [`may_see`]
+/// allows, and the list of statuses to those; that needs the experiment, so it is checked
+/// where the experiment is looked up.
+fn permission(who: &PeerIdentity, request: &Request) -> Result<(), String> {
+    match (who.role, request) {
+        (Role::Node | Role::Coordinator, _) => Err(format!("{who} may not make researcher requests")),
+        (Role::Researcher, Request::Disconnect { .. }) => {
+            Err(format!("only an admin may disconnect nodes; {who} is not one"))
+        }
+        (Role::Researcher | Role::Admin, _) => Ok(()),
+    }
+}
+
 /// Whether `who` may see (status, watch, events, results) and cancel an experiment submitted by
 /// `submitter`: its submitter may, an admin may, nobody else. `submitter` is the identity's
 /// display form (`researcher `alice``), so a researcher and an admin of the same name differ.
@@ -726,6 +738,62 @@ pub async fn run(mut fed: Federation, mut rx: mpsc::Receiver<Event>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every role against every kind of request: who may ask at all.
+    #[test]
+    fn request_permissions_by_role() {
+        let requests = [
+            Request::Hello { protocol: 3 },
+            Request::Submit { spec: echo() },
+            Request::Status {
+                experiment: Some(1),
+                after: None,
+            },
+            Request::Status {
+                experiment: None,
+                after: None,
+            },
+            Request::Nodes,
+            Request::Results {
+                experiment: 1,
+                round: None,
+            },
+            Request::Cancel { experiment: 1 },
+            Request::Disconnect { node: "n".into() },
+        ];
+        // (role, requests allowed, by name); everything else is refused.
+        let table: [(Role, &[&str]); 4] = [
+            (
+                Role::Admin,
+                &[
+                    "hello",
+                    "submit",
+                    "status",
+                    "nodes",
+                    "results",
+                    "cancel",
+                    "disconnect",
+                ],
+            ),
+            (
+                Role::Researcher,
+                &["hello", "submit", "status", "nodes", "results", "cancel"],
+            ),
+            (Role::Node, &[]),
+            (Role::Coordinator, &[]),
+        ];
+        for (role, allowed) in table {
+            let who = peer(role, "x");
+            for r in &requests {
+                let got = permission(&who, r);
+                let want = allowed.contains(&request_name(r));
+                assert_eq!(got.is_ok(), want, "{role} {}: {got:?}", request_name(r));
+                if let Err(e) = got {
+                    assert!(e.contains(&who.to_string()), "{e}");
+                }
+            }
+        }
+    }
 
     fn peer(role: Role, name: &str) -> PeerIdentity {
         PeerIdentity {
