@@ -615,8 +615,24 @@ async fn send_hello_answer(
     hello: Option<NodeMsg>,
     who: &PeerIdentity,
 ) -> Result<Vec<String>, String> {
-    let refuse = |reason: String| CoordMsg::Refused { reason };
-    let (answer, result) = match hello {
+    let (answer, result) = answer_hello(hello, who);
+    write_frame(send, &answer).await.map_err(|e| e.to_string())?;
+    result
+}
+
+/// The decision on a node's first control message: a `Hello` of this protocol version offering
+/// at most `MAX_DATASETS` printable dataset names is welcomed (its datasets returned);
+/// anything else is refused with the reason, which the node is told.
+fn answer_hello(hello: Option<NodeMsg>, who: &PeerIdentity) -> (CoordMsg, Result<Vec<String>, String>) {
+    let refuse = |reason: String| {
+        (
+            CoordMsg::Refused {
+                reason: reason.clone(),
+            },
+            Err(reason),
+        )
+    };
+    match hello {
         Some(NodeMsg::Hello {
             protocol, datasets, ..
         }) if protocol == PROTOCOL_VERSION => {
@@ -627,10 +643,9 @@ async fn send_hello_answer(
                         || d.chars().any(fedstat_core::text::is_unprintable)
                 })
             {
-                let reason = format!(
+                refuse(format!(
                     "at most {MAX_DATASETS} dataset names of 1 to {MAX_DATASET_NAME} printable characters may be offered"
-                );
-                (refuse(reason.clone()), Err(reason))
+                ))
             } else {
                 let welcome = CoordMsg::Welcome {
                     protocol: PROTOCOL_VERSION,
@@ -639,19 +654,11 @@ async fn send_hello_answer(
                 (welcome, Ok(datasets))
             }
         }
-        Some(NodeMsg::Hello { protocol, .. }) => {
-            let reason = format!(
-                "protocol version {protocol} is not supported; this coordinator speaks {PROTOCOL_VERSION}"
-            );
-            (refuse(reason.clone()), Err(reason))
-        }
-        _ => {
-            let reason = "the first message must be a hello".to_owned();
-            (refuse(reason.clone()), Err(reason))
-        }
-    };
-    write_frame(send, &answer).await.map_err(|e| e.to_string())?;
-    result
+        Some(NodeMsg::Hello { protocol, .. }) => refuse(format!(
+            "protocol version {protocol} is not supported; this coordinator speaks {PROTOCOL_VERSION}"
+        )),
+        _ => refuse("the first message must be a hello".to_owned()),
+    }
 }
 
 async fn node_writer(
@@ -870,6 +877,66 @@ async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kind of first message a node can send, and what the coordinator answers.
+    #[test]
+    fn a_node_is_welcomed_only_with_a_hello_of_this_protocol_and_sane_datasets() {
+        let who = PeerIdentity {
+            role: Role::Node,
+            name: "ons".into(),
+        };
+        let hello = |protocol: u32, datasets: Vec<String>| {
+            Some(NodeMsg::Hello {
+                protocol,
+                software: "fedstat-node".into(),
+                datasets,
+            })
+        };
+        let many: Vec<String> = (0..=MAX_DATASETS).map(|i| format!("d{i}")).collect();
+        // (first message, welcomed?, words of the refusal)
+        let cases = [
+            (hello(PROTOCOL_VERSION, vec!["lfs".into()]), true, ""),
+            (hello(PROTOCOL_VERSION, vec![]), true, ""),
+            (
+                hello(PROTOCOL_VERSION - 1, vec!["lfs".into()]),
+                false,
+                "is not supported",
+            ),
+            (hello(PROTOCOL_VERSION, many), false, "dataset names"),
+            (
+                hello(PROTOCOL_VERSION, vec![String::new()]),
+                false,
+                "dataset names",
+            ),
+            (
+                hello(PROTOCOL_VERSION, vec!["a\u{202e}b".into()]),
+                false,
+                "printable",
+            ),
+            (
+                hello(PROTOCOL_VERSION, vec!["x".repeat(MAX_DATASET_NAME + 1)]),
+                false,
+                "dataset names",
+            ),
+            (Some(NodeMsg::Heartbeat), false, "must be a hello"),
+            (None, false, "must be a hello"),
+        ];
+        for (first, welcomed, words) in cases {
+            let shown = format!("{first:?}");
+            let (answer, result) = answer_hello(first, &who);
+            assert_eq!(result.is_ok(), welcomed, "{shown}");
+            match (answer, result) {
+                (CoordMsg::Welcome { name, protocol }, Ok(_)) => {
+                    assert_eq!((name.as_str(), protocol), ("ons", PROTOCOL_VERSION));
+                }
+                (CoordMsg::Refused { reason }, Err(told)) => {
+                    assert_eq!(reason, told, "the node is told what is logged");
+                    assert!(reason.contains(words), "{shown}: {reason}");
+                }
+                other => panic!("{shown}: inconsistent answer {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn admission_under_load() {
