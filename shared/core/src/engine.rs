@@ -823,12 +823,24 @@ mod tests {
 
         fn offering(spec: ExperimentSpec, nodes: &[&str], datasets: &[&str]) -> Sim {
             let now = Instant::now();
-            let datasets: Vec<String> = datasets.iter().map(|d| d.to_string()).collect();
-            let connected: Vec<(String, Vec<String>)> =
-                nodes.iter().map(|n| (n.to_string(), datasets.clone())).collect();
+            let connected = connected(nodes, datasets);
             let mut sim = Sim {
                 now,
                 exp: Experiment::new(1, spec, "researcher `r`".into(), now, &connected),
+                inbox: BTreeMap::new(),
+                rejected: Vec::new(),
+            };
+            sim.pump();
+            sim
+        }
+
+        /// The experiment as a restarted coordinator rebuilds it from `store`, with `nodes`
+        /// (offering `datasets`) connected.
+        fn restored(store: &Restored, now: Instant, nodes: &[&str], datasets: &[&str]) -> Sim {
+            let connected = connected(nodes, datasets);
+            let mut sim = Sim {
+                now,
+                exp: Experiment::restore(1, store.clone(), now, &connected),
                 inbox: BTreeMap::new(),
                 rejected: Vec::new(),
             };
@@ -954,6 +966,25 @@ mod tests {
         }
     }
 
+    /// A store that has recorded nothing of `spec` yet.
+    fn empty_store(spec: &ExperimentSpec) -> Restored {
+        Restored {
+            spec: spec.clone(),
+            submitter: "researcher `r`".into(),
+            state: ExperimentState::Waiting,
+            standardization: None,
+            history: vec![],
+            global: None,
+            events: vec![],
+        }
+    }
+
+    /// Connections of `nodes`, each offering `datasets`.
+    fn connected(nodes: &[&str], datasets: &[&str]) -> Vec<(String, Vec<String>)> {
+        let datasets: Vec<String> = datasets.iter().map(|d| d.to_string()).collect();
+        nodes.iter().map(|n| (n.to_string(), datasets.clone())).collect()
+    }
+
     /// What a store would have kept: progress applied in order.
     fn record(exp: &mut Experiment, into: &mut Restored) {
         while let Some(p) = exp.poll_progress() {
@@ -983,15 +1014,7 @@ mod tests {
     #[test]
     fn a_restored_run_ends_bit_identical() {
         let spec = echo(3, 6, 0);
-        let fresh = || Restored {
-            spec: spec.clone(),
-            submitter: "researcher `r`".into(),
-            state: ExperimentState::Waiting,
-            standardization: None,
-            history: vec![],
-            global: None,
-            events: vec![],
-        };
+        let fresh = || empty_store(&spec);
         let mut whole = Sim::new(spec.clone(), &["a", "b", "c"]);
         let mut store = fresh();
         play(&mut whole, 1..7, &mut store);
@@ -1007,14 +1030,7 @@ mod tests {
             record(&mut first.exp, &mut store);
             assert_eq!(store.history.len(), crash_after as usize);
 
-            let connected: Vec<_> = ["a", "b", "c"].iter().map(|n| (n.to_string(), vec![])).collect();
-            let mut again = Sim {
-                now: first.now,
-                exp: Experiment::restore(1, store.clone(), first.now, &connected),
-                inbox: BTreeMap::new(),
-                rejected: vec![],
-            };
-            again.pump();
+            let mut again = Sim::restored(&store, first.now, &["a", "b", "c"], &[]);
             assert!(again
                 .exp
                 .status()
@@ -1042,15 +1058,7 @@ mod tests {
     #[test]
     fn a_restored_data_experiment_ends_bit_identical() {
         let spec = linear(3, 3, 0);
-        let fresh = || Restored {
-            spec: spec.clone(),
-            submitter: "researcher `r`".into(),
-            state: ExperimentState::Waiting,
-            standardization: None,
-            history: vec![],
-            global: None,
-            events: vec![],
-        };
+        let fresh = || empty_store(&spec);
         // Every node's answers depend only on (node, round, global model).
         let step = |sim: &mut Sim, store: &mut Restored| {
             let phase = sim.phase().expect("running");
@@ -1081,17 +1089,7 @@ mod tests {
             for _ in 0..crash_after {
                 step(&mut first, &mut store);
             }
-            let connected: Vec<_> = ["a", "b", "c"]
-                .iter()
-                .map(|n| (n.to_string(), vec!["d".to_owned()]))
-                .collect();
-            let mut again = Sim {
-                now: first.now,
-                exp: Experiment::restore(1, store.clone(), first.now, &connected),
-                inbox: BTreeMap::new(),
-                rejected: vec![],
-            };
-            again.pump();
+            let mut again = Sim::restored(&store, first.now, &["a", "b", "c"], &["d"]);
             if crash_after > 0 {
                 assert_ne!(again.phase(), Some(Phase::Stats), "crash after {crash_after}");
             }
