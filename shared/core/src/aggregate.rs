@@ -11,7 +11,7 @@
 //! 2^47 rows, plain sums (statistics, evaluation counts) |value| < 2^62 from up to 2^16
 //! answers of weight 1.
 //!
-//! [`Median`] needs every answer at once (coordinate-wise median, robust to a few wild
+//! `AggregatorKind::Median` needs every answer at once (coordinate-wise median, robust to a few wild
 //! updates): it is *non-streaming*, holds one vector per node, and cannot work on masked
 //! answers, so spec validation refuses it where secure aggregation is on.
 //!

@@ -1,4 +1,4 @@
-//! Frames and tensors over QUIC streams: the async edge of [`crate::wire`]. Every read has a
+//! Frames and tensors over QUIC streams: the async edge of [`fedstat_proto::wire`]. Every read has a
 //! byte cap and the caller puts a timeout around it.
 
 use quinn::{RecvStream, SendStream};

@@ -14,7 +14,7 @@
 //!
 //! Adding one: a module here implementing [`Algorithm`] (its steps, the encoding of its
 //! answers, its per-answer checks), the node's local computation for each new
-//! [`Phase`](fedstat_proto::wire::Phase), and a line in [`for_spec`]. See ARCHITECTURE.md.
+//! [`Phase`], and a line in [`for_spec`]. See ARCHITECTURE.md.
 
 pub mod evaluate;
 pub mod fedavg;
