@@ -155,6 +155,53 @@ impl std::fmt::Display for Rejection {
     }
 }
 
+/// Why an experiment failed; `status` shows its `Display`, the one place it becomes text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// A step missed its quorum at every try.
+    Quorum {
+        round: u32,
+        phase: Phase,
+        answered: usize,
+        needed: u32,
+        timeout_secs: u64,
+        retries: u32,
+    },
+    /// The answers could not be pooled (nothing to pool, or an aggregate out of range).
+    Pooling { round: u32, reason: String },
+    /// The algorithm could not use the pooled result (e.g. a column constant over the pooled
+    /// rows); its reason names the rule and the column, never a value.
+    Algorithm(String),
+    /// Stopped by the coordinator for a reason outside the protocol (its store or audit log
+    /// failed); it resumes after its last recorded round when the coordinator restarts.
+    Stopped(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Quorum {
+                round,
+                phase,
+                answered,
+                needed,
+                timeout_secs,
+                retries,
+            } => write!(
+                f,
+                "round {round}: {answered} of the {needed} answers needed in {phase} arrived within \
+                 {timeout_secs} s, after {retries} retries"
+            ),
+            Failure::Pooling { round, reason } => write!(f, "round {round}: {reason}"),
+            Failure::Algorithm(reason) => f.write_str(reason),
+            Failure::Stopped(reason) => write!(
+                f,
+                "{reason}; it resumes after its last recorded round when the coordinator restarts"
+            ),
+        }
+    }
+}
+
 /// One experiment's lifecycle.
 #[derive(Debug)]
 pub struct Experiment {
@@ -291,8 +338,7 @@ impl Experiment {
         self.progress.clear();
         self.aborted = true;
         self.run = None;
-        let reason =
-            format!("{reason}; it resumes after its last recorded round when the coordinator restarts");
+        let reason = Failure::Stopped(reason).to_string();
         self.log(now, format!("stopped: {reason}"));
         self.state = ExperimentState::Failed { reason };
     }
@@ -621,10 +667,15 @@ impl Experiment {
             p.step.round, answered, self.spec.min_nodes, p.step.phase, self.spec.round_timeout_secs
         );
         if self.retries > self.spec.max_round_retries {
-            self.fail(
-                now,
-                format!("{why}, after {} retries", self.spec.max_round_retries),
-            );
+            let failure = Failure::Quorum {
+                round: p.step.round,
+                phase: p.step.phase,
+                answered,
+                needed: self.spec.min_nodes,
+                timeout_secs: self.spec.round_timeout_secs,
+                retries: self.spec.max_round_retries,
+            };
+            self.fail(now, failure);
             return;
         }
         self.log(
@@ -638,7 +689,8 @@ impl Experiment {
         self.start_step(now, p.step);
     }
 
-    fn fail(&mut self, now: Instant, reason: String) {
+    fn fail(&mut self, now: Instant, failure: Failure) {
+        let reason = failure.to_string();
         self.log(now, format!("failed: {reason}"));
         self.state = ExperimentState::Failed { reason };
         self.run = None;
@@ -715,7 +767,10 @@ impl Experiment {
         let round = p.step.round;
         let pooled = match p.agg.finish() {
             Ok(pooled) => pooled,
-            Err(e) => return self.fail(now, format!("round {round}: {e}")),
+            Err(e) => {
+                let reason = e.to_string();
+                return self.fail(now, Failure::Pooling { round, reason });
+            }
         };
         let participants = p.answered.into_iter().collect();
         match self
@@ -729,7 +784,7 @@ impl Experiment {
                 self.progress.extend(report.progress);
                 self.start_next(now, Some(round));
             }
-            Err(reason) => self.fail(now, reason),
+            Err(reason) => self.fail(now, Failure::Algorithm(reason)),
         }
     }
 
