@@ -161,7 +161,11 @@ pub fn bind(config: &CoordinatorConfig) -> Result<Listeners> {
             addr = ep.local_addr().map_err(listen_err)?;
         }
         if !config.tcp {
-            return Ok(Listeners { quic, tcp: None, addr });
+            return Ok(Listeners {
+                quic,
+                tcp: None,
+                addr,
+            });
         }
         let tcp = std::net::TcpListener::bind(addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -178,7 +182,9 @@ pub fn bind(config: &CoordinatorConfig) -> Result<Listeners> {
             Err(e) => last = Some(e),
         }
     }
-    Err(listen_err(last.unwrap_or_else(|| std::io::Error::other("cannot bind"))))
+    Err(listen_err(
+        last.unwrap_or_else(|| std::io::Error::other("cannot bind")),
+    ))
 }
 
 fn bind_quic(config: &CoordinatorConfig) -> Result<quinn::Endpoint> {
@@ -273,7 +279,9 @@ pub async fn serve(
     let per_address = PerAddress::default();
     let connections_per_address = PerAddress::default();
     let next_conn = AtomicU64::new(1);
-    let Listeners { quic: endpoint, tcp, .. } = listeners;
+    let Listeners {
+        quic: endpoint, tcp, ..
+    } = listeners;
     let mut acceptor = match tls::tcp_server_config_with_crl(&config.tls, config.crl.as_deref()) {
         Ok(c) => tokio_rustls::TlsAcceptor::from(c),
         Err(e) => {
@@ -657,10 +665,7 @@ async fn authenticated(
         );
         tracing::warn!("refused connection: {reason}");
         shared.audit_refusal(peer, reason).await;
-        conn.close(
-            close::REFUSED,
-            b"too many connections for this certificate",
-        );
+        conn.close(close::REFUSED, b"too many connections for this certificate");
         return;
     }
     let edge = shared.clone();
@@ -670,10 +675,7 @@ async fn authenticated(
             Role::Researcher | Role::Admin => researcher_session(conn, who, shared).await,
             Role::Coordinator => {
                 tracing::warn!("refused connection: a coordinator certificate cannot connect as a client");
-                conn.close(
-                    close::REFUSED,
-                    b"coordinator certificates cannot connect here",
-                );
+                conn.close(close::REFUSED, b"coordinator certificates cannot connect here");
             }
         }
     }
@@ -839,11 +841,7 @@ async fn send_hello_answer(
     result
 }
 
-async fn node_writer(
-    conn: Connection,
-    mut control: SendStream,
-    mut cmds: mpsc::UnboundedReceiver<NodeCmd>,
-) {
+async fn node_writer(conn: Connection, mut control: SendStream, mut cmds: mpsc::UnboundedReceiver<NodeCmd>) {
     while let Some(cmd) = cmds.recv().await {
         match cmd {
             NodeCmd::Send(msg) => {
@@ -954,12 +952,7 @@ async fn researcher_session(conn: Connection, who: PeerIdentity, shared: Shared)
     }
 }
 
-async fn request(
-    mut send: SendStream,
-    mut recv: RecvStream,
-    who: PeerIdentity,
-    shared: Shared,
-) {
+async fn request(mut send: SendStream, mut recv: RecvStream, who: PeerIdentity, shared: Shared) {
     let payload = match tokio::time::timeout(
         shared.handshake_timeout,
         read_frame_payload(&mut recv, "request"),

@@ -50,7 +50,10 @@ fn an_experiment_over_tcp_ends_with_the_model_of_quic() {
     let fed = offices("", Some("tcp"));
     let over_tcp = final_parameters(&fed);
     assert_eq!(over_tcp.len(), 7 * 8);
-    assert_eq!(over_tcp, over_quic, "TCP and QUIC runs must give the same parameters");
+    assert_eq!(
+        over_tcp, over_quic,
+        "TCP and QUIC runs must give the same parameters"
+    );
     for (name, node) in &fed.nodes {
         let log = node.log_text();
         assert!(
@@ -99,7 +102,10 @@ fn tcp_refuses_strangers_and_node_certificates_as_researchers() {
     // at the client sees the connection end.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let outcome = rt.block_on(no_certificate_request(addr, &fed.pki().join("ca.pem")));
-    assert!(outcome.is_err(), "a peer without a certificate must be refused: {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "a peer without a certificate must be refused: {outcome:?}"
+    );
     wait_until(Duration::from_secs(10), "the refusal to be logged", || {
         fed.coordinator.log_text().contains("TLS handshake failed")
     });
@@ -116,7 +122,10 @@ fn tcp_refuses_strangers_and_node_certificates_as_researchers() {
     let path = fed.path("sneaky.toml");
     std::fs::write(&path, cfg).expect("write");
     let out = fed.cli_as(&path, &["nodes"]);
-    assert!(!out.status.success(), "a node certificate must not act as researcher");
+    assert!(
+        !out.status.success(),
+        "a node certificate must not act as researcher"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("node certificate"), "{err}");
 }
@@ -126,7 +135,9 @@ async fn no_certificate_request(addr: SocketAddr, ca: &std::path::Path) -> Resul
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
-        roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     }
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -134,7 +145,9 @@ async fn no_certificate_request(addr: SocketAddr, ca: &std::path::Path) -> Resul
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![fedstat_net::tls::ALPN.to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
     let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect(name, tcp)
@@ -149,4 +162,54 @@ async fn no_certificate_request(addr: SocketAddr, ca: &std::path::Path) -> Resul
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Ok(0),
     }
+}
+
+/// SIGHUP after a revocation closes the revoked node's TCP connection too, with the reason,
+/// and its reconnects over TCP are refused at the handshake.
+#[test]
+fn revoked_nodes_are_disconnected_over_tcp() {
+    let mut fed = Fed::start_with("quic = false");
+    fed.set_transport("tcp");
+    for region in ["midwest", "west"] {
+        fed.add_node(region, &[("cps1988", demo_data(region))]);
+    }
+    fed.wait_for_nodes(&["midwest", "west"]);
+    let out = std::process::Command::new(crate::support::bin("fedstat-coordinator"))
+        .args(["pki", "revoke", "--name", "west", "--dir"])
+        .arg(fed.pki())
+        .output()
+        .expect("revoke");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pid = fed.coordinator.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    wait_until(Duration::from_secs(20), "west to be disconnected", || {
+        fed.json(&["nodes"])
+            .as_array()
+            .is_some_and(|a| a.iter().all(|n| n["name"] != "west"))
+    });
+    let log = fed.coordinator.log_text();
+    assert!(log.contains("certificate revoked: disconnecting"), "{log}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !fed
+        .coordinator
+        .log_text()
+        .contains("invalid peer certificate: Revoked")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refused reconnect:\n{}\n---\n{}",
+            fed.coordinator.log_text(),
+            fed.node("west").log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let west = fed.node("west").log_text();
+    assert!(west.contains("closed by peer: certificate revoked"), "{west}");
+    assert!(fed.node("midwest").is_running());
+    let nodes = fed.json(&["nodes"]);
+    assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
 }

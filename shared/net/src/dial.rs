@@ -67,7 +67,12 @@ impl std::fmt::Debug for Dialer {
 }
 
 impl Dialer {
-    pub fn new(files: &TlsFiles, crl: Option<&Path>, transport: Transport, server_name: &str) -> Result<Self> {
+    pub fn new(
+        files: &TlsFiles,
+        crl: Option<&Path>,
+        transport: Transport,
+        server_name: &str,
+    ) -> Result<Self> {
         Ok(Dialer {
             transport,
             server_name: server_name.to_owned(),

@@ -70,7 +70,9 @@ impl Credit {
     fn enter(&self) -> Option<Arc<Slot>> {
         let limit = self.limit.load(Ordering::Relaxed);
         self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
             .ok()?;
         Some(Arc::new(Slot(self.open.clone())))
     }
@@ -105,7 +107,12 @@ struct Inner {
 pub struct TcpConnection(Arc<Inner>);
 
 impl TcpConnection {
-    fn start<S>(tls: S, remote: SocketAddr, peer_certs: Option<Vec<CertificateDer<'static>>>, server: bool) -> Self
+    fn start<S>(
+        tls: S,
+        remote: SocketAddr,
+        peer_certs: Option<Vec<CertificateDer<'static>>>,
+        server: bool,
+    ) -> Self
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -140,15 +147,29 @@ impl TcpConnection {
         let weak = Arc::downgrade(&conn.0);
         tokio::spawn(async move {
             let mut session = session;
+            let mut why = "connection lost".to_owned();
             while let Some(next) = session.next().await {
-                let Ok(stream) = next else { break };
+                let stream = match next {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // With TLS 1.3 a refused client certificate shows up here, as the
+                        // server's alert after the client's handshake is done.
+                        why = format!("connection lost: {e}");
+                        break;
+                    }
+                };
                 let Some(inner) = weak.upgrade() else { break };
-                tokio::spawn(classify(stream, TcpConnection(inner), bi_tx.clone(), uni_tx.clone()));
+                tokio::spawn(classify(
+                    stream,
+                    TcpConnection(inner),
+                    bi_tx.clone(),
+                    uni_tx.clone(),
+                ));
             }
             if let Some(inner) = weak.upgrade() {
                 inner.closed.send_if_modified(|c| {
                     if c.is_none() {
-                        *c = Some("connection lost".to_owned());
+                        *c = Some(why);
                         true
                     } else {
                         false
@@ -181,17 +202,19 @@ impl TcpConnection {
         if let Some(e) = self.closed_error() {
             return Err(e);
         }
-        let mut stream = self
-            .0
-            .control
-            .clone()
-            .open_stream()
-            .await
-            .map_err(|e| self.closed_error().unwrap_or_else(|| Error::Connection(format!("cannot open a stream: {e:?}"))))?;
-        stream
-            .write_all(&[kind])
-            .await
-            .map_err(|e| Error::Connection(format!("cannot open a stream: {e}")))?;
+        let mut stream = self.0.control.clone().open_stream().await.map_err(|e| {
+            self.closed_error()
+                .unwrap_or_else(|| Error::Connection(format!("cannot open a stream: {e:?}")))
+        })?;
+        if let Err(e) = stream.write_all(&[kind]).await {
+            // The session's own reason (a TLS alert, the peer's close) says more than the
+            // stream's broken pipe; it follows within moments.
+            let mut closed = self.0.closed.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(1), closed.wait_for(Option::is_some)).await;
+            return Err(self
+                .closed_error()
+                .unwrap_or_else(|| Error::Connection(format!("cannot open a stream: {e}"))));
+        }
         Ok(stream)
     }
 
@@ -413,7 +436,11 @@ impl TcpRecv {
 }
 
 impl AsyncRead for TcpRecv {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.half.as_mut() {
             Some(h) => Pin::new(h).poll_read(cx, buf),
             None => Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream stopped"))),
@@ -426,7 +453,11 @@ fn own_certs(certs: Option<&[CertificateDer<'_>]>) -> Option<Vec<CertificateDer<
 }
 
 /// Accept the TLS handshake of a TCP connection (the caller bounds it with a timeout).
-pub async fn accept(acceptor: &tokio_rustls::TlsAcceptor, tcp: TcpStream, remote: SocketAddr) -> Result<TcpConnection> {
+pub async fn accept(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+) -> Result<TcpConnection> {
     let _ = tcp.set_nodelay(true);
     let tls = acceptor
         .accept(tcp)

@@ -3,8 +3,8 @@
 //! timeout around it; the caps and the frame budget are the same on both transports.
 
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{Error, Result};
 use fedstat_core::aggregate::{Staging, Values};
@@ -31,7 +31,10 @@ pub async fn write_frame<T: Serialize>(send: &mut (impl AsyncWrite + Unpin), msg
 }
 
 /// Read one frame. `Ok(None)` when the stream ended cleanly before the frame started.
-pub async fn read_frame<T: DeserializeOwned>(recv: &mut (impl AsyncRead + Unpin), what: &'static str) -> Result<Option<T>> {
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut (impl AsyncRead + Unpin),
+    what: &'static str,
+) -> Result<Option<T>> {
     match read_frame_payload(recv, what).await? {
         Some(payload) => Ok(Some(decode_payload(&payload, what)?)),
         None => Ok(None),
@@ -40,9 +43,14 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut (impl AsyncRead + Unpin)
 
 /// Read one frame's payload without decoding it (to try it as more than one message type).
 /// `Ok(None)` when the stream ended cleanly before the frame started.
-pub async fn read_frame_payload<R: AsyncRead + Unpin>(recv: &mut R, what: &'static str) -> Result<Option<Vec<u8>>> {
+pub async fn read_frame_payload<R: AsyncRead + Unpin>(
+    recv: &mut R,
+    what: &'static str,
+) -> Result<Option<Vec<u8>>> {
     let mut prefix = [0u8; 4];
-    let got = read_full(recv, &mut prefix).await.map_err(|e| stream_err(what, e))?;
+    let got = read_full(recv, &mut prefix)
+        .await
+        .map_err(|e| stream_err(what, e))?;
     if got == 0 {
         return Ok(None);
     }
@@ -103,7 +111,11 @@ const FRAME_PIECE: usize = 64 << 10;
 static FRAME_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(FRAME_BUDGET_BYTES);
 
 /// Read a tensor body of the announced size, validating values as they arrive.
-pub async fn read_tensor<R: AsyncRead + Unpin>(recv: &mut R, meta: TensorMeta, max_len: u64) -> Result<Values> {
+pub async fn read_tensor<R: AsyncRead + Unpin>(
+    recv: &mut R,
+    meta: TensorMeta,
+    max_len: u64,
+) -> Result<Values> {
     if meta.len > max_len {
         return Err(fedstat_proto::Error::TooLarge {
             what: "tensor",
@@ -122,9 +134,10 @@ pub async fn read_tensor<R: AsyncRead + Unpin>(recv: &mut R, meta: TensorMeta, m
             .await
             .map_err(|e| stream_err("tensor stream", e))?;
         if n == 0 {
-            return Err(
-                fedstat_core::Error::Rejected(format!("stream ended {remaining} bytes before the tensor did")).into(),
-            );
+            return Err(fedstat_core::Error::Rejected(format!(
+                "stream ended {remaining} bytes before the tensor did"
+            ))
+            .into());
         }
         remaining -= n;
         staging.push(&chunk[..n])?;
