@@ -491,6 +491,66 @@ pub async fn connect(
 mod tests {
     use super::*;
 
+    /// A client and a server session over an in-memory pipe (TLS plays no part in streams).
+    fn pair() -> (TcpConnection, TcpConnection) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        (
+            TcpConnection::start(a, addr, None, false),
+            TcpConnection::start(b, addr, None, true),
+        )
+    }
+
+    #[tokio::test]
+    async fn streams_of_each_kind_and_the_close_reason_reach_the_peer() {
+        let (client, server) = pair();
+        // The server allows one bidirectional stream before the role is known, no uni.
+        let (mut send, mut recv) = client.open_bi().await.expect("bi");
+        send.write_all(b"hello").await.expect("write");
+        let (mut s_send, mut s_recv) = server.accept_bi().await.expect("accept bi");
+        let mut buf = [0u8; 5];
+        s_recv.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"hello");
+        s_send.write_all(b"welcome").await.expect("answer");
+        s_send.shutdown().await.expect("finish");
+        let mut answer = Vec::new();
+        recv.read_to_end(&mut answer).await.expect("read answer");
+        assert_eq!(answer, b"welcome");
+
+        // A uni stream beyond the credit is reset; after raising it one gets through.
+        let mut refused = client.open_uni().await.expect("uni");
+        let _ = refused.write_all(b"x").await;
+        let _ = refused.shutdown().await;
+        refused.stopped().await;
+        server.set_max_concurrent_streams(1, 8);
+        let mut up = client.open_uni().await.expect("uni");
+        up.write_all(&[7u8; 100_000]).await.expect("write");
+        up.shutdown().await.expect("finish");
+        let mut got = Vec::new();
+        let mut r = server.accept_uni().await.expect("accept uni");
+        r.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got.len(), 100_000);
+        drop(r);
+        tokio::time::timeout(Duration::from_secs(5), up.stopped())
+            .await
+            .expect("the sender learns the receiver is done");
+
+        server.close(crate::session::close::REVOKED, b"certificate revoked");
+        let err = tokio::time::timeout(Duration::from_secs(5), client.accept_uni())
+            .await
+            .expect("closed in time")
+            .err()
+            .expect("closed");
+        assert_eq!(
+            err.to_string(),
+            "connection: closed by peer: certificate revoked (code 4)"
+        );
+        assert!(client.open_bi().await.is_err());
+        tokio::time::timeout(Duration::from_secs(5), client.closed())
+            .await
+            .expect("session ends");
+    }
+
     #[test]
     fn credit_counts_open_streams() {
         let c = Credit::new(2);
