@@ -213,3 +213,50 @@ fn revoked_nodes_are_disconnected_over_tcp() {
     let nodes = fed.json(&["nodes"]);
     assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
 }
+
+/// The coordinator's handshake caps apply to TCP: a flood of TCP connections from one address
+/// that never start TLS is refused at the per-address limit, and an office over TCP still
+/// gets in and works.
+#[test]
+fn a_tcp_flood_from_one_address_is_capped_and_an_office_gets_in() {
+    let mut fed = Fed::start();
+    fed.reconfigure_coordinator(
+        "[limits]\nmax_handshakes = 16\nmax_handshakes_per_address = 8\nhandshake_timeout_secs = 30\n",
+    );
+    fed.set_transport("tcp");
+    let addr: SocketAddr = fed.addr.parse().expect("addr");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // 100 connections from 127.0.0.2 that say nothing, held open for the whole test.
+    let flood: Vec<tokio::net::TcpStream> = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind("127.0.0.2:0".parse().expect("addr")).expect("bind");
+            if let Ok(s) = socket.connect(addr).await {
+                held.push(s);
+            }
+        }
+        held
+    });
+    assert!(!flood.is_empty());
+    wait_until(
+        Duration::from_secs(10),
+        "the flood to hit the per-address limit",
+        || {
+            fed.coordinator
+                .log_text()
+                .contains("too many handshakes in progress from this address")
+        },
+    );
+    let started = std::time::Instant::now();
+    fed.add_node("west", &[("cps1988", demo_data("west"))]);
+    fed.wait_for_nodes(&["west"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the node waited out the flood"
+    );
+    let id = fed.submit("logit.toml", &logit_experiment(1, 1, ""));
+    let s = fed.wait_finished(id, Duration::from_secs(60));
+    assert_eq!(s["state"], "Completed", "{s:#}");
+    drop(flood);
+}
