@@ -223,6 +223,11 @@ async fn session(
         _ = stop.changed() => ("the node is shutting down".to_owned(), true),
     };
     writer.abort();
+    // The control stream may end a moment before the connection reports why it closed.
+    let why = match conn.close_reason() {
+        Some(reason) if !stopping && !why.contains(&reason) => format!("{why} ({reason})"),
+        _ => why,
+    };
     if stopping {
         // Wait until the coordinator has the close, so it drops us at once, not at a timeout.
         conn.close_and_wait(close::SHUTDOWN, b"node shutting down").await;

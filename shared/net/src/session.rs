@@ -180,6 +180,15 @@ impl Connection {
         }
     }
 
+    /// Why the connection ended (the peer's close code and reason, a lost link), once it has.
+    /// A stream that ends with the connection may report a plain end first; this says why.
+    pub fn close_reason(&self) -> Option<String> {
+        match self {
+            Connection::Quic { conn, .. } => conn.close_reason().map(|e| e.to_string()),
+            Connection::Tcp(c) => c.close_reason(),
+        }
+    }
+
     /// Close with an application code and a reason the peer sees.
     pub fn close(&self, code: u32, reason: &[u8]) {
         match self {

@@ -194,6 +194,11 @@ impl TcpConnection {
         self.0.uni_credit.limit.store(uni as usize, Ordering::Relaxed);
     }
 
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.0.closed.borrow().clone()
+    }
+
     fn closed_error(&self) -> Option<Error> {
         self.0.closed.borrow().clone().map(Error::Connection)
     }
