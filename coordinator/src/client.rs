@@ -1,11 +1,13 @@
-//! The researcher's side of the protocol: one QUIC connection with a researcher (or admin)
-//! certificate, one bidirectional stream per request.
+//! The researcher's side of the protocol: one connection (QUIC, or TLS-over-TCP where UDP is
+//! blocked; see `fedstat_net::dial`) with a researcher (or admin) certificate, one
+//! bidirectional stream per request.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use fedstat_net::dial::Dialer;
 use fedstat_net::identity::Role;
-use fedstat_net::tls;
+use fedstat_net::session::{close, Connection, RecvStream};
 use fedstat_net::transport::{read_frame, read_tensor, write_frame};
 use fedstat_proto::wire::{
     ExperimentId, ExperimentStatus, NodeInfo, Request, Response, ResultsHeader, PROTOCOL_VERSION,
@@ -19,8 +21,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A connected researcher.
 pub struct Client {
-    endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
+    conn: Connection,
     /// Name and role the coordinator read from our certificate.
     pub name: String,
     pub role: Role,
@@ -43,23 +44,14 @@ impl Client {
             .map_err(|e| fail(format!("cannot resolve the address: {e}")))?
             .next()
             .ok_or_else(|| fail("the address resolves to nothing".into()))?;
-        let bind: SocketAddr = if addr.is_ipv6() {
-            "[::]:0".parse().map_err(|_| fail("bad bind address".into()))?
-        } else {
-            "0.0.0.0:0".parse().map_err(|_| fail("bad bind address".into()))?
-        };
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| fail(format!("cannot open a UDP socket: {e}")))?;
-        endpoint.set_default_client_config(tls::client_config_with_crl(&cfg.tls, cfg.crl.as_deref())?);
-        let connecting = endpoint
-            .connect(addr, &cfg.server_name)
-            .map_err(|e| fail(e.to_string()))?;
-        let conn = tokio::time::timeout(Duration::from_secs(15), connecting)
-            .await
-            .map_err(|_| fail("no answer within 15 s: is the coordinator running, and is UDP open?".into()))?
-            .map_err(|e| fail(format!("{e} (is our certificate issued by the federation's CA?)")))?;
+        let dialer = Dialer::new(&cfg.tls, cfg.crl.as_deref(), cfg.transport, &cfg.server_name)?;
+        let conn = dialer.dial(addr).await.map_err(|e| match e {
+            fedstat_net::Error::Connection(p) => {
+                fail(format!("{p} (is our certificate issued by the federation's CA?)"))
+            }
+            other => other.into(),
+        })?;
         let mut client = Client {
-            endpoint,
             conn,
             name: String::new(),
             role: Role::Researcher,
@@ -86,14 +78,14 @@ impl Client {
         }
     }
 
-    async fn open(&self, req: &Request) -> Result<(quinn::RecvStream, Response)> {
+    async fn open(&self, req: &Request) -> Result<(RecvStream, Response)> {
         let (mut send, mut recv) = self
             .conn
             .open_bi()
             .await
             .map_err(|e| Error::Protocol(format!("cannot open a stream: {e}")))?;
         write_frame(&mut send, req).await?;
-        let _ = send.finish();
+        let _ = send.finish().await;
         let response = read_frame::<Response>(&mut recv, "response")
             .await?
             .ok_or_else(|| Error::Protocol("the coordinator closed the stream without answering".into()))?;
@@ -170,8 +162,7 @@ impl Client {
 
     /// Close the connection politely.
     pub async fn close(self) {
-        self.conn.close(0u32.into(), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.conn.close_and_wait(close::SHUTDOWN, b"bye").await;
     }
 }
 

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use fedstat_net::session::Transport;
 use fedstat_net::tls::TlsFiles;
 use serde::Deserialize;
 
@@ -32,6 +33,10 @@ impl RawTls {
 #[serde(deny_unknown_fields)]
 struct RawCoordinator {
     listen: SocketAddr,
+    #[serde(default = "yes")]
+    quic: bool,
+    #[serde(default = "yes")]
+    tcp: bool,
     #[serde(default)]
     data_dir: Option<PathBuf>,
     #[serde(default = "yes")]
@@ -80,7 +85,13 @@ impl Default for RawLimits {
 /// Validated coordinator configuration.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
+    /// `listen`: host and port of the QUIC (UDP) and TLS-over-TCP listeners; both use the
+    /// same port number.
     pub listen: SocketAddr,
+    /// `quic = true`: listen on UDP for QUIC.
+    pub quic: bool,
+    /// `tcp = true`: listen on TCP for TLS-over-TCP (clients whose UDP is blocked).
+    pub tcp: bool,
     /// Folder of the durable store; `None` keeps everything in memory (benchmarks only).
     pub data_dir: Option<PathBuf>,
     /// The tamper-evident audit log (default `data_dir/audit.jsonl`; none without a store
@@ -226,8 +237,13 @@ impl CoordinatorConfig {
         let data_dir = raw
             .durable
             .then(|| base.join(raw.data_dir.unwrap_or_else(|| PathBuf::from("data"))));
+        if !raw.quic && !raw.tcp {
+            return Err(invalid(&what, "quic", "`quic` and `tcp` cannot both be false"));
+        }
         Ok(CoordinatorConfig {
             listen: raw.listen,
+            quic: raw.quic,
+            tcp: raw.tcp,
             audit_log: match raw.audit_log {
                 Some(p) => Some(base.join(p)),
                 None => data_dir.as_ref().map(|d| d.join("audit.jsonl")),
@@ -257,6 +273,8 @@ struct RawResearcher {
     coordinator: String,
     server_name: String,
     #[serde(default)]
+    transport: Transport,
+    #[serde(default)]
     crl: Option<PathBuf>,
     tls: RawTls,
 }
@@ -269,6 +287,9 @@ pub struct ResearcherConfig {
     /// `server_name`: the DNS name or IP address the coordinator's certificate must carry
     /// (required: no silent default).
     pub server_name: String,
+    /// `transport = "quic" | "tcp" | "auto"` (default `auto`: QUIC, TCP when UDP gets no
+    /// answer).
+    pub transport: Transport,
     /// `crl`: the federation's revocation list (PEM), checked against the coordinator's
     /// certificate.
     pub crl: Option<PathBuf>,
@@ -293,6 +314,7 @@ impl ResearcherConfig {
         Ok(ResearcherConfig {
             coordinator: raw.coordinator,
             server_name: raw.server_name,
+            transport: raw.transport,
             crl: raw.crl.map(|p| base.join(p)),
             tls: raw.tls.resolve(&base),
         })

@@ -1,4 +1,5 @@
-//! The coordinator's network edge: a QUIC endpoint, one task per connection (in a span naming
+//! The coordinator's network edge: a QUIC endpoint and a TLS-over-TCP listener on the same
+//! port (for offices whose firewalls block UDP), one task per connection (in a span naming
 //! the peer), every stream turned into [`Event`]s for the federation task. A failing session is
 //! logged and dropped while every other peer is served.
 
@@ -8,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedstat_net::identity::{peer_identity, PeerIdentity, Role};
+use fedstat_net::identity::{PeerIdentity, Role};
+pub use fedstat_net::session::close;
+use fedstat_net::session::{Connection, RecvStream, SendStream};
 use fedstat_net::tls;
 use fedstat_net::transport::{read_frame, read_frame_payload, read_tensor, write_frame, write_tensor};
 use fedstat_proto::wire::{
@@ -32,15 +35,6 @@ const RESEARCHER_STREAMS: u32 = 8;
 /// Most datasets a node may announce, and the longest name.
 const MAX_DATASETS: usize = 256;
 const MAX_DATASET_NAME: usize = 128;
-
-/// QUIC application close codes.
-pub mod close {
-    pub const SHUTDOWN: u32 = 0;
-    pub const REFUSED: u32 = 1;
-    pub const PROTOCOL: u32 = 2;
-    pub const REPLACED: u32 = 3;
-    pub const REVOKED: u32 = 4;
-}
 
 #[derive(Clone)]
 struct Shared {
@@ -69,7 +63,7 @@ struct RefusalWindow {
 const REFUSALS_PER_MINUTE: u32 = 60;
 
 /// Connection id -> (certificate serial, identity, connection).
-type LiveConnections = std::collections::HashMap<u64, (Vec<u8>, PeerIdentity, quinn::Connection)>;
+type LiveConnections = std::collections::HashMap<u64, (Vec<u8>, PeerIdentity, Connection)>;
 
 impl Shared {
     async fn audit_refusal(&self, peer: SocketAddr, reason: String) {
@@ -122,8 +116,8 @@ impl Shared {
 
     /// Record a live connection; false (and nothing recorded) when its identity already holds
     /// `max_per_identity` connections: one stolen or buggy certificate cannot take every slot.
-    fn register(&self, id: u64, who: &PeerIdentity, conn: &quinn::Connection) -> bool {
-        let serial = fedstat_net::identity::peer_serial(conn).unwrap_or_default();
+    fn register(&self, id: u64, who: &PeerIdentity, conn: &Connection) -> bool {
+        let serial = conn.peer_serial().unwrap_or_default();
         let Ok(mut live) = self.live.lock() else {
             return false;
         };
@@ -141,8 +135,59 @@ impl Shared {
     }
 }
 
-/// Bind the endpoint; returns it with its actual address (the config may say port 0).
-pub fn bind(config: &CoordinatorConfig) -> Result<(quinn::Endpoint, SocketAddr)> {
+/// The bound listeners: QUIC on UDP and TLS-over-TCP, on the same port number (each may be
+/// switched off in the config).
+#[derive(Debug)]
+pub struct Listeners {
+    pub quic: Option<quinn::Endpoint>,
+    pub tcp: Option<tokio::net::TcpListener>,
+    /// The address both listen on (the actual port when the config says 0).
+    pub addr: SocketAddr,
+}
+
+/// Bind the listeners (inside the runtime); the config may say port 0, and then the TCP
+/// listener takes the port the UDP socket got (tried a few times, in case it is taken).
+pub fn bind(config: &CoordinatorConfig) -> Result<Listeners> {
+    let listen_err = |source| Error::Listen {
+        addr: config.listen,
+        source,
+    };
+    let attempts = if config.listen.port() == 0 { 10 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let quic = config.quic.then(|| bind_quic(config)).transpose()?;
+        let mut addr = config.listen;
+        if let Some(ep) = &quic {
+            addr = ep.local_addr().map_err(listen_err)?;
+        }
+        if !config.tcp {
+            return Ok(Listeners {
+                quic,
+                tcp: None,
+                addr,
+            });
+        }
+        let tcp = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std);
+        match tcp {
+            Ok(tcp) => {
+                let addr = tcp.local_addr().map_err(listen_err)?;
+                return Ok(Listeners {
+                    quic,
+                    tcp: Some(tcp),
+                    addr,
+                });
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(listen_err(
+        last.unwrap_or_else(|| std::io::Error::other("cannot bind")),
+    ))
+}
+
+fn bind_quic(config: &CoordinatorConfig) -> Result<quinn::Endpoint> {
     let server_config = tls::server_config_with_crl(&config.tls, config.crl.as_deref())?;
     let listen_err = |source| Error::Listen {
         addr: config.listen,
@@ -151,10 +196,25 @@ pub fn bind(config: &CoordinatorConfig) -> Result<(quinn::Endpoint, SocketAddr)>
     let socket = std::net::UdpSocket::bind(config.listen).map_err(listen_err)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| listen_err(std::io::Error::other("no async runtime for the QUIC endpoint")))?;
-    let endpoint = quinn::Endpoint::new(endpoint_config(config)?, Some(server_config), socket, runtime)
-        .map_err(listen_err)?;
-    let addr = endpoint.local_addr().map_err(listen_err)?;
-    Ok((endpoint, addr))
+    quinn::Endpoint::new(endpoint_config(config)?, Some(server_config), socket, runtime).map_err(listen_err)
+}
+
+/// The next QUIC connection attempt, or never when QUIC is switched off.
+async fn next_quic(endpoint: Option<&quinn::Endpoint>) -> Option<quinn::Incoming> {
+    match endpoint {
+        Some(e) => e.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next TCP connection, or never when TCP is switched off.
+async fn next_tcp(
+    listener: Option<&tokio::net::TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The endpoint's stateless-reset and connection-ID keys, derived from the coordinator's private
@@ -198,7 +258,7 @@ pub fn federation(config: &CoordinatorConfig) -> Result<federation::Federation> 
 
 /// Serve until `shutdown` resolves, then close every connection with a reason and drain.
 pub async fn serve(
-    endpoint: quinn::Endpoint,
+    listeners: Listeners,
     fed: federation::Federation,
     config: &CoordinatorConfig,
     shutdown: impl Future<Output = ()>,
@@ -219,11 +279,22 @@ pub async fn serve(
     let per_address = PerAddress::default();
     let connections_per_address = PerAddress::default();
     let next_conn = AtomicU64::new(1);
+    let Listeners {
+        quic: endpoint, tcp, ..
+    } = listeners;
+    let mut acceptor = match tls::tcp_server_config_with_crl(&config.tls, config.crl.as_deref()) {
+        Ok(c) => tokio_rustls::TlsAcceptor::from(c),
+        Err(e) => {
+            // `bind` built the same configuration moments ago; files changed in between.
+            tracing::error!("cannot build the TLS configuration: {e}");
+            return;
+        }
+    };
     tokio::pin!(shutdown);
     let mut hangup = Hangup::new();
     loop {
         tokio::select! {
-            incoming = endpoint.accept() => {
+            incoming = next_quic(endpoint.as_ref()) => {
                 let Some(incoming) = incoming else { break };
                 let source = incoming.remote_address().ip();
                 let attempt = Attempt {
@@ -261,19 +332,85 @@ pub async fn serve(
                 let shared = shared.clone();
                 let peer = incoming.remote_address();
                 tokio::spawn(async move {
-                    connection(incoming, id, shared, handshake).instrument(tracing::info_span!("conn", %peer, id)).await;
+                    connection(incoming, id, shared, handshake).instrument(tracing::info_span!("conn", %peer, id, transport = "quic")).await;
+                    drop(permit);
+                });
+            }
+            accepted = next_tcp(tcp.as_ref()) => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!("cannot accept a TCP connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let source = peer.ip();
+                // The same caps as QUIC; a completed TCP handshake has proved the address.
+                let attempt = Attempt {
+                    connections: config.limits.max_connections - connections.available_permits(),
+                    handshakes: config.limits.max_handshakes - handshakes.available_permits(),
+                    from_address: per_address.count(source),
+                    connections_from_address: connections_per_address.count(source),
+                    address_validated: true,
+                };
+                if let Admission::Refuse(why) = admit(&attempt, &config.limits) {
+                    tracing::warn!(%peer, "{why}; refusing");
+                    continue;
+                }
+                let (Ok(permit), Ok(handshake)) = (
+                    connections.clone().try_acquire_owned(),
+                    handshakes.clone().try_acquire_owned(),
+                ) else {
+                    continue;
+                };
+                let handshake = (handshake, per_address.enter(source));
+                let permit = (permit, connections_per_address.enter(source));
+                let id = next_conn.fetch_add(1, Ordering::Relaxed);
+                let shared = shared.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    tcp_connection(acceptor, stream, peer, id, shared, handshake)
+                        .instrument(tracing::info_span!("conn", %peer, id, transport = "tcp"))
+                        .await;
                     drop(permit);
                 });
             }
             () = &mut shutdown => break,
-            _ = hangup.recv() => reload(&endpoint, config, &shared).await,
+            _ = hangup.recv() => {
+                if let Some(tcp_config) = reload(endpoint.as_ref(), config, &shared).await {
+                    acceptor = tokio_rustls::TlsAcceptor::from(tcp_config);
+                }
+            }
         }
     }
     tracing::info!("shutting down: closing connections");
-    endpoint.close(close::SHUTDOWN.into(), b"coordinator shutting down");
+    if let Some(endpoint) = &endpoint {
+        endpoint.close(close::SHUTDOWN.into(), b"coordinator shutting down");
+    }
+    // TCP connections have no endpoint to close them all: close each live one.
+    let tcp_live: Vec<Connection> = match shared.live.lock() {
+        Ok(live) => live
+            .values()
+            .filter(|(_, _, c)| matches!(c, Connection::Tcp(_)))
+            .map(|(_, _, c)| c.clone())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
     drop(shared);
+    let closing = futures_util::future::join_all(
+        tcp_live
+            .iter()
+            .map(|c| c.close_and_wait(close::SHUTDOWN, b"coordinator shutting down")),
+    );
+    let idle = async {
+        if let Some(endpoint) = &endpoint {
+            endpoint.wait_idle().await;
+        }
+    };
     // The federation task ends once every connection task has dropped its sender.
-    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(closing, idle) }).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), fed).await;
 }
 
@@ -383,24 +520,36 @@ impl Hangup {
     }
 }
 
-/// Reload the certificate revocation list: new handshakes use it, and connected peers whose
-/// certificate it revokes are disconnected at once.
-async fn reload(endpoint: &quinn::Endpoint, config: &CoordinatorConfig, shared: &Shared) {
+/// Reload the certificate revocation list: new handshakes use it (QUIC and TCP; the new TCP
+/// configuration is returned), and connected peers whose certificate it revokes are
+/// disconnected at once, whatever their transport.
+async fn reload(
+    endpoint: Option<&quinn::Endpoint>,
+    config: &CoordinatorConfig,
+    shared: &Shared,
+) -> Option<Arc<rustls::ServerConfig>> {
     let Some(crl) = config.crl.as_deref() else {
         tracing::info!("SIGHUP: no `crl` in the config; nothing to reload");
-        return;
+        return None;
     };
-    let loaded = tls::server_config_with_crl(&config.tls, Some(crl))
-        .and_then(|cfg| Ok((cfg, tls::revoked_serials(crl)?)));
-    let (server_config, revoked) = match loaded {
+    let loaded = tls::server_config_with_crl(&config.tls, Some(crl)).and_then(|cfg| {
+        Ok((
+            cfg,
+            tls::tcp_server_config_with_crl(&config.tls, Some(crl))?,
+            tls::revoked_serials(crl)?,
+        ))
+    });
+    let (server_config, tcp_config, revoked) = match loaded {
         Ok(x) => x,
         Err(e) => {
             tracing::error!("SIGHUP: keeping the previous revocation list: {e}");
-            return;
+            return None;
         }
     };
-    endpoint.set_server_config(Some(server_config));
-    let kicked: Vec<(PeerIdentity, quinn::Connection)> = match shared.live.lock() {
+    if let Some(endpoint) = endpoint {
+        endpoint.set_server_config(Some(server_config));
+    }
+    let kicked: Vec<(PeerIdentity, Connection)> = match shared.live.lock() {
         Ok(live) => live
             .values()
             .filter(|(serial, _, _)| revoked.contains(serial))
@@ -415,7 +564,7 @@ async fn reload(endpoint: &quinn::Endpoint, config: &CoordinatorConfig, shared: 
     );
     for (who, conn) in kicked {
         tracing::warn!(peer = %who, "certificate revoked: disconnecting");
-        conn.close(close::REVOKED.into(), b"certificate revoked");
+        conn.close(close::REVOKED, b"certificate revoked");
         let _ = shared
             .events
             .send(Event::Audit {
@@ -424,6 +573,7 @@ async fn reload(endpoint: &quinn::Endpoint, config: &CoordinatorConfig, shared: 
             })
             .await;
     }
+    Some(tcp_config)
 }
 
 async fn connection(
@@ -434,7 +584,7 @@ async fn connection(
 ) {
     let peer = incoming.remote_address();
     let conn = match tokio::time::timeout(shared.handshake_timeout, incoming).await {
-        Ok(Ok(c)) => c,
+        Ok(Ok(c)) => Connection::quic(c),
         Ok(Err(e)) => {
             tracing::warn!("refused connection: TLS handshake failed: {e}");
             shared
@@ -453,12 +603,56 @@ async fn connection(
             return;
         }
     };
-    let who = match peer_identity(&conn) {
+    authenticated(conn, peer, id, shared, handshake).await;
+}
+
+async fn tcp_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    shared: Shared,
+    handshake: (tokio::sync::OwnedSemaphorePermit, AddressSlot),
+) {
+    let accepting = fedstat_net::tcp::accept(&acceptor, stream, peer);
+    let conn = match tokio::time::timeout(shared.handshake_timeout, accepting).await {
+        Ok(Ok(c)) => Connection::Tcp(c),
+        Ok(Err(e)) => {
+            tracing::warn!("refused connection: TLS handshake failed: {e}");
+            shared
+                .audit_refusal(peer, format!("TLS handshake failed: {e}"))
+                .await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                "refused connection: no TLS handshake within {:?}",
+                shared.handshake_timeout
+            );
+            shared
+                .audit_refusal(peer, "TLS handshake timed out".to_owned())
+                .await;
+            return;
+        }
+    };
+    authenticated(conn, peer, id, shared, handshake).await;
+}
+
+/// Everything after the TLS handshake, the same on both transports: identity, per-identity
+/// cap, role.
+async fn authenticated(
+    conn: Connection,
+    peer: SocketAddr,
+    id: u64,
+    shared: Shared,
+    handshake: (tokio::sync::OwnedSemaphorePermit, AddressSlot),
+) {
+    let who = match conn.peer_identity() {
         Ok(who) => who,
         Err(e) => {
             tracing::warn!("refused connection: {e}");
             shared.audit_refusal(peer, e.to_string()).await;
-            conn.close(close::REFUSED.into(), b"certificate carries no fedstat identity");
+            conn.close(close::REFUSED, b"certificate carries no fedstat identity");
             return;
         }
     };
@@ -471,10 +665,7 @@ async fn connection(
         );
         tracing::warn!("refused connection: {reason}");
         shared.audit_refusal(peer, reason).await;
-        conn.close(
-            close::REFUSED.into(),
-            b"too many connections for this certificate",
-        );
+        conn.close(close::REFUSED, b"too many connections for this certificate");
         return;
     }
     let edge = shared.clone();
@@ -484,10 +675,7 @@ async fn connection(
             Role::Researcher | Role::Admin => researcher_session(conn, who, shared).await,
             Role::Coordinator => {
                 tracing::warn!("refused connection: a coordinator certificate cannot connect as a client");
-                conn.close(
-                    close::REFUSED.into(),
-                    b"coordinator certificates cannot connect here",
-                );
+                conn.close(close::REFUSED, b"coordinator certificates cannot connect here");
             }
         }
     }
@@ -496,11 +684,10 @@ async fn connection(
     edge.unregister(id);
 }
 
-async fn node_session(conn: quinn::Connection, id: u64, who: PeerIdentity, shared: Shared) {
+async fn node_session(conn: Connection, id: u64, who: PeerIdentity, shared: Shared) {
     // A node needs its control stream and a few update streams; every open stream may hold a
     // frame buffer, so keep the count small.
-    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(1));
-    conn.set_max_concurrent_uni_streams(quinn::VarInt::from_u32(NODE_UPLOAD_STREAMS));
+    conn.set_max_concurrent_streams(1, NODE_UPLOAD_STREAMS);
     let handshake = async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let payload = read_frame_payload(&mut recv, "hello")
@@ -526,7 +713,7 @@ async fn node_session(conn: quinn::Connection, id: u64, who: PeerIdentity, share
                         },
                     )
                     .await;
-                    let _ = send.finish();
+                    let _ = send.finish().await;
                     return Err(format!("role refused: {message}"));
                 }
                 return Err(e.to_string());
@@ -547,12 +734,12 @@ async fn node_session(conn: quinn::Connection, id: u64, who: PeerIdentity, share
                 .await;
             // Give a refusal message time to reach the peer before the connection closes.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            conn.close(close::PROTOCOL.into(), b"refused in hello");
+            conn.close(close::PROTOCOL, b"refused in hello");
             return;
         }
         Err(_) => {
             tracing::warn!("node refused: no hello within {:?}", shared.handshake_timeout);
-            conn.close(close::PROTOCOL.into(), b"no hello in time");
+            conn.close(close::PROTOCOL, b"no hello in time");
             return;
         }
     };
@@ -594,12 +781,12 @@ async fn node_session(conn: quinn::Connection, id: u64, who: PeerIdentity, share
             }
             Ok(Err(e)) => {
                 tracing::warn!("dropping node: {e}");
-                conn.close(close::PROTOCOL.into(), b"malformed control message");
+                conn.close(close::PROTOCOL, b"malformed control message");
                 break;
             }
             Err(_) => {
                 tracing::warn!("dropping node: silent for {NODE_SILENCE:?}");
-                conn.close(close::PROTOCOL.into(), b"no heartbeat");
+                conn.close(close::PROTOCOL, b"no heartbeat");
                 break;
             }
         }
@@ -611,7 +798,7 @@ async fn node_session(conn: quinn::Connection, id: u64, who: PeerIdentity, share
 
 /// Check the hello and answer it; returns the datasets the node offers.
 async fn send_hello_answer(
-    send: &mut quinn::SendStream,
+    send: &mut SendStream,
     hello: Option<NodeMsg>,
     who: &PeerIdentity,
 ) -> Result<Vec<String>, String> {
@@ -661,11 +848,7 @@ fn answer_hello(hello: Option<NodeMsg>, who: &PeerIdentity) -> (CoordMsg, Result
     }
 }
 
-async fn node_writer(
-    conn: quinn::Connection,
-    mut control: quinn::SendStream,
-    mut cmds: mpsc::UnboundedReceiver<NodeCmd>,
-) {
+async fn node_writer(conn: Connection, mut control: SendStream, mut cmds: mpsc::UnboundedReceiver<NodeCmd>) {
     while let Some(cmd) = cmds.recv().await {
         match cmd {
             NodeCmd::Send(msg) => {
@@ -685,7 +868,7 @@ async fn node_writer(
                             if let Some(m) = model {
                                 write_tensor(&mut s, &m).await.map_err(|e| e.to_string())?;
                             }
-                            s.finish().map_err(|e| e.to_string())
+                            s.finish().await.map_err(|e| e.to_string())
                         };
                         if let Err(e) = sent.await {
                             tracing::warn!(round = task.round, "cannot send {} task: {e}", task.phase);
@@ -695,21 +878,21 @@ async fn node_writer(
                 );
             }
             NodeCmd::Close(reason) => {
-                conn.close(close::REPLACED.into(), reason.as_bytes());
+                conn.close(close::REPLACED, reason.as_bytes());
                 break;
             }
         }
     }
 }
 
-async fn accept_updates(conn: quinn::Connection, name: String, shared: Shared) {
+async fn accept_updates(conn: Connection, name: String, shared: Shared) {
     while let Ok(recv) = conn.accept_uni().await {
         tokio::spawn(update(recv, name.clone(), shared.clone()).in_current_span());
     }
 }
 
 /// Receive one update: header, admission by the federation, then the bytes into a staging slot.
-async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
+async fn update(mut recv: RecvStream, name: String, shared: Shared) {
     let header = match tokio::time::timeout(
         shared.handshake_timeout,
         read_frame::<AnswerHeader>(&mut recv, "update header"),
@@ -720,12 +903,12 @@ async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::warn!("bad update stream: {e}");
-            let _ = recv.stop(close::PROTOCOL.into());
+            recv.stop(close::PROTOCOL);
             return;
         }
         Err(_) => {
             tracing::warn!("update header not received in time");
-            let _ = recv.stop(close::PROTOCOL.into());
+            recv.stop(close::PROTOCOL);
             return;
         }
     };
@@ -741,7 +924,7 @@ async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
     let meta = match answer.await {
         Ok(Ok(meta)) => meta,
         _ => {
-            let _ = recv.stop(close::REFUSED.into());
+            recv.stop(close::REFUSED);
             return;
         }
     };
@@ -755,7 +938,7 @@ async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
             Err(_) => Err(format!("upload took longer than {:?}", UPLOAD_IDLE * 10)),
         };
     if values.is_err() {
-        let _ = recv.stop(close::REFUSED.into());
+        recv.stop(close::REFUSED);
     }
     let _ = shared
         .events
@@ -768,21 +951,15 @@ async fn update(mut recv: quinn::RecvStream, name: String, shared: Shared) {
         .await;
 }
 
-async fn researcher_session(conn: quinn::Connection, who: PeerIdentity, shared: Shared) {
+async fn researcher_session(conn: Connection, who: PeerIdentity, shared: Shared) {
     tracing::info!("researcher connected");
-    conn.set_max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(RESEARCHER_STREAMS));
+    conn.set_max_concurrent_streams(RESEARCHER_STREAMS, 0);
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(request(send, recv, who.clone(), shared.clone()).in_current_span());
     }
 }
 
-async fn request(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    who: PeerIdentity,
-    shared: Shared,
-) {
+async fn request(mut send: SendStream, mut recv: RecvStream, who: PeerIdentity, shared: Shared) {
     let payload = match tokio::time::timeout(
         shared.handshake_timeout,
         read_frame_payload(&mut recv, "request"),
@@ -800,7 +977,7 @@ async fn request(
                 },
             )
             .await;
-            let _ = send.finish();
+            let _ = send.finish().await;
             return;
         }
     };
@@ -843,7 +1020,7 @@ async fn request(
                     details: serde_json::json!({ "peer": who.to_string(), "reason": reason }),
                 })
                 .await;
-            let _ = send.finish();
+            let _ = send.finish().await;
             return;
         }
     };
@@ -871,7 +1048,7 @@ async fn request(
     if let Err(e) = sent.await {
         tracing::warn!("cannot answer request: {e}");
     }
-    let _ = send.finish();
+    let _ = send.finish().await;
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use fedstat_net::session::Transport;
 use fedstat_net::tls::TlsFiles;
 use serde::Deserialize;
 
@@ -17,6 +18,8 @@ use crate::{Error, Result};
 struct RawNode {
     coordinator: String,
     server_name: String,
+    #[serde(default)]
+    transport: Transport,
     #[serde(default)]
     crl: Option<PathBuf>,
     tls: RawTls,
@@ -44,6 +47,9 @@ pub struct NodeConfig {
     /// `server_name`: the DNS name or IP address the coordinator's certificate must carry
     /// (required: no default, so a node never trusts a name nobody chose).
     pub server_name: String,
+    /// `transport = "quic" | "tcp" | "auto"` (default `auto`: QUIC first, TLS-over-TCP on the
+    /// same port when the QUIC handshake gets no answer, as where outbound UDP is blocked).
+    pub transport: Transport,
     /// `crl`: the federation's revocation list (PEM), checked against the coordinator's
     /// certificate; read at start.
     pub crl: Option<PathBuf>,
@@ -132,6 +138,7 @@ impl NodeConfig {
         Ok(NodeConfig {
             coordinator: raw.coordinator,
             server_name: raw.server_name,
+            transport: raw.transport,
             crl: raw.crl.map(|p| base.join(p)),
             tls: TlsFiles {
                 ca_cert: base.join(raw.tls.ca_cert),

@@ -1,4 +1,5 @@
-//! The node's network edge: dial out to the coordinator (offices allow outbound traffic only),
+//! The node's network edge: dial out to the coordinator (offices allow outbound traffic only;
+//! QUIC, or TLS-over-TCP where UDP is blocked, see `fedstat_net::dial`),
 //! keep one connection, redial with exponential backoff and jitter when it drops, and serve
 //! the tasks the coordinator pushes: each one admitted by [`crate::governance`], run by the
 //! [`crate::worker`], recorded in the audit log, then answered.
@@ -9,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedstat_core::aggregate::Values;
-use fedstat_net::tls;
+use fedstat_net::dial::Dialer;
+use fedstat_net::session::{close, Connection, RecvStream};
 use fedstat_net::transport::{read_frame, read_tensor, write_frame, write_tensor};
 use fedstat_proto::manifest::Manifest;
 use fedstat_proto::wire::{AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, PROTOCOL_VERSION};
@@ -40,7 +42,12 @@ struct Dropped(String);
 /// it early.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let me = config.tls.identity()?;
-    let client_config = tls::client_config_with_crl(&config.tls, config.crl.as_deref())?;
+    let dialer = Dialer::new(
+        &config.tls,
+        config.crl.as_deref(),
+        config.transport,
+        &config.server_name,
+    )?;
     let gov = Arc::new(Governance::open(&config, &me.name)?);
     let worker = Arc::new(Worker::new(me.name.clone(), config.datasets.clone(), gov.clone()));
     tokio::pin!(shutdown);
@@ -51,7 +58,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     loop {
         let attempt = session(
             &config,
-            client_config.clone(),
+            &dialer,
             worker.clone(),
             gov.clone(),
             !failing,
@@ -102,7 +109,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
 
 async fn session(
     config: &NodeConfig,
-    client_config: quinn::ClientConfig,
+    dialer: &Dialer,
     worker: Arc<Worker>,
     gov: Arc<Governance>,
     audit_refusal: bool,
@@ -117,19 +124,7 @@ async fn session(
         .map_err(|e| fail(format!("cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| fail("resolves to no address".into()))?;
-    let bind: SocketAddr = if addr.is_ipv6() {
-        SocketAddr::from(([0u16; 8], 0))
-    } else {
-        SocketAddr::from(([0u8; 4], 0))
-    };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| fail(format!("cannot open a UDP socket: {e}")))?;
-    endpoint.set_default_client_config(client_config);
-    let conn = endpoint
-        .connect(addr, &config.server_name)
-        .map_err(|e| fail(e.to_string()))?
-        .await
-        .map_err(|e| fail(format!("handshake failed: {e}")))?;
+    let conn = dialer.dial(addr).await.map_err(|e| fail(e.to_string()))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
     let hello = NodeMsg::Hello {
         protocol: PROTOCOL_VERSION,
@@ -144,8 +139,9 @@ async fn session(
     .await
     {
         Ok(Ok(Some(CoordMsg::Welcome { name, .. }))) => {
-            tracing::info!(%addr, "connected to the coordinator as node `{name}`");
-            println!("connected to {addr} as node `{name}`");
+            let transport = conn.transport_name();
+            tracing::info!(%addr, transport, "connected to the coordinator as node `{name}`");
+            println!("connected to {addr} as node `{name}` over {transport}");
             gov.note(
                 "connected",
                 json!({ "coordinator": config.coordinator, "address": addr.to_string(), "as": name }),
@@ -199,7 +195,7 @@ async fn session(
                     Ok(Some(_)) => {}
                     Ok(None) => return "the coordinator closed the control stream".to_owned(),
                     Err(e) => {
-                        conn.close(2u32.into(), b"malformed control message");
+                        conn.close(close::PROTOCOL, b"malformed control message");
                         return e.to_string();
                     }
                 }
@@ -225,13 +221,16 @@ async fn session(
         _ = stop.changed() => ("the node is shutting down".to_owned(), true),
     };
     writer.abort();
+    // The control stream may end a moment before the connection reports why it closed.
+    let why = match conn.close_reason() {
+        Some(reason) if !stopping && !why.contains(&reason) => format!("{why} ({reason})"),
+        _ => why,
+    };
     if stopping {
-        conn.close(0u32.into(), b"node shutting down");
         // Wait until the coordinator has the close, so it drops us at once, not at a timeout.
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        conn.close_and_wait(close::SHUTDOWN, b"node shutting down").await;
     } else {
-        conn.close(0u32.into(), b"node session ended");
-        endpoint.close(0u32.into(), b"");
+        conn.close(close::SHUTDOWN, b"node session ended");
     }
     Ok(Dropped(why))
 }
@@ -249,10 +248,10 @@ enum Step {
 
 /// Receive one task, run it on a blocking thread, send the answer.
 async fn task(
-    mut stream: quinn::RecvStream,
+    mut stream: RecvStream,
     worker: Arc<Worker>,
     gov: Arc<Governance>,
-    conn: quinn::Connection,
+    conn: Connection,
     ctl: mpsc::UnboundedSender<NodeMsg>,
 ) {
     let received = async {
@@ -414,12 +413,12 @@ fn fail(ctl: &mpsc::UnboundedSender<NodeMsg>, task: &Task, error: &Error) {
     });
 }
 
-async fn send_answer(conn: &quinn::Connection, header: &AnswerHeader, bytes: &[u8]) -> Result<(), String> {
+async fn send_answer(conn: &Connection, header: &AnswerHeader, bytes: &[u8]) -> Result<(), String> {
     let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
     write_frame(&mut s, header).await.map_err(|e| e.to_string())?;
     write_tensor(&mut s, bytes).await.map_err(|e| e.to_string())?;
-    s.finish().map_err(|e| e.to_string())?;
+    s.finish().await.map_err(|e| e.to_string())?;
     // Wait until the coordinator has all bytes, or gave up on them.
-    let _ = s.stopped().await;
+    s.stopped().await;
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! End-to-end tests: the real `fedstat-coordinator`, `fedstat-node` and `fedstat` binaries,
-//! talking QUIC with mutual TLS on loopback, each federation with its own temporary CA and
+//! talking QUIC (or TLS over TCP, `tcp.rs`) with mutual TLS on loopback, each federation with its own temporary CA and
 //! ephemeral ports.
 
 mod configs;
@@ -13,6 +13,7 @@ mod rogue;
 mod rogue_coordinator;
 mod security;
 mod support;
+mod tcp;
 
 use std::time::Duration;
 

@@ -99,6 +99,9 @@ pub struct Fed {
     /// `[policy]` keys of the nodes added from now on (see [`TEST_POLICY`]); a test that
     /// needs other settings for all its nodes appends to it before adding them.
     pub node_policy: String,
+    /// `transport` of the researcher and of the nodes added from now on (None: the default,
+    /// `auto`); see [`Fed::set_transport`].
+    pub transport: Option<String>,
 }
 
 /// The site policy of test nodes: the CPS 1988 columns listed (a node allows none by
@@ -159,6 +162,11 @@ fn toml_tls(pki: &Path, ca: &Path, name: &str) -> String {
 impl Fed {
     /// A CA, a coordinator listening on 127.0.0.1:0 and a researcher certificate.
     pub fn start() -> Fed {
+        Fed::start_with("")
+    }
+
+    /// [`Fed::start`] with top-level coordinator config keys, e.g. `quic = false`.
+    pub fn start_with(coordinator_extra: &str) -> Fed {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = dir.path().join("pki");
         run_ok(
@@ -170,7 +178,7 @@ impl Fed {
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:0\"\ncrl = \"{}\"\n{}",
+                "listen = \"127.0.0.1:0\"\n{coordinator_extra}\ncrl = \"{}\"\n{}",
                 pki.join("crl.pem").display(),
                 toml_tls(&pki, &pki.join("ca.pem"), "coordinator")
             ),
@@ -203,6 +211,7 @@ impl Fed {
             coordinator: Proc { child, log },
             nodes: Vec::new(),
             node_policy: TEST_POLICY.to_owned(),
+            transport: None,
         };
         fed.issue("researcher", "alice");
         fed.write_researcher_config("researcher.toml", "alice", &fed.pki().join("ca.pem"));
@@ -226,6 +235,19 @@ impl Fed {
         );
     }
 
+    /// Set `transport` (`quic`, `tcp`, `auto`) for the researcher and the nodes added from now on.
+    pub fn set_transport(&mut self, transport: &str) {
+        self.transport = Some(transport.to_owned());
+        self.write_researcher_config("researcher.toml", "alice", &self.pki().join("ca.pem"));
+    }
+
+    fn transport_line(&self) -> String {
+        self.transport
+            .as_ref()
+            .map(|t| format!("transport = \"{t}\"\n"))
+            .unwrap_or_default()
+    }
+
     pub fn write_researcher_config(&self, file: &str, name: &str, ca: &Path) -> PathBuf {
         self.write_researcher_config_in(file, &self.pki(), name, ca)
     }
@@ -235,8 +257,9 @@ impl Fed {
         std::fs::write(
             &path,
             format!(
-                "coordinator = \"{}\"\nserver_name = \"localhost\"\n{}",
+                "coordinator = \"{}\"\nserver_name = \"localhost\"\n{}{}",
                 self.addr,
+                self.transport_line(),
                 toml_tls(pki, ca, name)
             ),
         )
@@ -268,8 +291,9 @@ impl Fed {
         datasets: &[(&str, PathBuf)],
     ) -> PathBuf {
         let mut text = format!(
-            "coordinator = \"{}\"\nserver_name = \"localhost\"\n{}\n[datasets]\n",
+            "coordinator = \"{}\"\nserver_name = \"localhost\"\n{}{}\n[datasets]\n",
             self.addr,
+            self.transport_line(),
             toml_tls(pki, ca, name)
         );
         for (ds, path) in datasets {

@@ -166,12 +166,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(async {
                 let fed = fedstat_coordinator::server::federation(&cfg)?;
-                let (endpoint, addr) = fedstat_coordinator::server::bind(&cfg)?;
+                let listeners = fedstat_coordinator::server::bind(&cfg)?;
+                let addr = listeners.addr;
+                let on = match (listeners.quic.is_some(), listeners.tcp.is_some()) {
+                    (true, true) => "QUIC (UDP) and TCP",
+                    (true, false) => "QUIC (UDP) only",
+                    _ => "TCP only",
+                };
+                eprintln!("fedstat-coordinator: listening on {addr}: {on}");
                 // Tests and the demo read the bound address from this line.
                 println!("listening on {addr}");
                 std::io::stdout().flush().context("cannot write to stdout")?;
                 fedstat_coordinator::server::serve(
-                    endpoint,
+                    listeners,
                     fed,
                     &cfg,
                     fedstat_net::process::shutdown_signal(),

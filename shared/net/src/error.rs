@@ -30,6 +30,10 @@ pub enum Error {
     #[error("pki: {0}")]
     Pki(String),
 
+    /// A connection could not be made, or ended (with the peer's close reason when it gave one).
+    #[error("connection: {0}")]
+    Connection(String),
+
     /// A peer's certificate does not carry a usable fedstat identity.
     #[error("peer identity: {0}")]
     Identity(String),

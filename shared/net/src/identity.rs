@@ -117,6 +117,15 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity> {
     identity_from_cert_der(leaf)
 }
 
+/// The identity of a peer from the certificate chain its TLS session presented (leaf first).
+pub fn identity_from_chain(chain: Option<&[CertificateDer<'static>]>) -> Result<PeerIdentity> {
+    let leaf = chain
+        .ok_or_else(|| Error::Identity("peer presented no certificate".into()))?
+        .first()
+        .ok_or_else(|| Error::Identity("peer presented an empty certificate chain".into()))?;
+    identity_from_cert_der(leaf)
+}
+
 /// The serial number of a DER certificate (big-endian bytes, as in a CRL).
 pub fn cert_serial(der: &[u8]) -> Result<Vec<u8>> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)

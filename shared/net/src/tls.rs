@@ -136,6 +136,33 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig> {
 /// Like [`server_config`], also refusing client certificates listed in the PEM CRL at `crl`
 /// (issued by the federation CA: `fedstat-coordinator pki revoke`).
 pub fn server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<quinn::ServerConfig> {
+    let tls = server_tls(files, crl)?;
+    let quic = QuicServerConfig::try_from(tls)
+        .map_err(|e| Error::Pki(format!("tls config unusable for quic: {e}")))?;
+
+    let mut transport = TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(idle_timeout()))
+        .max_concurrent_bidi_streams(VarInt::from_u32(INITIAL_BIDI_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(INITIAL_UNI_STREAMS));
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport));
+    // Connection attempts the accept loop has not taken yet: a short queue with small buffers
+    // (quinn's defaults allow 65536 of them holding up to 100 MiB of packets).
+    config
+        .max_incoming(1024)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(4 << 20);
+    Ok(config)
+}
+
+/// The coordinator's TLS-over-TCP configuration: the same rustls configuration as QUIC's
+/// (certificates, client verifier with the CRL, TLS 1.3 only, ALPN `fedstat/1`).
+pub fn tcp_server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<Arc<rustls::ServerConfig>> {
+    Ok(Arc::new(server_tls(files, crl)?))
+}
+
+fn server_tls(files: &TlsFiles, crl: Option<&Path>) -> Result<rustls::ServerConfig> {
     let provider = provider();
     let roots = load_roots(&files.ca_cert)?;
     let chain = load_certs(&files.cert)?;
@@ -173,23 +200,7 @@ pub fn server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<qu
         .with_single_cert(chain, key)
         .map_err(|e| key_mismatch(files, e))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicServerConfig::try_from(tls)
-        .map_err(|e| Error::Pki(format!("tls config unusable for quic: {e}")))?;
-
-    let mut transport = TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(idle_timeout()))
-        .max_concurrent_bidi_streams(VarInt::from_u32(INITIAL_BIDI_STREAMS))
-        .max_concurrent_uni_streams(VarInt::from_u32(INITIAL_UNI_STREAMS));
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(Arc::new(transport));
-    // Connection attempts the accept loop has not taken yet: a short queue with small buffers
-    // (quinn's defaults allow 65536 of them holding up to 100 MiB of packets).
-    config
-        .max_incoming(1024)
-        .incoming_buffer_size(64 << 10)
-        .incoming_buffer_size_total(4 << 20);
-    Ok(config)
+    Ok(tls)
 }
 
 /// Client configuration for nodes and the researcher/admin CLI: trusts only the federation
@@ -202,6 +213,25 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig> {
 /// Like [`client_config`], also refusing a coordinator certificate listed in the PEM CRL at
 /// `crl`, so a stolen coordinator key can be revoked.
 pub fn client_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<quinn::ClientConfig> {
+    let tls = client_tls(files, crl)?;
+    let quic = QuicClientConfig::try_from(tls)
+        .map_err(|e| Error::Pki(format!("tls config unusable for quic: {e}")))?;
+
+    let mut transport = TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(idle_timeout()))
+        .keep_alive_interval(Some(KEEP_ALIVE));
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// The client's TLS-over-TCP configuration: the same rustls configuration as QUIC's.
+pub fn tcp_client_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<Arc<rustls::ClientConfig>> {
+    Ok(Arc::new(client_tls(files, crl)?))
+}
+
+fn client_tls(files: &TlsFiles, crl: Option<&Path>) -> Result<rustls::ClientConfig> {
     let provider = provider();
     let roots = load_roots(&files.ca_cert)?;
     let chain = load_certs(&files.cert)?;
@@ -252,16 +282,7 @@ pub fn client_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<qu
         .with_client_auth_cert(chain, key)
         .map_err(|e| key_mismatch(files, e))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(tls)
-        .map_err(|e| Error::Pki(format!("tls config unusable for quic: {e}")))?;
-
-    let mut transport = TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(idle_timeout()))
-        .keep_alive_interval(Some(KEEP_ALIVE));
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    Ok(tls)
 }
 
 /// The client's check of the server: everything webpki checks (chain to the federation CA,

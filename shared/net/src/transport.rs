@@ -1,9 +1,10 @@
-//! Frames and tensors over QUIC streams: the async edge of [`fedstat_proto::wire`]. Every read has a
-//! byte cap and the caller puts a timeout around it.
+//! Frames and tensors over any stream half (QUIC or yamux-over-TCP, see [`crate::session`]):
+//! the async edge of `fedstat_proto::wire`. Every read has a byte cap and the caller puts a
+//! timeout around it; the caps and the frame budget are the same on both transports.
 
-use quinn::{RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{Error, Result};
 use fedstat_core::aggregate::{Staging, Values};
@@ -24,13 +25,16 @@ fn stream_err(what: &'static str, e: impl std::error::Error) -> Error {
 }
 
 /// Write one frame.
-pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<()> {
+pub async fn write_frame<T: Serialize>(send: &mut (impl AsyncWrite + Unpin), msg: &T) -> Result<()> {
     let bytes = encode_frame(msg)?;
     send.write_all(&bytes).await.map_err(|e| stream_err("stream", e))
 }
 
 /// Read one frame. `Ok(None)` when the stream ended cleanly before the frame started.
-pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'static str) -> Result<Option<T>> {
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut (impl AsyncRead + Unpin),
+    what: &'static str,
+) -> Result<Option<T>> {
     match read_frame_payload(recv, what).await? {
         Some(payload) => Ok(Some(decode_payload(&payload, what)?)),
         None => Ok(None),
@@ -39,12 +43,22 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream, what: &'stat
 
 /// Read one frame's payload without decoding it (to try it as more than one message type).
 /// `Ok(None)` when the stream ended cleanly before the frame started.
-pub async fn read_frame_payload(recv: &mut RecvStream, what: &'static str) -> Result<Option<Vec<u8>>> {
+pub async fn read_frame_payload<R: AsyncRead + Unpin>(
+    recv: &mut R,
+    what: &'static str,
+) -> Result<Option<Vec<u8>>> {
     let mut prefix = [0u8; 4];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(stream_err(what, e)),
+    let got = read_full(recv, &mut prefix)
+        .await
+        .map_err(|e| stream_err(what, e))?;
+    if got == 0 {
+        return Ok(None);
+    }
+    if got < prefix.len() {
+        return Err(Error::wire(
+            what,
+            format!("stream finished early ({got} of 4 prefix bytes read)"),
+        ));
     }
     let len = frame_len(prefix)?;
     // The prefix is the peer's claim: memory follows the bytes that actually arrive, a piece at
@@ -63,17 +77,29 @@ pub async fn read_frame_payload(recv: &mut RecvStream, what: &'static str) -> Re
         held.push(permit);
         let start = payload.len();
         payload.resize(start + want, 0);
-        recv.read_exact(&mut payload[start..])
+        let n = read_full(recv, &mut payload[start..])
             .await
-            .map_err(|e| match e {
-                quinn::ReadExactError::FinishedEarly(n) => Error::wire(
-                    what,
-                    format!("stream finished early ({} of {len} bytes read)", start + n),
-                ),
-                other => stream_err(what, other),
-            })?;
+            .map_err(|e| stream_err(what, e))?;
+        if n < want {
+            return Err(Error::wire(
+                what,
+                format!("stream finished early ({} of {len} bytes read)", start + n),
+            ));
+        }
     }
     Ok(Some(payload))
+}
+
+/// Fill `buf` unless the stream ends first; the bytes read.
+async fn read_full<R: AsyncRead + Unpin>(recv: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match recv.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
 }
 
 /// Bytes of partly received frames all connections together may hold (a complete frame is
@@ -85,7 +111,11 @@ const FRAME_PIECE: usize = 64 << 10;
 static FRAME_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(FRAME_BUDGET_BYTES);
 
 /// Read a tensor body of the announced size, validating values as they arrive.
-pub async fn read_tensor(recv: &mut RecvStream, meta: TensorMeta, max_len: u64) -> Result<Values> {
+pub async fn read_tensor<R: AsyncRead + Unpin>(
+    recv: &mut R,
+    meta: TensorMeta,
+    max_len: u64,
+) -> Result<Values> {
     if meta.len > max_len {
         return Err(fedstat_proto::Error::TooLarge {
             what: "tensor",
@@ -96,22 +126,27 @@ pub async fn read_tensor(recv: &mut RecvStream, meta: TensorMeta, max_len: u64) 
     }
     let mut remaining = meta.byte_len()? as usize;
     let mut staging = Staging::new(meta.dtype, meta.len as usize);
+    let mut chunk = vec![0u8; remaining.min(CHUNK)];
     while remaining > 0 {
-        let chunk = recv
-            .read_chunk(remaining.min(CHUNK), true)
+        let want = remaining.min(CHUNK);
+        let n = recv
+            .read(&mut chunk[..want])
             .await
-            .map_err(|e| stream_err("tensor stream", e))?
-            .ok_or_else(|| {
-                fedstat_core::Error::Rejected(format!("stream ended {remaining} bytes before the tensor did"))
-            })?;
-        remaining -= chunk.bytes.len();
-        staging.push(&chunk.bytes)?;
+            .map_err(|e| stream_err("tensor stream", e))?;
+        if n == 0 {
+            return Err(fedstat_core::Error::Rejected(format!(
+                "stream ended {remaining} bytes before the tensor did"
+            ))
+            .into());
+        }
+        remaining -= n;
+        staging.push(&chunk[..n])?;
     }
     Ok(staging.finish()?)
 }
 
 /// Write a tensor body.
-pub async fn write_tensor(send: &mut SendStream, bytes: &[u8]) -> Result<()> {
+pub async fn write_tensor<W: AsyncWrite + Unpin>(send: &mut W, bytes: &[u8]) -> Result<()> {
     send.write_all(bytes)
         .await
         .map_err(|e| stream_err("tensor stream", e))
