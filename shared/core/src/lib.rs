@@ -13,6 +13,7 @@ pub mod audit;
 pub mod data;
 pub mod error;
 pub mod files;
+pub mod linalg;
 pub mod model;
 pub mod round;
 pub mod spec;
