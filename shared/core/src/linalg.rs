@@ -58,7 +58,10 @@ impl SpdFactor {
         let factor = Cholesky::new_with_substitute(s.clone(), MIN_PIVOT / 2.0)
             .ok_or_else(|| Error::Model("internal: Cholesky factorisation failed".to_owned()))?;
         let l = factor.l_dirty();
-        if let Some(j) = (0..p).find(|&j| !(l[(j, j)] * l[(j, j)] > MIN_PIVOT)) {
+        if let Some(j) = (0..p).find(|&j| {
+            let pivot = l[(j, j)] * l[(j, j)];
+            pivot.is_nan() || pivot <= MIN_PIVOT
+        }) {
             return Err(Error::Singular {
                 column: column_name(names, j),
                 combination_of: dependency(&s, l, j)
