@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedstat_core::audit::AuditEvent;
 use fedstat_net::identity::{peer_identity, PeerIdentity, Role};
 use fedstat_net::tls;
 use fedstat_net::transport::{read_frame, read_frame_payload, read_tensor, write_frame, write_tensor};
@@ -99,24 +100,19 @@ impl Shared {
             Err(_) => (false, None),
         };
         if let Some(count) = summary {
-            let details = serde_json::json!({ "count": count, "window_secs": 60 });
-            let _ = self
-                .events
-                .send(Event::Audit {
-                    kind: "connections_refused_unlogged",
-                    details,
-                })
-                .await;
+            let event = AuditEvent::ConnectionsRefusedUnlogged {
+                count,
+                window_secs: 60,
+            };
+            let _ = self.events.send(Event::Audit(event)).await;
         }
         if write {
-            let details = serde_json::json!({ "peer_address": peer.to_string(), "reason": reason });
-            let _ = self
-                .events
-                .send(Event::Audit {
-                    kind: "connection_refused",
-                    details,
-                })
-                .await;
+            let event = AuditEvent::ConnectionRefused {
+                peer: None,
+                peer_address: Some(peer.to_string()),
+                reason: reason.to_string(),
+            };
+            let _ = self.events.send(Event::Audit(event)).await;
         }
     }
 
@@ -418,10 +414,9 @@ async fn reload(endpoint: &quinn::Endpoint, config: &CoordinatorConfig, shared: 
         conn.close(close::REVOKED.into(), b"certificate revoked");
         let _ = shared
             .events
-            .send(Event::Audit {
-                kind: "peer_revoked",
-                details: serde_json::json!({ "peer": who.to_string() }),
-            })
+            .send(Event::Audit(AuditEvent::PeerRevoked {
+                peer: who.to_string(),
+            }))
             .await;
     }
 }
@@ -540,10 +535,11 @@ async fn node_session(conn: quinn::Connection, id: u64, who: PeerIdentity, share
             tracing::warn!("node refused: {e}");
             let _ = shared
                 .events
-                .send(Event::Audit {
-                    kind: "connection_refused",
-                    details: serde_json::json!({ "peer": who.to_string(), "reason": e }),
-                })
+                .send(Event::Audit(AuditEvent::ConnectionRefused {
+                    peer: Some(who.to_string()),
+                    peer_address: None,
+                    reason: e.to_string(),
+                }))
                 .await;
             // Give a refusal message time to reach the peer before the connection closes.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -831,10 +827,11 @@ async fn request(
             tracing::warn!("request refused: {reason}");
             let _ = shared
                 .events
-                .send(Event::Audit {
-                    kind: "request_refused",
-                    details: serde_json::json!({ "peer": who.to_string(), "reason": reason }),
-                })
+                .send(Event::Audit(AuditEvent::RequestRefused {
+                    peer: who.to_string(),
+                    request: None,
+                    reason,
+                }))
                 .await;
             let _ = send.finish();
             return;
