@@ -1066,6 +1066,10 @@ pub(crate) mod tests {
         assert_eq!(data.train.y.to_vec(), [1.0, 0.0]);
         assert_eq!(data.test.x.as_slice(), Some(&[1.0, -1.5, 2.25, 0.0, 1.0][..]));
         assert_eq!(data.test.y.to_vec(), [0.0]);
+        // Fingerprints are SHA-256 of the line as written (quotes kept, CRLF and BOM not): the
+        // release ledgers on nodes' disks hold them, so these values must never change.
+        assert_eq!(data.train.ids[0], 0x3e1d_cfcb_30f6_b827);
+        assert_eq!(data.test.ids, [0x3b68_7fd7_7616_96e7]);
 
         let fails = |text: &str, line: u64, column: &str| {
             let e = read_text(text, &schema).expect_err(text);
