@@ -91,8 +91,9 @@ enum TargetRule {
 /// Read a CSV from any reader; `file_label` is what errors call the file (e.g. its file name).
 ///
 /// Tolerant of a UTF-8 byte-order mark, CRLF line endings, blank lines, spaces around fields
-/// and double-quoted fields (RFC 4180 quoting, one record per line: see [`LineFields`]). Columns the schema does not use are not parsed, but every
-/// row must have as many fields as the header. The first error in file order is reported.
+/// and double-quoted fields (RFC 4180 quoting by csv-core, one record per line). Columns the
+/// schema does not use are not parsed, but every row must have as many fields as the header.
+/// The first error in file order is reported.
 pub fn load_csv_from_reader(
     file_label: &str,
     reader: impl Read,
