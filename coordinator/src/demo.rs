@@ -513,6 +513,7 @@ pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result
         pooled_train.x.view(),
         pooled_train.y.view(),
         spec.training.l2,
+        &schema.design_columns(),
     )?;
     let sums = evaluate(spec.model, pooled_test.x.view(), pooled_test.y.view(), &beta)?;
     Ok(metrics(spec.model, &sums))

@@ -20,8 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Limits;
 use crate::store::Store;
-use fedstat_core::audit::AuditLog;
-use serde_json::json;
+use fedstat_core::audit::{AuditEvent, AuditLog};
 
 /// What connection tasks tell the federation.
 #[derive(Debug)]
@@ -61,10 +60,7 @@ pub enum Event {
         reply: oneshot::Sender<Reply>,
     },
     /// Something for the audit log seen at the network edge (connections, refusals).
-    Audit {
-        kind: &'static str,
-        details: serde_json::Value,
-    },
+    Audit(AuditEvent),
 }
 
 /// What the federation tells a node's connection task.
@@ -140,11 +136,10 @@ impl Federation {
             audit,
             audit_down: None,
         };
-        if !fed.audit(
-            now,
-            "coordinator_started",
-            json!({ "experiments": fed.experiments.len() }),
-        ) {
+        let started = AuditEvent::CoordinatorStarted {
+            experiments: fed.experiments.len() as u64,
+        };
+        if !fed.audit(now, started) {
             return Err(crate::Error::Store(format!(
                 "cannot start: {}",
                 fed.audit_down.unwrap_or_default()
@@ -157,14 +152,14 @@ impl Federation {
     /// Append to the audit log; false when the record could not be written. The log fails
     /// closed: the first failed write stops every running experiment, and the caller must not
     /// carry out the action the record was for (connections, submissions, releases).
-    fn audit(&mut self, now: Instant, kind: &str, details: serde_json::Value) -> bool {
+    fn audit(&mut self, now: Instant, event: AuditEvent) -> bool {
         if self.audit_down.is_some() {
             return false;
         }
         let Some(log) = self.audit.as_mut() else {
             return true;
         };
-        match tokio::task::block_in_place(|| log.append(kind, details)) {
+        match tokio::task::block_in_place(|| log.append(&event)) {
             Ok(()) => true,
             Err(e) => {
                 let reason = format!("the coordinator cannot write its audit log: {e}");
@@ -197,11 +192,11 @@ impl Federation {
                         .values_mut()
                         .for_each(|e| e.node_gone(now, &name));
                 }
-                if !self.audit(
-                    now,
-                    "node_connected",
-                    json!({ "node": name, "datasets": datasets }),
-                ) {
+                let connected = AuditEvent::NodeConnected {
+                    node: name.clone(),
+                    datasets: datasets.clone(),
+                };
+                if !self.audit(now, connected) {
                     let _ = tx.send(NodeCmd::Close(
                         "the coordinator cannot write its audit log".into(),
                     ));
@@ -227,7 +222,7 @@ impl Federation {
                 if self.nodes.get(&name).is_some_and(|n| n.conn == conn) {
                     self.nodes.remove(&name);
                     tracing::info!(node = %name, "node disconnected");
-                    self.audit(now, "node_disconnected", json!({ "node": name }));
+                    self.audit(now, AuditEvent::NodeDisconnected { node: name.clone() });
                     self.experiments
                         .values_mut()
                         .for_each(|e| e.node_gone(now, &name));
@@ -267,18 +262,20 @@ impl Federation {
                 if let Err(r) = &result {
                     tracing::warn!(node = %name, round = header.round, "update not used: {r}");
                 }
-                self.audit(
-                    now,
-                    "update_received",
-                    json!({
-                        "node": name, "experiment": header.experiment, "round": header.round,
-                        "phase": header.phase, "weight": header.weight, "values": header.tensor.len,
-                        "accepted": result.is_ok(), "reason": result.err(),
-                    }),
-                );
+                let received = AuditEvent::AnswerReceived {
+                    node: name,
+                    experiment: header.experiment,
+                    round: header.round,
+                    phase: header.phase.to_string(),
+                    weight: header.weight,
+                    values: header.tensor.len,
+                    accepted: result.is_ok(),
+                    reason: result.err(),
+                };
+                self.audit(now, received);
             }
-            Event::Audit { kind, details } => {
-                self.audit(now, kind, details);
+            Event::Audit(event) => {
+                self.audit(now, event);
             }
             Event::Request { who, request, reply } => {
                 let what = request_name(&request);
@@ -297,25 +294,40 @@ impl Federation {
                 let mut reply_msg = self.request(now, &who, request);
                 let recorded = match &reply_msg.response {
                     Response::Error { message } => {
-                        let details = json!({ "peer": who.to_string(), "request": what, "reason": message });
-                        self.audit(now, "request_refused", details)
+                        let refused = AuditEvent::RequestRefused {
+                            peer: who.to_string(),
+                            request: Some(what.to_owned()),
+                            reason: message.clone(),
+                        };
+                        self.audit(now, refused)
                     }
                     Response::Results(h) => {
-                        let details = json!({ "peer": who.to_string(), "experiment": h.status.id, "rounds": h.status.history.len() });
-                        self.audit(now, "results_released", details)
+                        let released = AuditEvent::ResultsReleased {
+                            peer: who.to_string(),
+                            experiment: h.status.id,
+                            rounds: h.status.history.len() as u64,
+                        };
+                        self.audit(now, released)
                     }
                     Response::Submitted { experiment } => {
                         let hash = self
                             .experiments
                             .get(experiment)
                             .map(|e| fedstat_proto::manifest::Manifest::new(e.spec(), e.submitter()).hash());
-                        let details =
-                            json!({ "peer": who.to_string(), "experiment": experiment, "manifest": hash });
-                        self.audit(now, "experiment_submitted", details)
+                        let submitted = AuditEvent::ExperimentSubmitted {
+                            peer: who.to_string(),
+                            experiment: *experiment,
+                            manifest: hash,
+                        };
+                        self.audit(now, submitted)
                     }
                     Response::Done { message } => {
-                        let details = json!({ "peer": who.to_string(), "request": what, "result": message });
-                        self.audit(now, "admin_action", details)
+                        let action = AuditEvent::AdminAction {
+                            peer: who.to_string(),
+                            request: what.to_owned(),
+                            result: message.clone(),
+                        };
+                        self.audit(now, action)
                     }
                     _ => true,
                 };

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use fedstat_core::files::{atomic_write, Access};
 use fedstat_core::model::{unstandardize, Metrics};
 use fedstat_core::spec::ModelKind;
 use fedstat_proto::wire::{DType, ExperimentStatus, NodeInfo, ResultsHeader, RoundRecord};
@@ -17,42 +18,23 @@ pub fn write(dir: &Path, header: &ResultsHeader, params: &[f64]) -> Result<Vec<S
     std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
     let model = model_json(header, params);
     let text = serde_json::to_string_pretty(&model).map_err(|e| Error::Protocol(e.to_string()))?;
-    write_file(&dir.join("model.json"), text.as_bytes())?;
-    write_file(
+    atomic_write(&dir.join("model.json"), text.as_bytes(), Access::OwnerOnly)?;
+    atomic_write(
         &dir.join("metrics.csv"),
         metrics_csv(&header.status.history).as_bytes(),
+        Access::OwnerOnly,
     )?;
     let bytes: Vec<u8> = match header.tensor.dtype {
         DType::F64 => params.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::F32 => params.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
     };
-    write_file(&dir.join("parameters.bin"), &bytes)?;
+    // Through unpredictable `O_EXCL` temporaries: a shared `--out` folder may hold planted symlinks.
+    atomic_write(&dir.join("parameters.bin"), &bytes, Access::OwnerOnly)?;
     Ok(vec![
         "model.json".into(),
         "metrics.csv".into(),
         "parameters.bin".into(),
     ])
-}
-
-/// Write then rename, so a reader never sees half a file. The temporary file has an
-/// unpredictable name and is created with `O_CREAT | O_EXCL` (mode 0600), which never follows
-/// a symlink: in a shared `--out` folder, another user cannot plant `model.tmp -> ~/.bashrc`
-/// and have it overwritten. The rename replaces a symlink at the final name, not its target.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("result");
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io("cannot create a temporary file in", dir, e))?;
-    tmp.write_all(bytes)
-        .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| Error::io("cannot write", tmp.path().to_owned(), e))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io("cannot write", path, e.error))?;
-    Ok(())
 }
 
 /// The `model.json` document.
@@ -230,8 +212,8 @@ mod tests {
         for name in ["model.tmp", "metrics.tmp", "parameters.tmp", "model.json"] {
             symlink(&victim, out.join(name)).expect("symlink");
         }
-        write_file(&out.join("model.json"), b"{}").expect("write");
-        write_file(&out.join("metrics.csv"), b"round\n").expect("write");
+        atomic_write(&out.join("model.json"), b"{}", Access::OwnerOnly).expect("write");
+        atomic_write(&out.join("metrics.csv"), b"round\n", Access::OwnerOnly).expect("write");
         assert_eq!(std::fs::read_to_string(&victim).expect("read"), "precious");
         let meta = std::fs::symlink_metadata(out.join("model.json")).expect("meta");
         assert!(

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedstat_core::audit::AuditEvent;
 use fedstat_net::identity::{PeerIdentity, Role};
 pub use fedstat_net::session::close;
 use fedstat_net::session::{Connection, RecvStream, SendStream};
@@ -93,24 +94,19 @@ impl Shared {
             Err(_) => (false, None),
         };
         if let Some(count) = summary {
-            let details = serde_json::json!({ "count": count, "window_secs": 60 });
-            let _ = self
-                .events
-                .send(Event::Audit {
-                    kind: "connections_refused_unlogged",
-                    details,
-                })
-                .await;
+            let event = AuditEvent::ConnectionsRefusedUnlogged {
+                count,
+                window_secs: 60,
+            };
+            let _ = self.events.send(Event::Audit(event)).await;
         }
         if write {
-            let details = serde_json::json!({ "peer_address": peer.to_string(), "reason": reason });
-            let _ = self
-                .events
-                .send(Event::Audit {
-                    kind: "connection_refused",
-                    details,
-                })
-                .await;
+            let event = AuditEvent::ConnectionRefused {
+                peer: None,
+                peer_address: Some(peer.to_string()),
+                reason: reason.to_string(),
+            };
+            let _ = self.events.send(Event::Audit(event)).await;
         }
     }
 
@@ -567,10 +563,9 @@ async fn reload(
         conn.close(close::REVOKED, b"certificate revoked");
         let _ = shared
             .events
-            .send(Event::Audit {
-                kind: "peer_revoked",
-                details: serde_json::json!({ "peer": who.to_string() }),
-            })
+            .send(Event::Audit(AuditEvent::PeerRevoked {
+                peer: who.to_string(),
+            }))
             .await;
     }
     Some(tcp_config)
@@ -727,10 +722,11 @@ async fn node_session(conn: Connection, id: u64, who: PeerIdentity, shared: Shar
             tracing::warn!("node refused: {e}");
             let _ = shared
                 .events
-                .send(Event::Audit {
-                    kind: "connection_refused",
-                    details: serde_json::json!({ "peer": who.to_string(), "reason": e }),
-                })
+                .send(Event::Audit(AuditEvent::ConnectionRefused {
+                    peer: Some(who.to_string()),
+                    peer_address: None,
+                    reason: e.to_string(),
+                }))
                 .await;
             // Give a refusal message time to reach the peer before the connection closes.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1015,10 +1011,11 @@ async fn request(mut send: SendStream, mut recv: RecvStream, who: PeerIdentity, 
             tracing::warn!("request refused: {reason}");
             let _ = shared
                 .events
-                .send(Event::Audit {
-                    kind: "request_refused",
-                    details: serde_json::json!({ "peer": who.to_string(), "reason": reason }),
-                })
+                .send(Event::Audit(AuditEvent::RequestRefused {
+                    peer: who.to_string(),
+                    request: None,
+                    reason,
+                }))
                 .await;
             let _ = send.finish().await;
             return;

@@ -11,6 +11,7 @@ use fedstat_core::aggregate::Values;
 use fedstat_core::audit::now_rfc3339;
 use fedstat_core::data::Standardization;
 use fedstat_core::engine::Restored;
+use fedstat_core::files::{atomic_write, Access};
 use fedstat_core::spec::ExperimentSpec;
 use fedstat_proto::manifest::{hex, Manifest};
 use fedstat_proto::wire::{DType, EventRecord, ExperimentId, ExperimentState, RoundRecord};
@@ -250,7 +251,7 @@ impl Store {
         let sha = hex(&Sha256::digest(&bytes));
         let file = i.models.join(format!("{sha}.bin"));
         if !file.exists() {
-            write_atomically(&file, &bytes)?;
+            atomic_write(&file, &bytes, Access::OwnerOnly)?;
         }
         let dtype = match model.dtype() {
             DType::F32 => "f32",
@@ -454,23 +455,6 @@ impl Store {
             )
             .collect()
     }
-}
-
-/// Write a file so that it is either absent or complete: temp file, fsync, rename, fsync dir.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-    f.write_all(bytes)
-        .map_err(|e| Error::io("cannot write", &tmp, e))?;
-    f.sync_all().map_err(|e| Error::io("cannot sync", &tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot rename into", path, e))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io("cannot sync", dir, e))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use fedstat_core::aggregate::Values;
 use fedstat_core::algorithm::{evaluate, standardize};
-use fedstat_core::audit::AuditLog;
+use fedstat_core::audit::{AuditEvent, AuditLog};
 use fedstat_core::data::{ColumnSums, Standardization};
 use fedstat_core::model::{EvalSums, Metrics};
 use fedstat_core::spec::ExperimentSpec;
@@ -292,18 +292,33 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("temp folder");
     let path = dir.join("audit.jsonl");
     let mut log = AuditLog::open(&path).expect("open audit log");
-    log.append("connected", serde_json::json!({"peer": "node `a`"}))
-        .expect("append");
-    log.append(
-        "manifest",
-        serde_json::json!({"hash": "ab".repeat(32), "experiment": 1}),
-    )
-    .expect("append");
-    log.append(
-        "update_sent",
-        serde_json::json!({"round": 1, "rows": 40, "sha256": "cd".repeat(32)}),
-    )
-    .expect("append");
+    let events = [
+        AuditEvent::ConnectFailed {
+            coordinator: "coordinator:4433".into(),
+            reason: "node `a` \"timed out\"".into(),
+        },
+        AuditEvent::ManifestSeen {
+            manifest: "ab".repeat(32),
+            experiment: 1,
+            submitter: "researcher `r`".into(),
+            name: "wages".into(),
+            model: "logistic".into(),
+            dataset: "cps1988".into(),
+            rounds: 3,
+        },
+        AuditEvent::UpdateSent {
+            experiment: 1,
+            round: 1,
+            manifest: "ab".repeat(32),
+            rows: 40,
+            bytes: 64,
+            sha256: "cd".repeat(32),
+        },
+        AuditEvent::NodeStopped {},
+    ];
+    for event in &events {
+        log.append(event).expect("append");
+    }
     drop(log);
     let bytes = std::fs::read(&path).expect("read audit log");
     let dir_out = Path::new("corpus/audit_log");

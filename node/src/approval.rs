@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fedstat_core::files::{atomic_write, Access};
 use fedstat_proto::manifest::hex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -231,7 +232,7 @@ impl ApprovalStore {
         if path.is_file() {
             return Ok(false);
         }
-        write_atomic(&path, canonical)?;
+        atomic_write(&path, canonical, Access::OwnerOnly)?;
         Ok(true)
     }
 
@@ -348,7 +349,11 @@ impl ApprovalStore {
         };
         let bytes = serde_json::to_vec_pretty(&record)
             .map_err(|e| Error::Approval(format!("cannot encode the decision: {e}")))?;
-        write_atomic(&self.decisions_dir().join(format!("{hash}.json")), &bytes)?;
+        atomic_write(
+            &self.decisions_dir().join(format!("{hash}.json")),
+            &bytes,
+            Access::OwnerOnly,
+        )?;
         let pending = self.pending_dir().join(format!("{hash}.json"));
         match std::fs::remove_file(&pending) {
             Ok(()) => {}
@@ -381,36 +386,6 @@ fn io(action: &'static str, path: &Path, source: std::io::Error) -> Error {
         path: path.to_owned(),
         source,
     }
-}
-
-/// Write `bytes` to `path` so that readers see the old file or the new one, never a part:
-/// write a temporary file beside it, fsync it, rename it over the target, fsync the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::Approval(format!("{} has no folder", path.display())))?;
-    std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io("cannot write", &tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io("cannot replace", path, e)
-    })?;
-    // Make the rename itself durable (not possible on every platform; best effort).
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -522,20 +497,5 @@ mod tests {
         assert!(!store.pending().expect("list")[0].intact);
         let err = store.approve(&h).expect_err("altered").to_string();
         assert!(err.contains("altered"), "{err}");
-    }
-
-    #[test]
-    fn atomic_writes_replace_whole_files() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("a/b/file.json");
-        write_atomic(&path, b"first version").expect("write");
-        write_atomic(&path, b"second").expect("replace");
-        assert_eq!(std::fs::read(&path).expect("read"), b"second");
-        let names: Vec<String> = std::fs::read_dir(dir.path().join("a/b"))
-            .expect("dir")
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, ["file.json"]);
     }
 }

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use fedstat_core::files::{atomic_write, Access};
 use fedstat_proto::wire::{ExperimentId, Phase, Task};
 use serde::{Deserialize, Serialize};
 
@@ -82,7 +83,7 @@ impl Bindings {
     fn write<T: Serialize>(path: &Path, value: &T) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(value)
             .map_err(|e| Error::Ledger(format!("cannot encode {}: {e}", path.display())))?;
-        crate::approval::write_atomic(path, &bytes)
+        Ok(atomic_write(path, &bytes, Access::OwnerOnly)?)
     }
 
     fn guard(&self) -> Result<std::sync::MutexGuard<'_, ()>> {

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use fedstat_core::data::{Design, LocalData, RowId};
+use fedstat_core::files::{atomic_write, Access};
 use fedstat_core::spec::{DataSchema, ModelKind};
 use fedstat_proto::manifest::hex;
 use sha2::{Digest, Sha256};
@@ -293,7 +294,7 @@ impl ReleaseLedger {
         for (set, digest) in new {
             let bytes: Vec<u8> = set.ids.iter().flat_map(|id| id.to_le_bytes()).collect();
             let path = dir.join(format!("{}-{digest}.bin", set.ids.len()));
-            crate::approval::write_atomic(&path, &bytes)?;
+            atomic_write(&path, &bytes, Access::OwnerOnly)?;
             added.push((set.label.clone(), set.ids.len(), digest));
         }
         Ok(added)

@@ -8,10 +8,9 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
-use fedstat_core::audit::{self, AuditLog};
+use fedstat_core::audit::{self, AuditEvent, AuditLog, Decision, RowSetRecord, TaskNotDone};
 use fedstat_proto::manifest::{hex, Manifest};
 use fedstat_proto::wire::Task;
-use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::approval::{ApprovalStore, Verdict};
@@ -56,15 +55,12 @@ impl Governance {
             seen: Mutex::new(BTreeSet::new()),
             applied: Mutex::new(BTreeSet::new()),
         };
-        gov.record(
-            "node_started",
-            json!({
-                "node": node,
-                "software": format!("fedstat-node {}", env!("CARGO_PKG_VERSION")),
-                "datasets": config.datasets.keys().collect::<Vec<_>>(),
-                "policy": config.policy.to_json(),
-            }),
-        )?;
+        gov.record(AuditEvent::NodeStarted {
+            node: node.to_string(),
+            software: format!("fedstat-node {}", env!("CARGO_PKG_VERSION")),
+            datasets: config.datasets.keys().cloned().collect(),
+            policy: config.policy.to_json(),
+        })?;
         Ok(gov)
     }
 
@@ -73,18 +69,18 @@ impl Governance {
     }
 
     /// Append a record; fails when it cannot be made durable.
-    pub fn record(&self, kind: &str, details: Value) -> Result<()> {
+    pub fn record(&self, event: AuditEvent) -> Result<()> {
         let mut log = self
             .audit
             .lock()
             .map_err(|_| Error::Approval("the audit log lock is poisoned".into()))?;
-        log.append(kind, details)?;
+        log.append(&event)?;
         Ok(())
     }
 
     /// Append a record where nothing is released on it (connections): a failure is logged.
-    pub fn note(&self, kind: &str, details: Value) {
-        if let Err(e) = self.record(kind, details) {
+    pub fn note(&self, event: AuditEvent) {
+        if let Err(e) = self.record(event) {
             tracing::error!("cannot write the audit log: {e}");
         }
     }
@@ -102,18 +98,15 @@ impl Governance {
             .map(|mut s| s.insert(hash.clone()))
             .unwrap_or(true);
         if first_sight {
-            self.record(
-                "manifest_seen",
-                json!({
-                    "manifest": hash,
-                    "experiment": task.experiment,
-                    "submitter": task.submitter,
-                    "name": fedstat_core::text::printable(&task.spec.name),
-                    "model": task.spec.model.as_str(),
-                    "dataset": task.spec.dataset,
-                    "rounds": task.spec.rounds,
-                }),
-            )?;
+            self.record(AuditEvent::ManifestSeen {
+                manifest: hash.clone(),
+                experiment: task.experiment,
+                submitter: task.submitter.clone(),
+                name: fedstat_core::text::printable(&task.spec.name).into_owned(),
+                model: task.spec.model.as_str().to_owned(),
+                dataset: task.spec.dataset.clone(),
+                rounds: task.spec.rounds,
+            })?;
         }
         self.policy.check_spec(&task.spec).map_err(Error::Policy)?;
         let decision = self.store.decision(&hash).map_err(|e| {
@@ -129,15 +122,15 @@ impl Governance {
                 .map(|mut s| s.insert((hash.clone(), d.decided_at.clone())))
                 .unwrap_or(true);
             if new {
-                self.record(
-                    "decision_applied",
-                    json!({
-                        "manifest": hash,
-                        "decision": match d.decision { Verdict::Approved => "approved", Verdict::Rejected => "rejected" },
-                        "reason": d.reason,
-                        "decided_at": d.decided_at,
-                    }),
-                )?;
+                self.record(AuditEvent::DecisionApplied {
+                    manifest: hash.clone(),
+                    decision: match d.decision {
+                        Verdict::Approved => Decision::Approved,
+                        Verdict::Rejected => Decision::Rejected,
+                    },
+                    reason: d.reason.clone(),
+                    decided_at: d.decided_at.clone(),
+                })?;
             }
         }
         let rerun_of = match (&decision, self.policy.approval) {
@@ -158,17 +151,14 @@ impl Governance {
                     tracing::error!("cannot hold manifest {hash}: {e}");
                     Error::Approval("the node cannot record the manifest for its custodian".into())
                 })?;
-                self.record(
-                    "held",
-                    json!({
-                        "manifest": hash,
-                        "experiment": task.experiment,
-                        "round": task.round,
-                        "phase": task.phase.to_string(),
-                        "newly_held": newly,
-                        "approval_used_by": rerun_of,
-                    }),
-                )?;
+                self.record(AuditEvent::Held {
+                    manifest: hash.clone(),
+                    experiment: task.experiment,
+                    round: task.round,
+                    phase: task.phase.to_string(),
+                    newly_held: newly,
+                    approval_used_by: rerun_of,
+                })?;
                 if newly {
                     tracing::warn!(
                         "experiment {} (`{}`) is held for the custodian: manifest {hash}{}; see `fedstat-node pending`",
@@ -203,16 +193,18 @@ impl Governance {
             .ledger
             .check_and_record(&task.spec.dataset, sets, self.policy.min_cell)?;
         if !added.is_empty() {
-            self.record(
-                "row_sets_recorded",
-                json!({
-                    "experiment": task.experiment,
-                    "dataset": fedstat_core::text::printable(&task.spec.dataset),
-                    "sets": added.iter().map(|(label, rows, digest)| json!({
-                        "set": label, "rows": rows, "sha256": digest,
-                    })).collect::<Vec<_>>(),
-                }),
-            )?;
+            self.record(AuditEvent::RowSetsRecorded {
+                experiment: task.experiment,
+                dataset: fedstat_core::text::printable(&task.spec.dataset).into_owned(),
+                sets: added
+                    .iter()
+                    .map(|(label, rows, digest)| RowSetRecord {
+                        set: label.clone(),
+                        rows: *rows as u64,
+                        sha256: digest.clone(),
+                    })
+                    .collect(),
+            })?;
         }
         Ok(())
     }
@@ -220,51 +212,42 @@ impl Governance {
     /// Record a task the node did not do: the full reason for the custodian, and the text
     /// that was sent back.
     pub fn record_failure(&self, task: &Task, manifest: &str, error: &Error) {
-        let kind = match error {
-            Error::Policy(_) => "policy_refused",
-            Error::Binding(_) => "task_refused",
-            Error::CustodianRejected(_) => "custodian_rejected",
-            _ => "task_failed",
+        let what = TaskNotDone {
+            experiment: task.experiment,
+            round: task.round,
+            phase: task.phase.to_string(),
+            manifest: manifest.to_owned(),
+            reason: error.to_string(),
+            sent: error.public(&task.spec.dataset),
         };
-        self.note(
-            kind,
-            json!({
-                "experiment": task.experiment,
-                "round": task.round,
-                "phase": task.phase.to_string(),
-                "manifest": manifest,
-                "reason": error.to_string(),
-                "sent": error.public(&task.spec.dataset),
-            }),
-        );
+        self.note(match error {
+            Error::Policy(_) => AuditEvent::PolicyRefused(what),
+            Error::Binding(_) => AuditEvent::TaskRefused(what),
+            Error::CustodianRejected(_) => AuditEvent::CustodianRejected(what),
+            _ => AuditEvent::TaskFailed(what),
+        });
     }
 
     /// Record an update before it is sent: its row count and the SHA-256 of its bytes.
     pub fn record_update(&self, task: &Task, manifest: &str, rows: u64, bytes: &[u8]) -> Result<()> {
-        self.record(
-            "update_sent",
-            json!({
-                "experiment": task.experiment,
-                "round": task.round,
-                "manifest": manifest,
-                "rows": rows,
-                "bytes": bytes.len(),
-                "sha256": hex(&Sha256::digest(bytes)),
-            }),
-        )
+        self.record(AuditEvent::UpdateSent {
+            experiment: task.experiment,
+            round: task.round,
+            manifest: manifest.to_owned(),
+            rows,
+            bytes: bytes.len() as u64,
+            sha256: hex(&Sha256::digest(bytes)),
+        })
     }
 
     /// Record a statistics or evaluation answer before it is sent.
     pub fn record_answer(&self, task: &Task, manifest: &str) -> Result<()> {
-        self.record(
-            "answer_released",
-            json!({
-                "experiment": task.experiment,
-                "round": task.round,
-                "kind": task.phase.to_string(),
-                "manifest": manifest,
-            }),
-        )
+        self.record(AuditEvent::AnswerReleased {
+            experiment: task.experiment,
+            round: task.round,
+            kind: task.phase.to_string(),
+            manifest: manifest.to_owned(),
+        })
     }
 }
 
@@ -286,6 +269,7 @@ mod tests {
     use super::*;
     use fedstat_core::spec::ExperimentSpec;
     use fedstat_proto::wire::Phase;
+    use serde_json::Value;
     use std::path::Path;
 
     fn config(dir: &Path, policy: &str) -> NodeConfig {
@@ -413,7 +397,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = config(dir.path(), "");
         let gov = Governance::open(&cfg, "ons").expect("open");
-        gov.note("connected", json!({ "coordinator": "c:1" }));
+        gov.note(AuditEvent::ConnectFailed {
+            coordinator: "c:1".into(),
+            reason: "test".into(),
+        });
         drop(gov);
         let text = std::fs::read_to_string(&cfg.audit_log).expect("log");
         std::fs::write(&cfg.audit_log, text.replace("c:1", "c:2")).expect("edit");

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedstat_core::aggregate::Values;
+use fedstat_core::audit::AuditEvent;
 use fedstat_net::dial::Dialer;
 use fedstat_net::session::{close, Connection, RecvStream};
 use fedstat_net::transport::{read_frame, read_tensor, write_frame, write_tensor};
 use fedstat_proto::manifest::Manifest;
 use fedstat_proto::wire::{AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, PROTOCOL_VERSION};
 use rand::Rng;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -77,20 +77,20 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         match ended {
             Ok(Dropped(why)) => {
                 tracing::warn!("connection to the coordinator lost: {why}; reconnecting");
-                gov.note(
-                    "disconnected",
-                    json!({ "coordinator": config.coordinator, "reason": why }),
-                );
+                gov.note(AuditEvent::Disconnected {
+                    coordinator: config.coordinator.clone(),
+                    reason: why,
+                });
                 backoff = BACKOFF_START;
                 failing = false;
             }
             Err(e) => {
                 tracing::warn!("cannot connect: {e:#}; retrying in {backoff:?}");
                 if !failing {
-                    gov.note(
-                        "connect_failed",
-                        json!({ "coordinator": config.coordinator, "reason": e.to_string() }),
-                    );
+                    gov.note(AuditEvent::ConnectFailed {
+                        coordinator: config.coordinator.clone(),
+                        reason: e.to_string(),
+                    });
                 }
                 failing = true;
             }
@@ -103,7 +103,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
-    gov.note("node_stopped", json!({}));
+    gov.note(AuditEvent::NodeStopped {});
     Ok(())
 }
 
@@ -142,17 +142,18 @@ async fn session(
             let transport = conn.transport_name();
             tracing::info!(%addr, transport, "connected to the coordinator as node `{name}`");
             println!("connected to {addr} as node `{name}` over {transport}");
-            gov.note(
-                "connected",
-                json!({ "coordinator": config.coordinator, "address": addr.to_string(), "as": name }),
-            );
+            gov.note(AuditEvent::Connected {
+                coordinator: config.coordinator.clone(),
+                address: addr.to_string(),
+                as_name: name.to_string(),
+            });
         }
         Ok(Ok(Some(CoordMsg::Refused { reason }))) => {
             if audit_refusal {
-                gov.note(
-                    "connect_refused",
-                    json!({ "coordinator": config.coordinator, "reason": reason }),
-                );
+                gov.note(AuditEvent::ConnectRefused {
+                    coordinator: config.coordinator.clone(),
+                    reason: reason.clone(),
+                });
             }
             return Err(fail(format!("refused: {reason}")));
         }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use fedstat_core::audit::AuditLog;
+use fedstat_core::audit::{AuditEvent, AuditLog};
 use fedstat_node::approval::ApprovalStore;
 use fedstat_node::config::NodeConfig;
 use fedstat_proto::manifest::Manifest;
@@ -96,8 +96,15 @@ fn audit_verify_exits_non_zero_on_tampering() {
     let (_dir, cfg_path, cfg) = setup();
     let mut log = AuditLog::open(&cfg.audit_log).expect("open");
     for round in 1..=4 {
-        log.append("update_sent", serde_json::json!({ "round": round, "rows": 50 }))
-            .expect("append");
+        log.append(&AuditEvent::UpdateSent {
+            experiment: 1,
+            round,
+            manifest: "m".into(),
+            rows: 50,
+            bytes: 8,
+            sha256: "s".into(),
+        })
+        .expect("append");
     }
     drop(log);
     let out = node(&["audit", "verify"], &cfg_path);

@@ -17,7 +17,9 @@
 //! rewritten with fresh hashes. [`VerifyReport::last_hash`] is printed by `audit verify` so the
 //! head can be noted somewhere else (a ticket, the coordinator's own log) and compared later.
 //!
-//! Records carry names, counts and hashes, never data values.
+//! Records carry names, counts and hashes, never data values. Each kind has a fixed set of
+//! fields ([`AuditEvent`]); [`verify`] checks only the layout and the chain, so logs written
+//! before the kinds were typed (the same layout) still verify.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -29,6 +31,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::manifest::hex;
+use crate::wire::ExperimentId;
 use crate::{Error, Result};
 
 /// `prev` of the first record.
@@ -40,14 +43,229 @@ const SUFFIX_LEN: usize = HASH_MEMBER.len() + 64 + 2;
 /// A longer line is not something this module wrote.
 const MAX_LINE: usize = 1 << 20;
 
-/// The canonical bytes of a record: everything but its hash, in this field order.
+/// The canonical bytes of a record: everything but its hash, in this field order (the
+/// event contributes `kind` and `details`).
 #[derive(Serialize)]
 struct Body<'a> {
     seq: u64,
     time: &'a str,
-    kind: &'a str,
-    details: &'a Value,
+    #[serde(flatten)]
+    event: &'a AuditEvent,
     prev: &'a str,
+}
+
+/// Every kind of audit record, node and coordinator, with its fixed fields: the schema of the
+/// log. Written as `"kind":"<snake_case name>","details":{<fields in this order>}`; the field
+/// names are what operators' scripts and the tests read, so renaming one is a format change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "details", rename_all = "snake_case")]
+pub enum AuditEvent {
+    // The node's records.
+    /// The node process started with this policy.
+    NodeStarted {
+        node: String,
+        software: String,
+        datasets: Vec<String>,
+        /// The site policy as its own JSON document.
+        policy: Value,
+    },
+    /// The node process stopped.
+    NodeStopped {},
+    /// Connected to the coordinator; `as` is the node's certificate name.
+    Connected {
+        coordinator: String,
+        address: String,
+        #[serde(rename = "as")]
+        as_name: String,
+    },
+    /// The coordinator refused the node's hello.
+    ConnectRefused { coordinator: String, reason: String },
+    /// The coordinator could not be reached (recorded once per outage).
+    ConnectFailed { coordinator: String, reason: String },
+    /// A session with the coordinator ended.
+    Disconnected { coordinator: String, reason: String },
+    /// A manifest first seen by this process.
+    ManifestSeen {
+        manifest: String,
+        experiment: ExperimentId,
+        submitter: String,
+        name: String,
+        model: String,
+        dataset: String,
+        rounds: u32,
+    },
+    /// A custodian's decision on a manifest, first applied by this process.
+    DecisionApplied {
+        manifest: String,
+        decision: Decision,
+        reason: String,
+        decided_at: String,
+    },
+    /// A task held for the custodian's decision.
+    Held {
+        manifest: String,
+        experiment: ExperimentId,
+        round: u32,
+        phase: String,
+        newly_held: bool,
+        /// The experiment that used this manifest's one approval, for a re-run.
+        approval_used_by: Option<ExperimentId>,
+    },
+    /// Row sets an experiment releases, added to the release ledger.
+    RowSetsRecorded {
+        experiment: ExperimentId,
+        dataset: String,
+        sets: Vec<RowSetRecord>,
+    },
+    /// A task the site policy refused.
+    PolicyRefused(TaskNotDone),
+    /// A task outside what the node agreed to answer (its bindings).
+    TaskRefused(TaskNotDone),
+    /// A task whose manifest the custodian rejected.
+    CustodianRejected(TaskNotDone),
+    /// A task that failed (data, model or state errors).
+    TaskFailed(TaskNotDone),
+    /// A model update, recorded before it is sent.
+    UpdateSent {
+        experiment: ExperimentId,
+        round: u32,
+        manifest: String,
+        rows: u64,
+        bytes: u64,
+        sha256: String,
+    },
+    /// A statistics or evaluation answer, recorded before it is sent; `kind` is its phase.
+    AnswerReleased {
+        experiment: ExperimentId,
+        round: u32,
+        kind: String,
+        manifest: String,
+    },
+
+    // The coordinator's records.
+    /// The coordinator started with this many experiments in its store.
+    CoordinatorStarted { experiments: u64 },
+    /// A node joined with these datasets.
+    NodeConnected { node: String, datasets: Vec<String> },
+    /// A node's connection ended.
+    NodeDisconnected { node: String },
+    /// A node's answer to a step arrived (`phase`: statistics, training, evaluation); its
+    /// weight (training rows, or 1 for plain sums) and number of values; `reason` says why it
+    /// was not used.
+    AnswerReceived {
+        node: String,
+        experiment: ExperimentId,
+        round: u32,
+        phase: String,
+        weight: u64,
+        values: u64,
+        accepted: bool,
+        reason: Option<String>,
+    },
+    /// A connection refused: during the handshake (only `peer_address` is known) or at the
+    /// hello (`peer`, the certificate identity).
+    ConnectionRefused {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer_address: Option<String>,
+        reason: String,
+    },
+    /// Refused handshakes not recorded one by one in the last window (rate limit).
+    ConnectionsRefusedUnlogged { count: u64, window_secs: u64 },
+    /// A researcher's or admin's request refused; `request` is absent when it could not be read.
+    RequestRefused {
+        peer: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request: Option<String>,
+        reason: String,
+    },
+    /// Results handed to a researcher.
+    ResultsReleased {
+        peer: String,
+        experiment: ExperimentId,
+        rounds: u64,
+    },
+    /// An experiment submitted, with the hash of the manifest custodians approve.
+    ExperimentSubmitted {
+        peer: String,
+        experiment: ExperimentId,
+        manifest: Option<String>,
+    },
+    /// An admin action carried out.
+    AdminAction {
+        peer: String,
+        request: String,
+        result: String,
+    },
+    /// A connected peer disconnected because its certificate was revoked.
+    PeerRevoked { peer: String },
+}
+
+/// The fields of a task a node did not do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskNotDone {
+    pub experiment: ExperimentId,
+    pub round: u32,
+    pub phase: String,
+    pub manifest: String,
+    /// The full reason, for the custodian.
+    pub reason: String,
+    /// The text that was sent back to the coordinator.
+    pub sent: String,
+}
+
+/// One row set added to the release ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowSetRecord {
+    pub set: String,
+    pub rows: u64,
+    pub sha256: String,
+}
+
+/// A custodian's decision as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Approved,
+    Rejected,
+}
+
+impl AuditEvent {
+    /// The record's `kind`, as written.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuditEvent::NodeStarted { .. } => "node_started",
+            AuditEvent::NodeStopped {} => "node_stopped",
+            AuditEvent::Connected { .. } => "connected",
+            AuditEvent::ConnectRefused { .. } => "connect_refused",
+            AuditEvent::ConnectFailed { .. } => "connect_failed",
+            AuditEvent::Disconnected { .. } => "disconnected",
+            AuditEvent::ManifestSeen { .. } => "manifest_seen",
+            AuditEvent::DecisionApplied { .. } => "decision_applied",
+            AuditEvent::Held { .. } => "held",
+            AuditEvent::RowSetsRecorded { .. } => "row_sets_recorded",
+            AuditEvent::PolicyRefused(_) => "policy_refused",
+            AuditEvent::TaskRefused(_) => "task_refused",
+            AuditEvent::CustodianRejected(_) => "custodian_rejected",
+            AuditEvent::TaskFailed(_) => "task_failed",
+            AuditEvent::UpdateSent { .. } => "update_sent",
+            AuditEvent::AnswerReleased { .. } => "answer_released",
+            AuditEvent::CoordinatorStarted { .. } => "coordinator_started",
+            AuditEvent::NodeConnected { .. } => "node_connected",
+            AuditEvent::NodeDisconnected { .. } => "node_disconnected",
+            AuditEvent::AnswerReceived { .. } => "answer_received",
+            AuditEvent::ConnectionRefused { .. } => "connection_refused",
+            AuditEvent::ConnectionsRefusedUnlogged { .. } => "connections_refused_unlogged",
+            AuditEvent::RequestRefused { .. } => "request_refused",
+            AuditEvent::ResultsReleased { .. } => "results_released",
+            AuditEvent::ExperimentSubmitted { .. } => "experiment_submitted",
+            AuditEvent::AdminAction { .. } => "admin_action",
+            AuditEvent::PeerRevoked { .. } => "peer_revoked",
+        }
+    }
 }
 
 /// A parsed body, for checking: no other members allowed.
@@ -141,9 +359,7 @@ impl AuditLog {
     }
 
     /// Append one record and fsync it: once this returns, the record survives a crash.
-    /// `kind` is a short lower-case word (`connected`, `update_sent`, ...); `details` should be
-    /// a JSON object (anything else is stored as `{"value": ...}`) and must hold no data values.
-    pub fn append(&mut self, kind: &str, details: Value) -> Result<()> {
+    pub fn append(&mut self, event: &AuditEvent) -> Result<()> {
         let invalid = |problem: String| {
             Error::io(
                 "cannot append to",
@@ -156,19 +372,7 @@ impl AuditLog {
                 "an earlier write failed; the log needs `audit verify`".into(),
             ));
         }
-        if kind.is_empty()
-            || kind.len() > 64
-            || !kind
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.' || b == b'-')
-        {
-            return Err(invalid(format!("invalid record kind `{}`", kind.escape_debug())));
-        }
-        let details = match details {
-            Value::Object(_) => details,
-            other => serde_json::json!({ "value": other }),
-        };
-        let line = encode(self.next_seq, &now_rfc3339(), kind, &details, &self.last_hash)
+        let line = encode(self.next_seq, &now_rfc3339(), event, &self.last_hash)
             .map_err(|e| invalid(format!("cannot encode the record: {e}")))?;
         if line.len() > MAX_LINE {
             return Err(invalid(format!("record of {} bytes is too large", line.len())));
@@ -194,12 +398,11 @@ impl AuditLog {
 }
 
 /// Encode one record line (without its newline).
-fn encode(seq: u64, time: &str, kind: &str, details: &Value, prev: &str) -> serde_json::Result<String> {
+fn encode(seq: u64, time: &str, event: &AuditEvent, prev: &str) -> serde_json::Result<String> {
     let body = serde_json::to_string(&Body {
         seq,
         time,
-        kind,
-        details,
+        event,
         prev,
     })?;
     let hash = hex(&Sha256::digest(body.as_bytes()));
@@ -490,13 +693,20 @@ mod tests {
         let path = dir.path().join("sub/audit.jsonl");
         let mut log = AuditLog::open(&path).expect("open");
         for i in 0..n {
-            log.append(
-                "update_sent",
-                json!({ "round": i, "rows": 100 + i, "note": "ü \"q\"" }),
-            )
-            .expect("append");
+            log.append(&update_sent(i, 100 + i, "ü \"q\"")).expect("append");
         }
         (dir, path)
+    }
+
+    fn update_sent(round: u64, rows: u64, sha256: &str) -> AuditEvent {
+        AuditEvent::UpdateSent {
+            experiment: 1,
+            round: round as u32,
+            manifest: "m".into(),
+            rows,
+            bytes: 8,
+            sha256: sha256.into(),
+        }
     }
 
     fn lines(path: &Path) -> Vec<String> {
@@ -528,10 +738,13 @@ mod tests {
         let mut log = AuditLog::open(&path).expect("reopen");
         assert_eq!(log.next_seq(), 4);
         assert_eq!(log.last_hash(), report.last_hash);
-        log.append("connected", json!({ "coordinator": "x:1" }))
-            .expect("append");
-        log.append("odd", json!(5))
-            .expect("non-object details are wrapped");
+        log.append(&AuditEvent::Connected {
+            coordinator: "x:1".into(),
+            address: "127.0.0.1:1".into(),
+            as_name: "ons".into(),
+        })
+        .expect("append");
+        log.append(&AuditEvent::NodeStopped {}).expect("append");
         let report = verify(&path).expect("verify");
         assert!(report.is_intact(), "{report}");
         assert_eq!(report.records, 5);
@@ -541,7 +754,112 @@ mod tests {
         assert_eq!(first["prev"], GENESIS);
         assert_eq!(first["kind"], "update_sent");
         assert!(first["time"].as_str().is_some_and(|t| t.ends_with('Z')));
-        assert!(log.append("Bad Kind", json!({})).is_err());
+        let last: Value = serde_json::from_str(&lines(&path)[4]).expect("json line");
+        assert_eq!(
+            last["details"],
+            json!({}),
+            "a kind without fields still has details"
+        );
+    }
+
+    /// The line of `event` as the log writes it, and the same record as the untyped
+    /// `append(kind, json!(..))` of earlier versions wrote it.
+    fn same_layout(event: AuditEvent, old_kind: &str, old_details: Value) {
+        let time = "2025-01-02T03:04:05.678Z";
+        let typed = encode(7, time, &event, GENESIS).expect("encode");
+        let old_body = format!(
+            "{{\"seq\":7,\"time\":\"{time}\",\"kind\":\"{old_kind}\",\"details\":{old_details},\"prev\":\"{GENESIS}\"}}"
+        );
+        let old = format!(
+            "{}{HASH_MEMBER}{}\"}}",
+            &old_body[..old_body.len() - 1],
+            hex(&Sha256::digest(old_body.as_bytes()))
+        );
+        assert_eq!(typed, old, "{old_kind}");
+        assert_eq!(event.kind(), old_kind);
+        // And it reads back as the same typed event.
+        let v: Value = serde_json::from_str(&typed).expect("json");
+        let back: AuditEvent =
+            serde_json::from_value(json!({ "kind": v["kind"], "details": v["details"] })).expect("typed");
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn typed_records_keep_the_layout_of_untyped_ones() {
+        same_layout(
+            AuditEvent::AnswerReceived {
+                node: "a".into(),
+                experiment: 3,
+                round: 2,
+                phase: "training".into(),
+                weight: 10,
+                values: 7,
+                accepted: false,
+                reason: None,
+            },
+            "answer_received",
+            json!({ "node": "a", "experiment": 3, "round": 2, "phase": "training", "weight": 10, "values": 7, "accepted": false, "reason": null }),
+        );
+        same_layout(
+            AuditEvent::ConnectionRefused {
+                peer: None,
+                peer_address: Some("10.0.0.1:5".into()),
+                reason: "too many".into(),
+            },
+            "connection_refused",
+            json!({ "peer_address": "10.0.0.1:5", "reason": "too many" }),
+        );
+        same_layout(
+            AuditEvent::TaskRefused(TaskNotDone {
+                experiment: 1,
+                round: 3,
+                phase: "training".into(),
+                manifest: "h".into(),
+                reason: "r".into(),
+                sent: "s".into(),
+            }),
+            "task_refused",
+            json!({ "experiment": 1, "round": 3, "phase": "training", "manifest": "h", "reason": "r", "sent": "s" }),
+        );
+        same_layout(
+            AuditEvent::DecisionApplied {
+                manifest: "h".into(),
+                decision: Decision::Approved,
+                reason: "ok".into(),
+                decided_at: "t".into(),
+            },
+            "decision_applied",
+            json!({ "manifest": "h", "decision": "approved", "reason": "ok", "decided_at": "t" }),
+        );
+        same_layout(
+            AuditEvent::Connected {
+                coordinator: "c:1".into(),
+                address: "127.0.0.1:1".into(),
+                as_name: "n".into(),
+            },
+            "connected",
+            json!({ "coordinator": "c:1", "address": "127.0.0.1:1", "as": "n" }),
+        );
+        same_layout(AuditEvent::NodeStopped {}, "node_stopped", json!({}));
+    }
+
+    #[test]
+    fn a_log_of_the_previous_version_verifies_and_continues() {
+        // Records of kinds and fields this version does not know: only layout and chain count.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let body = format!(
+            "{{\"seq\":1,\"time\":\"2025-01-02T03:04:05.678Z\",\"kind\":\"retired_kind\",\"details\":{{\"value\":5}},\"prev\":\"{GENESIS}\"}}"
+        );
+        let hash = hex(&Sha256::digest(body.as_bytes()));
+        let line = format!("{}{HASH_MEMBER}{hash}\"}}\n", &body[..body.len() - 1]);
+        std::fs::write(&path, line).expect("write");
+        assert!(verify(&path).expect("verify").is_intact());
+        let mut log = AuditLog::open(&path).expect("continue");
+        assert_eq!(log.last_hash(), hash);
+        log.append(&AuditEvent::NodeStopped {}).expect("append");
+        let report = verify(&path).expect("verify");
+        assert!(report.is_intact() && report.records == 2, "{report}");
     }
 
     #[test]
@@ -571,12 +889,10 @@ mod tests {
         let (_dir, path) = log_with(5);
         let mut l = lines(&path);
         let v: Value = serde_json::from_str(&l[1]).expect("json");
-        let details = json!({ "round": 1, "rows": 5, "note": "forged" });
         l[1] = encode(
             2,
             v["time"].as_str().expect("time"),
-            "update_sent",
-            &details,
+            &update_sent(1, 5, "forged"),
             v["prev"].as_str().expect("prev"),
         )
         .expect("encode");

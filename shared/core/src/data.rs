@@ -92,8 +92,9 @@ enum TargetRule {
 /// Read a CSV from any reader; `file_label` is what errors call the file (e.g. its file name).
 ///
 /// Tolerant of a UTF-8 byte-order mark, CRLF line endings, blank lines, spaces around fields
-/// and simple double-quoted fields. Columns the schema does not use are not parsed, but every
-/// row must have as many fields as the header. The first error in file order is reported.
+/// and double-quoted fields (RFC 4180 quoting by csv-core, one record per line). Columns the
+/// schema does not use are not parsed, but every row must have as many fields as the header.
+/// The first error in file order is reported.
 pub fn load_csv_from_reader(
     file_label: &str,
     reader: impl Read,
@@ -148,14 +149,14 @@ pub fn load_csv_from_reader(
         if text.trim().is_empty() {
             return Err(dataset_err(DatasetProblem::BlankHeader));
         }
-        let mut fields = Vec::new();
-        split_fields(text, &mut fields).map_err(|i| Error::Csv {
+        let mut fields = LineFields::new();
+        fields.split(text).map_err(|i| Error::Csv {
             file: file_label.to_owned(),
             line: line_no,
             column: format!("(header field {})", i + 1),
             problem: CsvProblem::UnterminatedQuote,
         })?;
-        fields
+        (0..fields.len()).map(|i| fields.get(i).to_owned()).collect()
     };
 
     // Map each column the schema uses to its position in the header.
@@ -225,7 +226,7 @@ pub fn load_csv_from_reader(
     let mut seen_lines: std::collections::HashMap<RowId, u32> = std::collections::HashMap::new();
     let max_rows = limits.max_cells / p.max(1) as u64;
     let mut row = vec![0.0; p];
-    let mut fields: Vec<String> = Vec::with_capacity(header_fields.len());
+    let mut fields = LineFields::new();
     let mut data_rows: u64 = 0;
 
     loop {
@@ -250,7 +251,7 @@ pub fn load_csv_from_reader(
             column: column.to_owned(),
             problem,
         };
-        split_fields(text, &mut fields).map_err(|i| {
+        fields.split(text).map_err(|i| {
             let name = header_fields.get(i).map_or("(beyond the header)", |s| s.as_str());
             csv_err(name, CsvProblem::UnterminatedQuote)
         })?;
@@ -278,7 +279,7 @@ pub fn load_csv_from_reader(
         let mut is_train = false;
         for &(i, role) in &roles {
             let name = header_fields[i].as_str();
-            let value = fields[i].as_str();
+            let value = fields.get(i);
             if value.is_empty() {
                 return Err(csv_err(name, CsvProblem::EmptyValue));
             }
@@ -404,57 +405,83 @@ fn line_text<'a>(buf: &'a [u8], line: u64, file_label: &str) -> Result<&'a str> 
     })
 }
 
-/// Split a line at commas into trimmed fields; a field wholly in double quotes may contain
-/// commas and `""` for a quote. On an unterminated quote, returns the index of that field.
-fn split_fields(line: &str, out: &mut Vec<String>) -> std::result::Result<(), usize> {
-    out.clear();
-    if !line.contains('"') {
-        out.extend(line.split(',').map(|f| f.trim().to_owned()));
-        return Ok(());
+/// One line split into fields by csv-core, the tokeniser of BurntSushi's `csv` crate.
+///
+/// We keep the line framing ourselves (one record per physical line, blank lines skipped, the
+/// line's text fingerprinted) and hand only the splitting to csv-core: `csv::Reader` would let a
+/// quoted field run over line breaks and end records at a lone `\r`, which would move line
+/// numbers and fingerprints. Quoting is RFC 4180: a field that starts with `"` may hold commas
+/// and `""` for a quote; text after the closing quote is kept. Fields are then trimmed. (The
+/// hand-written splitter before it also opened a quote after leading spaces, `a, "b,c"`; RFC 4180
+/// and csv-core read that quote as text, so such a field keeps its quotes, and a comma in it
+/// splits the row, which then fails its field count.)
+#[derive(Debug)]
+struct LineFields {
+    tokeniser: csv_core::Reader,
+    /// The fields' bytes, one after the other; `ends[i]` is where field `i` ends.
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl LineFields {
+    fn new() -> Self {
+        LineFields {
+            tokeniser: csv_core::ReaderBuilder::new()
+                .terminator(csv_core::Terminator::Any(b'\n'))
+                .build(),
+            bytes: Vec::new(),
+            ends: Vec::new(),
+        }
     }
-    let mut rest = line;
-    loop {
-        let trimmed = rest.trim_start();
-        if let Some(inner) = trimmed.strip_prefix('"') {
-            let mut value = String::new();
-            let mut chars = inner.char_indices();
-            let after = loop {
-                match chars.next() {
-                    None => return Err(out.len()),
-                    Some((i, '"')) => {
-                        if inner[i + 1..].starts_with('"') {
-                            value.push('"');
-                            chars.next();
-                        } else {
-                            break &inner[i + 1..];
-                        }
+
+    /// Split `line` (without its line ending). On a quote the line does not close, returns the
+    /// index of the field that opened it.
+    fn split(&mut self, line: &str) -> std::result::Result<(), usize> {
+        use csv_core::ReadRecordResult as R;
+        self.tokeniser.reset();
+        // A field is never longer than the line, and there is at most one per comma, plus one.
+        self.bytes.resize(line.len() + 1, 0);
+        self.ends
+            .resize(line.bytes().filter(|b| *b == b',').count() + 2, 0);
+        let (mut nout, mut nend) = (0, 0);
+        // The line, then its terminator: a record ends only if no quote is open at the end.
+        for input in [line.as_bytes(), b"\n"] {
+            let mut input = input;
+            loop {
+                let (result, nin, out, ends) =
+                    self.tokeniser
+                        .read_record(input, &mut self.bytes[nout..], &mut self.ends[nend..]);
+                input = &input[nin..];
+                nout += out;
+                nend += ends;
+                match result {
+                    R::Record => {
+                        self.ends.truncate(nend);
+                        return Ok(());
                     }
-                    Some((_, c)) => value.push(c),
-                }
-            };
-            // Anything between the closing quote and the next comma is kept, trimmed.
-            let (tail, next) = match after.split_once(',') {
-                Some((t, n)) => (t, Some(n)),
-                None => (after, None),
-            };
-            value.push_str(tail.trim());
-            out.push(value.trim().to_owned());
-            match next {
-                Some(n) => rest = n,
-                None => return Ok(()),
-            }
-        } else {
-            match rest.split_once(',') {
-                Some((f, n)) => {
-                    out.push(f.trim().to_owned());
-                    rest = n;
-                }
-                None => {
-                    out.push(rest.trim().to_owned());
-                    return Ok(());
+                    R::InputEmpty => break,
+                    // Not reached given the sizes above; grow rather than assume.
+                    R::OutputFull => self.bytes.resize(self.bytes.len() * 2 + 1, 0),
+                    R::OutputEndsFull => self.ends.resize(self.ends.len() * 2 + 1, 0),
+                    R::End => break,
                 }
             }
         }
+        // The terminator was swallowed as quoted text: field `nend` opened a quote.
+        Err(nend)
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Field `i`, trimmed. csv-core splits only at ASCII bytes, so a field of a UTF-8 line is
+    /// UTF-8; if it ever were not, it reads as empty (an error for any used column).
+    fn get(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        std::str::from_utf8(&self.bytes[start..self.ends[i]])
+            .unwrap_or("")
+            .trim()
     }
 }
 
@@ -989,6 +1016,33 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn lines_split_by_rfc_4180_quoting_and_unclosed_quotes_name_their_field() {
+        let check = |line: &str, expected: std::result::Result<&[&str], usize>| {
+            let mut fields = LineFields::new();
+            let got = fields.split(line).map(|()| {
+                (0..fields.len())
+                    .map(|i| fields.get(i).to_owned())
+                    .collect::<Vec<_>>()
+            });
+            let expected = expected.map(|f| f.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+            assert_eq!(got, expected, "{line:?}");
+        };
+        check("a,b,", Ok(&["a", "b", ""]));
+        check(" a , b ", Ok(&["a", "b"]));
+        check("\"a,b\",c", Ok(&["a,b", "c"]));
+        check("\"say \"\"hi\"\"\",x", Ok(&["say \"hi\"", "x"]));
+        check("\"ab\"cd,e", Ok(&["abcd", "e"]));
+        check("é,\"ü,ß\"", Ok(&["é", "ü,ß"]));
+        check("a\rb,c", Ok(&["a\rb", "c"]));
+        // A quote after leading spaces is text (RFC 4180), as documented on `LineFields`.
+        check("a, \"b,c\"", Ok(&["a", "\"b", "c\""]));
+        check("x,\"open,y", Err(1));
+        check("\"", Err(0));
+        let many: Vec<&str> = std::iter::repeat_n("a", 1000).chain([""]).collect();
+        check(&"a,".repeat(1000), Ok(&many));
+    }
+
+    #[test]
     fn small_inputs_parse_as_documented() {
         let schema = DataSchema {
             split_column: "s".to_owned(),
@@ -1017,6 +1071,10 @@ pub(crate) mod tests {
         assert_eq!(data.train.y.to_vec(), [1.0, 0.0]);
         assert_eq!(data.test.x.as_slice(), Some(&[1.0, -1.5, 2.25, 0.0, 1.0][..]));
         assert_eq!(data.test.y.to_vec(), [0.0]);
+        // Fingerprints are SHA-256 of the line as written (quotes kept, CRLF and BOM not): the
+        // release ledgers on nodes' disks hold them, so these values must never change.
+        assert_eq!(data.train.ids[0], 0x3e1d_cfcb_30f6_b827);
+        assert_eq!(data.test.ids, [0x3b68_7fd7_7616_96e7]);
 
         let fails = |text: &str, line: u64, column: &str| {
             let e = read_text(text, &schema).expect_err(text);

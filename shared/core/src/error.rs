@@ -50,6 +50,15 @@ pub enum Error {
     #[error("model: {0}")]
     Model(String),
 
+    /// A matrix that must be positive definite is (nearly) singular: design `column` is zero,
+    /// constant or (nearly) a linear combination of `combination_of`. Column names come from
+    /// the spec, so this text may leave a node.
+    #[error("{}", singular_text(column, combination_of))]
+    Singular {
+        column: String,
+        combination_of: Vec<String>,
+    },
+
     /// Bytes that should follow the protocol do not.
     #[error(transparent)]
     Proto(#[from] fedstat_proto::Error),
@@ -213,6 +222,19 @@ impl std::fmt::Display for DatasetProblem {
     }
 }
 
+fn singular_text(column: &str, combination_of: &[String]) -> String {
+    if combination_of.is_empty() {
+        format!("model: design column `{column}` is all zeros; drop it from the schema")
+    } else {
+        let others: Vec<String> = combination_of.iter().map(|c| format!("`{c}`")).collect();
+        format!(
+            "model: design column `{column}` is (nearly) a linear combination of {}, so the fit \
+             has no unique solution; drop one of them from the schema",
+            others.join(", ")
+        )
+    }
+}
+
 impl Error {
     /// The error as it may leave a node: which rule or column failed, never a file name or
     /// path, a line number, a count, the header list or a value. The full text
@@ -231,6 +253,7 @@ impl Error {
                 format!("invalid {what}: key `{key}`: {problem}")
             }
             Error::Model(m) => format!("model: {m}"),
+            Error::Singular { .. } => self.to_string(),
             Error::Proto(fedstat_proto::Error::Wire { what, .. }) => format!("malformed {what}"),
             Error::Proto(fedstat_proto::Error::TooLarge { what, .. }) => {
                 format!("{what} exceeds its size limit")

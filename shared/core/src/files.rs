@@ -1,11 +1,12 @@
 //! File-system guards every binary relies on: exclusive locks held for a process's lifetime,
-//! the owner-only umask, and the permission check on private keys.
+//! the owner-only umask, the permission check on private keys, and the one atomic write.
 //!
 //! Locks are `flock(2)` locks: the kernel drops them when the process dies, however it dies,
 //! so a crash never leaves a stale lock behind (unlike a PID file).
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{flock, FlockOperation, Mode};
@@ -81,6 +82,68 @@ pub fn check_private_key(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Who may read a file [`atomic_write`] creates (the process umask applies on top).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// 0600: keys, store files, node state, results.
+    OwnerOnly,
+    /// 0644: certificates and revocation lists, which peers are meant to read.
+    Public,
+}
+
+/// Replace `path` with `bytes` so that readers, and the disk after a crash, see the old file
+/// or the new one, never a part: a temporary file in the same folder (created if missing),
+/// written and fsynced, renamed over `path`, then the folder fsynced so the rename lasts.
+///
+/// The temporary name is unpredictable and opened with `O_CREAT | O_EXCL`: concurrent writers
+/// never share one, and in a shared folder another user cannot plant a symlink there and have
+/// its target overwritten (the rename replaces a symlink at `path` itself, not its target).
+/// Errors name the file that failed.
+pub fn atomic_write(path: &Path, bytes: &[u8], access: Access) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy());
+    let mode = match access {
+        Access::OwnerOnly => 0o600,
+        Access::Public => 0o644,
+    };
+    let (tmp, mut file) = {
+        let mut attempt = 0;
+        loop {
+            let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+            {
+                Ok(f) => break (tmp, f),
+                // 64 random bits: a clash is someone's planted file, so try a fresh name.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+                Err(e) => return Err(Error::io("cannot create a temporary file in", dir, e)),
+            }
+        }
+    };
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    drop(file);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io("cannot write", &tmp, e));
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io("cannot replace", path, e));
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("cannot sync the folder of", path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +159,54 @@ mod tests {
         assert_eq!(std::fs::read(first.path()).expect("read lock file"), before);
         drop(first);
         lock_dir(tmp.path(), "data folder").expect("lock after release");
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_files_owner_only_and_leave_no_temporaries() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("sub").join("state.json");
+        atomic_write(&path, b"first version", Access::OwnerOnly).expect("write");
+        atomic_write(&path, b"second", Access::OwnerOnly).expect("replace");
+        assert_eq!(std::fs::read(&path).expect("read"), b"second");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+        let cert = tmp.path().join("c.pem");
+        atomic_write(&cert, b"cert", Access::Public).expect("write");
+        let mode = std::fs::metadata(&cert).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode & 0o700, 0o600, "{mode:o}");
+
+        // Writers in parallel: every result is one whole version, and no temporary is left.
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        atomic_write(path, &[t; 4096], Access::OwnerOnly).expect("concurrent write");
+                    }
+                });
+            }
+        });
+        let last = std::fs::read(&path).expect("read");
+        assert!(last.len() == 4096 && last.iter().all(|b| *b == last[0]));
+        let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["state.json"], "temporaries left behind");
+
+        // A symlink planted at the final name is replaced, its target left alone.
+        let target = tmp.path().join("victim");
+        std::fs::write(&target, b"keep").expect("write");
+        let link = tmp.path().join("out.json");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        atomic_write(&link, b"new", Access::OwnerOnly).expect("write");
+        assert_eq!(std::fs::read(&target).expect("read"), b"keep");
+        assert_eq!(std::fs::read(&link).expect("read"), b"new");
+
+        // Failures name the file.
+        let err = atomic_write(&tmp.path().join("victim").join("x"), b"", Access::OwnerOnly)
+            .expect_err("not a dir");
+        assert!(err.to_string().contains("victim"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::linalg::solve_spd;
 use crate::spec::{ModelKind, TrainingSpec};
 pub use crate::sums::Metrics;
 use crate::sums::Standardization;
@@ -339,61 +340,6 @@ pub fn metrics(kind: ModelKind, sums: &EvalSums) -> Metrics {
     m
 }
 
-/// Solve `a · x = b` for a symmetric positive definite `a` (p × p, row-major) by Cholesky,
-/// after scaling to a unit diagonal so raw-scale designs keep their precision.
-fn solve_spd(a: &[f64], b: &[f64], p: usize) -> Result<Vec<f64>> {
-    let singular = |j: usize| {
-        Error::Model(format!(
-            "X'X is singular at design column {j}: a column is constant or a combination of \
-             others (drop it from the schema)"
-        ))
-    };
-    let mut scale = vec![0.0; p];
-    for j in 0..p {
-        let d = a[j * p + j];
-        if !(d.is_finite() && d > 0.0) {
-            return Err(singular(j));
-        }
-        scale[j] = 1.0 / d.sqrt();
-    }
-    // Lower-triangular factor of the scaled matrix.
-    let mut l = vec![0.0; p * p];
-    for j in 0..p {
-        let mut d = a[j * p + j] * scale[j] * scale[j];
-        for k in 0..j {
-            d -= l[j * p + k] * l[j * p + k];
-        }
-        // The pivot is 1 - R² of column j on the earlier ones: tiny means collinear.
-        if d.is_nan() || d <= 1e-12 {
-            return Err(singular(j));
-        }
-        let d = d.sqrt();
-        l[j * p + j] = d;
-        for i in j + 1..p {
-            let mut s = a[i * p + j] * scale[i] * scale[j];
-            for k in 0..j {
-                s -= l[i * p + k] * l[j * p + k];
-            }
-            l[i * p + j] = s / d;
-        }
-    }
-    // L z = D b, Lᵀ u = z, x = D u.
-    let mut z: Vec<f64> = b.iter().zip(&scale).map(|(bi, si)| bi * si).collect();
-    for i in 0..p {
-        for k in 0..i {
-            z[i] -= l[i * p + k] * z[k];
-        }
-        z[i] /= l[i * p + i];
-    }
-    for i in (0..p).rev() {
-        for k in i + 1..p {
-            z[i] -= l[k * p + i] * z[k];
-        }
-        z[i] /= l[i * p + i];
-    }
-    Ok(z.iter().zip(&scale).map(|(u, s)| u * s).collect())
-}
-
 /// `Xᵀ diag(w) X` (lower triangle mirrored), `w = None` meaning all ones.
 fn weighted_gram(xs: &[f64], n: usize, p: usize, w: Option<&[f64]>) -> Vec<f64> {
     let mut g = vec![0.0; p * p];
@@ -417,7 +363,14 @@ fn weighted_gram(xs: &[f64], n: usize, p: usize, w: Option<&[f64]>) -> Vec<f64> 
 
 /// The same model fitted centrally (what the demo compares against): logistic by Newton/IRLS
 /// to convergence, linear by the normal equations, both minimising the objective above.
-pub fn fit_central(kind: ModelKind, x: ArrayView2<f64>, y: ArrayView1<f64>, l2: f64) -> Result<Vec<f64>> {
+/// `columns` name the design columns (intercept first) in [`Error::Singular`].
+pub fn fit_central(
+    kind: ModelKind,
+    x: ArrayView2<f64>,
+    y: ArrayView1<f64>,
+    l2: f64,
+    columns: &[String],
+) -> Result<Vec<f64>> {
     let (n, p) = x.dim();
     check_inputs(kind, x, y, &vec![0.0; p])?;
     if n == 0 || p == 0 {
@@ -445,7 +398,7 @@ pub fn fit_central(kind: ModelKind, x: ArrayView2<f64>, y: ArrayView1<f64>, l2: 
                 *bj += xj * yi;
             }
         }
-        return solve_spd(&a, &b, p);
+        return solve_spd(&a, &b, columns);
     }
 
     // Logistic: Newton from zero, halving a step that does not lower the objective (only
@@ -474,7 +427,7 @@ pub fn fit_central(kind: ModelKind, x: ArrayView2<f64>, y: ArrayView1<f64>, l2: 
             h[j * p + j] += ridge;
             grad[j] -= ridge * beta[j];
         }
-        let step = solve_spd(&h, &grad, p)?;
+        let step = solve_spd(&h, &grad, columns)?;
         let mut t = 1.0;
         let mut next: Vec<f64> = beta.iter().zip(&step).map(|(b, s)| b + s).collect();
         let mut value = objective(&next);
@@ -595,7 +548,8 @@ mod tests {
     fn central_logit_matches_statsmodels_and_its_test_metrics() {
         let d = pooled(ModelKind::Logistic);
         let r = &reference()["cps1988"]["models"]["logit_highwage"];
-        let beta = fit_central(ModelKind::Logistic, d.train.x.view(), d.train.y.view(), 0.0).expect("fit");
+        let beta =
+            fit_central(ModelKind::Logistic, d.train.x.view(), d.train.y.view(), 0.0, &[]).expect("fit");
         let want = coefs(&r["pooled_statsmodels_Logit_standardized"]["coef"], &d.names);
         assert_close(&beta, &want, 1e-6, false, "standardized logit");
         let raw = coefs(&r["pooled_statsmodels_Logit"]["coef"], &d.names);
@@ -624,7 +578,7 @@ mod tests {
     fn central_ols_matches_statsmodels_and_its_test_metrics() {
         let d = pooled(ModelKind::Linear);
         let r = &reference()["cps1988"]["models"]["ols_logwage"];
-        let beta = fit_central(ModelKind::Linear, d.train.x.view(), d.train.y.view(), 0.0).expect("fit");
+        let beta = fit_central(ModelKind::Linear, d.train.x.view(), d.train.y.view(), 0.0, &[]).expect("fit");
         let want = coefs(&r["pooled_statsmodels_OLS_standardized"]["coef"], &d.names);
         assert_close(&beta, &want, 1e-6, false, "standardized ols");
         let raw = coefs(&r["pooled_statsmodels_OLS"]["coef"], &d.names);
@@ -705,7 +659,7 @@ mod tests {
             7,
         )
         .expect("train");
-        let beta = fit_central(ModelKind::Linear, d.train.x.view(), d.train.y.view(), 0.0).expect("fit");
+        let beta = fit_central(ModelKind::Linear, d.train.x.view(), d.train.y.view(), 0.0, &[]).expect("fit");
         let rmse = |p: &[f64]| {
             metrics(
                 ModelKind::Linear,
@@ -758,10 +712,14 @@ mod tests {
         // Collinear design: clear error, not garbage.
         let x = Array2::from_shape_vec((3, 3), vec![1.0, 0.5, 1.0, 1.0, -0.5, -1.0, 1.0, 2.0, 4.0])
             .expect("shape");
-        let e = fit_central(ModelKind::Linear, x.view(), y.view(), 0.0).expect_err("singular");
-        assert!(e.to_string().contains("singular"), "{e}");
+        let cols = ["(intercept)".to_owned(), "u".to_owned(), "w".to_owned()];
+        let e = fit_central(ModelKind::Linear, x.view(), y.view(), 0.0, &cols).expect_err("singular");
         assert!(
-            fit_central(ModelKind::Linear, x.view(), y.view(), 0.1).is_ok(),
+            matches!(&e, Error::Singular { column, combination_of } if column == "w" && combination_of == &cols[1..2]),
+            "{e}"
+        );
+        assert!(
+            fit_central(ModelKind::Linear, x.view(), y.view(), 0.1, &[]).is_ok(),
             "ridge makes it solvable"
         );
     }
@@ -770,7 +728,7 @@ mod tests {
     fn merged_region_sums_equal_the_pooled_evaluation() {
         for kind in [ModelKind::Logistic, ModelKind::Linear] {
             let d = pooled(kind);
-            let params = fit_central(kind, d.train.x.view(), d.train.y.view(), 0.01).expect("fit");
+            let params = fit_central(kind, d.train.x.view(), d.train.y.view(), 0.01, &[]).expect("fit");
             let whole = evaluate(kind, d.test.x.view(), d.test.y.view(), &params).expect("evaluate");
             whole.validate(kind).expect("valid");
             let mut merged = EvalSums::default();

@@ -11,8 +11,6 @@
 //! key and certificate in one step at the CA.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -24,6 +22,8 @@ use rcgen::{
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+
+use fedstat_core::files::{atomic_write, Access};
 
 use crate::identity::{validate_name, PeerIdentity, Role};
 use crate::{Error, Result};
@@ -135,18 +135,22 @@ pub fn init(ca: &CaDir, federation: &str, sans: &[String]) -> Result<()> {
 
     // The coordinator files first: if writing fails half-way, no CA exists yet and init can
     // simply be re-run.
-    write_file(
+    atomic_write(
         &dir.join(format!("{COORDINATOR_NAME}.pem")),
         cert_pem.as_bytes(),
-        false,
+        Access::Public,
     )?;
-    write_file(
+    atomic_write(
         &dir.join(format!("{COORDINATOR_NAME}.key")),
         key_pem.as_bytes(),
-        true,
+        Access::OwnerOnly,
     )?;
-    write_file(&ca_key_path, issuer.key().serialize_pem().as_bytes(), true)?;
-    write_file(&ca_cert_path, ca_cert.pem().as_bytes(), false)?;
+    atomic_write(
+        &ca_key_path,
+        issuer.key().serialize_pem().as_bytes(),
+        Access::OwnerOnly,
+    )?;
+    atomic_write(&ca_cert_path, ca_cert.pem().as_bytes(), Access::Public)?;
     write_crl(dir, &issuer, &[])?;
     tracing::info!(dir = %dir.display(), federation, "created federation CA and coordinator certificate");
     Ok(())
@@ -177,8 +181,8 @@ pub fn issue(ca: &CaDir, role: Role, name: &str, out_dir: &Path, days: u32) -> R
         .map_err(|e| rcgen_err("cannot sign the certificate", e))?;
 
     fs::create_dir_all(out_dir).map_err(|e| Error::io("cannot create directory", out_dir, e))?;
-    write_file(&key_path, key.serialize_pem().as_bytes(), true)?;
-    write_file(&cert_path, cert.pem().as_bytes(), false)?;
+    atomic_write(&key_path, key.serialize_pem().as_bytes(), Access::OwnerOnly)?;
+    atomic_write(&cert_path, cert.pem().as_bytes(), Access::Public)?;
     tracing::info!(%role, name, days, path = %cert_path.display(), "issued certificate");
     Ok((cert_path, key_path))
 }
@@ -206,8 +210,8 @@ pub fn keygen(name: &str, out_dir: &Path) -> Result<(PathBuf, PathBuf)> {
         .pem()
         .map_err(|e| rcgen_err("cannot encode the certificate signing request", e))?;
     fs::create_dir_all(out_dir).map_err(|e| Error::io("cannot create directory", out_dir, e))?;
-    write_file(&key_path, key.serialize_pem().as_bytes(), true)?;
-    write_file(&csr_path, csr_pem.as_bytes(), false)?;
+    atomic_write(&key_path, key.serialize_pem().as_bytes(), Access::OwnerOnly)?;
+    atomic_write(&csr_path, csr_pem.as_bytes(), Access::Public)?;
     tracing::info!(name, path = %csr_path.display(), "made a key and a certificate signing request");
     Ok((key_path, csr_path))
 }
@@ -283,7 +287,7 @@ pub fn sign(
         .signed_by(&issuer)
         .map_err(|e| rcgen_err("cannot sign the certificate", e))?;
     fs::create_dir_all(out_dir).map_err(|e| Error::io("cannot create directory", out_dir, e))?;
-    write_file(&cert_path, cert.pem().as_bytes(), false)?;
+    atomic_write(&cert_path, cert.pem().as_bytes(), Access::Public)?;
     tracing::info!(%role, name, days, path = %cert_path.display(), "signed certificate request");
     Ok((cert_path, PeerIdentity { role, name }))
 }
@@ -412,35 +416,6 @@ fn rcgen_err(what: &str, e: rcgen::Error) -> Error {
     Error::Pki(format!("{what}: {e}"))
 }
 
-/// Write via a temporary file and rename, so a crash never leaves a truncated key or
-/// certificate; private files are created 0600 from the start, never chmod-ed afterwards.
-fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<()> {
-    let mut tmp_name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("cannot remove", &tmp, e)),
-    }
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true)
-        .create_new(true)
-        .mode(if private { 0o600 } else { 0o644 });
-    let written = opts.open(&tmp).and_then(|mut f| {
-        f.write_all(contents)?;
-        f.sync_all()
-    });
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io("cannot write", &tmp, e));
-    }
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io("cannot write", path, e)
-    })
-}
-
 /// The certificate revocation list `pki init` and `pki revoke` maintain beside the CA.
 pub const CRL_FILE: &str = "crl.pem";
 /// The revoked certificates, one per line: `serial-hex name revoked-at-unix-seconds`.
@@ -513,7 +488,7 @@ pub fn renew(ca: &CaDir, cert: &Path, out_dir: &Path, days: u32) -> Result<(Path
         .map_err(|e| rcgen_err("cannot sign the certificate", e))?;
     fs::create_dir_all(out_dir).map_err(|e| Error::io("cannot create directory", out_dir, e))?;
     let path = out_dir.join(format!("{}.pem", who.name));
-    write_file(&path, renewed.pem().as_bytes(), false)?;
+    atomic_write(&path, renewed.pem().as_bytes(), Access::Public)?;
     tracing::info!(%who, days, path = %path.display(), "renewed certificate");
     Ok((path, who))
 }
@@ -543,7 +518,7 @@ pub fn revoke(ca: &CaDir, name: &str, cert: Option<&Path>) -> Result<PathBuf> {
             "{} {name} {now}\n",
             fedstat_proto::manifest::hex(&list[list.len() - 1].0)
         ));
-        write_file(&list_path, text.as_bytes(), false)?;
+        atomic_write(&list_path, text.as_bytes(), Access::Public)?;
     }
     write_crl(dir, &issuer, &list)?;
     tracing::info!(name, "revoked certificate");
@@ -604,7 +579,7 @@ fn write_crl(dir: &Path, issuer: &Issuer<'_, KeyPair>, revoked: &[(Vec<u8>, u64)
     let pem = crl
         .pem()
         .map_err(|e| rcgen_err("cannot encode the revocation list", e))?;
-    write_file(&dir.join(CRL_FILE), pem.as_bytes(), false)
+    Ok(atomic_write(&dir.join(CRL_FILE), pem.as_bytes(), Access::Public)?)
 }
 
 #[cfg(test)]
