@@ -51,19 +51,17 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use fedstat_coordinator::client::Client;
 use fedstat_coordinator::config::ResearcherConfig;
+use fedstat_coordinator::harness::{self, Bins, CoordinatorOptions, Proc};
 use fedstat_core::aggregate::{ExactSum, Values};
 use fedstat_core::spec::{EchoSpec, ExperimentSpec};
 use fedstat_proto::wire::{DType, ExperimentState};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 const ECHO_EXPERIMENT: &str = include_str!("../../configs/experiment-echo.toml");
 const SMALL: u64 = 1_000;
@@ -160,170 +158,29 @@ impl Plan {
     }
 }
 
-/// `fedstat-coordinator` and `fedstat-node` from this build's target folder.
-struct Bins {
-    coordinator: PathBuf,
-    node: PathBuf,
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// The newest modification time of the `.rs` files under `dir`.
-fn newest_source(dir: &Path) -> Option<SystemTime> {
-    let mut newest = None;
-    let entries = std::fs::read_dir(dir).ok()?;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let t = if path.is_dir() {
-            newest_source(&path)
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            modified(&path)
-        } else {
-            None
-        };
-        newest = newest.max(t);
-    }
-    newest
-}
-
+/// `fedstat-coordinator` and `fedstat-node` of this build, refused when older than the sources
+/// (unless `FEDSTAT_BENCH_ALLOW_STALE` is set), or from `FEDSTAT_BENCH_BIN_DIR`, unchecked.
 fn locate_bins(root: &Path) -> Bins {
     if let Some(dir) = std::env::var_os("FEDSTAT_BENCH_BIN_DIR") {
-        let dir = PathBuf::from(dir);
-        let bins = Bins {
-            coordinator: dir.join("fedstat-coordinator"),
-            node: dir.join("fedstat-node"),
-        };
-        for bin in [&bins.coordinator, &bins.node] {
-            assert!(
-                bin.is_file(),
-                "{} is missing (FEDSTAT_BENCH_BIN_DIR)",
-                bin.display()
-            );
-        }
-        return bins;
+        return Bins::in_dir(PathBuf::from(dir)).unwrap_or_else(|e| panic!("FEDSTAT_BENCH_BIN_DIR: {e}"));
     }
-    let exe = std::env::current_exe().expect("cannot locate the bench executable");
-    // target/release/deps/round-HASH -> target/release
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the bench executable is not inside a target folder")
-        .to_owned();
-    let bins = Bins {
-        coordinator: dir.join("fedstat-coordinator"),
-        node: dir.join("fedstat-node"),
-    };
-    let sources = ["shared", "coordinator", "node"]
-        .iter()
-        .filter_map(|c| newest_source(&root.join(c).join("src")))
-        .max();
-    for bin in [&bins.coordinator, &bins.node] {
-        let built = modified(bin).unwrap_or_else(|| {
-            panic!(
-                "{} is missing: run `cargo build --release --bins` first",
-                bin.display()
-            )
-        });
-        if sources.is_some_and(|s| s > built) {
-            let msg = format!(
-                "{} is older than the sources: run `cargo build --release --bins` first",
-                bin.display()
-            );
-            // Someone editing the tree meanwhile: FEDSTAT_BENCH_ALLOW_STALE=1 runs anyway.
-            assert!(std::env::var_os("FEDSTAT_BENCH_ALLOW_STALE").is_some(), "{msg}");
-            println!("warning: {msg}");
-        }
+    let bins = Bins::of_this_build().unwrap_or_else(|e| panic!("{e}"));
+    if let Err(e) = bins.check_fresh(root) {
+        // Someone editing the tree meanwhile: FEDSTAT_BENCH_ALLOW_STALE=1 runs anyway.
+        assert!(std::env::var_os("FEDSTAT_BENCH_ALLOW_STALE").is_some(), "{e}");
+        println!("warning: {e}");
     }
     bins
 }
 
-/// A child process: SIGTERM then SIGKILL on `stop`, SIGKILL when dropped (also on panic).
-struct Proc {
-    child: Child,
-    pid: u32,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, what: &str) -> Proc {
-        let child = cmd
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let pid = child.id().expect("a just-started child has a pid");
-        Proc { child, pid }
-    }
-}
-
-/// Stop processes politely (one `kill -TERM` for all), then kill what is left after 5 s.
-async fn stop_all(procs: Vec<Proc>) {
-    if procs.is_empty() {
-        return;
-    }
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .args(procs.iter().map(|p| p.pid.to_string()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
-    for mut p in procs {
-        if tokio::time::timeout(Duration::from_secs(5), p.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = p.child.kill().await;
-        }
-    }
-}
-
-async fn checked(cmd: &mut Command, what: &str) {
-    let out = cmd
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-}
-
-fn tls_section(pki: &Path, name: &str) -> String {
-    let q = |p: PathBuf| p.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
-    format!(
-        "[tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        q(pki.join("ca.pem")),
-        q(pki.join(format!("{name}.pem"))),
-        q(pki.join(format!("{name}.key")))
-    )
-}
-
 /// A CA, the coordinator's certificate, a researcher's and `nodes` nodes'.
-async fn make_pki(bins: &Bins, pki: &Path, nodes: usize) {
-    checked(
-        Command::new(&bins.coordinator)
-            .args(["pki", "init", "--federation", "fedstat bench", "--dir"])
-            .arg(pki),
-        "pki init",
-    )
-    .await;
-    let issue = |role: &str, name: &str| {
-        let mut cmd = Command::new(&bins.coordinator);
-        cmd.args(["pki", "issue", "--role", role, "--name", name, "--dir"])
-            .arg(pki);
-        cmd
-    };
-    checked(&mut issue("researcher", "bench"), "pki issue researcher").await;
-    for i in 0..nodes {
-        let name = node_name(i);
-        checked(&mut issue("node", &name), &format!("pki issue node {name}")).await;
-    }
+fn make_pki(bins: &Bins, pki: &Path, nodes: usize) {
+    let made = (|| {
+        bins.pki_init(pki, Some("fedstat bench"))?;
+        bins.pki_issue(pki, "researcher", "bench")?;
+        (0..nodes).try_for_each(|i| bins.pki_issue(pki, "node", &node_name(i)))
+    })();
+    made.unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn node_name(i: usize) -> String {
@@ -340,61 +197,8 @@ struct Federation {
 impl Federation {
     async fn start(bins: &Bins, pki: &Path, work: &Path, n: usize, store: Store) -> Federation {
         std::fs::create_dir_all(work).expect("cannot create the case folder");
-        let log = |name: &str| {
-            let p = work.join(format!("{name}.log"));
-            std::fs::File::create(&p).unwrap_or_else(|e| panic!("cannot create {}: {e}", p.display()))
-        };
-        let cfg = work.join("coordinator.toml");
-        // Relative to the config file: `work/data`, on the same disk as the temporary folder.
-        let store_cfg = match store {
-            Store::InMemory => "durable = false\n",
-            Store::Durable => "durable = true\ndata_dir = \"data\"\n",
-        };
-        write(
-            &cfg,
-            &format!(
-                "listen = \"127.0.0.1:0\"\n{store_cfg}{}",
-                tls_section(pki, "coordinator")
-            ),
-        );
-        let mut coordinator = Proc::spawn(
-            Command::new(&bins.coordinator)
-                .args(["run", "--config"])
-                .arg(&cfg)
-                .stdout(Stdio::piped())
-                .stderr(log("coordinator")),
-            "the coordinator",
-        );
-        let addr = listening_addr(&mut coordinator.child).await;
-        let mut nodes = Vec::with_capacity(n);
-        for i in 0..n {
-            let name = node_name(i);
-            let cfg = work.join(format!("{name}.toml"));
-            write(
-                &cfg,
-                &format!(
-                    // The benchmark's echo model is far larger than a node allows by default.
-                    "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}\n[policy]\nmax_params = 100000000\n",
-                    tls_section(pki, &name)
-                ),
-            );
-            nodes.push(Proc::spawn(
-                Command::new(&bins.node)
-                    .args(["run", "--config"])
-                    .arg(&cfg)
-                    .stdout(Stdio::null())
-                    .stderr(log(&name)),
-                &format!("node {name}"),
-            ));
-        }
-        let rcfg = work.join("researcher.toml");
-        write(
-            &rcfg,
-            &format!(
-                "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}",
-                tls_section(pki, "bench")
-            ),
-        );
+        let (coordinator, nodes, rcfg) =
+            launch(bins, pki, work, n, store).unwrap_or_else(|e| panic!("{e} (logs in {})", work.display()));
         let rcfg = ResearcherConfig::load(&rcfg).expect("researcher config");
         let client = Client::connect(&rcfg)
             .await
@@ -421,30 +225,49 @@ impl Federation {
 
     async fn stop(self) {
         self.client.close().await;
-        stop_all(self.nodes).await;
-        stop_all(vec![self.coordinator]).await;
+        harness::stop_all(self.nodes, Duration::from_secs(5));
+        harness::stop_all(vec![self.coordinator], Duration::from_secs(5));
     }
 }
 
-async fn listening_addr(child: &mut Child) -> String {
-    let stdout = child.stdout.take().expect("the coordinator's stdout is piped");
-    let mut lines = BufReader::new(stdout).lines();
-    let found = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                return Some(addr.trim().to_owned());
-            }
-        }
-        None
-    })
-    .await;
-    let addr = found
-        .ok()
-        .flatten()
-        .expect("the coordinator did not print its address within 20 s");
-    // Keep reading so the coordinator never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    addr
+/// Write the configs and start the coordinator and `n` nodes; returns them and the
+/// researcher's config.
+fn launch(
+    bins: &Bins,
+    pki: &Path,
+    work: &Path,
+    n: usize,
+    store: Store,
+) -> fedstat_coordinator::Result<(Proc, Vec<Proc>, PathBuf)> {
+    let ca = pki.join("ca.pem");
+    let tls = |name: &str| harness::tls_section(pki, &ca, name);
+    let opts = match store {
+        Store::InMemory => CoordinatorOptions {
+            durable: Some(false),
+            ..CoordinatorOptions::default()
+        },
+        // Relative to the config file: `work/data`, on the same disk as the temporary folder.
+        Store::Durable => CoordinatorOptions {
+            durable: Some(true),
+            data_dir: Some("data".into()),
+            ..CoordinatorOptions::default()
+        },
+    };
+    let cfg = work.join("coordinator.toml");
+    harness::write(&cfg, &harness::coordinator_config(&tls("coordinator"), &opts))?;
+    let (coordinator, addr) = bins.spawn_coordinator(&cfg, &work.join("coordinator.log"))?;
+    let mut nodes = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = node_name(i);
+        let cfg = work.join(format!("{name}.toml"));
+        // The benchmark's echo model is far larger than a node allows by default.
+        let policy = "[policy]\nmax_params = 100000000\n";
+        harness::write(&cfg, &harness::node_config(&addr, &tls(&name), &[], policy))?;
+        nodes.push(bins.spawn_node(&name, &cfg, &work.join(format!("{name}.log")), None)?);
+    }
+    let rcfg = work.join("researcher.toml");
+    harness::write(&rcfg, &harness::researcher_config(&addr, &tls("bench")))?;
+    Ok((coordinator, nodes, rcfg))
 }
 
 /// What one experiment measured.
@@ -620,11 +443,11 @@ async fn case(
     println!("  running {label}: {} warm-up + {} rounds", rounds.0, rounds.1);
     let dir = work.join(format!("n{nodes}-p{params}-{}", store.label()));
     let fed = Federation::start(bins, pki, &dir, nodes, store).await;
-    let sampler = RssSampler::start(fed.nodes.iter().map(|p| p.pid).collect());
-    let node_pids: Vec<u32> = fed.nodes.iter().map(|p| p.pid).collect();
+    let sampler = RssSampler::start(fed.nodes.iter().map(Proc::pid).collect());
+    let node_pids: Vec<u32> = fed.nodes.iter().map(Proc::pid).collect();
     let r = run_echo(
         &fed.client,
-        (fed.coordinator.pid, &node_pids),
+        (fed.coordinator.pid(), &node_pids),
         nodes,
         params,
         rounds,
@@ -632,8 +455,8 @@ async fn case(
     .await;
     let nodes_rss_peak_kib = sampler.finish();
     let mem = Memory {
-        coordinator_hwm_kib: mem_kib(fed.coordinator.pid).1,
-        nodes_hwm_sum_kib: fed.nodes.iter().map(|p| mem_kib(p.pid).1).sum(),
+        coordinator_hwm_kib: mem_kib(fed.coordinator.pid()).1,
+        nodes_hwm_sum_kib: fed.nodes.iter().map(|p| mem_kib(p.pid()).1).sum(),
         nodes_rss_peak_kib,
     };
     fed.stop().await;
@@ -914,9 +737,7 @@ fn main() {
     println!(
         "fedstat round bench{}: binaries from {}, work folder {}",
         if plan.quick { " (quick)" } else { "" },
-        bins.node
-            .parent()
-            .map_or(String::new(), |p| p.display().to_string()),
+        bins.dir().display(),
         work.display()
     );
     let started = Instant::now();
@@ -927,7 +748,7 @@ fn main() {
             return;
         }
         let pki = work.join("pki");
-        make_pki(&bins, &pki, plan.max_nodes()).await;
+        make_pki(&bins, &pki, plan.max_nodes());
         let mut record = |case: &str, nodes: usize, params: u64, store: Store, (r, m): (Rounds, Memory)| {
             runs.push(json!({
                 "case": case, "nodes": nodes, "params": params, "store": store.label(),
@@ -985,9 +806,9 @@ fn main() {
     std::fs::create_dir_all(&out).expect("cannot create bench-results/");
     let stem = if plan.quick { "round-quick" } else { "round" };
     let json_text = serde_json::to_string_pretty(&report).expect("the report serialises");
-    write(&out.join(format!("{stem}.json")), &json_text);
+    harness::write(&out.join(format!("{stem}.json")), &json_text).expect("cannot write the results");
     let md = markdown(&report);
-    write(&out.join(format!("{stem}.md")), &md);
+    harness::write(&out.join(format!("{stem}.md")), &md).expect("cannot write the results");
     println!("\n{md}");
     println!(
         "written to {} and {}.md ({:.0} s)",

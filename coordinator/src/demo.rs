@@ -5,7 +5,6 @@
 //! the results and stops everything.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use fedstat_core::data::{column_sums, load_csv, Design, LoadLimits, Standardization, StandardizationExt};
@@ -13,11 +12,10 @@ use fedstat_core::model::{evaluate, fit_central, metrics, Metrics};
 use fedstat_core::spec::ExperimentSpec;
 use fedstat_proto::wire::ExperimentState;
 use ndarray::{concatenate, Axis};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 use crate::client::Client;
 use crate::config::ResearcherConfig;
+use crate::harness::{self, write, Bins, CoordinatorOptions};
 use crate::results;
 use crate::{Error, Result};
 
@@ -87,70 +85,6 @@ pub struct DemoReport {
     pub seconds: f64,
 }
 
-/// A child process killed when dropped, so a failing demo leaves nothing running.
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Proc {
-    async fn stop(mut self) {
-        // SIGTERM first, so the process closes its QUIC connections and exits 0.
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("{} did not stop within 5 s; killing it", self.name);
-            let _ = self.child.kill().await;
-        }
-    }
-}
-
-/// The folder holding `fedstat-coordinator` and `fedstat-node`: the one `fedstat` runs from.
-pub fn bin_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe().map_err(|e| Error::Demo(format!("cannot locate this program: {e}")))?;
-    let dir = exe.parent().map(Path::to_owned).unwrap_or_default();
-    for bin in ["fedstat-coordinator", "fedstat-node"] {
-        if !dir.join(bin).is_file() {
-            return Err(Error::Demo(format!(
-                "{bin} is not next to fedstat in {}; build every binary with `cargo build --release`",
-                dir.display()
-            )));
-        }
-    }
-    Ok(dir)
-}
-
-async fn checked(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .output()
-        .await
-        .map_err(|e| Error::Demo(format!("cannot run {what}: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::Demo(format!(
-            "{what} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
-}
-
-fn write(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).map_err(|e| Error::io("cannot write", path, e))
-}
-
-fn toml_path(p: &Path) -> String {
-    // TOML basic strings: escape backslashes and quotes.
-    p.display().to_string().replace('\\', "\\\\").replace('"', "\\\"")
-}
-
 /// The node names and CSV files of the demo federation.
 fn node_files(opts: &DemoOptions, work: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut files = Vec::new();
@@ -202,8 +136,16 @@ fn node_files(opts: &DemoOptions, work: &Path) -> Result<Vec<(String, PathBuf)>>
 
 /// Run the demo; prints progress to stdout.
 pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
+    run_demo(opts).await.map_err(|e| match e {
+        // The harness's messages are the demo's own.
+        Error::Harness(m) => Error::Demo(m),
+        other => other,
+    })
+}
+
+async fn run_demo(opts: DemoOptions) -> Result<DemoReport> {
     let started = Instant::now();
-    let bins = bin_dir()?;
+    let bins = Bins::beside_this_program()?;
     let mut spec: ExperimentSpec = match &opts.experiment {
         Some(path) => fedstat_core::spec::from_toml_file(path)?,
         None => {
@@ -245,102 +187,54 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
 
     // 1. PKI: a fresh CA, the coordinator's certificate, one certificate per party.
     let pki = work.join("pki");
-    let coord_bin = bins.join("fedstat-coordinator");
-    checked(
-        Command::new(&coord_bin)
-            .args(["pki", "init", "--federation", "fedstat demo", "--dir"])
-            .arg(&pki),
-        "pki init",
-    )
-    .await?;
-    let issue = |role: &'static str, name: String| {
-        let mut cmd = Command::new(&coord_bin);
-        cmd.args(["pki", "issue", "--role", role, "--name", &name, "--dir"])
-            .arg(&pki);
-        async move { checked(&mut cmd, &format!("pki issue {role} {name}")).await }
-    };
-    issue("researcher", "demo-researcher".into()).await?;
+    bins.pki_init(&pki, Some("fedstat demo"))?;
+    bins.pki_issue(&pki, "researcher", "demo-researcher")?;
     for (name, _) in &files {
-        issue("node", name.clone()).await?;
+        bins.pki_issue(&pki, "node", name)?;
     }
 
     // 2. The coordinator, on a free loopback port.
     let logs = work.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| Error::io("cannot create", &logs, e))?;
-    let tls = |cert: &str| {
-        format!(
-            "[tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            toml_path(&pki.join("ca.pem")),
-            toml_path(&pki.join(format!("{cert}.pem"))),
-            toml_path(&pki.join(format!("{cert}.key")))
-        )
-    };
+    let ca = pki.join("ca.pem");
+    let tls = |name: &str| harness::tls_section(&pki, &ca, name);
     let coord_cfg = work.join("coordinator.toml");
     write(
         &coord_cfg,
-        &format!("listen = \"127.0.0.1:0\"\n{}", tls("coordinator")),
+        &harness::coordinator_config(&tls("coordinator"), &CoordinatorOptions::default()),
     )?;
-    let log_file = |name: &str| -> Result<std::fs::File> {
-        let p = logs.join(format!("{name}.log"));
-        std::fs::File::create(&p).map_err(|e| Error::io("cannot create", p, e))
-    };
-    let mut coord = Command::new(&coord_bin)
-        .args(["run", "--config"])
-        .arg(&coord_cfg)
-        .stdout(Stdio::piped())
-        .stderr(log_file("coordinator")?)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| Error::Demo(format!("cannot start the coordinator: {e}")))?;
-    let addr = listening_addr(&mut coord).await?;
-    let coord = Proc {
-        name: "coordinator".into(),
-        child: coord,
-    };
+    let (coord, addr) = bins.spawn_coordinator(&coord_cfg, &logs.join("coordinator.log"))?;
     println!("  coordinator listening on {addr}");
 
     // 3. One node per CSV file.
     let mut nodes = Vec::new();
     for (name, csv) in &files {
         let cfg = work.join(format!("node-{name}.toml"));
-        write(
+        let datasets = [(spec.dataset.as_str(), csv.as_path())];
+        write(&cfg, &harness::node_config(&addr, &tls(name), &datasets, &policy))?;
+        nodes.push(bins.spawn_node(
+            name,
             &cfg,
-            &format!(
-                "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}\n[datasets]\n\"{}\" = \"{}\"\n\n{policy}",
-                tls(name),
-                spec.dataset.replace('"', "\\\""),
-                toml_path(csv)
-            ),
-        )?;
-        let child = Command::new(bins.join("fedstat-node"))
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stdout(log_file(&format!("node-{name}"))?)
-            .stderr(log_file(&format!("node-{name}.err"))?)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| Error::Demo(format!("cannot start node {name}: {e}")))?;
-        nodes.push(Proc {
-            name: format!("node {name}"),
-            child,
-        });
+            &logs.join(format!("node-{name}.err.log")),
+            Some(&logs.join(format!("node-{name}.log"))),
+        )?);
     }
 
     // 4. The researcher: wait for the nodes, submit, follow.
     let rcfg_path = work.join("researcher.toml");
     write(
         &rcfg_path,
-        &format!(
-            "coordinator = \"{addr}\"\nserver_name = \"localhost\"\n{}",
-            tls("demo-researcher")
-        ),
+        &harness::researcher_config(&addr, &tls("demo-researcher")),
     )?;
     let outcome = follow(&ResearcherConfig::load(&rcfg_path)?, &spec, n, &opts).await;
 
-    for p in nodes {
-        p.stop().await;
-    }
-    coord.stop().await;
+    // Waiting for the children to exit blocks: keep it off the runtime's threads.
+    let stopping = tokio::task::spawn_blocking(move || {
+        harness::stop_all(nodes, Duration::from_secs(5));
+        harness::stop_all(vec![coord], Duration::from_secs(5));
+    });
+    // A failed join means the stopping thread panicked; the children were killed on drop.
+    let _ = stopping.await;
     let (experiment, federated, rounds) = match outcome {
         Ok(x) => x,
         Err(e) => {
@@ -368,30 +262,6 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport> {
         nodes: n,
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-async fn listening_addr(child: &mut Child) -> Result<String> {
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| Error::Demo("the coordinator's output is not captured".into()))?;
-    let mut lines = BufReader::new(stdout).lines();
-    let read = async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                return Some(addr.trim().to_owned());
-            }
-        }
-        None
-    };
-    let addr = tokio::time::timeout(Duration::from_secs(20), read)
-        .await
-        .ok()
-        .flatten()
-        .ok_or_else(|| Error::Demo("the coordinator did not start (see its log)".into()))?;
-    // Keep draining stdout so the coordinator never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(addr)
 }
 
 /// `(node, reason)` from an event saying a node could not take part in the statistics phase

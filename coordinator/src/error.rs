@@ -48,6 +48,10 @@ pub enum Error {
     #[error("store: {0}")]
     Store(String),
 
+    /// A local federation of the real binaries could not be started (see [`crate::harness`]).
+    #[error("{0}")]
+    Harness(String),
+
     /// The demo could not run.
     #[error("demo: {0}")]
     Demo(String),

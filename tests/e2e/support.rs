@@ -1,24 +1,29 @@
 //! Test support: a temporary federation of the real binaries (a fresh CA, a coordinator on an
 //! ephemeral loopback port, nodes, a researcher), driven through the `fedstat` CLI. Children are
-//! killed when dropped.
+//! killed when dropped. Built on `fedstat_coordinator::harness`, which the demo and the
+//! benchmark use too.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use fedstat_coordinator::harness::{self, Bins, CoordinatorOptions};
 use serde_json::Value;
 
-/// The folder of the binaries built with this test (target/<profile>/).
+/// The binaries built with this test (target/<profile>/).
+pub fn bins() -> Bins {
+    Bins::of_this_build().unwrap_or_else(|e| {
+        panic!("{e}: run the tests with `cargo test --workspace` so every binary is built")
+    })
+}
+
+/// A binary built with this test.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/e2e-<hash>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
+    let path = bins().path(name);
     assert!(
         path.is_file(),
         "{} is missing: run the tests with `cargo test --workspace` so every binary is built",
@@ -50,45 +55,7 @@ pub fn reference() -> Value {
 }
 
 /// A running child process, killed on drop; its stderr goes to a log file.
-pub struct Proc {
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then wait for the exit status.
-    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+pub use fedstat_coordinator::harness::Proc;
 
 /// A temporary federation.
 pub struct Fed {
@@ -139,24 +106,8 @@ fn merge_policy(extra: &str, defaults: &str) -> String {
     }
 }
 
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn toml_tls(pki: &Path, ca: &Path, name: &str) -> String {
-    format!(
-        "[tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        ca.display(),
-        pki.join(format!("{name}.pem")).display(),
-        pki.join(format!("{name}.key")).display()
-    )
+    harness::tls_section(pki, ca, name)
 }
 
 impl Fed {
@@ -169,46 +120,24 @@ impl Fed {
     pub fn start_with(coordinator_extra: &str) -> Fed {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = dir.path().join("pki");
-        run_ok(
-            Command::new(bin("fedstat-coordinator"))
-                .args(["pki", "init", "--dir"])
-                .arg(&pki),
-        );
+        bins().pki_init(&pki, None).unwrap_or_else(|e| panic!("{e}"));
         let cfg = dir.path().join("coordinator.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"127.0.0.1:0\"\n{coordinator_extra}\ncrl = \"{}\"\n{}",
-                pki.join("crl.pem").display(),
-                toml_tls(&pki, &pki.join("ca.pem"), "coordinator")
-            ),
-        )
-        .expect("write config");
-        let log = dir.path().join("coordinator.log");
-        let mut child = Command::new(bin("fedstat-coordinator"))
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("start coordinator");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("coordinator exited before listening")
-                .expect("read line");
-            if let Some(a) = line.strip_prefix("listening on ") {
-                break a.trim().to_owned();
-            }
+        let opts = CoordinatorOptions {
+            crl: Some(pki.join("crl.pem")),
+            extra: if coordinator_extra.is_empty() {
+                String::new()
+            } else {
+                format!("{coordinator_extra}\n")
+            },
+            ..CoordinatorOptions::default()
         };
-        // Keep draining stdout so the coordinator never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        let tls = toml_tls(&pki, &pki.join("ca.pem"), "coordinator");
+        harness::write(&cfg, &harness::coordinator_config(&tls, &opts)).expect("write config");
+        let (coordinator, addr) = spawn_coordinator(&cfg, &dir.path().join("coordinator.log"));
         let fed = Fed {
             dir,
             addr,
-            coordinator: Proc { child, log },
+            coordinator,
             nodes: Vec::new(),
             node_policy: TEST_POLICY.to_owned(),
             transport: None,
@@ -228,11 +157,9 @@ impl Fed {
 
     /// Issue a certificate from this federation's CA.
     pub fn issue(&self, role: &str, name: &str) {
-        run_ok(
-            Command::new(bin("fedstat-coordinator"))
-                .args(["pki", "issue", "--role", role, "--name", name, "--dir"])
-                .arg(self.pki()),
-        );
+        bins()
+            .pki_issue(&self.pki(), role, name)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Set `transport` (`quic`, `tcp`, `auto`) for the researcher and the nodes added from now on.
@@ -254,16 +181,10 @@ impl Fed {
 
     pub fn write_researcher_config_in(&self, file: &str, pki: &Path, name: &str, ca: &Path) -> PathBuf {
         let path = self.path(file);
-        std::fs::write(
-            &path,
-            format!(
-                "coordinator = \"{}\"\nserver_name = \"localhost\"\n{}{}",
-                self.addr,
-                self.transport_line(),
-                toml_tls(pki, ca, name)
-            ),
-        )
-        .expect("write researcher config");
+        // `transport` is a top-level key: it goes before the `[tls]` table.
+        let tls = format!("{}{}", self.transport_line(), toml_tls(pki, ca, name));
+        let text = harness::researcher_config(&self.addr, &tls);
+        std::fs::write(&path, text).expect("write researcher config");
         path
     }
 
@@ -290,15 +211,9 @@ impl Fed {
         ca: &Path,
         datasets: &[(&str, PathBuf)],
     ) -> PathBuf {
-        let mut text = format!(
-            "coordinator = \"{}\"\nserver_name = \"localhost\"\n{}{}\n[datasets]\n",
-            self.addr,
-            self.transport_line(),
-            toml_tls(pki, ca, name)
-        );
-        for (ds, path) in datasets {
-            text.push_str(&format!("\"{ds}\" = \"{}\"\n", path.display()));
-        }
+        let datasets: Vec<(&str, &Path)> = datasets.iter().map(|(ds, p)| (*ds, p.as_path())).collect();
+        let tls = format!("{}{}", self.transport_line(), toml_tls(pki, ca, name));
+        let text = harness::node_config(&self.addr, &tls, &datasets, "");
         let path = self.path(&format!("node-{name}.toml"));
         std::fs::write(&path, text).expect("write node config");
         path
@@ -306,14 +221,9 @@ impl Fed {
 
     pub fn spawn_node_with_config(&self, name: &str, config: &Path) -> Proc {
         let log = self.path(&format!("node-{name}.log"));
-        let child = Command::new(bin("fedstat-node"))
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("start node");
-        Proc { child, log }
+        bins()
+            .spawn_node(name, config, &log, None)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Issue a node certificate and start `fedstat-node` offering `datasets`.
@@ -488,40 +398,9 @@ pub fn run_bin(name: &str, args: &[&str]) -> Output {
 
 /// Start `fedstat-coordinator run` with `config`; returns it and the address it printed.
 pub fn spawn_coordinator(config: &Path, log: &Path) -> (Proc, String) {
-    let mut child = Command::new(bin("fedstat-coordinator"))
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .expect("log"),
-        )
-        .spawn()
-        .expect("start coordinator");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let Some(Ok(line)) = lines.next() else {
-            panic!(
-                "coordinator exited before listening: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        };
-        if let Some(a) = line.strip_prefix("listening on ") {
-            break a.trim().to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (
-        Proc {
-            child,
-            log: log.to_owned(),
-        },
-        addr,
-    )
+    bins()
+        .spawn_coordinator(config, log)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl Fed {
