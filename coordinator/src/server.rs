@@ -578,27 +578,10 @@ async fn connection(
     handshake: (tokio::sync::OwnedSemaphorePermit, AddressSlot),
 ) {
     let peer = incoming.remote_address();
-    let conn = match tokio::time::timeout(shared.handshake_timeout, incoming).await {
-        Ok(Ok(c)) => Connection::quic(c),
-        Ok(Err(e)) => {
-            tracing::warn!("refused connection: TLS handshake failed: {e}");
-            shared
-                .audit_refusal(peer, format!("TLS handshake failed: {e}"))
-                .await;
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(
-                "refused connection: no TLS handshake within {:?}",
-                shared.handshake_timeout
-            );
-            shared
-                .audit_refusal(peer, "TLS handshake timed out".to_owned())
-                .await;
-            return;
-        }
-    };
-    authenticated(conn, peer, id, shared, handshake).await;
+    let accepting = async { incoming.await.map(Connection::quic) };
+    if let Some(conn) = handshaken(&shared, peer, accepting).await {
+        authenticated(conn, peer, id, shared, handshake).await;
+    }
 }
 
 async fn tcp_connection(
@@ -609,15 +592,31 @@ async fn tcp_connection(
     shared: Shared,
     handshake: (tokio::sync::OwnedSemaphorePermit, AddressSlot),
 ) {
-    let accepting = fedstat_net::tcp::accept(&acceptor, stream, peer);
-    let conn = match tokio::time::timeout(shared.handshake_timeout, accepting).await {
-        Ok(Ok(c)) => Connection::Tcp(c),
+    let accepting = async {
+        fedstat_net::tcp::accept(&acceptor, stream, peer)
+            .await
+            .map(Connection::Tcp)
+    };
+    if let Some(conn) = handshaken(&shared, peer, accepting).await {
+        authenticated(conn, peer, id, shared, handshake).await;
+    }
+}
+
+/// The TLS handshake of either transport, within `handshake_timeout`; a failure or a timeout
+/// is logged and audited, and ends the connection.
+async fn handshaken<E: std::fmt::Display>(
+    shared: &Shared,
+    peer: SocketAddr,
+    accepting: impl std::future::Future<Output = Result<Connection, E>>,
+) -> Option<Connection> {
+    match tokio::time::timeout(shared.handshake_timeout, accepting).await {
+        Ok(Ok(conn)) => Some(conn),
         Ok(Err(e)) => {
             tracing::warn!("refused connection: TLS handshake failed: {e}");
             shared
                 .audit_refusal(peer, format!("TLS handshake failed: {e}"))
                 .await;
-            return;
+            None
         }
         Err(_) => {
             tracing::warn!(
@@ -627,10 +626,9 @@ async fn tcp_connection(
             shared
                 .audit_refusal(peer, "TLS handshake timed out".to_owned())
                 .await;
-            return;
+            None
         }
-    };
-    authenticated(conn, peer, id, shared, handshake).await;
+    }
 }
 
 /// Everything after the TLS handshake, the same on both transports: identity, per-identity

@@ -473,3 +473,26 @@ pub fn write_key(path: &Path, pem: &str) {
         .expect("create key file");
     file.write_all(pem.as_bytes()).expect("write key");
 }
+
+/// While a handshake flood from one address holds the coordinator at its per-address cap (it
+/// says so in its log), an office still joins, within 20 s; how long it took.
+pub fn an_office_joins_despite_the_flood(fed: &mut Fed) -> Duration {
+    wait_until(
+        Duration::from_secs(10),
+        "the flood to hit the per-address limit",
+        || {
+            fed.coordinator
+                .log_text()
+                .contains("too many handshakes in progress from this address")
+        },
+    );
+    let started = Instant::now();
+    fed.add_node("west", &[("cps1988", demo_data("west"))]);
+    fed.wait_for_nodes(&["west"]);
+    let joined = started.elapsed();
+    assert!(
+        joined < Duration::from_secs(20),
+        "the node took {joined:?}: it waited out the flood"
+    );
+    joined
+}
