@@ -372,7 +372,13 @@ pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result
         let x = concatenate(Axis(0), &xs).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?;
         let y = concatenate(Axis(0), &ys).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?;
         let ids = parts.iter().flat_map(|d| d.ids.iter().copied()).collect();
-        Ok(Design { x, y, ids })
+        Ok(Design {
+            x,
+            y,
+            weights: None,
+            offset: None,
+            ids,
+        })
     };
     let mut pooled_train = stack(&train)?;
     let mut pooled_test = stack(&test)?;

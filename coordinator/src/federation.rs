@@ -403,6 +403,7 @@ impl Federation {
                     Progress::RoundCompleted { record, model } => self.store.record_round(id, record, model),
                     Progress::Finished(state) => self.store.set_state(id, state),
                     Progress::Event(e) => self.store.append_event(id, e),
+                    Progress::Output(o) => self.store.set_output(id, o),
                 });
                 if let Err(e) = written {
                     // Fail safe: never carry on in memory with progress that is not on disk.
@@ -619,17 +620,13 @@ impl Federation {
             response: Response::Results(Box::new(ResultsHeader {
                 status,
                 spec: e.spec().clone(),
-                columns: e
-                    .spec()
-                    .schema
-                    .as_ref()
-                    .map(|s| s.design_columns())
-                    .unwrap_or_default(),
+                columns: e.spec().design_columns(),
                 standardization: e.standardization().cloned(),
                 tensor: TensorMeta {
                     dtype: values.dtype(),
                     len: values.len() as u64,
                 },
+                output: e.output().cloned(),
             })),
             tensor: Some(Arc::new(values.to_le_bytes())),
         })

@@ -21,7 +21,8 @@ use sha2::{Digest, Sha256};
 use crate::{Error, Result};
 
 /// Version of the schema below; stored in `meta`.
-const SCHEMA_VERSION: i64 = 1;
+/// 2: `experiments.output_json` (GLM inference, tables); a version-1 store is upgraded in place.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     state          TEXT NOT NULL CHECK (state IN ('running', 'completed', 'failed', 'cancelled')),
     failure        TEXT,
     standardization_json TEXT,
+    output_json    TEXT,
     submitted_at   TEXT NOT NULL,
     updated_at     TEXT NOT NULL
 );
@@ -152,7 +154,19 @@ impl Store {
             let v: String = db.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| {
                 r.get(0)
             })?;
-            Ok(v.parse().unwrap_or(-1))
+            let v = v.parse().unwrap_or(-1);
+            if v == 1 {
+                // Version 1 lacked the output column; adding it loses nothing.
+                let tx = db.unchecked_transaction()?;
+                tx.execute("ALTER TABLE experiments ADD COLUMN output_json TEXT", [])?;
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                    params![SCHEMA_VERSION.to_string()],
+                )?;
+                tx.commit()?;
+                return Ok(SCHEMA_VERSION);
+            }
+            Ok(v)
         };
         let version = setup().map_err(|e| {
             Error::Store(format!(
@@ -212,6 +226,16 @@ impl Store {
         i.db.execute(
             "UPDATE experiments SET standardization_json = ?2, updated_at = ?3 WHERE id = ?1",
             params![id as i64, json(st)?, now_rfc3339()],
+        )
+        .map_err(|e| db_err(&i.path, e))?;
+        Ok(())
+    }
+
+    pub fn set_output(&self, id: ExperimentId, output: &fedstat_core::output::Output) -> Result<()> {
+        let Some(i) = &self.inner else { return Ok(()) };
+        i.db.execute(
+            "UPDATE experiments SET output_json = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id as i64, json(output)?, now_rfc3339()],
         )
         .map_err(|e| db_err(&i.path, e))?;
         Ok(())
@@ -334,7 +358,7 @@ impl Store {
         let map = |e: rusqlite::Error| db_err(&i.path, e);
         let mut stmt = i
             .db
-            .prepare("SELECT id, submitter, spec_json, state, failure, standardization_json FROM experiments ORDER BY id")
+            .prepare("SELECT id, submitter, spec_json, state, failure, standardization_json, output_json FROM experiments ORDER BY id")
             .map_err(map)?;
         let rows = stmt
             .query_map([], |r| {
@@ -345,13 +369,14 @@ impl Store {
                     r.get::<_, String>(3)?,
                     r.get::<_, Option<String>>(4)?,
                     r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
                 ))
             })
             .map_err(map)?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(map)?;
         let mut out = Vec::new();
-        for (id, submitter, spec, state, failure, st) in rows {
+        for (id, submitter, spec, state, failure, st, output) in rows {
             let id = id as u64;
             let spec: ExperimentSpec = parse(&spec, "experiment spec")?;
             let state = match (state.as_str(), failure) {
@@ -365,6 +390,7 @@ impl Store {
                 _ => ExperimentState::Waiting,
             };
             let standardization = st.map(|s| parse(&s, "standardisation")).transpose()?;
+            let output = output.map(|s| parse(&s, "experiment output")).transpose()?;
             let mut state = state;
             let history = self.rounds(i, id)?;
             // A damaged or missing model file costs its experiment, not the coordinator: it is
@@ -406,6 +432,7 @@ impl Store {
                     standardization,
                     history,
                     global,
+                    output,
                     events,
                 },
             ));

@@ -50,6 +50,8 @@ fn phase_key(phase: Phase, round: u32) -> String {
         Phase::Stats => "statistics",
         Phase::Train => "training",
         Phase::Evaluate => "evaluation",
+        Phase::Glm => "glm",
+        Phase::Table => "table",
     };
     format!("{p}:{round}")
 }
@@ -127,10 +129,10 @@ impl Bindings {
     /// the site policy; `inputs` is the digest of what the answer is computed from. Binds the
     /// id to the manifest on first use. Call [`Bindings::record_answer`] once the answer is made.
     pub fn check(&self, task: &Task, manifest: &str, inputs: &str, max_rounds: u32) -> Result<()> {
-        let rounds = task.spec.rounds.min(max_rounds);
+        let rounds = task.spec.max_rounds().min(max_rounds);
         let in_range = match task.phase {
             Phase::Stats => task.round == 0,
-            Phase::Train | Phase::Evaluate => (1..=rounds).contains(&task.round),
+            Phase::Train | Phase::Evaluate | Phase::Glm | Phase::Table => (1..=rounds).contains(&task.round),
         };
         if !in_range {
             return Err(Error::Binding(Binding::RoundOutOfRange {

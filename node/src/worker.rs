@@ -147,6 +147,7 @@ impl Worker {
                 let sums = evaluate(spec.model, data.test.x.view(), data.test.y.view(), &params)?;
                 Ok(Answer::sum(algorithm::evaluate::answer(&sums)))
             }
+            Phase::Glm | Phase::Table => Err(shared_model("not yet answered by this node")),
         }
     }
 

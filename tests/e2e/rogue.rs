@@ -125,12 +125,12 @@ async fn answer(
             }
             send_answer(conn, task, 50, vec![0.5], &params).await;
         }
-        Phase::Evaluate => {
+        Phase::Evaluate | Phase::Glm | Phase::Table => {
             let _ = tx.send(NodeMsg::TaskFailed {
                 experiment: task.experiment,
                 round: task.round,
-                phase: Phase::Evaluate,
-                reason: "rogue node does not evaluate".into(),
+                phase: task.phase,
+                reason: "rogue node answers statistics and training only".into(),
             });
         }
     }

@@ -19,6 +19,10 @@ pub struct Design {
     pub x: Array2<f64>,
     /// The response: 0/1 for logistic, the (possibly logged) value for linear.
     pub y: Array1<f64>,
+    /// Prior weights of an exact GLM (the experiment's `weights` column), if any.
+    pub weights: Option<Array1<f64>>,
+    /// Offset of an exact GLM's linear predictor (the experiment's `offset`), if any.
+    pub offset: Option<Array1<f64>>,
     /// One fingerprint per row: the first 8 bytes of SHA-256 of the row's whole line, made
     /// distinct for repeated lines. Lets a node recognise the same people across experiments
     /// (differencing protection); never sent anywhere.
@@ -107,7 +111,7 @@ pub fn load_csv_from_reader(
         problem,
     };
     let rule = match (model, &schema.target) {
-        (ModelKind::Linear, t) => TargetRule::Value { log: t.log },
+        (ModelKind::Linear | ModelKind::Poisson | ModelKind::Gamma, t) => TargetRule::Value { log: t.log },
         (ModelKind::Logistic, t) => match (t.threshold, &t.positive_level) {
             (Some(th), None) if th.is_finite() => TargetRule::Above(th),
             (None, Some(level)) => TargetRule::Level(level.clone()),
@@ -119,7 +123,11 @@ pub fn load_csv_from_reader(
                 ))
             }
         },
-        (ModelKind::Echo, _) => return Err(Error::Model("the echo model reads no data".to_owned())),
+        (ModelKind::Echo | ModelKind::Table, _) => {
+            return Err(Error::Model(
+                "echo and table experiments build no design matrix".to_owned(),
+            ))
+        }
     };
     let p = schema.design_width();
 
@@ -356,6 +364,8 @@ pub fn load_csv_from_reader(
         Ok(Design {
             x,
             y: Array1::from(y),
+            weights: None,
+            offset: None,
             ids,
         })
     };

@@ -236,6 +236,8 @@ pub struct Restored {
     pub history: Vec<RoundRecord>,
     /// The model after the last completed round (None before the first).
     pub global: Option<Values>,
+    /// The final output, if the experiment recorded one.
+    pub output: Option<crate::output::Output>,
     pub events: Vec<EventRecord>,
 }
 
@@ -295,6 +297,7 @@ impl Experiment {
             standardization: r.standardization,
             history: r.history,
             global: r.global,
+            output: r.output,
         };
         let algorithm = algorithm::for_spec(&r.spec, checkpoint);
         let state = if finished {
@@ -360,6 +363,11 @@ impl Experiment {
 
     pub fn spec(&self) -> &ExperimentSpec {
         &self.spec
+    }
+
+    /// The final output besides the parameters (GLM inference, a table), once complete.
+    pub fn output(&self) -> Option<&crate::output::Output> {
+        self.algorithm.output()
     }
 
     pub fn state(&self) -> &ExperimentState {
@@ -839,6 +847,14 @@ mod tests {
             schema: None,
             training: TrainingSpec::default(),
             echo: Some(EchoSpec { params: 4 }),
+            method: Default::default(),
+            formula: None,
+            weights: None,
+            offset: None,
+            office_effects: false,
+            offices: Vec::new(),
+            max_iterations: 25,
+            table: None,
         }
     }
 
@@ -1030,6 +1046,7 @@ mod tests {
             standardization: None,
             history: vec![],
             global: None,
+            output: None,
             events: vec![],
         }
     }
@@ -1051,6 +1068,7 @@ mod tests {
                 }
                 Progress::Finished(state) => into.state = state,
                 Progress::Event(e) => into.events.push(e),
+                Progress::Output(o) => into.output = Some(o),
             }
         }
     }
@@ -1126,6 +1144,7 @@ mod tests {
                         sim.answer(n, offset, 10 + i as u64).expect("update");
                     }
                     Phase::Evaluate => sim.eval(n).expect("evaluation"),
+                    Phase::Glm | Phase::Table => unreachable!("a linear FedAvg asks for neither"),
                 }
             }
             record(&mut sim.exp, store);
@@ -1293,6 +1312,7 @@ mod tests {
             standardization: None,
             history: vec![],
             global: None,
+            output: None,
             events: vec![],
         };
         record(&mut sim.exp, &mut store);

@@ -21,6 +21,6 @@ pub mod spec;
 pub mod text;
 
 pub use fedstat_proto as proto;
-pub use fedstat_proto::{manifest, sums, wire};
+pub use fedstat_proto::{manifest, output, sums, table, wire};
 
 pub use error::{Error, Result};

@@ -294,7 +294,9 @@ impl EvalSums {
                     return bad("sum of y and sum of y² are inconsistent");
                 }
             }
-            ModelKind::Echo => return bad("the echo model is not evaluated"),
+            ModelKind::Echo | ModelKind::Poisson | ModelKind::Gamma | ModelKind::Table => {
+                return bad("only linear and logistic models are evaluated")
+            }
         }
         Ok(())
     }
@@ -335,7 +337,7 @@ pub fn metrics(kind: ModelKind, sums: &EvalSums) -> Metrics {
                 m.r2 = Some(1.0 - sums.sse / sst);
             }
         }
-        ModelKind::Echo => {}
+        ModelKind::Echo | ModelKind::Poisson | ModelKind::Gamma | ModelKind::Table => {}
     }
     m
 }

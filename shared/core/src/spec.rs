@@ -26,6 +26,10 @@ pub const MAX_IDENT_CHARS: usize = 128;
 pub const MAX_ROUND_TIMEOUT_SECS: u64 = 86_400;
 pub const MAX_ROUND_RETRIES: u32 = 10;
 pub const MAX_LOCAL_EPOCHS: u32 = 1_000;
+/// Most Newton/IRLS iterations an exact fit may ask for.
+pub const MAX_ITERATIONS: u32 = 1_000;
+/// Most offices an `office_effects` experiment may list.
+pub const MAX_OFFICES: usize = 1_000;
 
 const WHAT: &str = "experiment";
 
@@ -123,7 +127,26 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
                 ));
             }
         }
-        ModelKind::Linear | ModelKind::Logistic => {
+        ModelKind::Table => {
+            if spec.dataset.trim().is_empty() {
+                return Err(Error::config(
+                    WHAT,
+                    "dataset",
+                    "must name a dataset the nodes offer",
+                ));
+            }
+            if spec.table.is_none() {
+                return Err(Error::config(WHAT, "table", "required when model = \"table\""));
+            }
+            if spec.schema.is_none() {
+                return Err(Error::config(
+                    WHAT,
+                    "schema",
+                    "required for tables: it declares the split column and the categorical levels",
+                ));
+            }
+        }
+        ModelKind::Linear | ModelKind::Logistic | ModelKind::Poisson | ModelKind::Gamma => {
             if spec.dataset.trim().is_empty() {
                 return Err(Error::config(
                     WHAT,
@@ -137,6 +160,99 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
                 .ok_or_else(|| Error::config(WHAT, "schema", "required for linear and logistic models"))?;
             validate_schema(schema, spec.model)?;
         }
+    }
+    validate_method(spec)
+}
+
+/// The settings of exact fits: which models they apply to, and the options only they take.
+fn validate_method(spec: &ExperimentSpec) -> Result<()> {
+    let exact = spec.is_exact_glm();
+    match (spec.method, spec.model) {
+        (Method::FedAvg, ModelKind::Poisson | ModelKind::Gamma) => {
+            return Err(Error::config(
+                WHAT,
+                "method",
+                "poisson and gamma models are fitted exactly only; set method = \"exact\"",
+            ))
+        }
+        (Method::Exact, ModelKind::Echo | ModelKind::Table) => {
+            return Err(Error::config(
+                WHAT,
+                "method",
+                "\"exact\" applies to the linear, logistic, poisson and gamma models",
+            ))
+        }
+        _ => {}
+    }
+    let only_exact = [
+        ("weights", spec.weights.is_some()),
+        ("offset", spec.offset.is_some()),
+        ("office_effects", spec.office_effects),
+        ("offices", !spec.offices.is_empty()),
+    ];
+    for (key, set) in only_exact {
+        if set && !exact {
+            return Err(Error::config(
+                WHAT,
+                key,
+                "applies to exact fits only (method = \"exact\")",
+            ));
+        }
+    }
+    if let Some(col) = &spec.weights {
+        check_text("weights", col, MAX_IDENT_CHARS)?;
+        if col.trim().is_empty() {
+            return Err(Error::config(WHAT, "weights", "column name must not be empty"));
+        }
+    }
+    if let Some(expr) = &spec.offset {
+        check_text("offset", expr, MAX_IDENT_CHARS + 5)?;
+        if expr.trim().is_empty() {
+            return Err(Error::config(
+                WHAT,
+                "offset",
+                "must name a column, or log(column)",
+            ));
+        }
+    }
+    if (exact || spec.model == ModelKind::Table) && spec.rounds != 1 {
+        return Err(Error::config(
+            WHAT,
+            "rounds",
+            "exact fits and tables take no rounds: an exact fit runs until it converges (see max_iterations)",
+        ));
+    }
+    if spec.max_iterations == 0 || spec.max_iterations > MAX_ITERATIONS {
+        return Err(Error::config(
+            WHAT,
+            "max_iterations",
+            format!("must be between 1 and {MAX_ITERATIONS}"),
+        ));
+    }
+    if spec.offices.len() > MAX_OFFICES {
+        return Err(Error::config(
+            WHAT,
+            "offices",
+            format!("lists more than {MAX_OFFICES} offices"),
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for office in &spec.offices {
+        check_text("offices", office, MAX_IDENT_CHARS)?;
+        if office.trim().is_empty() || !seen.insert(office) {
+            return Err(Error::config(
+                WHAT,
+                "offices",
+                "lists an empty name or an office twice",
+            ));
+        }
+    }
+    if spec.office_effects && spec.offices.len() == 1 {
+        return Err(Error::config(
+            WHAT,
+            "offices",
+            "office effects need at least two offices",
+        ));
     }
     Ok(())
 }
@@ -212,12 +328,19 @@ fn validate_schema(schema: &DataSchema, model: ModelKind) -> Result<()> {
         check_text("schema.target.positive_level", level, MAX_IDENT_CHARS)?;
     }
     match model {
-        ModelKind::Linear => {
+        ModelKind::Linear | ModelKind::Poisson | ModelKind::Gamma => {
             if t.threshold.is_some() || t.positive_level.is_some() {
                 return Err(Error::config(
                     WHAT,
                     "schema.target",
                     "threshold and positive_level apply to logistic models only",
+                ));
+            }
+            if t.log && model != ModelKind::Linear {
+                return Err(Error::config(
+                    WHAT,
+                    "schema.target.log",
+                    "applies to linear models only (poisson and gamma models have a log link)",
                 ));
             }
         }
@@ -248,7 +371,7 @@ fn validate_schema(schema: &DataSchema, model: ModelKind) -> Result<()> {
                 }
             }
         }
-        ModelKind::Echo => {}
+        ModelKind::Echo | ModelKind::Table => {}
     }
     Ok(())
 }

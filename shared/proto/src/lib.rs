@@ -4,6 +4,8 @@
 //! - [`spec`]: the experiment form a researcher writes and every node receives;
 //! - [`manifest`]: the versioned form a data custodian approves, whose bytes are hashed;
 //! - [`sums`]: the pooled figures that travel (standardisation, metrics, answers' sums);
+//! - [`output`]: what an experiment produces besides parameters (GLM inference, tables);
+//! - [`table`]: the federated table form and result;
 //! - [`Role`]: what a certificate allows.
 //!
 //! This crate depends on serde and postcard only. Behaviour (validation, models, the engine)
@@ -12,9 +14,11 @@
 
 pub mod error;
 pub mod manifest;
+pub mod output;
 mod role;
 pub mod spec;
 pub mod sums;
+pub mod table;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -7,6 +7,10 @@ use sha2::{Digest, Sha256};
 
 use crate::spec::ExperimentSpec;
 
+/// Version of the manifest layout. 2: exact GLMs, formulas, weights, offsets, office effects
+/// and tables joined the form.
+pub const MANIFEST_VERSION: u32 = 2;
+
 /// What a custodian approves. Serialised as JSON with fields in declaration order and no
 /// whitespace: the same experiment always gives the same bytes, on every platform.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -22,13 +26,9 @@ pub struct Manifest<'a> {
 impl<'a> Manifest<'a> {
     pub fn new(spec: &'a ExperimentSpec, submitter: &'a str) -> Self {
         Manifest {
-            manifest_version: 1,
+            manifest_version: MANIFEST_VERSION,
             submitter,
-            columns: spec
-                .schema
-                .as_ref()
-                .map(|s| s.design_columns())
-                .unwrap_or_default(),
+            columns: spec.design_columns(),
             spec,
         }
     }
@@ -83,7 +83,7 @@ mod tests {
     fn hash_of_the_shipped_example_is_pinned() {
         assert_eq!(
             Manifest::new(&spec(), "researcher `alice`").hash(),
-            "808f2107b0e0cd222ff572df2e19abe0c95c0c6fb3c89defa9e5330dfd837bf7"
+            "fe1b562d5ed4bf596b93e01e4773ce5a39961baee4da799fa684bcc6404194e5"
         );
     }
 }

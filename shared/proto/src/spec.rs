@@ -15,6 +15,12 @@ pub enum ModelKind {
     Linear,
     /// Binary logistic regression with intercept, log-loss.
     Logistic,
+    /// Poisson regression (log link); `method = "exact"` only.
+    Poisson,
+    /// Gamma regression (log link); `method = "exact"` only.
+    Gamma,
+    /// Federated tables: counts, sums, means, variances and quantiles by group (see [`crate::table`]).
+    Table,
     /// Diagnostic: nodes return the global parameters plus a small seeded change. Measures the
     /// federation's own cost (network, aggregation) without touching any data.
     Echo,
@@ -25,7 +31,31 @@ impl ModelKind {
         match self {
             ModelKind::Linear => "linear",
             ModelKind::Logistic => "logistic",
+            ModelKind::Poisson => "poisson",
+            ModelKind::Gamma => "gamma",
+            ModelKind::Table => "table",
             ModelKind::Echo => "echo",
+        }
+    }
+}
+
+/// How a model is fitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Federated averaging of local SGD (predictions; no standard errors).
+    #[default]
+    FedAvg,
+    /// The pooled maximum-likelihood fit, exactly, by federated Newton/IRLS on sums over rows,
+    /// with standard errors as R's `summary(glm)` reports them.
+    Exact,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::FedAvg => "fedavg",
+            Method::Exact => "exact",
         }
     }
 }
@@ -43,7 +73,12 @@ pub struct ExperimentSpec {
     #[serde(default)]
     pub dataset: String,
     pub model: ModelKind,
-    /// Number of federated-averaging rounds.
+    /// `fedavg` (default) or `exact`.
+    #[serde(default)]
+    pub method: Method,
+    /// Number of federated-averaging rounds (exact fits and tables: leave at 1; an exact fit
+    /// runs until it converges, at most `max_iterations` steps).
+    #[serde(default = "default_rounds")]
     pub rounds: u32,
     /// Fewest answers with which a round may close at its deadline.
     #[serde(default = "default_min_nodes")]
@@ -62,8 +97,41 @@ pub struct ExperimentSpec {
     /// Required for `echo`.
     #[serde(default)]
     pub echo: Option<EchoSpec>,
+    /// An R-style model formula, e.g. `log(wage) ~ education + I(experience^2) + ethnicity`,
+    /// instead of the `[schema]` target and feature lists (factor levels are still declared
+    /// in `[schema]`).
+    #[serde(default)]
+    pub formula: Option<String>,
+    /// Exact GLMs: a numeric column of prior weights (non-negative).
+    #[serde(default)]
+    pub weights: Option<String>,
+    /// Exact GLMs: a numeric column, or `log(column)`, added to the linear predictor with
+    /// coefficient 1 (e.g. log exposure of a Poisson rate).
+    #[serde(default)]
+    pub offset: Option<String>,
+    /// Exact GLMs: one indicator per office (the first in `offices` is the reference), so
+    /// office (e.g. region) effects are fitted in the pooled model.
+    #[serde(default)]
+    pub office_effects: bool,
+    /// The offices of an `office_effects` experiment, in order. Filled in by the coordinator
+    /// from its nodes when left empty; part of what custodians approve.
+    #[serde(default)]
+    pub offices: Vec<String>,
+    /// Exact GLMs: most Newton/IRLS iterations (rounds) before stopping with a warning.
+    #[serde(default = "default_max_iterations")]
+    pub max_iterations: u32,
+    /// Required for `table`.
+    #[serde(default)]
+    pub table: Option<crate::table::TableSpec>,
 }
 
+fn default_max_iterations() -> u32 {
+    25
+}
+
+fn default_rounds() -> u32 {
+    1
+}
 fn default_min_nodes() -> u32 {
     1
 }
@@ -168,9 +236,36 @@ impl ExperimentSpec {
     pub fn num_params(&self) -> u64 {
         match (&self.model, &self.echo, &self.schema) {
             (ModelKind::Echo, Some(echo), _) => echo.params,
-            (_, _, Some(schema)) => schema.design_width() as u64,
+            (ModelKind::Table, _, _) => 0,
+            (_, _, Some(schema)) => (schema.design_width() + self.office_columns()) as u64,
             _ => 0,
         }
+    }
+
+    /// Number of office indicator columns: one per office but the reference (the first).
+    pub fn office_columns(&self) -> usize {
+        if self.office_effects {
+            self.offices.len().saturating_sub(1)
+        } else {
+            0
+        }
+    }
+
+    /// Names of the model's parameters, in order: the design columns, then `office=NAME` for
+    /// every office but the first. Empty for `echo` and `table`.
+    pub fn design_columns(&self) -> Vec<String> {
+        if matches!(self.model, ModelKind::Echo | ModelKind::Table) {
+            return Vec::new();
+        }
+        let mut cols = self
+            .schema
+            .as_ref()
+            .map(|s| s.design_columns())
+            .unwrap_or_default();
+        if self.office_effects {
+            cols.extend(self.offices.iter().skip(1).map(|o| format!("office={o}")));
+        }
+        cols
     }
 
     /// Whether parameters travel as float32 (echo) or float64 (the GLMs).
@@ -181,9 +276,28 @@ impl ExperimentSpec {
         }
     }
 
-    /// Whether the experiment reads data (and so has a statistics and an evaluation phase).
+    /// Whether the experiment reads data.
     pub fn uses_data(&self) -> bool {
         self.model != ModelKind::Echo
+    }
+
+    /// Most rounds the experiment may run: `rounds` for federated averaging; for an exact fit
+    /// `max_iterations` steps and one more round for the sums at the final coefficients.
+    pub fn max_rounds(&self) -> u32 {
+        if self.is_exact_glm() {
+            self.max_iterations.saturating_add(1)
+        } else {
+            self.rounds
+        }
+    }
+
+    /// Whether the experiment is an exact GLM fit (federated Newton/IRLS).
+    pub fn is_exact_glm(&self) -> bool {
+        self.method == Method::Exact
+            && matches!(
+                self.model,
+                ModelKind::Linear | ModelKind::Logistic | ModelKind::Poisson | ModelKind::Gamma
+            )
     }
 }
 

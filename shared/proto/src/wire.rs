@@ -29,7 +29,7 @@ use crate::{Error, Result};
 /// experiments comes in pages ([`Request::Status`]). Version 3: every answer is a vector on
 /// its own stream ([`AnswerHeader`]); statistics and evaluation no longer travel on the
 /// control stream.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest control frame payload. Evaluation sums (two 4096-bin histograms) and an experiment
 /// spec fit comfortably; anything larger is an attack or a bug.
@@ -95,6 +95,11 @@ pub enum Phase {
     Train,
     /// Scoring the global model on local test rows; answered by evaluation sums.
     Evaluate,
+    /// One Newton/IRLS step of an exact GLM at the sent coefficients; answered by the sums
+    /// XᵀWX, XᵀWz, the deviance and the other figures of `fedstat_core::algorithm::glm`.
+    Glm,
+    /// Cells of a federated table; answered by its counts and sums.
+    Table,
 }
 
 impl std::fmt::Display for Phase {
@@ -103,6 +108,8 @@ impl std::fmt::Display for Phase {
             Phase::Stats => "statistics",
             Phase::Train => "training",
             Phase::Evaluate => "evaluation",
+            Phase::Glm => "GLM sums",
+            Phase::Table => "table cells",
         })
     }
 }
@@ -390,6 +397,8 @@ pub struct ResultsHeader {
     pub columns: Vec<String>,
     pub standardization: Option<Standardization>,
     pub tensor: TensorMeta,
+    /// GLM inference or a pooled table, once the experiment completed.
+    pub output: Option<crate::output::Output>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -542,6 +551,14 @@ mod tests {
             schema: None,
             training: TrainingSpec::default(),
             echo: Some(EchoSpec { params }),
+            method: Default::default(),
+            formula: None,
+            weights: None,
+            offset: None,
+            office_effects: false,
+            offices: Vec::new(),
+            max_iterations: 25,
+            table: None,
         }
     }
 

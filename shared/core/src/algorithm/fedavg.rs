@@ -105,6 +105,7 @@ impl Algorithm for FedAvg {
             Phase::Evaluate => evaluate::check(self.spec.model, answer),
             // The aggregate checks the range of every parameter and of the loss.
             Phase::Train => Ok(()),
+            Phase::Glm | Phase::Table => Err("federated averaging asks for no such answer".to_owned()),
         }
     }
 
@@ -152,6 +153,12 @@ impl Algorithm for FedAvg {
                 } else {
                     self.complete_round(now, record, &mut report);
                 }
+            }
+            Phase::Glm | Phase::Table => {
+                return Err(format!(
+                    "round {}: federated averaging asked for {}",
+                    step.round, step.phase
+                ))
             }
             Phase::Evaluate => {
                 let Some(mut record) = self.trained.take() else {

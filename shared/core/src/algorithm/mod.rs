@@ -23,6 +23,7 @@ pub mod standardize;
 use std::sync::Arc;
 use std::time::Instant;
 
+use fedstat_proto::output::Output;
 use fedstat_proto::wire::{DType, Phase, RoundRecord};
 
 use crate::aggregate::{AggregatorKind, Pooled, Values};
@@ -85,6 +86,8 @@ pub enum Progress {
     Finished(fedstat_proto::wire::ExperimentState),
     /// A line of the event log.
     Event(fedstat_proto::wire::EventRecord),
+    /// The experiment's final output (GLM inference, a table), recorded before `Finished`.
+    Output(Output),
 }
 
 /// What a store keeps of an algorithm's progress: the standardisation, the completed rounds
@@ -94,6 +97,7 @@ pub struct Checkpoint {
     pub standardization: Option<Standardization>,
     pub history: Vec<RoundRecord>,
     pub global: Option<Values>,
+    pub output: Option<Output>,
 }
 
 /// A federated algorithm: a state machine over steps. No I/O, no clock (times come in).
@@ -126,6 +130,11 @@ pub trait Algorithm: std::fmt::Debug + Send {
 
     /// The pooled standardisation, once known.
     fn standardization(&self) -> Option<&Standardization>;
+
+    /// The final output besides the parameters (GLM inference, a table), once complete.
+    fn output(&self) -> Option<&Output> {
+        None
+    }
 }
 
 /// The algorithm an experiment runs, resuming from `checkpoint` (empty for a new one). The
