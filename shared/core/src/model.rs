@@ -492,6 +492,8 @@ mod tests {
         Design {
             x: concatenate(Axis(0), &xs).expect("same width"),
             y: concatenate(Axis(0), &ys).expect("vectors"),
+            weights: None,
+            offset: None,
             ids: parts.iter().flat_map(|d| d.ids.iter().copied()).collect(),
         }
     }
