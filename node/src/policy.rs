@@ -131,7 +131,14 @@ impl Default for SitePolicy {
             allowed_datasets: None,
             allowed_features: Columns::Only(BTreeSet::new()),
             allowed_targets: Columns::Only(BTreeSet::new()),
-            allowed_models: vec![ModelKind::Linear, ModelKind::Logistic, ModelKind::Echo],
+            allowed_models: vec![
+                ModelKind::Linear,
+                ModelKind::Logistic,
+                ModelKind::Poisson,
+                ModelKind::Gamma,
+                ModelKind::Table,
+                ModelKind::Echo,
+            ],
             max_rounds: DEFAULT_MAX_ROUNDS,
             min_train_rows: DEFAULT_MIN_TRAIN_ROWS,
             min_rows_per_param: DEFAULT_MIN_ROWS_PER_PARAM,
@@ -219,6 +226,8 @@ pub enum Refusal {
     Differencing {
         what: String,
     },
+    /// One row would carry more than `1/min_cell` of the working weight of an exact fit's sums.
+    Concentrated,
 }
 
 impl std::fmt::Display for Refusal {
@@ -294,6 +303,11 @@ impl std::fmt::Display for Refusal {
             Refusal::SmallSplit { split } => {
                 write!(f, "the {split} split has too few rows (policy.min_cell)")
             }
+            Refusal::Concentrated => write!(
+                f,
+                "dominance: at the coefficients sent, one row would carry too large a share of \
+                 the GLM sums (policy.min_cell)"
+            ),
             Refusal::Differencing { what } => write!(
                 f,
                 "differencing: the {what} would differ from rows this office released before by \
@@ -413,9 +427,9 @@ impl SitePolicy {
         if !self.allowed_models.contains(&spec.model) {
             return Err(Refusal::ModelNotAllowed(spec.model));
         }
-        if spec.rounds > self.max_rounds {
+        if spec.max_rounds() > self.max_rounds {
             return Err(Refusal::TooManyRounds {
-                asked: spec.rounds,
+                asked: spec.max_rounds(),
                 max: self.max_rounds,
             });
         }

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use fedstat_core::aggregate::Values;
 use fedstat_core::algorithm::{self, standardize};
 use fedstat_core::data::{column_sums, load_csv, LoadLimits, LocalData, Standardization, StandardizationExt};
+use fedstat_core::glm::{self, Family};
 use fedstat_core::model::{evaluate, train_sgd};
 use fedstat_core::spec::ModelKind;
 use fedstat_proto::wire::{Phase, Task};
@@ -19,6 +20,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::disclosure::{check_cells, released_sets};
 use crate::governance::Governance;
+use crate::policy::Refusal;
 use crate::{Error, Result};
 
 /// Examples an `echo` update claims (the benchmark task's fixed count).
@@ -147,8 +149,30 @@ impl Worker {
                 let sums = evaluate(spec.model, data.test.x.view(), data.test.y.view(), &params)?;
                 Ok(Answer::sum(algorithm::evaluate::answer(&sums)))
             }
-            Phase::Glm | Phase::Table => Err(shared_model("not yet answered by this node")),
+            Phase::Glm => self.glm(task, &data, model),
+            Phase::Table => Err(shared_model("not yet answered by this node")),
         }
+    }
+
+    /// One Newton/IRLS step of an exact GLM: the sums at the coefficients sent, on the raw
+    /// training rows. Refused if one row would carry more than `1/min_cell` of the working
+    /// weight: coefficients crafted to single out a person (a rogue coordinator's) would
+    /// otherwise turn the sums into that person's record.
+    fn glm(&self, task: &Task, data: &LocalData, model: Option<Values>) -> Result<Answer> {
+        let spec = &task.spec;
+        let family = Family::of(spec.model).ok_or_else(|| shared_model("not a GLM"))?;
+        let names = spec.design_columns();
+        let p = names.len();
+        let model = model.map(|m| m.to_f64()).unwrap_or_default();
+        let at = algorithm::glm::evaluation_point(family, task.round, &model, p)
+            .ok_or_else(|| shared_model("the task's coefficients do not match the design"))?;
+        let intercept = algorithm::glm::has_intercept(&names);
+        let (sums, concentration) = glm::step_sums(family, &data.train, at, intercept)?;
+        let min_cell = self.gov.policy().min_cell.max(1) as f64;
+        if concentration.max_weight_share > 1.0 / min_cell {
+            return Err(Error::Policy(Refusal::Concentrated));
+        }
+        Ok(Answer::sum(algorithm::glm::answer(&sums)))
     }
 
     /// The diagnostic model: the global parameters plus a small seeded change.

@@ -15,6 +15,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod files;
+pub mod glm;
 pub mod linalg;
 pub mod model;
 pub mod spec;

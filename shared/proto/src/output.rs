@@ -9,8 +9,8 @@ use crate::table::TableOutput;
 /// The final output of an experiment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Output {
-    Glm(GlmSummary),
-    Table(TableOutput),
+    Glm(Box<GlmSummary>),
+    Table(Box<TableOutput>),
 }
 
 /// Which statistic tests a coefficient: `z` when the dispersion is known (binomial, Poisson),

@@ -11,6 +11,7 @@
 //! - [`fedavg`]: federated averaging of linear and logistic models, built from
 //!   [`standardize`] (pooled column statistics) and [`evaluate`] (pooled test metrics);
 //!   the `echo` diagnostic runs its training step alone.
+//! - [`glm`]: exact GLMs (`method = "exact"`) by federated Newton/IRLS, with inference.
 //!
 //! Adding one: a module here implementing [`Algorithm`] (its steps, the encoding of its
 //! answers, its per-answer checks), the node's local computation for each new
@@ -18,6 +19,7 @@
 
 pub mod evaluate;
 pub mod fedavg;
+pub mod glm;
 pub mod standardize;
 
 use std::sync::Arc;
@@ -140,5 +142,10 @@ pub trait Algorithm: std::fmt::Debug + Send {
 /// The algorithm an experiment runs, resuming from `checkpoint` (empty for a new one). The
 /// spec must be validated.
 pub fn for_spec(spec: &ExperimentSpec, checkpoint: Checkpoint) -> Box<dyn Algorithm> {
+    if spec.is_exact_glm() {
+        if let Some(glm) = glm::Glm::new(spec, checkpoint.clone()) {
+            return Box::new(glm);
+        }
+    }
     Box::new(fedavg::FedAvg::new(spec, checkpoint))
 }
