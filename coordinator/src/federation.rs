@@ -636,8 +636,25 @@ impl Federation {
         &mut self,
         now: Instant,
         who: &PeerIdentity,
-        spec: ExperimentSpec,
+        mut spec: ExperimentSpec,
     ) -> Result<ExperimentId, String> {
+        if spec.office_effects && spec.offices.is_empty() {
+            // One indicator per office: the offices connected now that offer the dataset, in
+            // name order (the first is the reference). Part of the manifest custodians approve.
+            spec.offices = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.datasets.contains(&spec.dataset))
+                .map(|(name, _)| name.clone())
+                .collect();
+            if spec.offices.len() < 2 {
+                return Err(format!(
+                    "office_effects needs at least two connected offices offering dataset `{}`; \
+                     list them in `offices` or submit when they are connected",
+                    fedstat_core::text::printable(&spec.dataset)
+                ));
+            }
+        }
         fedstat_core::spec::validate(&spec).map_err(|e| e.to_string())?;
         if spec.num_params() > self.max_params {
             return Err(format!(

@@ -8,6 +8,7 @@ use std::path::Path;
 use fedstat_core::files::{atomic_write, Access};
 use fedstat_core::model::{unstandardize, Metrics};
 use fedstat_core::spec::ModelKind;
+use fedstat_proto::output::{GlmSummary, Output, TestStatistic};
 use fedstat_proto::wire::{DType, ExperimentStatus, NodeInfo, ResultsHeader, RoundRecord};
 use serde_json::json;
 
@@ -30,11 +31,179 @@ pub fn write(dir: &Path, header: &ResultsHeader, params: &[f64]) -> Result<Vec<S
     };
     // Through unpredictable `O_EXCL` temporaries: a shared `--out` folder may hold planted symlinks.
     atomic_write(&dir.join("parameters.bin"), &bytes, Access::OwnerOnly)?;
-    Ok(vec![
+    let mut files: Vec<String> = vec![
         "model.json".into(),
         "metrics.csv".into(),
         "parameters.bin".into(),
-    ])
+    ];
+    if let Some(Output::Glm(g)) = &header.output {
+        atomic_write(
+            &dir.join("coefficients.csv"),
+            coefficients_csv(&header.columns, g).as_bytes(),
+            Access::OwnerOnly,
+        )?;
+        files.push("coefficients.csv".into());
+    }
+    Ok(files)
+}
+
+/// The name R gives a coefficient: `(Intercept)` for the constant.
+fn r_name(column: &str) -> &str {
+    if column == "const" {
+        "(Intercept)"
+    } else {
+        column
+    }
+}
+
+fn stat_name(g: &GlmSummary) -> &'static str {
+    match g.statistic {
+        TestStatistic::Z => "z",
+        TestStatistic::T => "t",
+    }
+}
+
+/// `coefficients.csv`: one row per coefficient, as R's `coef(summary(fit))` plus the interval.
+pub fn coefficients_csv(columns: &[String], g: &GlmSummary) -> String {
+    let s = stat_name(g);
+    let mut out = format!("term,estimate,std_error,{s}_value,p_value,ci95_low,ci95_high\n");
+    for (j, c) in columns.iter().enumerate() {
+        let get = |v: &[f64]| v.get(j).copied().unwrap_or(f64::NAN);
+        let ci = g.ci95.get(j).copied().unwrap_or([f64::NAN; 2]);
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{}",
+            csv_field(r_name(c)),
+            get(&g.coefficients),
+            get(&g.std_errors),
+            get(&g.statistics),
+            get(&g.p_values),
+            ci[0],
+            ci[1]
+        );
+    }
+    out
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
+/// R's `format.pval` at 3 significant digits: `< 2e-16` below machine precision.
+fn format_p(p: f64) -> String {
+    if p < 2.2e-16 {
+        "< 2e-16".to_owned()
+    } else if p < 1e-4 {
+        format!("{p:.2e}")
+    } else {
+        let digits = (2 - p.log10().floor() as i32).max(0) as usize;
+        format!("{p:.digits$}")
+    }
+}
+
+fn stars(p: f64) -> &'static str {
+    match p {
+        p if p < 0.001 => "***",
+        p if p < 0.01 => "**",
+        p if p < 0.05 => "*",
+        p if p < 0.1 => ".",
+        _ => "",
+    }
+}
+
+/// Numbers of one column with 4 significant digits for the smallest, fixed point when the
+/// column's range allows, scientific otherwise (as R's `printCoefmat` does).
+fn format_column(values: &[f64]) -> Vec<String> {
+    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite() && *v != 0.0).collect();
+    let (lo, hi) = finite
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), v| (lo.min(v.abs()), hi.max(v.abs())));
+    if finite.is_empty() || hi / lo > 1e5 || hi >= 1e7 || lo < 1e-4 {
+        return values.iter().map(|v| format!("{v:.3e}")).collect();
+    }
+    let decimals = (3 - lo.log10().floor() as i32).clamp(0, 10) as usize;
+    values.iter().map(|v| format!("{v:.decimals$}")).collect()
+}
+
+/// The fit as R's `print(summary(glm))` shows it: the coefficient table with significance
+/// stars, the dispersion, the deviances and the AIC.
+pub fn glm_table(columns: &[String], g: &GlmSummary) -> String {
+    let s = stat_name(g);
+    let names: Vec<&str> = columns.iter().map(|c| r_name(c)).collect();
+    let est = format_column(&g.coefficients);
+    let se = format_column(&g.std_errors);
+    let stat: Vec<String> = g.statistics.iter().map(|v| format!("{v:.3}")).collect();
+    let pv: Vec<String> = g.p_values.iter().map(|p| format_p(*p)).collect();
+    let heads = ["Estimate", "Std. Error", &format!("{s} value"), &format!("Pr(>|{s}|)")];
+    let width = |col: &[String], head: &str| col.iter().map(|x| x.len()).chain([head.len()]).max().unwrap_or(0);
+    let wn = names.iter().map(|n| n.len()).max().unwrap_or(0);
+    let (we, ws, wt, wp) = (width(&est, heads[0]), width(&se, heads[1]), width(&stat, heads[2]), width(&pv, heads[3]));
+    let mut out = String::from("Coefficients:\n");
+    let _ = writeln!(
+        out,
+        "{:wn$} {:>we$} {:>ws$} {:>wt$} {:>wp$}",
+        "", heads[0], heads[1], heads[2], heads[3]
+    );
+    for j in 0..names.len().min(est.len()) {
+        let p = g.p_values.get(j).copied().unwrap_or(f64::NAN);
+        let line = format!(
+            "{:wn$} {:>we$} {:>ws$} {:>wt$} {:>wp$} {}",
+            names[j], est[j], se[j], stat[j], pv[j], stars(p)
+        );
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out.push_str("---\nSignif. codes:  0 '***' 0.001 '**' 0.01 '*' 0.05 '.' 0.1 ' ' 1\n\n");
+    let _ = writeln!(
+        out,
+        "(Dispersion parameter for {} family taken to be {})\n",
+        g.family,
+        signif(g.dispersion, 7)
+    );
+    let dw = signif(g.null_deviance, 7).len().max(signif(g.deviance, 7).len());
+    let _ = writeln!(
+        out,
+        "    Null deviance: {:>dw$}  on {} degrees of freedom",
+        signif(g.null_deviance, 7),
+        g.df_null
+    );
+    let _ = writeln!(
+        out,
+        "Residual deviance: {:>dw$}  on {} degrees of freedom",
+        signif(g.deviance, 7),
+        g.df_residual
+    );
+    if let Some(aic) = g.aic {
+        let _ = writeln!(out, "AIC: {}", signif(aic, 5));
+    }
+    let _ = writeln!(
+        out,
+        "\nNumber of Fisher Scoring iterations: {}{}",
+        g.iterations,
+        if g.converged { "" } else { " (not converged)" }
+    );
+    for w in &g.warnings {
+        let _ = writeln!(out, "Warning: {w}");
+    }
+    out
+}
+
+/// `x` to `digits` significant digits, without trailing zeros (R's default printing).
+fn signif(x: f64, digits: i32) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let decimals = (digits - 1 - x.abs().log10().floor() as i32).max(0) as usize;
+    let text = format!("{x:.decimals$}");
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        text
+    }
 }
 
 /// The `model.json` document.
@@ -72,7 +241,42 @@ pub fn model_json(header: &ResultsHeader, params: &[f64]) -> serde_json::Value {
         "parameters_len": header.tensor.len,
         "final_test_metrics": header.status.history.last().and_then(|r| r.metrics.clone()),
     });
-    if let (Some(st), false) = (&header.standardization, header.columns.is_empty()) {
+    if let Some(Output::Glm(g)) = &header.output {
+        let s = stat_name(g);
+        doc["method"] = json!("exact");
+        doc["family"] = json!(g.family);
+        doc["link"] = json!(g.link);
+        doc["coefficients"] = json!(named(&g.coefficients));
+        doc["coefficients_note"] =
+            json!("the pooled maximum-likelihood fit, in the original units of the design columns");
+        doc["std_errors"] = json!(named(&g.std_errors));
+        doc[format!("{s}_values")] = json!(named(&g.statistics));
+        doc["p_values"] = json!(named(&g.p_values));
+        doc["ci95"] = json!(header
+            .columns
+            .iter()
+            .zip(&g.ci95)
+            .map(|(c, v)| (c.clone(), json!(v)))
+            .collect::<serde_json::Map<_, _>>());
+        doc["ci95_note"] = json!(format!(
+            "Wald intervals: estimate ± the 0.975 quantile of {} × standard error",
+            if g.statistic == TestStatistic::T { "t(df_residual)" } else { "the standard normal" }
+        ));
+        doc["covariance"] = json!({
+            "columns": header.columns,
+            "matrix": g.covariance.chunks(header.columns.len().max(1)).collect::<Vec<_>>(),
+        });
+        doc["deviance"] = json!(g.deviance);
+        doc["null_deviance"] = json!(g.null_deviance);
+        doc["aic"] = json!(g.aic);
+        doc["dispersion"] = json!(g.dispersion);
+        doc["df_residual"] = json!(g.df_residual);
+        doc["df_null"] = json!(g.df_null);
+        doc["rows"] = json!(g.rows);
+        doc["iterations"] = json!(g.iterations);
+        doc["converged"] = json!(g.converged);
+        doc["warnings"] = json!(g.warnings);
+    } else if let (Some(st), false) = (&header.standardization, header.columns.is_empty()) {
         let raw = unstandardize(params, st);
         doc["coefficients"] = json!(named(&raw));
         doc["coefficients_note"] =

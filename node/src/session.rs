@@ -269,7 +269,7 @@ async fn task(
             return Ok(Err((task, e)));
         }
         let model = match task.model {
-            Some(meta) => Some(read_tensor(&mut stream, meta, task.spec.num_params()).await?),
+            Some(meta) => Some(read_tensor(&mut stream, meta, task.spec.model_len()).await?),
             None => None,
         };
         Ok::<_, fedstat_net::Error>(Ok((task, model)))

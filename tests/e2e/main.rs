@@ -4,6 +4,7 @@
 
 mod configs;
 mod disclosure;
+mod glm;
 mod durability;
 mod governance;
 mod hardening;

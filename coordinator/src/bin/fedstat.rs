@@ -12,6 +12,7 @@ use fedstat_coordinator::config::ResearcherConfig;
 use fedstat_coordinator::demo::{self, DemoOptions};
 use fedstat_coordinator::results;
 use fedstat_proto::wire::{ExperimentState, Request, Response};
+use fedstat_proto::output::Output;
 
 #[derive(Parser)]
 #[command(name = "fedstat", version, about = "fedstat researcher CLI")]
@@ -227,6 +228,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 for f in files {
                     println!("wrote {}", out.join(f).display());
+                }
+                if let Some(Output::Glm(g)) = &header.output {
+                    println!("\n{}", results::glm_table(&header.columns, g));
                 }
             }
         }

@@ -405,9 +405,11 @@ impl Experiment {
     }
 
     fn candidates(&self) -> BTreeSet<String> {
+        // An office-effects design has a column for each listed office and for no other.
+        let listed = |name: &String| !self.spec.office_effects || self.spec.offices.contains(name);
         self.nodes
             .iter()
-            .filter(|(name, ds)| self.eligible(ds) && !self.excluded.contains_key(*name))
+            .filter(|(name, ds)| self.eligible(ds) && listed(name) && !self.excluded.contains_key(*name))
             .map(|(name, _)| name.clone())
             .collect()
     }

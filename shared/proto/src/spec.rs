@@ -242,6 +242,12 @@ impl ExperimentSpec {
         }
     }
 
+    /// Length of the model a task carries: the parameters, and for an exact fit one more value,
+    /// the intercept of the intercept-only model fitted alongside (for the null deviance).
+    pub fn model_len(&self) -> u64 {
+        self.num_params() + u64::from(self.is_exact_glm())
+    }
+
     /// Number of office indicator columns: one per office but the reference (the first).
     pub fn office_columns(&self) -> usize {
         if self.office_effects {
