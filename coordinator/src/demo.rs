@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fedstat_core::data::{column_sums, load_csv, Design, LoadLimits, Standardization, StandardizationExt};
+use fedstat_core::glm::{fit_pooled, Family};
 use fedstat_core::model::{evaluate, fit_central, metrics, Metrics};
 use fedstat_core::spec::ExperimentSpec;
+use fedstat_proto::output::{GlmSummary, Output};
 use fedstat_proto::wire::ExperimentState;
 use ndarray::{concatenate, Axis};
 
@@ -78,8 +80,12 @@ fn policy_table(path: &Path) -> Result<String> {
 #[derive(Debug, Clone)]
 pub struct DemoReport {
     pub experiment: u64,
+    /// Pooled test metrics (federated averaging; empty for an exact fit).
     pub federated: Metrics,
     pub central: Metrics,
+    /// Exact fits: the largest relative difference between the federated and the central
+    /// coefficients and standard errors.
+    pub exact_max_relative_difference: Option<f64>,
     pub rounds: u32,
     pub nodes: usize,
     pub seconds: f64,
@@ -168,11 +174,19 @@ async fn run_demo(opts: DemoOptions) -> Result<DemoReport> {
         Some(path) => policy_table(path)?,
         None => DEMO_POLICY.to_owned(),
     };
-    println!(
-        "fedstat demo: {n} simulated offices, {} model, {} rounds",
-        spec.model.as_str(),
-        spec.rounds
-    );
+    if spec.is_exact_glm() {
+        println!(
+            "fedstat demo: {n} simulated offices, exact {} fit (federated Newton/IRLS, at most {} iterations)",
+            spec.model.as_str(),
+            spec.max_iterations
+        );
+    } else {
+        println!(
+            "fedstat demo: {n} simulated offices, {} model, {} rounds",
+            spec.model.as_str(),
+            spec.rounds
+        );
+    }
     match &opts.policy {
         Some(path) => println!(
             "  every office applies the [policy] of {} (with automatic approval: no custodian sits here)",
@@ -235,7 +249,7 @@ async fn run_demo(opts: DemoOptions) -> Result<DemoReport> {
     });
     // A failed join means the stopping thread panicked; the children were killed on drop.
     let _ = stopping.await;
-    let (experiment, federated, rounds) = match outcome {
+    let (experiment, federated, rounds, glm) = match outcome {
         Ok(x) => x,
         Err(e) => {
             let kept = tmp.keep();
@@ -251,13 +265,25 @@ async fn run_demo(opts: DemoOptions) -> Result<DemoReport> {
     };
 
     // 5. The same model fitted centrally on the pooled rows.
-    let central = central_fit(&spec, &files)?;
-    print_comparison(&federated, &central);
+    let (central, exact_max_relative_difference) = match glm {
+        Some((columns, fed)) => {
+            let central = central_glm(&spec, &files)?;
+            println!("\n{}", results::glm_table(&columns, &fed));
+            let diff = print_glm_comparison(&columns, &fed, &central);
+            (Metrics::default(), Some(diff))
+        }
+        None => {
+            let central = central_fit(&spec, &files)?;
+            print_comparison(&federated, &central);
+            (central, None)
+        }
+    };
     println!("  results written to {}", opts.out.display());
     Ok(DemoReport {
         experiment,
         federated,
         central,
+        exact_max_relative_difference,
         rounds,
         nodes: n,
         seconds: started.elapsed().as_secs_f64(),
@@ -273,12 +299,16 @@ fn refusal(message: &str) -> Option<(&str, &str)> {
     Some((node, why))
 }
 
+/// What the demo's experiment produced: its id, pooled test metrics, rounds, and for an exact
+/// fit the design columns and the inference.
+type Followed = (u64, Metrics, u32, Option<(Vec<String>, GlmSummary)>);
+
 async fn follow(
     cfg: &ResearcherConfig,
     spec: &ExperimentSpec,
     nodes: usize,
     opts: &DemoOptions,
-) -> Result<(u64, Metrics, u32)> {
+) -> Result<Followed> {
     let client = Client::connect(cfg).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -340,12 +370,72 @@ async fn follow(
     let (header, params) = client.results(id, None).await?;
     results::write(&opts.out, &header, &params)?;
     client.close().await;
+    if let Some(Output::Glm(g)) = header.output {
+        return Ok((
+            id,
+            Metrics::default(),
+            status.rounds_done,
+            Some((header.columns, *g)),
+        ));
+    }
     let metrics = status
         .history
         .last()
         .and_then(|r| r.metrics.clone())
         .ok_or_else(|| Error::Demo("no pooled test metrics were computed".into()))?;
-    Ok((id, metrics, status.rounds_done))
+    Ok((id, metrics, status.rounds_done, None))
+}
+
+/// An exact GLM fitted on all files' training rows pooled in this process.
+pub fn central_glm(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result<GlmSummary> {
+    let schema = spec
+        .schema
+        .as_ref()
+        .ok_or_else(|| Error::Demo("the experiment has no schema".into()))?;
+    let family = Family::of(spec.model).ok_or_else(|| Error::Demo("not a GLM".into()))?;
+    let mut train: Vec<Design> = Vec::new();
+    for (_, path) in files {
+        train.push(load_csv(path, schema, spec.model, LoadLimits::UNLIMITED)?.train);
+    }
+    let xs: Vec<_> = train.iter().map(|d| d.x.view()).collect();
+    let ys: Vec<_> = train.iter().map(|d| d.y.view()).collect();
+    let pooled = Design {
+        x: concatenate(Axis(0), &xs).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?,
+        y: concatenate(Axis(0), &ys).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?,
+        weights: None,
+        offset: None,
+        ids: Vec::new(),
+    };
+    Ok(fit_pooled(
+        family,
+        &pooled,
+        &spec.design_columns(),
+        spec.max_iterations,
+    )?)
+}
+
+/// The federated and the central coefficients and standard errors side by side; returns the
+/// largest relative difference.
+fn print_glm_comparison(columns: &[String], fed: &GlmSummary, central: &GlmSummary) -> f64 {
+    let rel = |a: f64, b: f64| if b == 0.0 { a.abs() } else { ((a - b) / b).abs() };
+    let width = columns.iter().map(|c| c.len()).max().unwrap_or(4).max(4);
+    println!(
+        "  {:width$}  {:>14} {:>14}   {:>12} {:>12}   {:>9}",
+        "term", "federated", "central", "fed. SE", "central SE", "rel. diff"
+    );
+    let mut worst: f64 = 0.0;
+    for (j, c) in columns.iter().enumerate() {
+        let (b, cb) = (fed.coefficients[j], central.coefficients[j]);
+        let (s, cs) = (fed.std_errors[j], central.std_errors[j]);
+        let d = rel(b, cb).max(rel(s, cs));
+        worst = worst.max(d);
+        println!("  {c:width$}  {b:>14.6e} {cb:>14.6e}   {s:>12.4e} {cs:>12.4e}   {d:>9.1e}");
+    }
+    println!(
+        "  federated fit: {} iteration(s); central fit on the pooled rows: {}; largest relative difference {worst:.1e}\n",
+        fed.iterations, central.iterations
+    );
+    worst
 }
 
 /// Fit the experiment's model on all files' rows pooled, as a statistician would without

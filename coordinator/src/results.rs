@@ -31,11 +31,7 @@ pub fn write(dir: &Path, header: &ResultsHeader, params: &[f64]) -> Result<Vec<S
     };
     // Through unpredictable `O_EXCL` temporaries: a shared `--out` folder may hold planted symlinks.
     atomic_write(&dir.join("parameters.bin"), &bytes, Access::OwnerOnly)?;
-    let mut files: Vec<String> = vec![
-        "model.json".into(),
-        "metrics.csv".into(),
-        "parameters.bin".into(),
-    ];
+    let mut files: Vec<String> = vec!["model.json".into(), "metrics.csv".into(), "parameters.bin".into()];
     if let Some(Output::Glm(g)) = &header.output {
         atomic_write(
             &dir.join("coefficients.csv"),
@@ -119,10 +115,14 @@ fn stars(p: f64) -> &'static str {
 /// Numbers of one column with 4 significant digits for the smallest, fixed point when the
 /// column's range allows, scientific otherwise (as R's `printCoefmat` does).
 fn format_column(values: &[f64]) -> Vec<String> {
-    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite() && *v != 0.0).collect();
-    let (lo, hi) = finite
+    let finite: Vec<f64> = values
         .iter()
-        .fold((f64::INFINITY, 0.0f64), |(lo, hi), v| (lo.min(v.abs()), hi.max(v.abs())));
+        .copied()
+        .filter(|v| v.is_finite() && *v != 0.0)
+        .collect();
+    let (lo, hi) = finite.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+        (lo.min(v.abs()), hi.max(v.abs()))
+    });
     if finite.is_empty() || hi / lo > 1e5 || hi >= 1e7 || lo < 1e-4 {
         return values.iter().map(|v| format!("{v:.3e}")).collect();
     }
@@ -139,10 +139,21 @@ pub fn glm_table(columns: &[String], g: &GlmSummary) -> String {
     let se = format_column(&g.std_errors);
     let stat: Vec<String> = g.statistics.iter().map(|v| format!("{v:.3}")).collect();
     let pv: Vec<String> = g.p_values.iter().map(|p| format_p(*p)).collect();
-    let heads = ["Estimate", "Std. Error", &format!("{s} value"), &format!("Pr(>|{s}|)")];
-    let width = |col: &[String], head: &str| col.iter().map(|x| x.len()).chain([head.len()]).max().unwrap_or(0);
+    let heads = [
+        "Estimate",
+        "Std. Error",
+        &format!("{s} value"),
+        &format!("Pr(>|{s}|)"),
+    ];
+    let width =
+        |col: &[String], head: &str| col.iter().map(|x| x.len()).chain([head.len()]).max().unwrap_or(0);
     let wn = names.iter().map(|n| n.len()).max().unwrap_or(0);
-    let (we, ws, wt, wp) = (width(&est, heads[0]), width(&se, heads[1]), width(&stat, heads[2]), width(&pv, heads[3]));
+    let (we, ws, wt, wp) = (
+        width(&est, heads[0]),
+        width(&se, heads[1]),
+        width(&stat, heads[2]),
+        width(&pv, heads[3]),
+    );
     let mut out = String::from("Coefficients:\n");
     let _ = writeln!(
         out,
@@ -153,7 +164,12 @@ pub fn glm_table(columns: &[String], g: &GlmSummary) -> String {
         let p = g.p_values.get(j).copied().unwrap_or(f64::NAN);
         let line = format!(
             "{:wn$} {:>we$} {:>ws$} {:>wt$} {:>wp$} {}",
-            names[j], est[j], se[j], stat[j], pv[j], stars(p)
+            names[j],
+            est[j],
+            se[j],
+            stat[j],
+            pv[j],
+            stars(p)
         );
         let _ = writeln!(out, "{}", line.trim_end());
     }
@@ -260,7 +276,11 @@ pub fn model_json(header: &ResultsHeader, params: &[f64]) -> serde_json::Value {
             .collect::<serde_json::Map<_, _>>());
         doc["ci95_note"] = json!(format!(
             "Wald intervals: estimate ± the 0.975 quantile of {} × standard error",
-            if g.statistic == TestStatistic::T { "t(df_residual)" } else { "the standard normal" }
+            if g.statistic == TestStatistic::T {
+                "t(df_residual)"
+            } else {
+                "the standard normal"
+            }
         ));
         doc["covariance"] = json!({
             "columns": header.columns,

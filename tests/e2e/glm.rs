@@ -52,7 +52,11 @@ fn results(fed: &Fed, id: u64) -> (Value, String, String) {
     assert!(printed.status.success(), "{printed:?}");
     let read = |f: &str| std::fs::read_to_string(Path::new(&out).join(f)).expect("result file");
     let model: Value = serde_json::from_str(&read("model.json")).expect("model.json");
-    (model, read("coefficients.csv"), String::from_utf8_lossy(&printed.stdout).into_owned())
+    (
+        model,
+        read("coefficients.csv"),
+        String::from_utf8_lossy(&printed.stdout).into_owned(),
+    )
 }
 
 fn assert_named_close(got: &Value, want: &Value, names: &[String], what: &str) {
@@ -77,11 +81,23 @@ fn exact_logit_and_ols_equal_the_pooled_fits() {
     let fed = offices();
     let logit = fed.submit(
         "logit.toml",
-        &exact("exact logit", "logistic", r#"{ column = "wage", threshold = 522.32 }"#, EDUCATION_EXPERIENCE, ""),
+        &exact(
+            "exact logit",
+            "logistic",
+            r#"{ column = "wage", threshold = 522.32 }"#,
+            EDUCATION_EXPERIENCE,
+            "",
+        ),
     );
     let ols = fed.submit(
         "ols.toml",
-        &exact("exact ols", "linear", r#"{ column = "wage", log = true }"#, EDUCATION_EXPERIENCE, ""),
+        &exact(
+            "exact ols",
+            "linear",
+            r#"{ column = "wage", log = true }"#,
+            EDUCATION_EXPERIENCE,
+            "",
+        ),
     );
     let models = &reference()["cps1988"]["models"];
 
@@ -92,13 +108,34 @@ fn exact_logit_and_ols_equal_the_pooled_fits() {
     let (model, csv, printed) = results(&fed, logit);
     let r = &models["logit_highwage"];
     let names = columns(r);
-    assert_named_close(&model["coefficients"], &r["pooled_statsmodels_Logit"]["coef"], &names, "logit coefficient");
-    assert_named_close(&model["std_errors"], &r["pooled_statsmodels_Logit"]["se"], &names, "logit standard error");
+    assert_named_close(
+        &model["coefficients"],
+        &r["pooled_statsmodels_Logit"]["coef"],
+        &names,
+        "logit coefficient",
+    );
+    assert_named_close(
+        &model["std_errors"],
+        &r["pooled_statsmodels_Logit"]["se"],
+        &names,
+        "logit standard error",
+    );
     assert_eq!(model["converged"], true);
-    assert!(model["z_values"].is_object() && model["ci95"]["education"].is_array(), "{model:#}");
-    assert!(csv.starts_with("term,estimate,std_error,z_value,p_value,ci95_low,ci95_high\n(Intercept),"), "{csv}");
+    assert!(
+        model["z_values"].is_object() && model["ci95"]["education"].is_array(),
+        "{model:#}"
+    );
+    assert!(
+        csv.starts_with("term,estimate,std_error,z_value,p_value,ci95_low,ci95_high\n(Intercept),"),
+        "{csv}"
+    );
     assert_eq!(csv.lines().count(), 1 + names.len());
-    assert!(printed.contains("Pr(>|z|)") && printed.contains("(Intercept)") && printed.contains("Residual deviance"), "{printed}");
+    assert!(
+        printed.contains("Pr(>|z|)")
+            && printed.contains("(Intercept)")
+            && printed.contains("Residual deviance"),
+        "{printed}"
+    );
 
     let s = fed.wait_finished(ols, Duration::from_secs(120));
     assert_eq!(s["state"], "Completed", "{s:#}");
@@ -139,8 +176,18 @@ fn office_effects_give_the_pooled_fit_with_region_dummies() {
             .into()
     };
     let names = columns(r);
-    assert_named_close(&rename(&model["coefficients"]), &want["coef"], &names, "coefficient");
-    assert_named_close(&rename(&model["std_errors"]), &want["se"], &names, "standard error");
+    assert_named_close(
+        &rename(&model["coefficients"]),
+        &want["coef"],
+        &names,
+        "coefficient",
+    );
+    assert_named_close(
+        &rename(&model["std_errors"]),
+        &want["se"],
+        &names,
+        "standard error",
+    );
 }
 
 #[test]
@@ -159,7 +206,8 @@ fn exact_poisson_equals_statsmodels_on_the_pooled_rows() {
     let s = fed.wait_finished(id, Duration::from_secs(120));
     assert_eq!(s["state"], "Completed", "{s:#}");
     let (model, _, _) = results(&fed, id);
-    let text = std::fs::read_to_string(crate::support::repo().join("tests/data/glm-reference.json")).expect("fixture");
+    let text = std::fs::read_to_string(crate::support::repo().join("tests/data/glm-reference.json"))
+        .expect("fixture");
     let fixture: Value = serde_json::from_str(&text).expect("json");
     let r = &fixture["models"]["poisson_education"];
     let names: Vec<String> = r["columns"]
@@ -176,8 +224,21 @@ fn exact_poisson_equals_statsmodels_on_the_pooled_rows() {
             .collect::<serde_json::Map<_, _>>()
             .into()
     };
-    assert_named_close(&model["coefficients"], &as_map("coefficients"), &names, "coefficient");
-    assert_named_close(&model["std_errors"], &as_map("std_errors"), &names, "standard error");
-    let (d, want) = (model["deviance"].as_f64().expect("deviance"), r["deviance"].as_f64().expect("deviance"));
+    assert_named_close(
+        &model["coefficients"],
+        &as_map("coefficients"),
+        &names,
+        "coefficient",
+    );
+    assert_named_close(
+        &model["std_errors"],
+        &as_map("std_errors"),
+        &names,
+        "standard error",
+    );
+    let (d, want) = (
+        model["deviance"].as_f64().expect("deviance"),
+        r["deviance"].as_f64().expect("deviance"),
+    );
     assert!(((d - want) / want).abs() < 1e-9, "{d} vs {want}");
 }

@@ -4,8 +4,8 @@
 
 mod configs;
 mod disclosure;
-mod glm;
 mod durability;
+mod glm;
 mod governance;
 mod hardening;
 mod load;

@@ -11,8 +11,8 @@ use fedstat_coordinator::client::Client;
 use fedstat_coordinator::config::ResearcherConfig;
 use fedstat_coordinator::demo::{self, DemoOptions};
 use fedstat_coordinator::results;
-use fedstat_proto::wire::{ExperimentState, Request, Response};
 use fedstat_proto::output::Output;
+use fedstat_proto::wire::{ExperimentState, Request, Response};
 
 #[derive(Parser)]
 #[command(name = "fedstat", version, about = "fedstat researcher CLI")]
@@ -291,6 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "seconds": report.seconds,
                     "federated": report.federated,
                     "central": report.central,
+                    "exact_max_relative_difference": report.exact_max_relative_difference,
                 }))?;
             } else {
                 println!("demo finished in {:.1} s", report.seconds);

@@ -807,7 +807,7 @@ impl Experiment {
             submitter: self.submitter.clone(),
             state: self.state.clone(),
             rounds_done: self.history().len() as u32,
-            rounds: self.spec.rounds,
+            rounds: self.spec.max_rounds(),
             participants: self
                 .run
                 .as_ref()
