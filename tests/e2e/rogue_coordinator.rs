@@ -197,3 +197,97 @@ fn a_rogue_coordinator_gets_nothing_beyond_the_approved_manifest() {
     let out = run_bin("fedstat-node", &["audit", "verify", "--config", &cfg_arg]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// Push one task whose model is exactly `model`.
+async fn push_model(conn: &quinn::Connection, spec: &ExperimentSpec, experiment: u64, phase: Phase, round: u32, model: Vec<f64>) {
+    let values = Values::F64(model);
+    let task = Task {
+        experiment,
+        round,
+        phase,
+        submitter: "researcher `alice`".into(),
+        spec: spec.clone(),
+        standardization: None,
+        model: Some(TensorMeta {
+            dtype: values.dtype(),
+            len: values.len() as u64,
+        }),
+    };
+    let mut s = conn.open_uni().await.expect("task stream");
+    write_frame(&mut s, &task).await.expect("task frame");
+    write_tensor(&mut s, &values.to_le_bytes()).await.expect("model bytes");
+    s.finish().expect("finish");
+}
+
+/// The attack on exact fits: a rogue coordinator sends coefficients of its own making rather
+/// than the Newton step. With η = 20·(experience − 60), every row but the one person with 60
+/// years of experience at this office gets a working weight of about 1e-16, so XᵀWX and XᵀWz
+/// would be that person's row: education, ethnicity, metropolitan area, part-time work and
+/// the wage class. The node refuses by its dominance rule (no row may carry more than
+/// 1/min_cell of the working weight); honest coefficients are answered.
+#[test]
+fn a_rogue_coordinator_cannot_single_out_a_person_with_crafted_glm_coefficients() {
+    let fed = Fed::start();
+    let pki = fed.pki();
+    let tls = TlsFiles {
+        ca_cert: pki.join("ca.pem"),
+        cert: pki.join("coordinator.pem"),
+        key: pki.join("coordinator.key"),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = rt.enter();
+    let endpoint = quinn::Endpoint::server(
+        server_config(&tls).expect("server tls"),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .expect("rogue endpoint");
+    let rogue_addr = endpoint.local_addr().expect("addr");
+    fed.issue("node", "office");
+    let cfg = fed.write_node_config_with("office", &[("cps1988", demo_data("midwest"))], "[policy]\napproval = \"auto\"\n");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, text.replace(&fed.addr, &rogue_addr.to_string())).expect("config");
+    let _node = fed.spawn_node_with_config("office", &cfg);
+
+    let text = logit_experiment(1, 1, "")
+        .replace("rounds = 1\n", "method = \"exact\"\n")
+        .replace("[training]\nlearning_rate = 0.05\nbatch_size = 32\nseed = 7\n", "");
+    let spec: ExperimentSpec = toml::from_str(&text).expect("spec");
+    fedstat_core::spec::validate(&spec).expect("a valid exact fit");
+    let p = spec.num_params() as usize;
+    rt.block_on(async {
+        let conn = tokio::time::timeout(Duration::from_secs(30), endpoint.accept())
+            .await
+            .expect("the node dials in")
+            .expect("incoming")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = conn.accept_bi().await.expect("control stream");
+        let hello = read_frame::<NodeMsg>(&mut recv, "hello").await.expect("hello");
+        assert!(matches!(hello, Some(NodeMsg::Hello { .. })), "{hello:?}");
+        let welcome = CoordMsg::Welcome {
+            protocol: PROTOCOL_VERSION,
+            name: "office".into(),
+        };
+        write_frame(&mut send, &welcome).await.expect("welcome");
+        conn.set_max_concurrent_uni_streams(8u32.into());
+
+        // Round 1 from β = 0, as an honest coordinator starts: answered.
+        push_model(&conn, &spec, 1, Phase::Glm, 1, vec![0.0; p + 1]).await;
+        let (header, values) = next_answer(&conn).await;
+        assert_eq!(header.phase, Phase::Glm);
+        assert_eq!(values.len(), fedstat_core::algorithm::glm::answer_len(p));
+
+        // Round 2 at crafted coefficients: refused, naming the rule and nothing else.
+        let mut crafted = vec![0.0; p + 1];
+        crafted[0] = -20.0 * 60.0;
+        crafted[2] = 20.0;
+        push_model(&conn, &spec, 1, Phase::Glm, 2, crafted).await;
+        tokio::select! {
+            _ = conn.accept_uni() => panic!("the node answered crafted coefficients: one person's row left the office"),
+            msg = next(&mut recv) => failed_with(&msg, "dominance"),
+        }
+        conn.close(0u32.into(), b"done");
+    });
+    let audit = std::fs::read_to_string(fed.node_audit_log("office")).expect("audit log");
+    assert!(audit.contains("dominance"), "the refusal is in the custodian's audit log");
+}
