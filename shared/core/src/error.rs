@@ -63,6 +63,10 @@ pub enum Error {
     #[error(transparent)]
     Proto(#[from] fedstat_proto::Error),
 
+    /// A table could not be made or protected; names a column or rule, never a value.
+    #[error(transparent)]
+    Table(#[from] crate::tabulate::TableError),
+
     /// An update was rejected by validation; the reason names the check that failed.
     #[error("update rejected: {0}")]
     Rejected(String),
@@ -260,6 +264,7 @@ impl Error {
             }
             Error::Proto(fedstat_proto::Error::Unknown { what, .. }) => format!("unknown {what}"),
             Error::Rejected(r) => format!("update rejected: {r}"),
+            Error::Table(t) => t.to_string(),
             Error::KeyPermissions { .. } => "certificate problem on the node".to_owned(),
             Error::Locked { .. } => "a file on the node is in use by another process".to_owned(),
         }

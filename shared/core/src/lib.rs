@@ -18,6 +18,7 @@ pub mod files;
 pub mod linalg;
 pub mod model;
 pub mod spec;
+pub mod tabulate;
 pub mod text;
 
 pub use fedstat_proto as proto;
