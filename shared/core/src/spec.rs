@@ -145,6 +145,7 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
                     "required for tables: it declares the split column and the categorical levels",
                 ));
             }
+            validate_table(spec)?;
         }
         ModelKind::Linear | ModelKind::Logistic | ModelKind::Poisson | ModelKind::Gamma => {
             if spec.dataset.trim().is_empty() {
@@ -162,6 +163,21 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
         }
     }
     validate_method(spec)
+}
+
+/// The `[table]` form: `by` columns declared in `[schema]` with their levels, numeric columns
+/// with finite bounds and covering bins, the rules' parameters, and sizes (at most
+/// [`crate::tabulate::MAX_CELLS`] cells) checked before anything is allocated.
+fn validate_table(spec: &ExperimentSpec) -> Result<()> {
+    if let Some(t) = &spec.table {
+        for col in t.by.iter().chain(t.numeric.iter().map(|n| &n.column)) {
+            check_text("table", col, MAX_IDENT_CHARS)?;
+        }
+    }
+    crate::tabulate::validate(spec).map_err(|e| match e {
+        crate::tabulate::TableError::Spec { key, problem } => Error::config(WHAT, key, problem),
+        other => Error::config(WHAT, "table", other.to_string()),
+    })
 }
 
 /// The settings of exact fits: which models they apply to, and the options only they take.

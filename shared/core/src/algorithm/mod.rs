@@ -11,6 +11,7 @@
 //! - [`fedavg`]: federated averaging of linear and logistic models, built from
 //!   [`standardize`] (pooled column statistics) and [`evaluate`] (pooled test metrics);
 //!   the `echo` diagnostic runs its training step alone.
+//! - [`table`]: federated tables with statistical disclosure control, one step.
 //!
 //! Adding one: a module here implementing [`Algorithm`] (its steps, the encoding of its
 //! answers, its per-answer checks), the node's local computation for each new
@@ -19,6 +20,7 @@
 pub mod evaluate;
 pub mod fedavg;
 pub mod standardize;
+pub mod table;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -140,5 +142,8 @@ pub trait Algorithm: std::fmt::Debug + Send {
 /// The algorithm an experiment runs, resuming from `checkpoint` (empty for a new one). The
 /// spec must be validated.
 pub fn for_spec(spec: &ExperimentSpec, checkpoint: Checkpoint) -> Box<dyn Algorithm> {
-    Box::new(fedavg::FedAvg::new(spec, checkpoint))
+    match spec.model {
+        crate::spec::ModelKind::Table => Box::new(table::Table::new(spec, checkpoint)),
+        _ => Box::new(fedavg::FedAvg::new(spec, checkpoint)),
+    }
 }
