@@ -51,6 +51,8 @@ pub(crate) struct RawPolicy {
     max_levels: Option<usize>,
     max_memory_mb: Option<u64>,
     count_rounding: Option<u64>,
+    dominance_n: Option<u32>,
+    dominance_k: Option<f64>,
     #[serde(default)]
     approval: ApprovalMode,
 }
@@ -67,6 +69,9 @@ pub const DEFAULT_MAX_PARAMS: u64 = 1_000;
 pub const DEFAULT_MAX_LEVELS: usize = 50;
 pub const DEFAULT_MAX_MEMORY_MB: u64 = 1_024;
 pub const DEFAULT_COUNT_ROUNDING: u64 = 10;
+/// Tables: the 2 largest contributions to a cell's sum may not exceed 85% of it.
+pub const DEFAULT_DOMINANCE_N: u32 = 2;
+pub const DEFAULT_DOMINANCE_K: f64 = 85.0;
 
 /// Which columns may be used: any (`["*"]`, for demos), or exactly those listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +126,11 @@ pub struct SitePolicy {
     /// `policy.count_rounding`: row counts sent as update weights are rounded to a multiple
     /// of this.
     pub count_rounding: u64,
+    /// `policy.dominance_n` and `policy.dominance_k` (percent): in a table, the `n` largest
+    /// |x| in a cell may not exceed `k`% of the cell's Σ|x| (the stricter of these and the
+    /// experiment's own apply).
+    pub dominance_n: u32,
+    pub dominance_k: f64,
     /// `policy.approval`.
     pub approval: ApprovalMode,
 }
@@ -143,6 +153,8 @@ impl Default for SitePolicy {
             max_levels: DEFAULT_MAX_LEVELS,
             max_memory_mb: DEFAULT_MAX_MEMORY_MB,
             count_rounding: DEFAULT_COUNT_ROUNDING,
+            dominance_n: DEFAULT_DOMINANCE_N,
+            dominance_k: DEFAULT_DOMINANCE_K,
             approval: ApprovalMode::Auto,
         }
     }
@@ -385,6 +397,14 @@ impl RawPolicy {
         if count_rounding == 0 || count_rounding > 1_000_000 {
             return Err(err("count_rounding", "must be between 1 and 1000000"));
         }
+        let dominance_n = self.dominance_n.unwrap_or(d.dominance_n);
+        if dominance_n == 0 || dominance_n > 10 {
+            return Err(err("dominance_n", "must be between 1 and 10"));
+        }
+        let dominance_k = self.dominance_k.unwrap_or(d.dominance_k);
+        if !(dominance_k > 0.0 && dominance_k <= 100.0) {
+            return Err(err("dominance_k", "must be a percentage in (0, 100]"));
+        }
         Ok(SitePolicy {
             allowed_datasets,
             allowed_features: columns("allowed_features", self.allowed_features)?,
@@ -401,6 +421,8 @@ impl RawPolicy {
             max_levels,
             max_memory_mb,
             count_rounding,
+            dominance_n,
+            dominance_k,
             approval: self.approval,
         })
     }
@@ -534,6 +556,8 @@ impl SitePolicy {
             "max_levels": self.max_levels,
             "max_memory_mb": self.max_memory_mb,
             "count_rounding": self.count_rounding,
+            "dominance_n": self.dominance_n,
+            "dominance_k": self.dominance_k,
             "approval": self.approval.as_str(),
         })
     }

@@ -14,11 +14,13 @@ use fedstat_core::algorithm::{self, standardize};
 use fedstat_core::data::{column_sums, load_csv, LoadLimits, LocalData, Standardization, StandardizationExt};
 use fedstat_core::model::{evaluate, train_sgd};
 use fedstat_core::spec::ModelKind;
+use fedstat_core::tabulate;
 use fedstat_proto::wire::{Phase, Task};
 use rand::{Rng, SeedableRng};
 
 use crate::disclosure::{check_cells, released_sets};
 use crate::governance::Governance;
+use crate::policy::Refusal;
 use crate::{Error, Result};
 
 /// Examples an `echo` update claims (the benchmark task's fixed count).
@@ -114,6 +116,9 @@ impl Worker {
         if spec.model == ModelKind::Echo {
             return self.echo(task, model);
         }
+        if spec.model == ModelKind::Table {
+            return self.table(task);
+        }
         let data = self.data(task, manifest)?;
         let model_f64 = || -> Result<Vec<f64>> {
             let m = model
@@ -168,6 +173,63 @@ impl Worker {
             weight: ECHO_EXAMPLES,
             aux: vec![0.0],
         })
+    }
+
+    /// A table: this node's cells and margins with its own cell rules applied
+    /// ([`fedstat_core::tabulate::node_answer`]: small and dominated cells suppressed and
+    /// protected, sent as zeros with a flag). Only the `by`, numeric and split columns are read.
+    fn table(&self, task: &Task) -> Result<Answer> {
+        let spec = &task.spec;
+        if task.phase != Phase::Table {
+            return Err(shared_model("a table experiment asks only for table cells"));
+        }
+        let (Some(schema), Some(form)) = (&spec.schema, &spec.table) else {
+            return Err(shared_model("the experiment has no schema or table"));
+        };
+        let layout = tabulate::Layout::new(spec).map_err(fedstat_core::Error::from)?;
+        let policy = self.gov.policy();
+        let columns = form.by.iter().chain(form.numeric.iter().map(|n| &n.column));
+        for column in columns {
+            if !policy.allowed_features.allows(column) {
+                return Err(Error::Policy(Refusal::FeatureNotAllowed(column.clone())));
+            }
+        }
+        let path = self
+            .datasets
+            .get(&spec.dataset)
+            .ok_or_else(|| Error::UnknownDataset(spec.dataset.clone()))?;
+        let file = std::fs::File::open(path).map_err(|e| Error::Io {
+            action: "cannot read",
+            path: path.clone(),
+            source: e,
+        })?;
+        let label = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let max_rows = policy.max_cells() / (1 + layout.by.len() + layout.numeric.len()) as u64;
+        let cols = tabulate::read_columns(&label, file, &layout, &schema.split_column, max_rows)?;
+        policy
+            .check_rows(spec, cols.selected_rows())
+            .map_err(Error::Policy)?;
+        // The stricter of the custodian's rules and the researcher's.
+        let rules = tabulate::CellRules {
+            min_cell: policy.min_cell,
+            dominance_n: policy.dominance_n.max(form.dominance_n) as usize,
+            dominance_k: policy.dominance_k.min(form.dominance_k),
+        };
+        let codes: Vec<&[u32]> = cols.codes.iter().map(Vec::as_slice).collect();
+        let values: Vec<&[f64]> = cols.values.iter().map(Vec::as_slice).collect();
+        let t = tabulate::tabulate(&layout, &codes, &values, &cols.selected, rules.dominance_n)
+            .map_err(fedstat_core::Error::from)?;
+        let (answer, suppressed) =
+            tabulate::node_answer(&layout, &t, rules).map_err(fedstat_core::Error::from)?;
+        tracing::info!(
+            experiment = ?task.experiment,
+            suppressed,
+            "table cells answered, {suppressed} suppressed by this node's rules"
+        );
+        Ok(Answer::sum(Values::F64(answer)))
     }
 
     /// The experiment's data: raw for the statistics phase, standardised with the pooled
