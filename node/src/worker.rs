@@ -11,7 +11,9 @@ use std::time::SystemTime;
 
 use fedstat_core::aggregate::Values;
 use fedstat_core::algorithm::{self, standardize};
-use fedstat_core::data::{column_sums, load_csv, LoadLimits, LocalData, Standardization, StandardizationExt};
+use fedstat_core::data::{
+    column_sums, load_design_with_codes, LoadLimits, LocalData, Standardization, StandardizationExt,
+};
 use fedstat_core::model::{evaluate, train_sgd};
 use fedstat_core::spec::ModelKind;
 use fedstat_proto::wire::{Phase, Task};
@@ -176,10 +178,7 @@ impl Worker {
     /// kind comes from data that fails them.
     fn data(&self, task: &Task, manifest: &str) -> Result<Arc<LocalData>> {
         let spec = &task.spec;
-        let schema = spec
-            .schema
-            .as_ref()
-            .ok_or_else(|| shared_model("the experiment has no schema"))?;
+        let plan = spec.design().map_err(fedstat_core::data::design_error)?;
         let path = self
             .datasets
             .get(&spec.dataset)
@@ -205,13 +204,13 @@ impl Worker {
             let limits = LoadLimits {
                 max_cells: policy.max_cells(),
             };
-            let raw = load_csv(path, schema, spec.model, limits)?;
+            let (raw, codes) = load_design_with_codes(path, &plan, Some(&self.name), limits)?;
             policy
                 .check_rows(spec, raw.train.rows() as u64)
                 .map_err(Error::Policy)?;
-            check_cells(schema, spec.model, &raw, policy.min_cell).map_err(Error::Policy)?;
+            check_cells(&plan, &raw, &codes, policy.min_cell).map_err(Error::Policy)?;
             self.gov
-                .check_release(task, &released_sets(schema, spec.model, &raw))?;
+                .check_release(task, &released_sets(&plan, &raw, &codes))?;
             while cache.len() >= CACHE_SIZE {
                 let Some(oldest) = cache.iter().min_by_key(|(_, p)| p.seq).map(|(k, _)| k.clone()) else {
                     break;
@@ -239,7 +238,7 @@ impl Worker {
                 return Ok(s.clone());
             }
         }
-        st.validate(schema.design_width())?;
+        st.validate(plan.columns.len())?;
         let mut data = (*entry.raw).clone();
         st.apply(&mut data.train.x);
         st.apply(&mut data.test.x);
