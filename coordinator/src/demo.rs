@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fedstat_core::data::{column_sums, load_csv, Design, LoadLimits, Standardization, StandardizationExt};
+use fedstat_core::data::{column_sums, load_design, Design, LoadLimits, Standardization, StandardizationExt};
 use fedstat_core::model::{evaluate, fit_central, metrics, Metrics};
 use fedstat_core::spec::ExperimentSpec;
 use fedstat_proto::wire::ExperimentState;
@@ -351,20 +351,17 @@ async fn follow(
 /// Fit the experiment's model on all files' rows pooled, as a statistician would without
 /// federation, and score it on the pooled test rows.
 pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result<Metrics> {
-    let schema = spec
-        .schema
-        .as_ref()
-        .ok_or_else(|| Error::Demo("the experiment has no schema".into()))?;
+    let plan = spec.design().map_err(fedstat_core::data::design_error)?;
     let mut train: Vec<Design> = Vec::new();
     let mut test: Vec<Design> = Vec::new();
     let mut sums = Vec::new();
-    for (_, path) in files {
-        let d = load_csv(path, schema, spec.model, LoadLimits::UNLIMITED)?;
+    for (office, path) in files {
+        let d = load_design(path, &plan, Some(office), LoadLimits::UNLIMITED)?;
         sums.push(column_sums(d.train.x.view()));
         train.push(d.train);
         test.push(d.test);
     }
-    let names: Vec<String> = schema.design_columns().into_iter().skip(1).collect();
+    let names: Vec<String> = plan.names().into_iter().skip(1).collect();
     let st = Standardization::from_sums(&sums, &names)?;
     let stack = |parts: &[Design]| -> Result<Design> {
         let xs: Vec<_> = parts.iter().map(|d| d.x.view()).collect();
@@ -389,7 +386,7 @@ pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result
         pooled_train.x.view(),
         pooled_train.y.view(),
         spec.training.l2,
-        &schema.design_columns(),
+        &plan.names(),
     )?;
     let sums = evaluate(spec.model, pooled_test.x.view(), pooled_test.y.view(), &beta)?;
     Ok(metrics(spec.model, &sums))

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use fedstat_core::files::{atomic_write, Access};
 use fedstat_core::model::{unstandardize, Metrics};
-use fedstat_core::spec::ModelKind;
+use fedstat_proto::design::Response;
 use fedstat_proto::output::Output;
 use fedstat_proto::table::{TableCell, TableOutput};
 use fedstat_proto::wire::{DType, ExperimentStatus, NodeInfo, ResultsHeader, RoundRecord};
@@ -140,14 +140,11 @@ pub fn model_json(header: &ResultsHeader, params: &[f64]) -> serde_json::Value {
             .map(|(c, v)| (c.clone(), json!(v)))
             .collect()
     };
-    let target = spec.schema.as_ref().map(|s| {
-        let t = &s.target;
-        match (spec.model, t.log, t.threshold, &t.positive_level) {
-            (ModelKind::Linear, true, _, _) => format!("ln({})", t.column),
-            (ModelKind::Logistic, _, Some(th), _) => format!("{} > {th}", t.column),
-            (ModelKind::Logistic, _, _, Some(level)) => format!("{} == {level}", t.column),
-            _ => t.column.clone(),
-        }
+    let target = spec.design().ok().map(|d| match d.response {
+        Response::Value { column, log: true } => format!("ln({column})"),
+        Response::Value { column, log: false } => column,
+        Response::Above { column, threshold } => format!("{column} > {threshold}"),
+        Response::Level { column, level } => format!("{column} == {level}"),
     });
     let mut doc = json!({
         "experiment": header.status.id,

@@ -60,6 +60,8 @@ pub(crate) struct RawPolicy {
 pub const DEFAULT_MAX_ROUNDS: u32 = 100;
 pub const DEFAULT_MIN_TRAIN_ROWS: u64 = 10;
 pub const DEFAULT_MIN_ROWS_PER_PARAM: f64 = 3.0;
+/// Fewest training rows per parameter of an exact GLM at each node, whatever the policy says.
+pub const EXACT_MIN_ROWS_PER_PARAM: f64 = 3.0;
 /// A common NSO output-checking threshold: no cell of fewer than 10 people.
 pub const DEFAULT_MIN_CELL: u64 = 10;
 pub const DEFAULT_MAX_LOCAL_EPOCHS: u32 = 10;
@@ -222,6 +224,16 @@ pub enum Refusal {
         column: String,
         split: Split,
     },
+    /// A cell of the factor × factor interaction `columns` (`a:b`), or the rest of the rows,
+    /// has fewer than `min_cell` rows.
+    SmallCell {
+        columns: String,
+        split: Split,
+    },
+    /// The offset is not a finite number on every row.
+    BadOffset {
+        column: String,
+    },
     /// The training or test split has fewer than `min_cell` rows.
     SmallSplit {
         split: Split,
@@ -301,6 +313,17 @@ impl std::fmt::Display for Refusal {
             Refusal::SmallClass { column, split } => write!(
                 f,
                 "target `{}`: a class has too few {split} rows (policy.min_cell)",
+                fedstat_core::text::printable(column)
+            ),
+            Refusal::SmallCell { columns, split } => write!(
+                f,
+                "interaction `{}`: a cell, or the rows outside it, has too few {split} rows \
+                 (policy.min_cell)",
+                fedstat_core::text::printable(columns)
+            ),
+            Refusal::BadOffset { column } => write!(
+                f,
+                "offset `{}` is not a finite number on every row",
                 fedstat_core::text::printable(column)
             ),
             Refusal::SmallSplit { split } => {
@@ -428,6 +451,33 @@ impl RawPolicy {
     }
 }
 
+/// The columns a design reads besides its response: features (numeric and factors), the
+/// weights and the offset, each once, in order of first use.
+pub fn design_features(plan: &fedstat_proto::design::DesignPlan) -> Vec<&str> {
+    use fedstat_proto::design::Factor;
+    let mut out: Vec<&str> = Vec::new();
+    let extra = plan
+        .weights
+        .iter()
+        .map(|w| w.as_str())
+        .chain(plan.offset.iter().map(|o| o.column.as_str()));
+    let columns = plan
+        .columns
+        .iter()
+        .flat_map(|c| c.factors.iter())
+        .filter_map(|f| match f {
+            Factor::Numeric { column, .. } | Factor::Level { column, .. } => Some(column.as_str()),
+            Factor::Office { .. } => None,
+        })
+        .chain(extra);
+    for c in columns {
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl SitePolicy {
     /// Rules that need no data: model kind, rounds, dataset, columns, training settings,
     /// quorum and size. Checked before anything is read or allocated for the task.
@@ -471,17 +521,17 @@ impl SitePolicy {
         let Some(schema) = &spec.schema else {
             return Ok(());
         };
-        if !self.allowed_targets.allows(&schema.target.column) {
-            return Err(Refusal::TargetNotAllowed(schema.target.column.clone()));
+        // A spec without a valid design is refused by validation and cannot be loaded; the
+        // column rules apply to every column the design reads.
+        let Ok(plan) = spec.design() else {
+            return Ok(());
+        };
+        if !self.allowed_targets.allows(plan.response.column()) {
+            return Err(Refusal::TargetNotAllowed(plan.response.column().to_owned()));
         }
-        let features = schema
-            .numeric
-            .iter()
-            .map(|f| &f.column)
-            .chain(schema.categorical.iter().map(|f| &f.column));
-        for column in features {
+        for column in design_features(&plan) {
             if !self.allowed_features.allows(column) {
-                return Err(Refusal::FeatureNotAllowed(column.clone()));
+                return Err(Refusal::FeatureNotAllowed(column.to_owned()));
             }
         }
         if let Some(f) = schema
@@ -509,11 +559,18 @@ impl SitePolicy {
             });
         }
         let params = spec.num_params();
+        // An exact fit releases XᵀWX and XᵀWz at each node: with few rows per parameter they
+        // pin the rows down, so at least EXACT_MIN_ROWS_PER_PARAM hold whatever the policy.
+        let per_param = if spec.is_exact_glm() {
+            self.min_rows_per_param.max(EXACT_MIN_ROWS_PER_PARAM)
+        } else {
+            self.min_rows_per_param
+        };
         // Compared in f64: exact for any realistic count, and the limit may be fractional.
-        if (train_rows as f64) < params as f64 * self.min_rows_per_param {
+        if (train_rows as f64) < params as f64 * per_param {
             return Err(Refusal::Saturated {
                 params,
-                per_param: self.min_rows_per_param.to_string(),
+                per_param: per_param.to_string(),
             });
         }
         Ok(())

@@ -11,14 +11,18 @@ use std::time::SystemTime;
 
 use fedstat_core::aggregate::Values;
 use fedstat_core::algorithm::{self, standardize};
-use fedstat_core::data::{column_sums, load_csv, LoadLimits, LocalData, Standardization, StandardizationExt};
+use fedstat_core::data::{
+    column_sums, load_design_with_codes, LoadLimits, LocalData, Standardization, StandardizationExt,
+};
 use fedstat_core::model::{evaluate, train_sgd};
 use fedstat_core::spec::ModelKind;
+use fedstat_core::data::{load_frame, FrameRequest};
 use fedstat_core::tabulate;
+use fedstat_proto::table::TableRows;
 use fedstat_proto::wire::{Phase, Task};
 use rand::{Rng, SeedableRng};
 
-use crate::disclosure::{check_cells, released_sets};
+use crate::disclosure::{check_cells, released_sets, table_set};
 use crate::governance::Governance;
 use crate::policy::Refusal;
 use crate::{Error, Result};
@@ -198,29 +202,54 @@ impl Worker {
             .datasets
             .get(&spec.dataset)
             .ok_or_else(|| Error::UnknownDataset(spec.dataset.clone()))?;
-        let file = std::fs::File::open(path).map_err(|e| Error::Io {
-            action: "cannot read",
-            path: path.clone(),
-            source: e,
-        })?;
-        let label = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let max_rows = policy.max_cells() / (1 + layout.by.len() + layout.numeric.len()) as u64;
-        let cols = tabulate::read_columns(&label, file, &layout, &schema.split_column, max_rows)?;
-        policy
-            .check_rows(spec, cols.selected_rows())
-            .map_err(Error::Policy)?;
+        let request = FrameRequest {
+            split_column: schema.split_column.clone(),
+            numeric: layout.numeric.iter().map(|n| n.column.clone()).collect(),
+            categorical: layout.by.iter().cloned().zip(layout.levels.iter().cloned()).collect(),
+        };
+        let limits = LoadLimits {
+            max_cells: policy.max_cells(),
+        };
+        let frame = load_frame(path, &request, limits)?;
+        let selected: Vec<bool> = frame
+            .train
+            .iter()
+            .map(|&train| match layout.rows {
+                TableRows::Train => train,
+                TableRows::Test => !train,
+                TableRows::All => true,
+            })
+            .collect();
+        let rows = selected.iter().filter(|s| **s).count() as u64;
+        policy.check_rows(spec, rows).map_err(Error::Policy)?;
+        // The table's population is recorded like a split (differencing between experiments);
+        // within the table, its suppression rules protect the cells.
+        let ids = frame.ids.iter().zip(&selected).filter(|(_, s)| **s).map(|(id, _)| *id);
+        self.gov
+            .check_release(task, &[table_set(layout.rows.as_str(), ids)])?;
+        let mut codes: Vec<&[u32]> = Vec::new();
+        for col in &layout.by {
+            let f = frame
+                .categorical
+                .get(col)
+                .ok_or_else(|| shared_model("the loader lost a `by` column"))?;
+            codes.push(&f.codes);
+        }
+        let mut values: Vec<&[f64]> = Vec::new();
+        for n in &layout.numeric {
+            let v = frame
+                .numeric
+                .get(&n.column)
+                .ok_or_else(|| shared_model("the loader lost a numeric column"))?;
+            values.push(v);
+        }
         // The stricter of the custodian's rules and the researcher's.
         let rules = tabulate::CellRules {
             min_cell: policy.min_cell,
             dominance_n: policy.dominance_n.max(form.dominance_n) as usize,
             dominance_k: policy.dominance_k.min(form.dominance_k),
         };
-        let codes: Vec<&[u32]> = cols.codes.iter().map(Vec::as_slice).collect();
-        let values: Vec<&[f64]> = cols.values.iter().map(Vec::as_slice).collect();
-        let t = tabulate::tabulate(&layout, &codes, &values, &cols.selected, rules.dominance_n)
+        let t = tabulate::tabulate(&layout, &codes, &values, &selected, rules.dominance_n)
             .map_err(fedstat_core::Error::from)?;
         let (answer, suppressed) =
             tabulate::node_answer(&layout, &t, rules).map_err(fedstat_core::Error::from)?;
@@ -238,10 +267,7 @@ impl Worker {
     /// kind comes from data that fails them.
     fn data(&self, task: &Task, manifest: &str) -> Result<Arc<LocalData>> {
         let spec = &task.spec;
-        let schema = spec
-            .schema
-            .as_ref()
-            .ok_or_else(|| shared_model("the experiment has no schema"))?;
+        let plan = spec.design().map_err(fedstat_core::data::design_error)?;
         let path = self
             .datasets
             .get(&spec.dataset)
@@ -267,13 +293,13 @@ impl Worker {
             let limits = LoadLimits {
                 max_cells: policy.max_cells(),
             };
-            let raw = load_csv(path, schema, spec.model, limits)?;
+            let (raw, codes) = load_design_with_codes(path, &plan, Some(&self.name), limits)?;
             policy
                 .check_rows(spec, raw.train.rows() as u64)
                 .map_err(Error::Policy)?;
-            check_cells(schema, spec.model, &raw, policy.min_cell).map_err(Error::Policy)?;
+            check_cells(&plan, &raw, &codes, policy.min_cell).map_err(Error::Policy)?;
             self.gov
-                .check_release(task, &released_sets(schema, spec.model, &raw))?;
+                .check_release(task, &released_sets(&plan, &raw, &codes))?;
             while cache.len() >= CACHE_SIZE {
                 let Some(oldest) = cache.iter().min_by_key(|(_, p)| p.seq).map(|(k, _)| k.clone()) else {
                     break;
@@ -301,7 +327,7 @@ impl Worker {
                 return Ok(s.clone());
             }
         }
-        st.validate(schema.design_width())?;
+        st.validate(plan.columns.len())?;
         let mut data = (*entry.raw).clone();
         st.apply(&mut data.train.x);
         st.apply(&mut data.test.x);

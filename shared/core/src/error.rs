@@ -104,6 +104,8 @@ pub enum CsvProblem {
     NotANumber,
     NotFinite,
     NotPositiveForLog,
+    /// A weight below zero.
+    Negative,
     UnknownLevel,
     BadSplit,
 }
@@ -121,9 +123,8 @@ impl CsvProblem {
             CsvProblem::MissingValueMarker => "a value is missing (NA)",
             CsvProblem::NotANumber => "a value is not a number",
             CsvProblem::NotFinite => "a value is not a finite number",
-            CsvProblem::NotPositiveForLog => {
-                "a value is not positive, so its logarithm (target.log) is undefined"
-            }
+            CsvProblem::NotPositiveForLog => "a value is not positive, so its logarithm is undefined",
+            CsvProblem::Negative => "a value is negative, and weights must be zero or positive",
             CsvProblem::UnknownLevel => {
                 "a value is not one of the levels listed in the experiment (levels are case-sensitive)"
             }
@@ -153,8 +154,9 @@ impl std::fmt::Display for CsvProblem {
                 f.write_str("value is not a finite number (or too large for a 64-bit float)")
             }
             CsvProblem::NotPositiveForLog => {
-                f.write_str("value is not positive, so its logarithm (target.log) is undefined")
+                f.write_str("value is not positive, so its logarithm is undefined")
             }
+            CsvProblem::Negative => f.write_str("value is negative, and weights must be zero or positive"),
             CsvProblem::UnknownLevel => f.write_str(
                 "value is not one of the levels listed in the experiment (levels are case-sensitive)",
             ),

@@ -748,8 +748,5 @@ pub fn quantile(edges: &[f64], hist: &[f64], q: f64) -> Option<f64> {
     edges.last().copied()
 }
 
-mod read;
-pub use read::{read_columns, Columns};
-
 #[cfg(test)]
 mod tests;
