@@ -145,7 +145,10 @@ fn a_small_cell_at_one_office_is_suppressed_with_its_complement() {
         "small.toml",
         &experiment(
             "ethnicity x smsa",
-            "by = [\"ethnicity\", \"smsa\"]\nnumeric = [{ column = \"wage\", min = 0, max = 20000 }]",
+            // With the default (2, 85%) office-level rule, afam × (all) would also go: the south
+            // and one other office hold over 85% of it. This test is about the small cell.
+            "by = [\"ethnicity\", \"smsa\"]\ndominance_n = 1\ndominance_k = 95\n\
+             numeric = [{ column = \"wage\", min = 0, max = 20000 }]",
         ),
     );
     let s = fed.wait_finished(id, Duration::from_secs(60));
