@@ -32,13 +32,13 @@ pub fn write(dir: &Path, header: &ResultsHeader, params: &[f64]) -> Result<Vec<S
     };
     // Through unpredictable `O_EXCL` temporaries: a shared `--out` folder may hold planted symlinks.
     atomic_write(&dir.join("parameters.bin"), &bytes, Access::OwnerOnly)?;
-    let mut files = vec![
-        "model.json".into(),
-        "metrics.csv".into(),
-        "parameters.bin".into(),
-    ];
+    let mut files = vec!["model.json".into(), "metrics.csv".into(), "parameters.bin".into()];
     if let Some(Output::Table(table)) = &header.output {
-        atomic_write(&dir.join("table.csv"), table_csv(table).as_bytes(), Access::OwnerOnly)?;
+        atomic_write(
+            &dir.join("table.csv"),
+            table_csv(table).as_bytes(),
+            Access::OwnerOnly,
+        )?;
         let text = serde_json::to_string_pretty(table).map_err(|e| Error::Protocol(e.to_string()))?;
         atomic_write(&dir.join("table.json"), text.as_bytes(), Access::OwnerOnly)?;
         files.extend(["table.csv".into(), "table.json".into()]);
@@ -67,14 +67,13 @@ fn cell_status(c: &TableCell) -> String {
 /// statistics; a suppressed cell's statistics are empty, never zero.
 pub fn table_csv(t: &TableOutput) -> String {
     let mut out = String::new();
-    let head: Vec<String> = t
-        .by
-        .iter()
-        .map(String::as_str)
-        .chain(std::iter::once("status"))
-        .chain(t.stats.iter().map(String::as_str))
-        .map(csv_field)
-        .collect();
+    let head: Vec<String> =
+        t.by.iter()
+            .map(String::as_str)
+            .chain(std::iter::once("status"))
+            .chain(t.stats.iter().map(String::as_str))
+            .map(csv_field)
+            .collect();
     let _ = writeln!(out, "{}", head.join(","));
     for c in &t.cells {
         let mut row: Vec<String> = c.key.iter().map(|k| csv_field(k)).collect();
@@ -100,12 +99,20 @@ pub fn table_text(t: &TableOutput) -> String {
     for c in &t.cells {
         let mut row: Vec<String> = c.key.clone();
         row.extend(c.values.iter().map(fmt));
-        row.push(c.suppressed.map_or(String::new(), |r| format!("suppressed ({})", r.as_str())));
+        row.push(
+            c.suppressed
+                .map_or(String::new(), |r| format!("suppressed ({})", r.as_str())),
+        );
         rows.push(row);
     }
     let cols = rows[0].len();
     let widths: Vec<usize> = (0..cols)
-        .map(|i| rows.iter().map(|r| r.get(i).map_or(0, |s| s.chars().count())).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in &rows {

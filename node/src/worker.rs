@@ -14,9 +14,9 @@ use fedstat_core::algorithm::{self, standardize};
 use fedstat_core::data::{
     column_sums, load_design_with_codes, LoadLimits, LocalData, Standardization, StandardizationExt,
 };
+use fedstat_core::data::{load_frame, FrameRequest};
 use fedstat_core::model::{evaluate, train_sgd};
 use fedstat_core::spec::ModelKind;
-use fedstat_core::data::{load_frame, FrameRequest};
 use fedstat_core::tabulate;
 use fedstat_proto::table::TableRows;
 use fedstat_proto::wire::{Phase, Task};
@@ -205,7 +205,12 @@ impl Worker {
         let request = FrameRequest {
             split_column: schema.split_column.clone(),
             numeric: layout.numeric.iter().map(|n| n.column.clone()).collect(),
-            categorical: layout.by.iter().cloned().zip(layout.levels.iter().cloned()).collect(),
+            categorical: layout
+                .by
+                .iter()
+                .cloned()
+                .zip(layout.levels.iter().cloned())
+                .collect(),
         };
         let limits = LoadLimits {
             max_cells: policy.max_cells(),
@@ -224,7 +229,12 @@ impl Worker {
         policy.check_rows(spec, rows).map_err(Error::Policy)?;
         // The table's population is recorded like a split (differencing between experiments);
         // within the table, its suppression rules protect the cells.
-        let ids = frame.ids.iter().zip(&selected).filter(|(_, s)| **s).map(|(id, _)| *id);
+        let ids = frame
+            .ids
+            .iter()
+            .zip(&selected)
+            .filter(|(_, s)| **s)
+            .map(|(id, _)| *id);
         self.gov
             .check_release(task, &[table_set(layout.rows.as_str(), ids)])?;
         let mut codes: Vec<&[u32]> = Vec::new();

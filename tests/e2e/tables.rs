@@ -85,7 +85,10 @@ fn tables_match_the_pooled_pandas_figures() {
     );
     let counts = fed.submit(
         "counts.toml",
-        &experiment("ethnicity x smsa x parttime", "by = [\"ethnicity\", \"smsa\", \"parttime\"]"),
+        &experiment(
+            "ethnicity x smsa x parttime",
+            "by = [\"ethnicity\", \"smsa\", \"parttime\"]",
+        ),
     );
     let reference = reference();
 
@@ -94,7 +97,15 @@ fn tables_match_the_pooled_pandas_figures() {
     let (table, csv, text) = results(&fed, wages, "wages");
     assert_eq!(
         table["header"],
-        serde_json::json!(["ethnicity", "smsa", "count", "wage_sum", "wage_mean", "wage_var", "wage_q0.5"])
+        serde_json::json!([
+            "ethnicity",
+            "smsa",
+            "count",
+            "wage_sum",
+            "wage_mean",
+            "wage_var",
+            "wage_q0.5"
+        ])
     );
     // Every office holds at least 5 rows in every cell, and no office dominates beyond 95%:
     // the whole table is published.
@@ -119,13 +130,19 @@ fn tables_match_the_pooled_pandas_figures() {
     assert_eq!(s["state"], "Completed", "{s:#}");
     let (table, _, _) = results(&fed, counts, "counts");
     let mut published = 0;
-    for want in reference["counts_ethnicity_smsa_parttime"].as_array().expect("counts") {
+    for want in reference["counts_ethnicity_smsa_parttime"]
+        .as_array()
+        .expect("counts")
+    {
         let c = cell(&table, &want["key"]);
         if c["suppressed"].is_null() {
             assert_eq!(c["values"][0].as_f64(), want["count"].as_f64(), "{c}");
             published += 1;
         } else {
-            assert!(c["values"].as_array().expect("values").iter().all(Value::is_null), "{c}");
+            assert!(
+                c["values"].as_array().expect("values").iter().all(Value::is_null),
+                "{c}"
+            );
         }
     }
     // afam × no × yes has 1, 2, 28 and 2 rows at the four offices: three suppress it.
@@ -158,8 +175,14 @@ fn a_small_cell_at_one_office_is_suppressed_with_its_complement() {
     assert_eq!(status(["afam", "no"]), "node", "{table:#}");
     let row = [status(["afam", "yes"])];
     let col = [status(["cauc", "no"])];
-    assert!(row.iter().any(|s| !s.is_null()), "no complement in the row: {table:#}");
-    assert!(col.iter().any(|s| !s.is_null()), "no complement in the column: {table:#}");
+    assert!(
+        row.iter().any(|s| !s.is_null()),
+        "no complement in the row: {table:#}"
+    );
+    assert!(
+        col.iter().any(|s| !s.is_null()),
+        "no complement in the column: {table:#}"
+    );
     for margin in [["(all)", "(all)"], ["afam", "(all)"], ["(all)", "no"]] {
         assert!(status(margin).is_null(), "{margin:?}: {table:#}");
     }
@@ -169,7 +192,10 @@ fn a_small_cell_at_one_office_is_suppressed_with_its_complement() {
     for want in reference["wage_by_ethnicity_smsa"].as_array().expect("wages") {
         let c = cell(&table, &want["key"]);
         if !c["suppressed"].is_null() {
-            assert!(c["values"].as_array().expect("values").iter().all(Value::is_null), "{c}");
+            assert!(
+                c["values"].as_array().expect("values").iter().all(Value::is_null),
+                "{c}"
+            );
             hidden.push(want["count"].to_string());
             hidden.push(format!("{}", want["sum"].as_f64().expect("sum")));
         }
@@ -179,11 +205,14 @@ fn a_small_cell_at_one_office_is_suppressed_with_its_complement() {
     for file in ["table.csv", "table.json", "model.json", "metrics.csv"] {
         let body = std::fs::read_to_string(out.join(file)).expect(file);
         let fields: Vec<&str> = body
-            .split(|c: char| c == ',' || c == '\n' || c == ' ' || c == ':' || c == '[' || c == ']')
+            .split([',', '\n', ' ', ':', '[', ']'])
             .map(|f| f.trim())
             .collect();
         for h in &hidden {
-            assert!(!fields.contains(&h.as_str()), "{file} holds the suppressed figure {h}:\n{body}");
+            assert!(
+                !fields.contains(&h.as_str()),
+                "{file} holds the suppressed figure {h}:\n{body}"
+            );
         }
     }
     for line in csv.lines().filter(|l| l.contains("suppressed")) {

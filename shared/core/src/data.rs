@@ -194,13 +194,15 @@ fn design_from_reader(
                 (a, b) if a == b => a.clone(),
                 (Rule::Number, r @ (Rule::Positive | Rule::NonNegative))
                 | (r @ (Rule::Positive | Rule::NonNegative), Rule::Number) => r.clone(),
-                _ => return Err(Error::config(
-                    "experiment",
-                    "formula",
-                    format!(
+                _ => {
+                    return Err(Error::config(
+                        "experiment",
+                        "formula",
+                        format!(
                         "column `{column}` is used both as a number and as a factor, or with two conditions"
                     ),
-                )),
+                    ))
+                }
             };
             requests[i].1 = merged;
             Ok(i)

@@ -73,6 +73,9 @@ fn spec_err(key: &str, problem: impl Into<String>) -> TableError {
     }
 }
 
+/// A validated form: its `by` columns, their levels, and the form.
+type Sized<'a> = (Vec<String>, Vec<Vec<String>>, &'a TableSpec);
+
 /// The shape of a table and of every answer to it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
@@ -141,7 +144,7 @@ impl Layout {
     }
 
     /// Validation of the form, returning the `by` columns and their levels.
-    fn sized(spec: &ExperimentSpec) -> Result<(Vec<String>, Vec<Vec<String>>, &TableSpec), TableError> {
+    fn sized(spec: &ExperimentSpec) -> Result<Sized<'_>, TableError> {
         let t = spec
             .table
             .as_ref()
@@ -209,7 +212,9 @@ impl Layout {
             if !(finite && n.min < n.max && n.min.abs() <= MAX_BOUND && n.max.abs() <= MAX_BOUND) {
                 return Err(spec_err(
                     "table.numeric.min",
-                    format!("column `{col}`: min and max must be finite, min < max, both within ±{MAX_BOUND}"),
+                    format!(
+                        "column `{col}`: min and max must be finite, min < max, both within ±{MAX_BOUND}"
+                    ),
                 ));
             }
             if !n.bins.is_empty() {
@@ -231,9 +236,7 @@ impl Layout {
                     ));
                 }
             }
-            if n.quantiles.len() > MAX_QUANTILES
-                || !n.quantiles.iter().all(|q| (0.0..=1.0).contains(q))
-            {
+            if n.quantiles.len() > MAX_QUANTILES || !n.quantiles.iter().all(|q| (0.0..=1.0).contains(q)) {
                 return Err(spec_err(
                     "table.numeric.quantiles",
                     format!("column `{col}`: at most {MAX_QUANTILES} probabilities in [0, 1]"),
@@ -292,10 +295,7 @@ impl Layout {
 
     /// Whether element `idx` sums over at least one dimension.
     pub fn is_margin(&self, idx: usize) -> bool {
-        self.key(idx)
-            .iter()
-            .zip(&self.levels)
-            .any(|(k, l)| *k == l.len())
+        self.key(idx).iter().zip(&self.levels).any(|(k, l)| *k == l.len())
     }
 
     /// Every line: the elements it sums along one dimension, then the element holding the sum.
@@ -500,7 +500,11 @@ pub fn tabulate(
 /// The node's answer: primary suppression by its rules, secondary suppression with its margins
 /// treated as known, then the encoded vector (suppressed elements all zero but the flag).
 /// Also returns how many elements were suppressed, for the node's log.
-pub fn node_answer(layout: &Layout, t: &Tabulated, rules: CellRules) -> Result<(Vec<f64>, usize), TableError> {
+pub fn node_answer(
+    layout: &Layout,
+    t: &Tabulated,
+    rules: CellRules,
+) -> Result<(Vec<f64>, usize), TableError> {
     let nm = layout.numeric.len();
     let mut status: Vec<Option<Suppression>> = vec![None; layout.elements];
     for (e, st) in status.iter_mut().enumerate() {
@@ -572,10 +576,7 @@ pub fn protect(
         let mut changed = false;
         // The line rule: no line with exactly one unknown.
         for line in &layout.lines {
-            let unknown = line
-                .iter()
-                .filter(|&&e| status[e].is_some() && !fixed(e))
-                .count();
+            let unknown = line.iter().filter(|&&e| status[e].is_some() && !fixed(e)).count();
             if unknown == 1 {
                 let pick = line
                     .iter()
@@ -648,7 +649,11 @@ fn determined(layout: &Layout, unknowns: &[usize]) -> Result<Vec<usize>, TableEr
     }
     let mut rows_of: Vec<usize> = Vec::new();
     for (l, line) in layout.lines.iter().enumerate() {
-        let cols: Vec<usize> = line.iter().map(|&e| col[e]).filter(|&c| c != usize::MAX).collect();
+        let cols: Vec<usize> = line
+            .iter()
+            .map(|&e| col[e])
+            .filter(|&c| c != usize::MAX)
+            .collect();
         if let Some(&first) = cols.first() {
             rows_of.push(l);
             for &c in &cols[1..] {

@@ -74,7 +74,8 @@ pub fn check(layout: &Layout, v: &[f64]) -> Result<(), String> {
                 return Err(format!("table: a sum of |`{col}`| is inconsistent"));
             }
             let least_sq = if n == 0 { 0.0 } else { s * s / nf };
-            if sq < least_sq - 1e-9 * sq.abs().max(least_sq).max(1.0) || sq > nf * b * b * (1.0 + 1e-9) + 1e-9 {
+            if sq < least_sq - 1e-9 * sq.abs().max(least_sq).max(1.0) || sq > nf * b * b * (1.0 + 1e-9) + 1e-9
+            {
                 return Err(format!("table: a sum of squares of `{col}` is inconsistent"));
             }
             if !close(scaled, (abs / b).powi(2)) {
@@ -87,7 +88,9 @@ pub fn check(layout: &Layout, v: &[f64]) -> Result<(), String> {
                     total += count(*h).ok_or("table: a histogram count is not a whole number")?;
                 }
                 if total != n {
-                    return Err(format!("table: the histogram of `{col}` does not add up to the count"));
+                    return Err(format!(
+                        "table: the histogram of `{col}` does not add up to the count"
+                    ));
                 }
             }
         }
@@ -381,9 +384,15 @@ numeric = [{ column = "wage", min = 0, max = 100, bins = [0, 50, 100], quantiles
             }
         }
         let v1 = office(&a, &b, &x);
-        let keep: Vec<usize> = (0..a.len()).filter(|&r| !(a[r] == 2 && b[r] == 1) || x[r] == 21.0).collect();
+        let keep: Vec<usize> = (0..a.len())
+            .filter(|&r| !(a[r] == 2 && b[r] == 1) || x[r] == 21.0)
+            .collect();
         let pick = |v: &[u32]| keep.iter().map(|&r| v[r]).collect::<Vec<_>>();
-        let v2 = office(&pick(&a), &pick(&b), &keep.iter().map(|&r| x[r]).collect::<Vec<_>>());
+        let v2 = office(
+            &pick(&a),
+            &pick(&b),
+            &keep.iter().map(|&r| x[r]).collect::<Vec<_>>(),
+        );
         let sum: Vec<f64> = v1.iter().zip(&v2).map(|(p, q)| p + q).collect();
         let out = pool(&spec, &layout, &sum).expect("pool");
         let cell = |k: [&str; 2]| out.cells.iter().find(|c| c.key == k).expect("cell");
@@ -394,16 +403,34 @@ numeric = [{ column = "wage", min = 0, max = 100, bins = [0, 50, 100], quantiles
             assert!(c.values.iter().all(Option::is_none));
         }
         // Published interior cells: 8 rows, values v..v+3 twice: mean v + 1.5, variance 8/7 · 1.25.
-        let published: Vec<_> = out.cells.iter().filter(|c| !c.margin && c.suppressed.is_none()).collect();
+        let published: Vec<_> = out
+            .cells
+            .iter()
+            .filter(|c| !c.margin && c.suppressed.is_none())
+            .collect();
         assert!(!published.is_empty());
         for c in published {
-            let i = ["x", "y", "z"].iter().position(|l| *l == c.key[0]).expect("level") as f64;
+            let i = ["x", "y", "z"]
+                .iter()
+                .position(|l| *l == c.key[0])
+                .expect("level") as f64;
             let j = ["p", "q"].iter().position(|l| *l == c.key[1]).expect("level") as f64;
             assert_eq!(c.values[0], Some(8.0));
             assert_eq!(c.values[2], Some(10.0 * i + j + 1.5));
             assert!((c.values[3].expect("var") - 1.25 * 8.0 / 7.0).abs() < 1e-12);
         }
-        assert_eq!(out.header, ["a", "b", "count", "wage_sum", "wage_mean", "wage_var", "wage_q0.5"]);
+        assert_eq!(
+            out.header,
+            [
+                "a",
+                "b",
+                "count",
+                "wage_sum",
+                "wage_mean",
+                "wage_var",
+                "wage_q0.5"
+            ]
+        );
     }
 
     #[test]
@@ -413,11 +440,8 @@ numeric = [{ column = "wage", min = 0, max = 100, bins = [0, 50, 100], quantiles
         let good = vec![0.0; layout.answer_len()];
         assert!(check(&layout, &good).is_ok());
         let w = layout.width;
-        let cases: Vec<(usize, f64, &str)> = vec![
-            (0, 0.5, "flag"),
-            (1, 2.5, "count"),
-            (w + 1, 3.0, "margins"),
-        ];
+        let cases: Vec<(usize, f64, &str)> =
+            vec![(0, 0.5, "flag"), (1, 2.5, "count"), (w + 1, 3.0, "margins")];
         for (i, value, rule) in cases {
             let mut v = good.clone();
             v[i] = value;
@@ -430,6 +454,8 @@ numeric = [{ column = "wage", min = 0, max = 100, bins = [0, 50, 100], quantiles
         let mut v = good.clone();
         v[0] = 1.0;
         v[1] = 4.0;
-        assert!(check(&layout, &v).expect_err("values").contains("suppressed cell carries"));
+        assert!(check(&layout, &v)
+            .expect_err("values")
+            .contains("suppressed cell carries"));
     }
 }

@@ -160,11 +160,23 @@ fn a_bridge_between_two_cycles_is_protected() {
     let l = layout(&[4, 4], vec![]);
     let mut status = vec![None; l.elements];
     let mut size = vec![100u64; l.elements];
-    for k in [[0, 0], [0, 1], [1, 0], [1, 1], [2, 2], [2, 3], [3, 2], [3, 3], [0, 2]] {
+    for k in [
+        [0, 0],
+        [0, 1],
+        [1, 0],
+        [1, 1],
+        [2, 2],
+        [2, 3],
+        [3, 2],
+        [3, 3],
+        [0, 2],
+    ] {
         status[l.index(&k)] = Some(Suppression::MinCell);
         size[l.index(&k)] = 1;
     }
-    assert!(!determined(&l, &unknowns(&status, &l, true)).expect("det").is_empty());
+    assert!(!determined(&l, &unknowns(&status, &l, true))
+        .expect("det")
+        .is_empty());
     protect(&l, &size, &mut status, true).expect("protect");
     assert_no_cell_determined(&l, &status, true);
 }
