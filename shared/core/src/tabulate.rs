@@ -596,11 +596,27 @@ pub fn protect(
             .filter(|&e| status[e].is_some() && !fixed(e))
             .collect();
         for s in determined(layout, &unknowns)? {
-            let pick = layout.member[s]
-                .iter()
-                .flat_map(|&l| layout.lines[l].iter().copied())
-                .filter(|&e| status[e].is_none() && !fixed(e))
-                .min_by_key(|&e| rank(e))
+            // A candidate on the determined element's own lines; failing that (its lines are
+            // all suppressed, and it follows through others), on any line with an unknown.
+            let candidate = |elements: &mut dyn Iterator<Item = usize>| {
+                elements
+                    .filter(|&e| status[e].is_none() && !fixed(e))
+                    .min_by_key(|&e| rank(e))
+            };
+            let own = candidate(
+                &mut layout.member[s]
+                    .iter()
+                    .flat_map(|&l| layout.lines[l].iter().copied()),
+            );
+            let pick = own
+                .or_else(|| {
+                    candidate(
+                        &mut unknowns
+                            .iter()
+                            .flat_map(|&u| layout.member[u].iter())
+                            .flat_map(|&l| layout.lines[l].iter().copied()),
+                    )
+                })
                 .ok_or(TableError::Unprotectable)?;
             if status[pick].is_none() {
                 status[pick] = Some(Suppression::Secondary);
