@@ -19,7 +19,9 @@
 //! combination of line sums ([`protect`]).
 //!
 //! **Secondary suppression** ([`protect`]): every line (an element and the elements it sums,
-//! along one dimension) that holds an unknown (suppressed) element must hold at least two;
+//! along one dimension) that holds an unknown (suppressed) element must hold at least two,
+//! and when its total is published the suppressed parts must hold `min_cell` rows together
+//! (else their sum, total less the published parts, releases a small group);
 //! the smallest published element of the line is suppressed (non-empty cells first), to a
 //! fixed point. That rule alone can leave a suppressed cell determined (a "bridge" between two
 //! suppressed cycles), so the fixed point is then checked exactly: the line equations
@@ -523,7 +525,7 @@ pub fn node_answer(
             *st = Some(Suppression::Dominance);
         }
     }
-    protect(layout, &t.counts, &mut status, true)?;
+    protect(layout, &t.counts, &mut status, true, rules.min_cell)?;
     let mut out = vec![0f64; layout.answer_len()];
     for (e, st) in status.iter().enumerate() {
         let base = e * layout.width;
@@ -568,16 +570,27 @@ pub fn protect(
     size: &[u64],
     status: &mut [Option<Suppression>],
     margins_known: bool,
+    min_cell: u64,
 ) -> Result<(), TableError> {
     let margin: Vec<bool> = (0..layout.elements).map(|e| layout.is_margin(e)).collect();
     let fixed = |e: usize| margins_known && margin[e];
     let rank = |e: usize| (size[e] == 0, size[e], e);
     loop {
         let mut changed = false;
-        // The line rule: no line with exactly one unknown.
+        // The line rules: no line with exactly one unknown, and where the line's total is
+        // published, the unknowns it sums hold no rows or at least `min_cell` together (their
+        // sum is the total less the published parts: a group of its own).
         for line in &layout.lines {
             let unknown = line.iter().filter(|&&e| status[e].is_some() && !fixed(e)).count();
-            if unknown == 1 {
+            let (total, parts) = line.split_last().ok_or(TableError::Shape("an empty line"))?;
+            let total_known = status[*total].is_none() || fixed(*total);
+            let group: u64 = parts
+                .iter()
+                .filter(|&&e| status[e].is_some() && !fixed(e))
+                .map(|&e| size[e])
+                .sum();
+            let small_group = total_known && group > 0 && group < min_cell;
+            if unknown == 1 || (unknown > 1 && small_group) {
                 let pick = line
                     .iter()
                     .copied()

@@ -148,7 +148,7 @@ pub fn pool(spec: &ExperimentSpec, layout: &Layout, pooled: &[f64]) -> Result<Ta
             *st = Some(Suppression::Dominance);
         }
     }
-    protect(layout, &counts, &mut status, false).map_err(|e| e.to_string())?;
+    protect(layout, &counts, &mut status, false, t.min_cell).map_err(|e| e.to_string())?;
 
     let mut cells = Vec::with_capacity(layout.elements);
     let stats = stat_names(layout);
