@@ -24,7 +24,6 @@ fn federation(min_cell: u64) -> Fed {
 
 const SCHEMA: &str = r#"
 [schema]
-target = { column = "wage" }
 categorical = [
   { column = "ethnicity", levels = ["cauc", "afam"], reference = "cauc" },
   { column = "smsa", levels = ["yes", "no"], reference = "yes" },
