@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fedstat_core::data::{column_sums, load_csv, Design, LoadLimits, Standardization, StandardizationExt};
+use fedstat_core::data::{column_sums, load_design, Design, LoadLimits, Standardization, StandardizationExt};
 use fedstat_core::glm::{fit_pooled, Family};
 use fedstat_core::model::{evaluate, fit_central, metrics, Metrics};
 use fedstat_core::spec::ExperimentSpec;
@@ -388,22 +388,26 @@ async fn follow(
 
 /// An exact GLM fitted on all files' training rows pooled in this process.
 pub fn central_glm(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result<GlmSummary> {
-    let schema = spec
-        .schema
-        .as_ref()
-        .ok_or_else(|| Error::Demo("the experiment has no schema".into()))?;
+    let plan = spec.design().map_err(fedstat_core::data::design_error)?;
     let family = Family::of(spec.model).ok_or_else(|| Error::Demo("not a GLM".into()))?;
     let mut train: Vec<Design> = Vec::new();
-    for (_, path) in files {
-        train.push(load_csv(path, schema, spec.model, LoadLimits::UNLIMITED)?.train);
+    for (office, path) in files {
+        train.push(load_design(path, &plan, Some(office), LoadLimits::UNLIMITED)?.train);
     }
     let xs: Vec<_> = train.iter().map(|d| d.x.view()).collect();
     let ys: Vec<_> = train.iter().map(|d| d.y.view()).collect();
+    // Weights and offsets pooled like the rows (absent in every file or present in all).
+    let pool = |part: fn(&Design) -> Option<&ndarray::Array1<f64>>| -> Result<Option<ndarray::Array1<f64>>> {
+        let parts: Option<Vec<_>> = train.iter().map(|d| part(d).map(|a| a.view())).collect();
+        parts
+            .map(|p| concatenate(Axis(0), &p).map_err(|e| Error::Demo(format!("pooling rows: {e}"))))
+            .transpose()
+    };
     let pooled = Design {
         x: concatenate(Axis(0), &xs).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?,
         y: concatenate(Axis(0), &ys).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?,
-        weights: None,
-        offset: None,
+        weights: pool(|d| d.weights.as_ref())?,
+        offset: pool(|d| d.offset.as_ref())?,
         ids: Vec::new(),
     };
     Ok(fit_pooled(
@@ -441,20 +445,17 @@ fn print_glm_comparison(columns: &[String], fed: &GlmSummary, central: &GlmSumma
 /// Fit the experiment's model on all files' rows pooled, as a statistician would without
 /// federation, and score it on the pooled test rows.
 pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result<Metrics> {
-    let schema = spec
-        .schema
-        .as_ref()
-        .ok_or_else(|| Error::Demo("the experiment has no schema".into()))?;
+    let plan = spec.design().map_err(fedstat_core::data::design_error)?;
     let mut train: Vec<Design> = Vec::new();
     let mut test: Vec<Design> = Vec::new();
     let mut sums = Vec::new();
-    for (_, path) in files {
-        let d = load_csv(path, schema, spec.model, LoadLimits::UNLIMITED)?;
+    for (office, path) in files {
+        let d = load_design(path, &plan, Some(office), LoadLimits::UNLIMITED)?;
         sums.push(column_sums(d.train.x.view()));
         train.push(d.train);
         test.push(d.test);
     }
-    let names: Vec<String> = schema.design_columns().into_iter().skip(1).collect();
+    let names: Vec<String> = plan.names().into_iter().skip(1).collect();
     let st = Standardization::from_sums(&sums, &names)?;
     let stack = |parts: &[Design]| -> Result<Design> {
         let xs: Vec<_> = parts.iter().map(|d| d.x.view()).collect();
@@ -479,7 +480,7 @@ pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result
         pooled_train.x.view(),
         pooled_train.y.view(),
         spec.training.l2,
-        &schema.design_columns(),
+        &plan.names(),
     )?;
     let sums = evaluate(spec.model, pooled_test.x.view(), pooled_test.y.view(), &beta)?;
     Ok(metrics(spec.model, &sums))

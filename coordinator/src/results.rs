@@ -7,8 +7,9 @@ use std::path::Path;
 
 use fedstat_core::files::{atomic_write, Access};
 use fedstat_core::model::{unstandardize, Metrics};
-use fedstat_core::spec::ModelKind;
+use fedstat_proto::design::Response;
 use fedstat_proto::output::{GlmSummary, Output, TestStatistic};
+use fedstat_proto::table::{TableCell, TableOutput};
 use fedstat_proto::wire::{DType, ExperimentStatus, NodeInfo, ResultsHeader, RoundRecord};
 use serde_json::json;
 
@@ -39,6 +40,16 @@ pub fn write(dir: &Path, header: &ResultsHeader, params: &[f64]) -> Result<Vec<S
             Access::OwnerOnly,
         )?;
         files.push("coefficients.csv".into());
+    }
+    if let Some(Output::Table(table)) = &header.output {
+        atomic_write(
+            &dir.join("table.csv"),
+            table_csv(table).as_bytes(),
+            Access::OwnerOnly,
+        )?;
+        let text = serde_json::to_string_pretty(table).map_err(|e| Error::Protocol(e.to_string()))?;
+        atomic_write(&dir.join("table.json"), text.as_bytes(), Access::OwnerOnly)?;
+        files.extend(["table.csv".into(), "table.json".into()]);
     }
     Ok(files)
 }
@@ -81,13 +92,42 @@ pub fn coefficients_csv(columns: &[String], g: &GlmSummary) -> String {
     out
 }
 
-/// A CSV field, quoted when it holds a comma, a quote or a line break.
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
+/// A CSV field, quoted when it holds a comma, quote or line break.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        text.to_owned()
+        s.to_owned()
     }
+}
+
+/// `published`, or `suppressed (rule)`.
+fn cell_status(c: &TableCell) -> String {
+    match c.suppressed {
+        None => "published".to_owned(),
+        Some(rule) => format!("suppressed ({})", rule.as_str()),
+    }
+}
+
+/// One row per cell and margin: the `by` levels (`(all)` for a margin), the status, then the
+/// statistics; a suppressed cell's statistics are empty, never zero.
+pub fn table_csv(t: &TableOutput) -> String {
+    let mut out = String::new();
+    let head: Vec<String> =
+        t.by.iter()
+            .map(String::as_str)
+            .chain(std::iter::once("status"))
+            .chain(t.stats.iter().map(String::as_str))
+            .map(csv_field)
+            .collect();
+    let _ = writeln!(out, "{}", head.join(","));
+    for c in &t.cells {
+        let mut row: Vec<String> = c.key.iter().map(|k| csv_field(k)).collect();
+        row.push(cell_status(c));
+        row.extend(c.values.iter().map(|v| opt(*v)));
+        let _ = writeln!(out, "{}", row.join(","));
+    }
+    out
 }
 
 /// R's `format.pval` at 3 significant digits: `< 2e-16` below machine precision.
@@ -222,6 +262,58 @@ fn signif(x: f64, digits: i32) -> String {
     }
 }
 
+/// The table as aligned text for `fedstat results`: suppressed cells show their rule.
+pub fn table_text(t: &TableOutput) -> String {
+    let fmt = |v: &Option<f64>| match v {
+        Some(x) if x.fract() == 0.0 && x.abs() < 1e15 => format!("{x:.0}"),
+        Some(x) => format!("{x:.4}"),
+        None => String::new(),
+    };
+    let mut rows: Vec<Vec<String>> = Vec::with_capacity(t.cells.len() + 1);
+    let mut head: Vec<String> = t.by.clone();
+    head.extend(t.stats.iter().cloned());
+    head.push("status".to_owned());
+    rows.push(head);
+    for c in &t.cells {
+        let mut row: Vec<String> = c.key.clone();
+        row.extend(c.values.iter().map(fmt));
+        row.push(
+            c.suppressed
+                .map_or(String::new(), |r| format!("suppressed ({})", r.as_str())),
+        );
+        rows.push(row);
+    }
+    let cols = rows[0].len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let text = fedstat_core::text::printable(s);
+                if i < t.by.len() || i + 1 == cols {
+                    format!("{text:<w$}", w = widths[i])
+                } else {
+                    format!("{text:>w$}", w = widths[i])
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    for n in &t.notes {
+        let _ = writeln!(out, "note: {n}");
+    }
+    out
+}
+
 /// The `model.json` document.
 pub fn model_json(header: &ResultsHeader, params: &[f64]) -> serde_json::Value {
     let spec = &header.spec;
@@ -233,14 +325,11 @@ pub fn model_json(header: &ResultsHeader, params: &[f64]) -> serde_json::Value {
             .map(|(c, v)| (c.clone(), json!(v)))
             .collect()
     };
-    let target = spec.schema.as_ref().map(|s| {
-        let t = &s.target;
-        match (spec.model, t.log, t.threshold, &t.positive_level) {
-            (ModelKind::Linear, true, _, _) => format!("ln({})", t.column),
-            (ModelKind::Logistic, _, Some(th), _) => format!("{} > {th}", t.column),
-            (ModelKind::Logistic, _, _, Some(level)) => format!("{} == {level}", t.column),
-            _ => t.column.clone(),
-        }
+    let target = spec.design().ok().map(|d| match d.response {
+        Response::Value { column, log: true } => format!("ln({column})"),
+        Response::Value { column, log: false } => column,
+        Response::Above { column, threshold } => format!("{column} > {threshold}"),
+        Response::Level { column, level } => format!("{column} == {level}"),
     });
     let mut doc = json!({
         "experiment": header.status.id,

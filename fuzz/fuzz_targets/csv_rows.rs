@@ -37,10 +37,10 @@ fn schema(pick: u8) -> (DataSchema, ModelKind) {
         0 => (
             DataSchema {
                 split_column: "split".into(),
-                target: TargetSpec {
+                target: Some(TargetSpec {
                     log: true,
                     ..target("wage")
-                },
+                }),
                 numeric: vec![numeric("experience", true), numeric("education", false)],
                 categorical: vec![region(), categorical("parttime", &["no", "yes"])],
             },
@@ -49,10 +49,10 @@ fn schema(pick: u8) -> (DataSchema, ModelKind) {
         1 => (
             DataSchema {
                 split_column: "split".into(),
-                target: TargetSpec {
+                target: Some(TargetSpec {
                     threshold: Some(600.0),
                     ..target("wage")
-                },
+                }),
                 numeric: vec![numeric("education", false)],
                 categorical: vec![],
             },
@@ -61,10 +61,10 @@ fn schema(pick: u8) -> (DataSchema, ModelKind) {
         2 => (
             DataSchema {
                 split_column: "split".into(),
-                target: TargetSpec {
+                target: Some(TargetSpec {
                     positive_level: Some("yes".into()),
                     ..target("smsa")
-                },
+                }),
                 numeric: vec![numeric("experience", false)],
                 categorical: vec![region()],
             },
@@ -73,7 +73,7 @@ fn schema(pick: u8) -> (DataSchema, ModelKind) {
         _ => (
             DataSchema {
                 split_column: "split".into(),
-                target: target("wage"),
+                target: Some(target("wage")),
                 numeric: vec![],
                 categorical: vec![categorical("ethnicity", &["cauc", "afam"])],
             },

@@ -74,6 +74,8 @@ impl Pending {
         let t = &schema["target"];
         let target = if schema.is_null() {
             "-".to_owned()
+        } else if t.is_null() && !spec["formula"].is_null() {
+            "the formula's left-hand side".to_owned()
         } else if !t["threshold"].is_null() {
             format!(
                 "{} > {} (1 above the threshold, else 0)",
@@ -128,6 +130,31 @@ impl Pending {
         row(&mut out, "dataset:", s(&spec["dataset"]));
         row(&mut out, "split:", s(&schema["split_column"]));
         row(&mut out, "target:", target);
+        // The formula exactly as written (only control and invisible characters escaped):
+        // what the custodian approves is the researcher's own text.
+        if !spec["formula"].is_null() {
+            row(&mut out, "formula:", s(&spec["formula"]));
+        }
+        if !spec["method"].is_null() {
+            row(&mut out, "method:", s(&spec["method"]));
+        }
+        if !spec["weights"].is_null() {
+            row(&mut out, "weights:", s(&spec["weights"]));
+        }
+        if !spec["offset"].is_null() {
+            row(&mut out, "offset:", s(&spec["offset"]));
+        }
+        if spec["office_effects"].as_bool() == Some(true) {
+            let offices: Vec<String> = spec["offices"].as_array().into_iter().flatten().map(s).collect();
+            row(
+                &mut out,
+                "offices:",
+                format!(
+                    "office effects: one column per office but the first (reference) of {}",
+                    offices.join(", ")
+                ),
+            );
+        }
         row(
             &mut out,
             "features:",
@@ -473,6 +500,42 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn pending_shows_the_formula_as_written_and_the_exact_options() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ApprovalStore::new(dir.path());
+        let spec: ExperimentSpec = toml::from_str(
+            r#"
+name = "visits"
+dataset = "cps1988"
+model = "poisson"
+method = "exact"
+formula = "wage ~ education*ethnicity + I(experience^2)"
+weights = "w"
+offset = "log(exposure)"
+office_effects = true
+offices = ["north", "south"]
+[schema]
+categorical = [{ column = "ethnicity", levels = ["cauc", "afam"], reference = "cauc" }]
+"#,
+        )
+        .expect("spec");
+        let m = Manifest::new(&spec, "researcher `alice`");
+        store.hold(&m.hash(), &m.canonical_json()).expect("hold");
+        let text = store.pending().expect("list")[0].describe();
+        for shown in [
+            "formula:    wage ~ education*ethnicity + I(experience^2)",
+            "target:     the formula's left-hand side",
+            "method:     exact",
+            "weights:    w",
+            "offset:     log(exposure)",
+            "office effects: one column per office but the first (reference) of north, south",
+            "parameters: const, education, ethnicity=afam, experience^2, education:ethnicity=afam, office=south",
+        ] {
+            assert!(text.contains(shown), "{shown:?} not in {text}");
+        }
     }
 
     #[test]

@@ -1,26 +1,31 @@
 //! Statistical disclosure control on the loaded data, before any answer leaves the node:
 //!
-//! - [`check_cells`]: the cell rules. Every level of every categorical feature, and the rows
-//!   outside it, hold either no row or at least `min_cell` rows; so do both classes of a
-//!   binary target (at least `min_cell`, never empty) and both splits. Otherwise an exact sum
-//!   over a small group (a one-row class turns a gradient into a record) would be released.
+//! - [`check_cells`]: the cell rules. Every level of every factor in the design, every cell of
+//!   every factor × factor interaction in it, and the rows outside each, hold either no row or
+//!   at least `min_cell` rows; so do both classes of a binary target (at least `min_cell`,
+//!   never empty) and both splits. Otherwise an exact sum over a small group (a one-row class
+//!   turns a gradient into a record) would be released. Counted from the factors' raw level
+//!   codes ([`fedstat_core::data::FactorCodes`]), not from dummy columns, so any coding and
+//!   any interaction is covered.
 //! - [`released_sets`] and [`ReleaseLedger`]: differencing protection. Every answer is a sum
 //!   over some set of rows: the split, a target class, a level. Two experiments whose sets
 //!   differ by a few rows release, by subtraction, the sum over those few rows. The ledger keeps
 //!   every set this node has released, per dataset, durably, and refuses a new experiment with
-//!   a set that differs from a recorded one by between 1 and `min_cell - 1` rows.
+//!   a set that differs from a recorded one by between 1 and `min_cell - 1` rows. The rows
+//!   with positive weight are such a set, so weights that drop a few rows are refused too.
 //!
 //! Rows are recognised by fingerprints ([`fedstat_core::data::Design::ids`]), so the rule also
 //! holds across edits of the file: adding or removing a few people between two experiments is
 //! refused like two thresholds a few rows apart.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use fedstat_core::data::{Design, LocalData, RowId};
+use fedstat_core::data::{FactorCodes, FactorColumn, LocalData, RowId};
 use fedstat_core::files::{atomic_write, Access};
-use fedstat_core::spec::{DataSchema, ModelKind};
+use fedstat_core::text::printable;
+use fedstat_proto::design::DesignPlan;
 use fedstat_proto::manifest::hex;
 use sha2::{Digest, Sha256};
 
@@ -34,76 +39,80 @@ fn cell_ok(count: u64, total: u64, min: u64) -> bool {
     (count == 0 || count >= min) && (rest == 0 || rest >= min)
 }
 
-/// The design columns of each categorical feature's dummies: (feature index, first column,
-/// number of dummies).
-fn dummy_blocks(schema: &DataSchema) -> Vec<(usize, usize, usize)> {
-    let mut col = 1 + schema
-        .numeric
-        .iter()
-        .map(|f| if f.squared { 2 } else { 1 })
-        .sum::<usize>();
-    schema
-        .categorical
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let k = f.levels.len().saturating_sub(1);
-            let block = (i, col, k);
-            col += k;
-            block
-        })
-        .collect()
-}
-
-/// Row counts of every level of one feature in `d` (raw, unstandardised design): the dummies'
-/// sums, then the reference level's count last.
-fn level_counts(d: &Design, first: usize, dummies: usize) -> Vec<u64> {
-    let mut counts = vec![0u64; dummies + 1];
-    for row in d.x.rows() {
-        let mut any = false;
-        for k in 0..dummies {
-            if row[first + k] != 0.0 {
-                counts[k] += 1;
-                any = true;
-            }
-        }
-        if !any {
-            counts[dummies] += 1;
-        }
+/// The cells of one factor set (one declared factor, or the factors of an interaction) in
+/// one split: the row indices of every combination of levels that occurs, keyed by the codes.
+/// Combinations that do not occur hold no row, which the rules allow.
+fn cells(
+    columns: &[String],
+    codes: &BTreeMap<String, FactorColumn>,
+    rows: usize,
+) -> BTreeMap<Vec<u32>, Vec<usize>> {
+    let mut out: BTreeMap<Vec<u32>, Vec<usize>> = BTreeMap::new();
+    let cols: Vec<&FactorColumn> = columns.iter().filter_map(|c| codes.get(c)).collect();
+    if cols.len() != columns.len() {
+        return out;
     }
-    counts
+    for i in 0..rows {
+        let key: Vec<u32> = cols
+            .iter()
+            .map(|c| c.codes.get(i).copied().unwrap_or(u32::MAX))
+            .collect();
+        out.entry(key).or_default().push(i);
+    }
+    out
 }
 
-/// The cell rules, on the raw (unstandardised) data. The refusal names the rule, the column and
-/// the split; never a count.
+/// The cell rules, on the raw (unstandardised) data and the factors' level codes: both
+/// splits hold at least `min_cell` rows; both classes of a 0/1 response at least `min_cell`
+/// (never empty); every level of every factor in the design, and every cell of every factor ×
+/// factor interaction in it, holds 0 or at least `min_cell` rows, and so do the rows outside
+/// it; an offset is finite. The refusal names the rule, the column(s) and the split; never a
+/// count or a value.
 pub fn check_cells(
-    schema: &DataSchema,
-    model: ModelKind,
+    plan: &DesignPlan,
     data: &LocalData,
+    codes: &FactorCodes,
     min_cell: u64,
 ) -> Result<(), Refusal> {
-    for (split, d) in [(Split::Train, &data.train), (Split::Test, &data.test)] {
+    let sets = plan.factor_sets();
+    for (split, d, codes) in [
+        (Split::Train, &data.train, &codes.train),
+        (Split::Test, &data.test, &codes.test),
+    ] {
         let rows = d.rows() as u64;
         if rows < min_cell {
             return Err(Refusal::SmallSplit { split });
         }
-        if model == ModelKind::Logistic {
+        if plan.response.is_binary() {
             let positives = d.y.iter().filter(|v| **v > 0.5).count() as u64;
             if positives < min_cell || rows - positives < min_cell {
                 return Err(Refusal::SmallClass {
-                    column: schema.target.column.clone(),
+                    column: plan.response.column().to_owned(),
                     split,
                 });
             }
         }
-        for (feature, first, dummies) in dummy_blocks(schema) {
-            if level_counts(d, first, dummies)
-                .iter()
-                .any(|&c| !cell_ok(c, rows, min_cell))
-            {
-                return Err(Refusal::SmallLevel {
-                    column: schema.categorical[feature].column.clone(),
-                    split,
+        for columns in &sets {
+            let small = cells(columns, codes, d.rows())
+                .values()
+                .any(|ids| !cell_ok(ids.len() as u64, rows, min_cell));
+            if small {
+                return Err(match columns.as_slice() {
+                    [one] => Refusal::SmallLevel {
+                        column: one.clone(),
+                        split,
+                    },
+                    _ => Refusal::SmallCell {
+                        columns: columns.join(":"),
+                        split,
+                    },
+                });
+            }
+        }
+        if let (Some(o), Some(offset)) = (&plan.offset, &d.offset) {
+            if offset.iter().any(|v| !v.is_finite()) {
+                return Err(Refusal::BadOffset {
+                    column: o.column.clone(),
                 });
             }
         }
@@ -140,13 +149,18 @@ impl RowSet {
 }
 
 /// Every row set the experiment's answers are sums over: each split; within it, each class of
-/// a binary target and each level of each categorical feature (the dummies' coefficients and
-/// gradients are sums over that level) with the rest of the split beside it, since a sum over a
-/// set and over the whole split give the sum over its complement. Empty sets are left out.
-pub fn released_sets(schema: &DataSchema, model: ModelKind, data: &LocalData) -> Vec<RowSet> {
+/// a 0/1 response, each level of each factor and each cell of each factor × factor interaction
+/// in the design (a coefficient's gradient and its `XᵀWX` entries are sums over that cell),
+/// and the rows with positive weight, each with the rest of the split beside it, since a sum
+/// over a set and over the whole split give the sum over its complement. So two experiments
+/// whose weights differ on a few rows are two sets a few rows apart. Empty sets are left out.
+pub fn released_sets(plan: &DesignPlan, data: &LocalData, codes: &FactorCodes) -> Vec<RowSet> {
     let mut sets = Vec::new();
-    let blocks = dummy_blocks(schema);
-    for (split, d) in [(Split::Train, &data.train), (Split::Test, &data.test)] {
+    let factor_sets = plan.factor_sets();
+    for (split, d, codes) in [
+        (Split::Train, &data.train, &codes.train),
+        (Split::Test, &data.test, &codes.test),
+    ] {
         sets.push(RowSet::new(format!("{split} rows"), d.ids.iter().copied()));
         let mut split_by = |label: String, inside: &dyn Fn(usize) -> bool| {
             let (mut yes, mut no) = (Vec::new(), Vec::new());
@@ -163,34 +177,47 @@ pub fn released_sets(schema: &DataSchema, model: ModelKind, data: &LocalData) ->
                 }
             }
         };
-        if model == ModelKind::Logistic {
-            let column = fedstat_core::text::printable(&schema.target.column).into_owned();
+        if plan.response.is_binary() {
+            let column = printable(plan.response.column()).into_owned();
             split_by(format!("the positive class of target `{column}`"), &|i| {
                 d.y[i] > 0.5
             });
         }
-        for &(feature, first, dummies) in &blocks {
-            let f = &schema.categorical[feature];
-            let column = fedstat_core::text::printable(&f.column).into_owned();
-            // Dummies in design order, then the reference level (see `level_counts`).
-            let levels: Vec<&String> = f
-                .levels
-                .iter()
-                .filter(|l| **l != f.reference)
-                .chain(std::iter::once(&f.reference))
-                .collect();
-            for (k, level) in levels.iter().enumerate() {
-                let level = fedstat_core::text::printable(level);
-                let label = format!("level `{level}` of column `{column}`");
-                if k < dummies {
-                    split_by(label, &|i| d.x[[i, first + k]] != 0.0);
-                } else {
-                    split_by(label, &|i| (0..dummies).all(|j| d.x[[i, first + j]] == 0.0));
-                }
+        for columns in &factor_sets {
+            for (key, rows) in cells(columns, codes, d.rows()) {
+                let cell: Vec<String> = columns
+                    .iter()
+                    .zip(&key)
+                    .map(|(c, k)| {
+                        let level = codes
+                            .get(c)
+                            .and_then(|f| f.levels.get(*k as usize))
+                            .map_or("?", |l| l.as_str());
+                        format!("{}={}", printable(c), printable(level))
+                    })
+                    .collect();
+                let label = match cell.as_slice() {
+                    [one] => format!("level `{one}`"),
+                    _ => format!("interaction cell `{}`", cell.join(":")),
+                };
+                let inside: BTreeSet<usize> = rows.into_iter().collect();
+                split_by(label, &|i| inside.contains(&i));
             }
+        }
+        if let (Some(column), Some(w)) = (&plan.weights, &d.weights) {
+            let column = printable(column).into_owned();
+            split_by(format!("the rows with positive weight `{column}`"), &|i| {
+                w[i] > 0.0
+            });
         }
     }
     sets
+}
+
+/// The rows a table counts (`train`, `test` or `all`), recorded in the ledger like a split:
+/// its cells inside it are protected by the table's own suppression rules.
+pub fn table_set(rows: &str, ids: impl IntoIterator<Item = RowId>) -> RowSet {
+    RowSet::new(format!("{rows} rows counted by a table"), ids)
 }
 
 /// Size of the symmetric difference of two sorted sets, counting no further than `cap`.
@@ -354,18 +381,18 @@ impl ReleaseLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstat_core::data::{load_csv_from_reader, LoadLimits};
-    use fedstat_core::spec::{CategoricalFeature, NumericFeature, TargetSpec};
+    use fedstat_core::data::{load_design_with_codes_from_reader, LoadLimits};
+    use fedstat_core::spec::{CategoricalFeature, DataSchema, ModelKind, NumericFeature, TargetSpec};
 
     fn schema(threshold: f64) -> DataSchema {
         DataSchema {
             split_column: "split".into(),
-            target: TargetSpec {
+            target: Some(TargetSpec {
                 column: "wage".into(),
                 log: false,
                 threshold: Some(threshold),
                 positive_level: None,
-            },
+            }),
             numeric: vec![NumericFeature {
                 column: "age".into(),
                 squared: false,
@@ -397,27 +424,44 @@ mod tests {
         text
     }
 
-    fn load(text: &str, s: &DataSchema) -> LocalData {
-        load_csv_from_reader(
-            "t.csv",
-            text.as_bytes(),
-            s,
-            ModelKind::Logistic,
-            LoadLimits::UNLIMITED,
+    /// A design, its data and level codes, loaded as a node does.
+    struct Loaded {
+        plan: DesignPlan,
+        data: LocalData,
+        codes: FactorCodes,
+    }
+
+    impl Loaded {
+        fn check(&self, min_cell: u64) -> Result<(), Refusal> {
+            check_cells(&self.plan, &self.data, &self.codes, min_cell)
+        }
+
+        fn sets(&self) -> Vec<RowSet> {
+            released_sets(&self.plan, &self.data, &self.codes)
+        }
+    }
+
+    fn load_plan(text: &str, plan: DesignPlan) -> Loaded {
+        let (data, codes) =
+            load_design_with_codes_from_reader("t.csv", text.as_bytes(), &plan, None, LoadLimits::UNLIMITED)
+                .expect("loads");
+        Loaded { plan, data, codes }
+    }
+
+    fn load(text: &str, s: &DataSchema) -> Loaded {
+        load_plan(
+            text,
+            DesignPlan::from_schema(s, None, ModelKind::Logistic).expect("plan"),
         )
-        .expect("loads")
     }
 
     #[test]
     fn cell_rules_name_the_rule_column_and_split() {
         let s = schema(49.5);
-        assert_eq!(
-            check_cells(&s, ModelKind::Logistic, &load(&csv(100, 0), &s), 10),
-            Ok(())
-        );
+        assert_eq!(load(&csv(100, 0), &s).check(10), Ok(()));
         // Level `c` held by 0 rows is fine; by 3 rows it is refused.
         assert_eq!(
-            check_cells(&s, ModelKind::Logistic, &load(&csv(100, 3), &s), 10),
+            load(&csv(100, 3), &s).check(10),
             Err(Refusal::SmallLevel {
                 column: "region".into(),
                 split: Split::Train
@@ -426,7 +470,7 @@ mod tests {
         // One row above the threshold: the one-row class.
         let one = schema(98.5);
         assert_eq!(
-            check_cells(&one, ModelKind::Logistic, &load(&csv(100, 0), &one), 10),
+            load(&csv(100, 0), &one).check(10),
             Err(Refusal::SmallClass {
                 column: "wage".into(),
                 split: Split::Train
@@ -434,10 +478,10 @@ mod tests {
         );
         // An empty class is refused too: a class is never empty or small.
         let none = schema(1e9);
-        assert!(check_cells(&none, ModelKind::Logistic, &load(&csv(100, 0), &none), 10).is_err());
+        assert!(load(&csv(100, 0), &none).check(10).is_err());
         // Too few rows in a split.
         assert_eq!(
-            check_cells(&s, ModelKind::Logistic, &load(&csv(9, 0), &s), 10),
+            load(&csv(9, 0), &s).check(10),
             Err(Refusal::SmallSplit { split: Split::Train })
         );
         let text = Refusal::SmallLevel {
@@ -457,7 +501,7 @@ mod tests {
         let text = csv(100, 0);
         let sets = |t: f64| {
             let s = schema(t);
-            released_sets(&s, ModelKind::Logistic, &load(&text, &s))
+            load(&text, &s).sets()
         };
         let ledger = ReleaseLedger::new(dir.path());
         let first = ledger.check_and_record("cps", &sets(49.5), 10).expect("first");
@@ -493,19 +537,11 @@ mod tests {
         let s = schema(49.5);
         let text = csv(100, 0);
         ledger
-            .check_and_record(
-                "cps",
-                &released_sets(&s, ModelKind::Logistic, &load(&text, &s)),
-                10,
-            )
+            .check_and_record("cps", &load(&text, &s).sets(), 10)
             .expect("first");
         let more = format!("{text}77,30,a,train\n");
         let err = ledger
-            .check_and_record(
-                "cps",
-                &released_sets(&s, ModelKind::Logistic, &load(&more, &s)),
-                10,
-            )
+            .check_and_record("cps", &load(&more, &s).sets(), 10)
             .expect_err("one more row");
         assert!(
             matches!(err, Error::Policy(Refusal::Differencing { .. })),
@@ -519,19 +555,13 @@ mod tests {
         let ledger = ReleaseLedger::new(dir.path());
         let s = schema(49.5);
         let data = load(&csv(100, 0), &s);
-        ledger
-            .check_and_record("cps", &released_sets(&s, ModelKind::Logistic, &data), 10)
-            .expect("first");
+        ledger.check_and_record("cps", &data.sets(), 10).expect("first");
         for entry in walk(&dir.path().join("releases")) {
             std::fs::write(&entry, b"garbage!").expect("damage");
         }
         let s2 = schema(50.5);
         let err = ledger
-            .check_and_record(
-                "cps",
-                &released_sets(&s2, ModelKind::Logistic, &load(&csv(100, 0), &s2)),
-                10,
-            )
+            .check_and_record("cps", &load(&csv(100, 0), &s2).sets(), 10)
             .expect_err("damaged");
         assert!(matches!(err, Error::Ledger(_)), "{err}");
     }

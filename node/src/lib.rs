@@ -22,7 +22,7 @@ pub use error::{Error, Result};
 
 use std::path::Path;
 
-use fedstat_core::data::{load_csv, LoadLimits};
+use fedstat_core::data::{load_design_with_codes, LoadLimits};
 
 use crate::policy::Columns;
 
@@ -35,22 +35,14 @@ pub fn check(config: &config::NodeConfig, experiment: &Path) -> Result<Vec<Strin
     let spec = fedstat_core::spec::from_toml_file(experiment)?;
     let policy = &config.policy;
     let mut out = Vec::new();
-    let schema = spec
-        .schema
-        .as_ref()
-        .ok_or_else(|| fedstat_core::Error::Model("the experiment has no schema to check".into()))?;
-    let features: Vec<&String> = schema
-        .numeric
-        .iter()
-        .map(|f| &f.column)
-        .chain(schema.categorical.iter().map(|f| &f.column))
-        .collect();
-    let suggest = |key: &str, allowed: &Columns, wanted: &[&String]| -> Option<String> {
+    let plan = spec.design().map_err(fedstat_core::data::design_error)?;
+    let features: Vec<&str> = policy::design_features(&plan);
+    let suggest = |key: &str, allowed: &Columns, wanted: &[&str]| -> Option<String> {
         let Columns::Only(set) = allowed else { return None };
         if wanted.iter().all(|c| set.contains(*c)) {
             return None;
         }
-        let mut all: std::collections::BTreeSet<&String> = set.iter().collect();
+        let mut all: std::collections::BTreeSet<&str> = set.iter().map(|c| c.as_str()).collect();
         all.extend(wanted.iter().copied());
         let list: Vec<String> = all.iter().map(|c| format!("{:?}", c)).collect();
         Some(format!("{key} = [{}]", list.join(", ")))
@@ -59,7 +51,7 @@ pub fn check(config: &config::NodeConfig, experiment: &Path) -> Result<Vec<Strin
         suggest(
             "allowed_targets",
             &policy.allowed_targets,
-            &[&schema.target.column],
+            &[plan.response.column()],
         ),
         suggest("allowed_features", &policy.allowed_features, &features),
     ]
@@ -81,24 +73,27 @@ pub fn check(config: &config::NodeConfig, experiment: &Path) -> Result<Vec<Strin
     let limits = LoadLimits {
         max_cells: policy.max_cells(),
     };
-    let data = load_csv(path, schema, spec.model, limits)?;
+    // `check` runs as no particular office: office columns read 0, and an office-effects
+    // experiment is checked as its reference office.
+    let office = plan.offices.first().map(|o| o.as_str());
+    let (data, codes) = load_design_with_codes(path, &plan, office, limits)?;
     out.push(format!(
         "dataset `{}` ({}): {} train rows, {} test rows, {} design columns: {}",
         spec.dataset,
         path.display(),
         data.train.rows(),
         data.test.rows(),
-        schema.design_width(),
-        schema.design_columns().join(", ")
+        plan.columns.len(),
+        plan.names().join(", ")
     ));
     let rules = policy
         .check_rows(&spec, data.train.rows() as u64)
-        .and_then(|()| disclosure::check_cells(schema, spec.model, &data, policy.min_cell));
+        .and_then(|()| disclosure::check_cells(&plan, &data, &codes, policy.min_cell));
     match rules {
         Ok(()) => out.push("disclosure rules (rows, cells): pass".into()),
         Err(r) => out.push(format!("disclosure rules: REFUSED: {r}")),
     }
-    let sets = disclosure::released_sets(schema, spec.model, &data);
+    let sets = disclosure::released_sets(&plan, &data, &codes);
     match disclosure::ReleaseLedger::new(&config.state_dir).check(&spec.dataset, &sets, policy.min_cell) {
         Ok(()) => out.push("differencing against what this node released before: pass".into()),
         Err(e) => out.push(format!("differencing: REFUSED: {e}")),

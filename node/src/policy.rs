@@ -51,6 +51,8 @@ pub(crate) struct RawPolicy {
     max_levels: Option<usize>,
     max_memory_mb: Option<u64>,
     count_rounding: Option<u64>,
+    dominance_n: Option<u32>,
+    dominance_k: Option<f64>,
     #[serde(default)]
     approval: ApprovalMode,
 }
@@ -58,6 +60,8 @@ pub(crate) struct RawPolicy {
 pub const DEFAULT_MAX_ROUNDS: u32 = 100;
 pub const DEFAULT_MIN_TRAIN_ROWS: u64 = 10;
 pub const DEFAULT_MIN_ROWS_PER_PARAM: f64 = 3.0;
+/// Fewest training rows per parameter of an exact GLM at each node, whatever the policy says.
+pub const EXACT_MIN_ROWS_PER_PARAM: f64 = 3.0;
 /// A common NSO output-checking threshold: no cell of fewer than 10 people.
 pub const DEFAULT_MIN_CELL: u64 = 10;
 pub const DEFAULT_MAX_LOCAL_EPOCHS: u32 = 10;
@@ -67,6 +71,9 @@ pub const DEFAULT_MAX_PARAMS: u64 = 1_000;
 pub const DEFAULT_MAX_LEVELS: usize = 50;
 pub const DEFAULT_MAX_MEMORY_MB: u64 = 1_024;
 pub const DEFAULT_COUNT_ROUNDING: u64 = 10;
+/// Tables: the 2 largest contributions to a cell's sum may not exceed 85% of it.
+pub const DEFAULT_DOMINANCE_N: u32 = 2;
+pub const DEFAULT_DOMINANCE_K: f64 = 85.0;
 
 /// Which columns may be used: any (`["*"]`, for demos), or exactly those listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +128,11 @@ pub struct SitePolicy {
     /// `policy.count_rounding`: row counts sent as update weights are rounded to a multiple
     /// of this.
     pub count_rounding: u64,
+    /// `policy.dominance_n` and `policy.dominance_k` (percent): in a table, the `n` largest
+    /// |x| in a cell may not exceed `k`% of the cell's Σ|x| (the stricter of these and the
+    /// experiment's own apply).
+    pub dominance_n: u32,
+    pub dominance_k: f64,
     /// `policy.approval`.
     pub approval: ApprovalMode,
 }
@@ -150,6 +162,8 @@ impl Default for SitePolicy {
             max_levels: DEFAULT_MAX_LEVELS,
             max_memory_mb: DEFAULT_MAX_MEMORY_MB,
             count_rounding: DEFAULT_COUNT_ROUNDING,
+            dominance_n: DEFAULT_DOMINANCE_N,
+            dominance_k: DEFAULT_DOMINANCE_K,
             approval: ApprovalMode::Auto,
         }
     }
@@ -216,6 +230,16 @@ pub enum Refusal {
     SmallClass {
         column: String,
         split: Split,
+    },
+    /// A cell of the factor × factor interaction `columns` (`a:b`), or the rest of the rows,
+    /// has fewer than `min_cell` rows.
+    SmallCell {
+        columns: String,
+        split: Split,
+    },
+    /// The offset is not a finite number on every row.
+    BadOffset {
+        column: String,
     },
     /// The training or test split has fewer than `min_cell` rows.
     SmallSplit {
@@ -298,6 +322,17 @@ impl std::fmt::Display for Refusal {
             Refusal::SmallClass { column, split } => write!(
                 f,
                 "target `{}`: a class has too few {split} rows (policy.min_cell)",
+                fedstat_core::text::printable(column)
+            ),
+            Refusal::SmallCell { columns, split } => write!(
+                f,
+                "interaction `{}`: a cell, or the rows outside it, has too few {split} rows \
+                 (policy.min_cell)",
+                fedstat_core::text::printable(columns)
+            ),
+            Refusal::BadOffset { column } => write!(
+                f,
+                "offset `{}` is not a finite number on every row",
                 fedstat_core::text::printable(column)
             ),
             Refusal::SmallSplit { split } => {
@@ -399,6 +434,14 @@ impl RawPolicy {
         if count_rounding == 0 || count_rounding > 1_000_000 {
             return Err(err("count_rounding", "must be between 1 and 1000000"));
         }
+        let dominance_n = self.dominance_n.unwrap_or(d.dominance_n);
+        if dominance_n == 0 || dominance_n > 10 {
+            return Err(err("dominance_n", "must be between 1 and 10"));
+        }
+        let dominance_k = self.dominance_k.unwrap_or(d.dominance_k);
+        if !(dominance_k > 0.0 && dominance_k <= 100.0) {
+            return Err(err("dominance_k", "must be a percentage in (0, 100]"));
+        }
         Ok(SitePolicy {
             allowed_datasets,
             allowed_features: columns("allowed_features", self.allowed_features)?,
@@ -415,9 +458,38 @@ impl RawPolicy {
             max_levels,
             max_memory_mb,
             count_rounding,
+            dominance_n,
+            dominance_k,
             approval: self.approval,
         })
     }
+}
+
+/// The columns a design reads besides its response: features (numeric and factors), the
+/// weights and the offset, each once, in order of first use.
+pub fn design_features(plan: &fedstat_proto::design::DesignPlan) -> Vec<&str> {
+    use fedstat_proto::design::Factor;
+    let mut out: Vec<&str> = Vec::new();
+    let extra = plan
+        .weights
+        .iter()
+        .map(|w| w.as_str())
+        .chain(plan.offset.iter().map(|o| o.column.as_str()));
+    let columns = plan
+        .columns
+        .iter()
+        .flat_map(|c| c.factors.iter())
+        .filter_map(|f| match f {
+            Factor::Numeric { column, .. } | Factor::Level { column, .. } => Some(column.as_str()),
+            Factor::Office { .. } => None,
+        })
+        .chain(extra);
+    for c in columns {
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl SitePolicy {
@@ -463,17 +535,17 @@ impl SitePolicy {
         let Some(schema) = &spec.schema else {
             return Ok(());
         };
-        if !self.allowed_targets.allows(&schema.target.column) {
-            return Err(Refusal::TargetNotAllowed(schema.target.column.clone()));
+        // A spec without a valid design is refused by validation and cannot be loaded; the
+        // column rules apply to every column the design reads.
+        let Ok(plan) = spec.design() else {
+            return Ok(());
+        };
+        if !self.allowed_targets.allows(plan.response.column()) {
+            return Err(Refusal::TargetNotAllowed(plan.response.column().to_owned()));
         }
-        let features = schema
-            .numeric
-            .iter()
-            .map(|f| &f.column)
-            .chain(schema.categorical.iter().map(|f| &f.column));
-        for column in features {
+        for column in design_features(&plan) {
             if !self.allowed_features.allows(column) {
-                return Err(Refusal::FeatureNotAllowed(column.clone()));
+                return Err(Refusal::FeatureNotAllowed(column.to_owned()));
             }
         }
         if let Some(f) = schema
@@ -501,11 +573,18 @@ impl SitePolicy {
             });
         }
         let params = spec.num_params();
+        // An exact fit releases XᵀWX and XᵀWz at each node: with few rows per parameter they
+        // pin the rows down, so at least EXACT_MIN_ROWS_PER_PARAM hold whatever the policy.
+        let per_param = if spec.is_exact_glm() {
+            self.min_rows_per_param.max(EXACT_MIN_ROWS_PER_PARAM)
+        } else {
+            self.min_rows_per_param
+        };
         // Compared in f64: exact for any realistic count, and the limit may be fractional.
-        if (train_rows as f64) < params as f64 * self.min_rows_per_param {
+        if (train_rows as f64) < params as f64 * per_param {
             return Err(Refusal::Saturated {
                 params,
-                per_param: self.min_rows_per_param.to_string(),
+                per_param: per_param.to_string(),
             });
         }
         Ok(())
@@ -548,6 +627,8 @@ impl SitePolicy {
             "max_levels": self.max_levels,
             "max_memory_mb": self.max_memory_mb,
             "count_rounding": self.count_rounding,
+            "dominance_n": self.dominance_n,
+            "dominance_k": self.dominance_k,
             "approval": self.approval.as_str(),
         })
     }

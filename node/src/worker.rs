@@ -11,14 +11,19 @@ use std::time::SystemTime;
 
 use fedstat_core::aggregate::Values;
 use fedstat_core::algorithm::{self, standardize};
-use fedstat_core::data::{column_sums, load_csv, LoadLimits, LocalData, Standardization, StandardizationExt};
+use fedstat_core::data::{
+    column_sums, load_design_with_codes, LoadLimits, LocalData, Standardization, StandardizationExt,
+};
+use fedstat_core::data::{load_frame, FrameRequest};
 use fedstat_core::glm::{self, Family};
 use fedstat_core::model::{evaluate, train_sgd};
 use fedstat_core::spec::ModelKind;
+use fedstat_core::tabulate;
+use fedstat_proto::table::TableRows;
 use fedstat_proto::wire::{Phase, Task};
 use rand::{Rng, SeedableRng};
 
-use crate::disclosure::{check_cells, released_sets};
+use crate::disclosure::{check_cells, released_sets, table_set};
 use crate::governance::Governance;
 use crate::policy::Refusal;
 use crate::{Error, Result};
@@ -116,6 +121,9 @@ impl Worker {
         if spec.model == ModelKind::Echo {
             return self.echo(task, model);
         }
+        if spec.model == ModelKind::Table {
+            return self.table(task);
+        }
         let data = self.data(task, manifest)?;
         let model_f64 = || -> Result<Vec<f64>> {
             let m = model
@@ -150,7 +158,7 @@ impl Worker {
                 Ok(Answer::sum(algorithm::evaluate::answer(&sums)))
             }
             Phase::Glm => self.glm(task, &data, model),
-            Phase::Table => Err(shared_model("not yet answered by this node")),
+            Phase::Table => Err(shared_model("table cells are asked of table experiments only")),
         }
     }
 
@@ -194,16 +202,105 @@ impl Worker {
         })
     }
 
+    /// A table: this node's cells and margins with its own cell rules applied
+    /// ([`fedstat_core::tabulate::node_answer`]: small and dominated cells suppressed and
+    /// protected, sent as zeros with a flag). Only the `by`, numeric and split columns are read.
+    fn table(&self, task: &Task) -> Result<Answer> {
+        let spec = &task.spec;
+        if task.phase != Phase::Table {
+            return Err(shared_model("a table experiment asks only for table cells"));
+        }
+        let (Some(schema), Some(form)) = (&spec.schema, &spec.table) else {
+            return Err(shared_model("the experiment has no schema or table"));
+        };
+        let layout = tabulate::Layout::new(spec).map_err(fedstat_core::Error::from)?;
+        let policy = self.gov.policy();
+        let columns = form.by.iter().chain(form.numeric.iter().map(|n| &n.column));
+        for column in columns {
+            if !policy.allowed_features.allows(column) {
+                return Err(Error::Policy(Refusal::FeatureNotAllowed(column.clone())));
+            }
+        }
+        let path = self
+            .datasets
+            .get(&spec.dataset)
+            .ok_or_else(|| Error::UnknownDataset(spec.dataset.clone()))?;
+        let request = FrameRequest {
+            split_column: schema.split_column.clone(),
+            numeric: layout.numeric.iter().map(|n| n.column.clone()).collect(),
+            categorical: layout
+                .by
+                .iter()
+                .cloned()
+                .zip(layout.levels.iter().cloned())
+                .collect(),
+        };
+        let limits = LoadLimits {
+            max_cells: policy.max_cells(),
+        };
+        let frame = load_frame(path, &request, limits)?;
+        let selected: Vec<bool> = frame
+            .train
+            .iter()
+            .map(|&train| match layout.rows {
+                TableRows::Train => train,
+                TableRows::Test => !train,
+                TableRows::All => true,
+            })
+            .collect();
+        let rows = selected.iter().filter(|s| **s).count() as u64;
+        policy.check_rows(spec, rows).map_err(Error::Policy)?;
+        // The table's population is recorded like a split (differencing between experiments);
+        // within the table, its suppression rules protect the cells.
+        let ids = frame
+            .ids
+            .iter()
+            .zip(&selected)
+            .filter(|(_, s)| **s)
+            .map(|(id, _)| *id);
+        self.gov
+            .check_release(task, &[table_set(layout.rows.as_str(), ids)])?;
+        let mut codes: Vec<&[u32]> = Vec::new();
+        for col in &layout.by {
+            let f = frame
+                .categorical
+                .get(col)
+                .ok_or_else(|| shared_model("the loader lost a `by` column"))?;
+            codes.push(&f.codes);
+        }
+        let mut values: Vec<&[f64]> = Vec::new();
+        for n in &layout.numeric {
+            let v = frame
+                .numeric
+                .get(&n.column)
+                .ok_or_else(|| shared_model("the loader lost a numeric column"))?;
+            values.push(v);
+        }
+        // The stricter of the custodian's rules and the researcher's.
+        let rules = tabulate::CellRules {
+            min_cell: policy.min_cell,
+            dominance_n: policy.dominance_n.max(form.dominance_n) as usize,
+            dominance_k: policy.dominance_k.min(form.dominance_k),
+        };
+        let t = tabulate::tabulate(&layout, &codes, &values, &selected, rules.dominance_n)
+            .map_err(fedstat_core::Error::from)?;
+        let (answer, suppressed) =
+            tabulate::node_answer(&layout, &t, rules).map_err(fedstat_core::Error::from)?;
+        tracing::info!(
+            experiment = ?task.experiment,
+            suppressed,
+            "table cells answered, {suppressed} suppressed by this node's rules"
+        );
+        Ok(Answer::sum(Values::F64(answer)))
+    }
+
     /// The experiment's data: raw for the statistics phase, standardised with the pooled
     /// statistics afterwards. Loaded once per manifest and file version; the disclosure rules
     /// (row thresholds, cells, differencing) pass before it is cached, so no answer of any
     /// kind comes from data that fails them.
     fn data(&self, task: &Task, manifest: &str) -> Result<Arc<LocalData>> {
         let spec = &task.spec;
-        let schema = spec
-            .schema
-            .as_ref()
-            .ok_or_else(|| shared_model("the experiment has no schema"))?;
+        let plan = spec.design().map_err(fedstat_core::data::design_error)?;
         let path = self
             .datasets
             .get(&spec.dataset)
@@ -229,13 +326,13 @@ impl Worker {
             let limits = LoadLimits {
                 max_cells: policy.max_cells(),
             };
-            let raw = load_csv(path, schema, spec.model, limits)?;
+            let (raw, codes) = load_design_with_codes(path, &plan, Some(&self.name), limits)?;
             policy
                 .check_rows(spec, raw.train.rows() as u64)
                 .map_err(Error::Policy)?;
-            check_cells(schema, spec.model, &raw, policy.min_cell).map_err(Error::Policy)?;
+            check_cells(&plan, &raw, &codes, policy.min_cell).map_err(Error::Policy)?;
             self.gov
-                .check_release(task, &released_sets(schema, spec.model, &raw))?;
+                .check_release(task, &released_sets(&plan, &raw, &codes))?;
             while cache.len() >= CACHE_SIZE {
                 let Some(oldest) = cache.iter().min_by_key(|(_, p)| p.seq).map(|(k, _)| k.clone()) else {
                     break;
@@ -263,7 +360,7 @@ impl Worker {
                 return Ok(s.clone());
             }
         }
-        st.validate(schema.design_width())?;
+        st.validate(plan.columns.len())?;
         let mut data = (*entry.raw).clone();
         st.apply(&mut data.train.x);
         st.apply(&mut data.test.x);

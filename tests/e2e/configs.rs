@@ -41,6 +41,7 @@ fn every_example_config_parses() {
             "experiment-echo.toml",
             "experiment-linear.toml",
             "experiment-logit.toml",
+            "experiment-table.toml",
             "node.toml",
             "researcher.toml"
         ]

@@ -14,6 +14,7 @@ mod rogue;
 mod rogue_coordinator;
 mod security;
 mod support;
+mod tables;
 mod tcp;
 
 use std::time::Duration;

@@ -199,7 +199,14 @@ fn a_rogue_coordinator_gets_nothing_beyond_the_approved_manifest() {
 }
 
 /// Push one task whose model is exactly `model`.
-async fn push_model(conn: &quinn::Connection, spec: &ExperimentSpec, experiment: u64, phase: Phase, round: u32, model: Vec<f64>) {
+async fn push_model(
+    conn: &quinn::Connection,
+    spec: &ExperimentSpec,
+    experiment: u64,
+    phase: Phase,
+    round: u32,
+    model: Vec<f64>,
+) {
     let values = Values::F64(model);
     let task = Task {
         experiment,
@@ -215,7 +222,9 @@ async fn push_model(conn: &quinn::Connection, spec: &ExperimentSpec, experiment:
     };
     let mut s = conn.open_uni().await.expect("task stream");
     write_frame(&mut s, &task).await.expect("task frame");
-    write_tensor(&mut s, &values.to_le_bytes()).await.expect("model bytes");
+    write_tensor(&mut s, &values.to_le_bytes())
+        .await
+        .expect("model bytes");
     s.finish().expect("finish");
 }
 
@@ -243,14 +252,21 @@ fn a_rogue_coordinator_cannot_single_out_a_person_with_crafted_glm_coefficients(
     .expect("rogue endpoint");
     let rogue_addr = endpoint.local_addr().expect("addr");
     fed.issue("node", "office");
-    let cfg = fed.write_node_config_with("office", &[("cps1988", demo_data("midwest"))], "[policy]\napproval = \"auto\"\n");
+    let cfg = fed.write_node_config_with(
+        "office",
+        &[("cps1988", demo_data("midwest"))],
+        "[policy]\napproval = \"auto\"\n",
+    );
     let text = std::fs::read_to_string(&cfg).expect("config");
     std::fs::write(&cfg, text.replace(&fed.addr, &rogue_addr.to_string())).expect("config");
     let _node = fed.spawn_node_with_config("office", &cfg);
 
     let text = logit_experiment(1, 1, "")
         .replace("rounds = 1\n", "method = \"exact\"\n")
-        .replace("[training]\nlearning_rate = 0.05\nbatch_size = 32\nseed = 7\n", "");
+        .replace(
+            "[training]\nlearning_rate = 0.05\nbatch_size = 32\nseed = 7\n",
+            "",
+        );
     let spec: ExperimentSpec = toml::from_str(&text).expect("spec");
     fedstat_core::spec::validate(&spec).expect("a valid exact fit");
     let p = spec.num_params() as usize;
@@ -289,5 +305,8 @@ fn a_rogue_coordinator_cannot_single_out_a_person_with_crafted_glm_coefficients(
         conn.close(0u32.into(), b"done");
     });
     let audit = std::fs::read_to_string(fed.node_audit_log("office")).expect("audit log");
-    assert!(audit.contains("dominance"), "the refusal is in the custodian's audit log");
+    assert!(
+        audit.contains("dominance"),
+        "the refusal is in the custodian's audit log"
+    );
 }

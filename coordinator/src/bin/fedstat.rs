@@ -226,6 +226,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if cli.json {
                 print_json(&results::model_json(&header, &params))?;
             } else {
+                if let Some(fedstat_proto::output::Output::Table(t)) = &header.output {
+                    print!("{}", results::table_text(t));
+                }
                 for f in files {
                     println!("wrote {}", out.join(f).display());
                 }

@@ -10,6 +10,7 @@ use crate::error::{CsvProblem, DatasetProblem};
 use crate::spec::{DataSchema, ModelKind};
 pub use crate::sums::Standardization;
 use crate::{Error, Result};
+use fedstat_proto::design::{DesignError, DesignPlan, Factor, Response};
 use serde::{Deserialize, Serialize};
 
 /// A design matrix and its response.
@@ -58,47 +59,14 @@ pub struct LocalData {
     pub test: Design,
 }
 
-/// Read a node's CSV; errors call the file by its file name.
+/// Read a node's CSV with the `[schema]` lists (or formula-free plan) of `model`; errors call
+/// the file by its file name.
 pub fn load_csv(path: &Path, schema: &DataSchema, model: ModelKind, limits: LoadLimits) -> Result<LocalData> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let label = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string());
-    load_csv_from_reader(&label, file, schema, model, limits)
+    let plan = DesignPlan::from_schema(schema, None, model).map_err(design_error)?;
+    load_design(path, &plan, None, limits)
 }
 
-/// What a used CSV column feeds.
-#[derive(Debug, Clone, Copy)]
-enum Role {
-    Target,
-    /// Numeric feature written at design column `col` (and its square at `col + 1` if `squared`).
-    Numeric {
-        col: usize,
-        squared: bool,
-    },
-    /// Categorical feature `feature` of the schema, dummies starting at design column `col`.
-    Categorical {
-        feature: usize,
-        col: usize,
-    },
-    Split,
-}
-
-/// How the target column becomes `y`.
-#[derive(Debug, Clone)]
-enum TargetRule {
-    Value { log: bool },
-    Above(f64),
-    Level(String),
-}
-
-/// Read a CSV from any reader; `file_label` is what errors call the file (e.g. its file name).
-///
-/// Tolerant of a UTF-8 byte-order mark, CRLF line endings, blank lines, spaces around fields
-/// and double-quoted fields (RFC 4180 quoting by csv-core, one record per line). Columns the
-/// schema does not use are not parsed, but every row must have as many fields as the header.
-/// The first error in file order is reported.
+/// [`load_csv`] from any reader; `file_label` is what errors call the file.
 pub fn load_csv_from_reader(
     file_label: &str,
     reader: impl Read,
@@ -106,31 +74,410 @@ pub fn load_csv_from_reader(
     model: ModelKind,
     limits: LoadLimits,
 ) -> Result<LocalData> {
+    let plan = DesignPlan::from_schema(schema, None, model).map_err(design_error)?;
+    load_design_from_reader(file_label, reader, &plan, None, limits)
+}
+
+/// A plan that cannot be made: the experiment form is wrong (validation names the same key).
+pub fn design_error(e: DesignError) -> Error {
+    match e {
+        DesignError::Formula(f) => Error::config("experiment", "formula", f.to_string()),
+        DesignError::Invalid { key, problem } => Error::config("experiment", key, problem),
+    }
+}
+
+fn file_label(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Read a node's CSV into the design of `plan` (see [`fedstat_proto::design`]). `office` is
+/// this node's name: an office-effects plan sets its `office=NAME` column to 1 and needs it
+/// listed among the plan's offices.
+pub fn load_design(
+    path: &Path,
+    plan: &DesignPlan,
+    office: Option<&str>,
+    limits: LoadLimits,
+) -> Result<LocalData> {
+    load_design_with_codes(path, plan, office, limits).map(|(data, _)| data)
+}
+
+/// [`load_design`], with the level codes of every declared factor the plan reads, per split
+/// in the design's row order: what the node's disclosure rules count.
+pub fn load_design_with_codes(
+    path: &Path,
+    plan: &DesignPlan,
+    office: Option<&str>,
+    limits: LoadLimits,
+) -> Result<(LocalData, FactorCodes)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    design_from_reader(&file_label(path), file, plan, office, limits)
+}
+
+/// Level codes of the declared factors, by split (see [`load_design_with_codes`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FactorCodes {
+    pub train: std::collections::BTreeMap<String, FactorColumn>,
+    pub test: std::collections::BTreeMap<String, FactorColumn>,
+}
+
+/// How one used column's text is read (each column once per row, whatever uses it).
+#[derive(Debug, Clone, PartialEq)]
+enum Rule {
+    /// A finite number.
+    Number,
+    /// A finite number above zero (its logarithm is taken).
+    Positive,
+    /// A finite number, zero or above (weights).
+    NonNegative,
+    /// One of the declared levels: its index.
+    Level(Vec<String>),
+    /// 1 when the text is this level, else 0 (a logistic response on an undeclared column).
+    Is(String),
+}
+
+/// What [`read_columns`] parsed: one column of values per requested column, the split and the
+/// row fingerprints.
+#[derive(Debug, Default)]
+struct Columns {
+    /// Numbers (for `Level`: the level's index as a float, exact below 2^53).
+    values: Vec<Vec<f64>>,
+    train: Vec<bool>,
+    ids: Vec<RowId>,
+}
+
+/// Read a node's CSV into a design matrix as `plan` says.
+pub fn load_design_from_reader(
+    file_label: &str,
+    reader: impl Read,
+    plan: &DesignPlan,
+    office: Option<&str>,
+    limits: LoadLimits,
+) -> Result<LocalData> {
+    design_from_reader(file_label, reader, plan, office, limits).map(|(data, _)| data)
+}
+
+/// [`load_design_with_codes`] from any reader.
+pub fn load_design_with_codes_from_reader(
+    file_label: &str,
+    reader: impl Read,
+    plan: &DesignPlan,
+    office: Option<&str>,
+    limits: LoadLimits,
+) -> Result<(LocalData, FactorCodes)> {
+    design_from_reader(file_label, reader, plan, office, limits)
+}
+
+fn design_from_reader(
+    file_label: &str,
+    reader: impl Read,
+    plan: &DesignPlan,
+    office: Option<&str>,
+    limits: LoadLimits,
+) -> Result<(LocalData, FactorCodes)> {
+    let office_value = |name: &str| office == Some(name);
+    if !plan.offices.is_empty() && !office.is_some_and(|o| plan.offices.iter().any(|x| x == o)) {
+        return Err(Error::config(
+            "experiment",
+            "offices",
+            "this node is not among the experiment's offices, so its office column is unknown; \
+             ask the researcher to list it",
+        ));
+    }
+    // The columns to read, each once, with the one rule that serves all its uses.
+    let mut requests: Vec<(String, Rule)> = Vec::new();
+    let mut add = |column: &str, rule: Rule| -> Result<usize> {
+        if let Some(i) = requests.iter().position(|(c, _)| c == column) {
+            let merged = match (&requests[i].1, &rule) {
+                (a, b) if a == b => a.clone(),
+                (Rule::Number, r @ (Rule::Positive | Rule::NonNegative))
+                | (r @ (Rule::Positive | Rule::NonNegative), Rule::Number) => r.clone(),
+                _ => {
+                    return Err(Error::config(
+                        "experiment",
+                        "formula",
+                        format!(
+                        "column `{column}` is used both as a number and as a factor, or with two conditions"
+                    ),
+                    ))
+                }
+            };
+            requests[i].1 = merged;
+            Ok(i)
+        } else {
+            requests.push((column.to_owned(), rule));
+            Ok(requests.len() - 1)
+        }
+    };
+    let levels_of = |column: &str| plan.categorical.iter().find(|f| f.column == column);
+    let response_at = match &plan.response {
+        Response::Value { column, log } => add(column, if *log { Rule::Positive } else { Rule::Number })?,
+        Response::Above { column, .. } => add(column, Rule::Number)?,
+        Response::Level { column, level } => match levels_of(column) {
+            Some(f) => add(column, Rule::Level(f.levels.clone()))?,
+            None => add(column, Rule::Is(level.clone()))?,
+        },
+    };
+    // Per design column: (request index, what to compute) of each factor.
+    enum Part {
+        Power(usize, i32),
+        Code(usize, f64),
+        Constant(f64),
+    }
+    let mut parts: Vec<Vec<Part>> = Vec::with_capacity(plan.columns.len());
+    for c in &plan.columns {
+        let mut ps = Vec::with_capacity(c.factors.len());
+        for f in &c.factors {
+            ps.push(match f {
+                Factor::Numeric { column, power } => {
+                    Part::Power(add(column, Rule::Number)?, i32::from(*power))
+                }
+                Factor::Level { column, level } => {
+                    let decl = levels_of(column).ok_or_else(|| {
+                        Error::config(
+                            "experiment",
+                            "schema.categorical",
+                            format!("column `{column}` is used as a factor but its levels are not declared"),
+                        )
+                    })?;
+                    let k = decl.levels.iter().position(|l| l == level).ok_or_else(|| {
+                        Error::config(
+                            "experiment",
+                            "schema.categorical.levels",
+                            format!("a design column of `{column}` names an undeclared level"),
+                        )
+                    })?;
+                    Part::Code(add(column, Rule::Level(decl.levels.clone()))?, k as f64)
+                }
+                Factor::Office { name } => Part::Constant(if office_value(name) { 1.0 } else { 0.0 }),
+            });
+        }
+        parts.push(ps);
+    }
+    let weights_at = plan
+        .weights
+        .as_deref()
+        .map(|w| add(w, Rule::NonNegative))
+        .transpose()?;
+    let offset_at = plan
+        .offset
+        .as_ref()
+        .map(|o| add(&o.column, if o.log { Rule::Positive } else { Rule::Number }))
+        .transpose()?;
+    let p = plan.columns.len();
+    let cols = read_columns(
+        file_label,
+        reader,
+        &requests,
+        &plan.split_column,
+        p.max(1),
+        limits,
+    )?;
+    let (n_train, n_test) = cols
+        .train
+        .iter()
+        .fold((0, 0), |(a, b), t| if *t { (a + 1, b) } else { (a, b + 1) });
+    if n_train == 0 {
+        return Err(Error::Dataset {
+            file: file_label.to_owned(),
+            problem: DatasetProblem::NoTrainRows {
+                split_column: plan.split_column.clone(),
+            },
+        });
+    }
+    let response = |i: usize| -> f64 {
+        let v = cols.values[response_at][i];
+        match &plan.response {
+            Response::Value { log: true, .. } => v.ln(),
+            Response::Value { log: false, .. } => v,
+            Response::Above { threshold, .. } => indicator(v > *threshold),
+            Response::Level { column, level } => match levels_of(column) {
+                Some(f) => indicator(f.levels.get(v as usize) == Some(level)),
+                None => v,
+            },
+        }
+    };
+    let make = |train: bool, rows: usize| -> Result<Design> {
+        let mut x = Vec::with_capacity(rows * p);
+        let mut y = Vec::with_capacity(rows);
+        let mut ids = Vec::with_capacity(rows);
+        let mut w = Vec::new();
+        let mut off = Vec::new();
+        for i in (0..cols.train.len()).filter(|i| cols.train[*i] == train) {
+            for ps in &parts {
+                let mut v = 1.0;
+                for part in ps {
+                    v *= match *part {
+                        Part::Power(j, k) => cols.values[j][i].powi(k),
+                        Part::Code(j, level) => indicator(cols.values[j][i] == level),
+                        Part::Constant(c) => c,
+                    };
+                }
+                x.push(v);
+            }
+            y.push(response(i));
+            ids.push(cols.ids[i]);
+            if let Some(j) = weights_at {
+                w.push(cols.values[j][i]);
+            }
+            if let (Some(j), Some(o)) = (offset_at, &plan.offset) {
+                let v = cols.values[j][i];
+                off.push(if o.log { v.ln() } else { v });
+            }
+        }
+        let x = Array2::from_shape_vec((y.len(), p), x)
+            .map_err(|e| Error::Model(format!("internal: design matrix shape: {e}")))?;
+        Ok(Design {
+            x,
+            y: Array1::from(y),
+            weights: weights_at.map(|_| Array1::from(w)),
+            offset: offset_at.map(|_| Array1::from(off)),
+            ids,
+        })
+    };
+    let mut codes = FactorCodes::default();
+    for ((name, rule), values) in requests.iter().zip(&cols.values) {
+        let Rule::Level(levels) = rule else { continue };
+        for (train, map) in [(true, &mut codes.train), (false, &mut codes.test)] {
+            let codes = values
+                .iter()
+                .zip(&cols.train)
+                .filter(|(_, t)| **t == train)
+                .map(|(v, _)| *v as u32)
+                .collect();
+            map.insert(
+                name.clone(),
+                FactorColumn {
+                    levels: levels.clone(),
+                    codes,
+                },
+            );
+        }
+    }
+    Ok((
+        LocalData {
+            train: make(true, n_train)?,
+            test: make(false, n_test)?,
+        },
+        codes,
+    ))
+}
+
+/// Which raw columns [`load_frame`] reads.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FrameRequest {
+    /// The column with `train` or `test`.
+    pub split_column: String,
+    /// Numeric columns (finite numbers).
+    pub numeric: Vec<String>,
+    /// Categorical columns and their declared levels (any other value is an error).
+    pub categorical: Vec<(String, Vec<String>)>,
+}
+
+/// One categorical column of a [`Frame`]: each row's level as an index into `levels`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FactorColumn {
+    pub levels: Vec<String>,
+    pub codes: Vec<u32>,
+}
+
+/// Raw typed columns of a node's CSV, every row (both splits) in file order: for tables and
+/// the disclosure rules, which work on values and levels rather than on a design matrix.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Frame {
+    pub numeric: std::collections::BTreeMap<String, Vec<f64>>,
+    pub categorical: std::collections::BTreeMap<String, FactorColumn>,
+    /// `true` for a train row, `false` for a test row.
+    pub train: Vec<bool>,
+    /// Row fingerprints, as [`Design::ids`].
+    pub ids: Vec<RowId>,
+}
+
+impl Frame {
+    /// Number of rows (both splits).
+    pub fn rows(&self) -> usize {
+        self.train.len()
+    }
+}
+
+/// Read the requested columns of a node's CSV, with the same tokeniser, checks and errors as
+/// [`load_design`] (a memory budget of rows × requested columns).
+pub fn load_frame(path: &Path, request: &FrameRequest, limits: LoadLimits) -> Result<Frame> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    load_frame_from_reader(&file_label(path), file, request, limits)
+}
+
+/// [`load_frame`] from any reader; `file_label` is what errors call the file.
+pub fn load_frame_from_reader(
+    file_label: &str,
+    reader: impl Read,
+    request: &FrameRequest,
+    limits: LoadLimits,
+) -> Result<Frame> {
+    let mut requests: Vec<(String, Rule)> = Vec::new();
+    for c in &request.numeric {
+        requests.push((c.clone(), Rule::Number));
+    }
+    for (c, levels) in &request.categorical {
+        requests.push((c.clone(), Rule::Level(levels.clone())));
+    }
+    for (i, (c, _)) in requests.iter().enumerate() {
+        if requests[..i].iter().any(|(d, _)| d == c) || *c == request.split_column {
+            return Err(Error::config(
+                "table",
+                "by",
+                format!("column `{c}` is requested twice"),
+            ));
+        }
+    }
+    let cols = read_columns(
+        file_label,
+        reader,
+        &requests,
+        &request.split_column,
+        requests.len().max(1),
+        limits,
+    )?;
+    let mut frame = Frame {
+        train: cols.train,
+        ids: cols.ids,
+        ..Frame::default()
+    };
+    for ((name, rule), values) in requests.into_iter().zip(cols.values) {
+        match rule {
+            Rule::Level(levels) => {
+                let codes = values.into_iter().map(|v| v as u32).collect();
+                frame.categorical.insert(name, FactorColumn { levels, codes });
+            }
+            _ => {
+                frame.numeric.insert(name, values);
+            }
+        }
+    }
+    Ok(frame)
+}
+
+/// The one CSV reading path: header, then every row's requested columns (parsed in header
+/// order, so the first error reported is the first in the file) and split.
+///
+/// Tolerant of a UTF-8 byte-order mark, CRLF line endings, blank lines, spaces around fields
+/// and double-quoted fields (RFC 4180 quoting by csv-core, one record per line). Columns not
+/// requested are not parsed, but every row must have as many fields as the header. At most
+/// `limits.max_cells / cells_per_row` data rows are read.
+fn read_columns(
+    file_label: &str,
+    reader: impl Read,
+    requests: &[(String, Rule)],
+    split_column: &str,
+    cells_per_row: usize,
+    limits: LoadLimits,
+) -> Result<Columns> {
     let dataset_err = |problem: DatasetProblem| Error::Dataset {
         file: file_label.to_owned(),
         problem,
     };
-    let rule = match (model, &schema.target) {
-        (ModelKind::Linear | ModelKind::Poisson | ModelKind::Gamma, t) => TargetRule::Value { log: t.log },
-        (ModelKind::Logistic, t) => match (t.threshold, &t.positive_level) {
-            (Some(th), None) if th.is_finite() => TargetRule::Above(th),
-            (None, Some(level)) => TargetRule::Level(level.clone()),
-            _ => {
-                return Err(Error::config(
-                    "experiment",
-                    "schema.target",
-                    "a logistic target needs exactly one of a finite `threshold` or `positive_level`",
-                ))
-            }
-        },
-        (ModelKind::Echo | ModelKind::Table, _) => {
-            return Err(Error::Model(
-                "echo and table experiments build no design matrix".to_owned(),
-            ))
-        }
-    };
-    let p = schema.design_width();
-
     let mut lines = BufReader::new(reader);
     let mut buf = Vec::new();
     let mut line_no: u64 = 0;
@@ -167,7 +514,7 @@ pub fn load_csv_from_reader(
         (0..fields.len()).map(|i| fields.get(i).to_owned()).collect()
     };
 
-    // Map each column the schema uses to its position in the header.
+    // Map each requested column to its position in the header.
     let find = |name: &str| -> Result<usize> {
         let mut hits = header_fields
             .iter()
@@ -186,54 +533,21 @@ pub fn load_csv_from_reader(
             }),
         }
     };
-    let mut roles: Vec<(usize, Role)> = Vec::new();
-    roles.push((find(&schema.target.column)?, Role::Target));
-    let mut col = 1;
-    for f in &schema.numeric {
-        roles.push((
-            find(&f.column)?,
-            Role::Numeric {
-                col,
-                squared: f.squared,
-            },
-        ));
-        col += if f.squared { 2 } else { 1 };
+    // (header index, request index or None for the split), in header order.
+    let mut order: Vec<(usize, Option<usize>)> = Vec::with_capacity(requests.len() + 1);
+    for (k, (name, _)) in requests.iter().enumerate() {
+        order.push((find(name)?, Some(k)));
     }
-    for (feature, f) in schema.categorical.iter().enumerate() {
-        roles.push((find(&f.column)?, Role::Categorical { feature, col }));
-        col += f.levels.iter().filter(|l| **l != f.reference).count();
-    }
-    roles.push((find(&schema.split_column)?, Role::Split));
-    // Parse fields left to right so the first error reported is the first in the file.
-    roles.sort_by_key(|(i, _)| *i);
-    // For each categorical feature and each listed level: the design column of its dummy, if any.
-    let dummy_cols: Vec<Vec<Option<usize>>> = schema
-        .categorical
-        .iter()
-        .map(|f| {
-            let mut next = 0;
-            f.levels
-                .iter()
-                .map(|l| {
-                    (*l != f.reference).then(|| {
-                        next += 1;
-                        next - 1
-                    })
-                })
-                .collect()
-        })
-        .collect();
+    order.push((find(split_column)?, None));
+    order.sort_by_key(|(i, _)| *i);
 
-    let mut train_x: Vec<f64> = Vec::new();
-    let mut train_y: Vec<f64> = Vec::new();
-    let mut train_ids: Vec<RowId> = Vec::new();
-    let mut test_x: Vec<f64> = Vec::new();
-    let mut test_y: Vec<f64> = Vec::new();
-    let mut test_ids: Vec<RowId> = Vec::new();
+    let mut out = Columns {
+        values: vec![Vec::new(); requests.len()],
+        ..Columns::default()
+    };
     // Occurrences of each line seen so far, so repeated lines get distinct fingerprints.
     let mut seen_lines: std::collections::HashMap<RowId, u32> = std::collections::HashMap::new();
-    let max_rows = limits.max_cells / p.max(1) as u64;
-    let mut row = vec![0.0; p];
+    let max_rows = limits.max_cells / cells_per_row.max(1) as u64;
     let mut fields = LineFields::new();
     let mut data_rows: u64 = 0;
 
@@ -281,68 +595,45 @@ pub fn load_csv_from_reader(
                 max_cells: limits.max_cells,
             }));
         }
-        row.fill(0.0);
-        row[0] = 1.0;
-        let mut y = 0.0;
-        let mut is_train = false;
-        for &(i, role) in &roles {
+        for &(i, request) in &order {
             let name = header_fields[i].as_str();
             let value = fields.get(i);
             if value.is_empty() {
                 return Err(csv_err(name, CsvProblem::EmptyValue));
             }
-            match role {
-                Role::Target => {
-                    y = match &rule {
-                        TargetRule::Level(level) => indicator(value == level),
-                        TargetRule::Above(th) => {
-                            indicator(parse_number(value).map_err(|p| csv_err(name, p))? > *th)
-                        }
-                        TargetRule::Value { log: false } => {
-                            parse_number(value).map_err(|p| csv_err(name, p))?
-                        }
-                        TargetRule::Value { log: true } => {
-                            let v = parse_number(value).map_err(|p| csv_err(name, p))?;
-                            if v <= 0.0 {
-                                return Err(csv_err(name, CsvProblem::NotPositiveForLog));
-                            }
-                            v.ln()
-                        }
-                    };
-                }
-                Role::Numeric { col, squared } => {
+            let Some(k) = request else {
+                out.train.push(match value {
+                    "train" => true,
+                    "test" => false,
+                    _ => return Err(csv_err(name, CsvProblem::BadSplit)),
+                });
+                continue;
+            };
+            let v = match &requests[k].1 {
+                Rule::Number => parse_number(value).map_err(|p| csv_err(name, p))?,
+                Rule::Positive => {
                     let v = parse_number(value).map_err(|p| csv_err(name, p))?;
-                    row[col] = v;
-                    if squared {
-                        row[col + 1] = v * v;
+                    if v <= 0.0 {
+                        return Err(csv_err(name, CsvProblem::NotPositiveForLog));
                     }
+                    v
                 }
-                Role::Categorical { feature, col } => {
-                    let f = &schema.categorical[feature];
-                    let Some(k) = f.levels.iter().position(|l| l == value) else {
-                        return Err(csv_err(name, CsvProblem::UnknownLevel));
-                    };
-                    if let Some(d) = dummy_cols[feature][k] {
-                        row[col + d] = 1.0;
+                Rule::NonNegative => {
+                    let v = parse_number(value).map_err(|p| csv_err(name, p))?;
+                    if v < 0.0 {
+                        return Err(csv_err(name, CsvProblem::Negative));
                     }
+                    v
                 }
-                Role::Split => {
-                    is_train = match value {
-                        "train" => true,
-                        "test" => false,
-                        _ => return Err(csv_err(name, CsvProblem::BadSplit)),
-                    };
-                }
-            }
+                Rule::Level(levels) => match levels.iter().position(|l| l == value) {
+                    Some(code) => code as f64,
+                    None => return Err(csv_err(name, CsvProblem::UnknownLevel)),
+                },
+                Rule::Is(level) => indicator(value == level),
+            };
+            out.values[k].push(v);
         }
-        let (xs, ys, ids) = if is_train {
-            (&mut train_x, &mut train_y, &mut train_ids)
-        } else {
-            (&mut test_x, &mut test_y, &mut test_ids)
-        };
-        xs.extend_from_slice(&row);
-        ys.push(y);
-        ids.push(row_id(text, &mut seen_lines));
+        out.ids.push(row_id(text, &mut seen_lines));
     }
 
     if data_rows == 0 {
@@ -353,26 +644,7 @@ pub fn load_csv_from_reader(
             problem: CsvProblem::NoDataRows,
         });
     }
-    if train_y.is_empty() {
-        return Err(dataset_err(DatasetProblem::NoTrainRows {
-            split_column: schema.split_column.clone(),
-        }));
-    }
-    let design = |x: Vec<f64>, y: Vec<f64>, ids: Vec<RowId>| -> Result<Design> {
-        let x = Array2::from_shape_vec((y.len(), p), x)
-            .map_err(|e| Error::Model(format!("internal: design matrix shape: {e}")))?;
-        Ok(Design {
-            x,
-            y: Array1::from(y),
-            weights: None,
-            offset: None,
-            ids,
-        })
-    };
-    Ok(LocalData {
-        train: design(train_x, train_y, train_ids)?,
-        test: design(test_x, test_y, test_ids)?,
-    })
+    Ok(out)
 }
 
 /// The fingerprint of a data line: SHA-256 of its text, the k-th repeat of the same text
@@ -667,7 +939,7 @@ pub(crate) mod tests {
     pub(crate) fn cps_schema(target: TargetSpec) -> DataSchema {
         DataSchema {
             split_column: "split".to_owned(),
-            target,
+            target: Some(target),
             numeric: vec![
                 NumericFeature {
                     column: "education".to_owned(),
@@ -1056,12 +1328,12 @@ pub(crate) mod tests {
     fn small_inputs_parse_as_documented() {
         let schema = DataSchema {
             split_column: "s".to_owned(),
-            target: TargetSpec {
+            target: Some(TargetSpec {
                 column: "t".to_owned(),
                 log: false,
                 threshold: None,
                 positive_level: Some("hi".to_owned()),
-            },
+            }),
             numeric: vec![NumericFeature {
                 column: "a".to_owned(),
                 squared: true,

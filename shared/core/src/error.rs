@@ -63,6 +63,10 @@ pub enum Error {
     #[error(transparent)]
     Proto(#[from] fedstat_proto::Error),
 
+    /// A table could not be made or protected; names a column or rule, never a value.
+    #[error(transparent)]
+    Table(#[from] crate::tabulate::TableError),
+
     /// An update was rejected by validation; the reason names the check that failed.
     #[error("update rejected: {0}")]
     Rejected(String),
@@ -100,6 +104,8 @@ pub enum CsvProblem {
     NotANumber,
     NotFinite,
     NotPositiveForLog,
+    /// A weight below zero.
+    Negative,
     UnknownLevel,
     BadSplit,
 }
@@ -117,9 +123,8 @@ impl CsvProblem {
             CsvProblem::MissingValueMarker => "a value is missing (NA)",
             CsvProblem::NotANumber => "a value is not a number",
             CsvProblem::NotFinite => "a value is not a finite number",
-            CsvProblem::NotPositiveForLog => {
-                "a value is not positive, so its logarithm (target.log) is undefined"
-            }
+            CsvProblem::NotPositiveForLog => "a value is not positive, so its logarithm is undefined",
+            CsvProblem::Negative => "a value is negative, and weights must be zero or positive",
             CsvProblem::UnknownLevel => {
                 "a value is not one of the levels listed in the experiment (levels are case-sensitive)"
             }
@@ -149,8 +154,9 @@ impl std::fmt::Display for CsvProblem {
                 f.write_str("value is not a finite number (or too large for a 64-bit float)")
             }
             CsvProblem::NotPositiveForLog => {
-                f.write_str("value is not positive, so its logarithm (target.log) is undefined")
+                f.write_str("value is not positive, so its logarithm is undefined")
             }
+            CsvProblem::Negative => f.write_str("value is negative, and weights must be zero or positive"),
             CsvProblem::UnknownLevel => f.write_str(
                 "value is not one of the levels listed in the experiment (levels are case-sensitive)",
             ),
@@ -260,6 +266,7 @@ impl Error {
             }
             Error::Proto(fedstat_proto::Error::Unknown { what, .. }) => format!("unknown {what}"),
             Error::Rejected(r) => format!("update rejected: {r}"),
+            Error::Table(t) => t.to_string(),
             Error::KeyPermissions { .. } => "certificate problem on the node".to_owned(),
             Error::Locked { .. } => "a file on the node is in use by another process".to_owned(),
         }

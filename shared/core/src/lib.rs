@@ -19,6 +19,7 @@ pub mod glm;
 pub mod linalg;
 pub mod model;
 pub mod spec;
+pub mod tabulate;
 pub mod text;
 
 pub use fedstat_proto as proto;

@@ -14,8 +14,8 @@ pub const MAX_PARAMS: u64 = 100_000_000;
 /// matrix, so a spec padded with unused levels is refused from its text alone; a node's policy
 /// (`max_levels`) is usually much tighter.
 pub const MAX_LEVELS: usize = 1_000;
-/// Most design columns a GLM may have (node policies set `max_params` far lower).
-pub const MAX_DESIGN_COLUMNS: usize = 10_000;
+pub use fedstat_proto::design::MAX_DESIGN_COLUMNS;
+pub use fedstat_proto::formula::MAX_FORMULA_CHARS;
 /// Longest experiment name and purpose, in characters.
 pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_PURPOSE_CHARS: usize = 4_000;
@@ -145,6 +145,7 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
                     "required for tables: it declares the split column and the categorical levels",
                 ));
             }
+            validate_table(spec)?;
         }
         ModelKind::Linear | ModelKind::Logistic | ModelKind::Poisson | ModelKind::Gamma => {
             if spec.dataset.trim().is_empty() {
@@ -158,10 +159,26 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
                 .schema
                 .as_ref()
                 .ok_or_else(|| Error::config(WHAT, "schema", "required for linear and logistic models"))?;
-            validate_schema(schema, spec.model)?;
+            validate_schema(schema, spec.model, spec.formula.as_deref())?;
+            validate_design(spec)?;
         }
     }
     validate_method(spec)
+}
+
+/// The `[table]` form: `by` columns declared in `[schema]` with their levels, numeric columns
+/// with finite bounds and covering bins, the rules' parameters, and sizes (at most
+/// [`crate::tabulate::MAX_CELLS`] cells) checked before anything is allocated.
+fn validate_table(spec: &ExperimentSpec) -> Result<()> {
+    if let Some(t) = &spec.table {
+        for col in t.by.iter().chain(t.numeric.iter().map(|n| &n.column)) {
+            check_text("table", col, MAX_IDENT_CHARS)?;
+        }
+    }
+    crate::tabulate::validate(spec).map_err(|e| match e {
+        crate::tabulate::TableError::Spec { key, problem } => Error::config(WHAT, key, problem),
+        other => Error::config(WHAT, "table", other.to_string()),
+    })
 }
 
 /// The settings of exact fits: which models they apply to, and the options only they take.
@@ -257,7 +274,48 @@ fn validate_method(spec: &ExperimentSpec) -> Result<()> {
     Ok(())
 }
 
-fn validate_schema(schema: &DataSchema, model: ModelKind) -> Result<()> {
+/// The design the spec implies: the formula parses, its columns are named well, and the plan
+/// is within bounds (see [`fedstat_proto::design`]).
+fn validate_design(spec: &ExperimentSpec) -> Result<()> {
+    if let Some(text) = &spec.formula {
+        check_text("formula", text, MAX_FORMULA_CHARS)?;
+    }
+    let plan = spec.design().map_err(crate::data::design_error)?;
+    let mut columns: Vec<&str> = vec![plan.response.column()];
+    for c in &plan.columns {
+        for f in &c.factors {
+            if let fedstat_proto::design::Factor::Numeric { column, .. } = f {
+                columns.push(column);
+            }
+        }
+    }
+    for col in columns {
+        if col.trim().is_empty() {
+            return Err(Error::config(WHAT, "formula", "a column name is empty"));
+        }
+        check_text("formula", col, MAX_IDENT_CHARS)?;
+    }
+    if let Some(o) = &plan.offset {
+        check_text("offset", &o.column, MAX_IDENT_CHARS)?;
+    }
+    if !plan.intercept && spec.method != Method::Exact {
+        return Err(Error::config(
+            WHAT,
+            "formula",
+            "a model without intercept (`- 1`, `+ 0`) is fitted exactly only; set method = \"exact\"",
+        ));
+    }
+    if plan.columns.len() < 2 && plan.intercept && spec.method != Method::Exact {
+        return Err(Error::config(
+            WHAT,
+            "formula",
+            "federated averaging needs at least one term besides the intercept",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_schema(schema: &DataSchema, model: ModelKind, formula: Option<&str>) -> Result<()> {
     let mut seen = std::collections::BTreeSet::new();
     let mut check_col = |key: &str, col: &str| -> Result<()> {
         if col.trim().is_empty() {
@@ -270,7 +328,33 @@ fn validate_schema(schema: &DataSchema, model: ModelKind) -> Result<()> {
         Ok(())
     };
     check_col("schema.split_column", &schema.split_column)?;
-    check_col("schema.target.column", &schema.target.column)?;
+    if let Some(t) = &schema.target {
+        check_col("schema.target.column", &t.column)?;
+    }
+    match (formula, &schema.target) {
+        (None, None) => {
+            return Err(Error::config(
+                WHAT,
+                "schema.target",
+                "required unless the experiment has a formula",
+            ))
+        }
+        (Some(_), Some(_)) => {
+            return Err(Error::config(
+                WHAT,
+                "schema.target",
+                "give the response in the formula or in [schema].target, not both",
+            ))
+        }
+        _ => {}
+    }
+    if formula.is_some() && !schema.numeric.is_empty() {
+        return Err(Error::config(
+            WHAT,
+            "schema.numeric",
+            "the formula names the numeric columns; leave [schema].numeric out",
+        ));
+    }
     for f in &schema.numeric {
         check_col("schema.numeric.column", &f.column)?;
     }
@@ -309,7 +393,7 @@ fn validate_schema(schema: &DataSchema, model: ModelKind) -> Result<()> {
             ));
         }
     }
-    if schema.numeric.is_empty() && schema.categorical.is_empty() {
+    if formula.is_none() && schema.numeric.is_empty() && schema.categorical.is_empty() {
         return Err(Error::config(
             WHAT,
             "schema",
@@ -323,7 +407,9 @@ fn validate_schema(schema: &DataSchema, model: ModelKind) -> Result<()> {
             format!("the design would have more than {MAX_DESIGN_COLUMNS} columns"),
         ));
     }
-    let t = &schema.target;
+    let Some(t) = &schema.target else {
+        return Ok(());
+    };
     if let Some(level) = &t.positive_level {
         check_text("schema.target.positive_level", level, MAX_IDENT_CHARS)?;
     }
@@ -432,7 +518,9 @@ categorical = [
         check(
             &|s| {
                 if let Some(schema) = s.schema.as_mut() {
-                    schema.target.threshold = None;
+                    if let Some(t) = schema.target.as_mut() {
+                        t.threshold = None;
+                    }
                 }
             },
             "schema.target",

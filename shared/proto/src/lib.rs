@@ -2,6 +2,7 @@
 //!
 //! - [`wire`]: versioned messages and the frame codec (postcard payloads behind a 4-byte length);
 //! - [`spec`]: the experiment form a researcher writes and every node receives;
+//! - [`formula`] and [`design`]: R-style formulas and the design plan both sides compute;
 //! - [`manifest`]: the versioned form a data custodian approves, whose bytes are hashed;
 //! - [`sums`]: the pooled figures that travel (standardisation, metrics, answers' sums);
 //! - [`output`]: what an experiment produces besides parameters (GLM inference, tables);
@@ -12,7 +13,9 @@
 //! lives in `fedstat-core`, networking in `fedstat-net`.
 #![forbid(unsafe_code)]
 
+pub mod design;
 pub mod error;
+pub mod formula;
 pub mod manifest;
 pub mod output;
 mod role;

@@ -149,7 +149,9 @@ pub struct DataSchema {
     /// Column whose value is `train` or `test`.
     #[serde(default = "default_split_column")]
     pub split_column: String,
-    pub target: TargetSpec,
+    /// The response of the list form; with a `formula`, leave it out (the formula names it).
+    #[serde(default)]
+    pub target: Option<TargetSpec>,
     /// Numeric features, in design order, each optionally followed by its square.
     #[serde(default)]
     pub numeric: Vec<NumericFeature>,
@@ -232,13 +234,13 @@ pub struct EchoSpec {
 }
 
 impl ExperimentSpec {
-    /// Number of model parameters.
+    /// Number of model parameters: `echo`'s declared count, 0 for tables and for a spec
+    /// without a valid design (validation refuses those).
     pub fn num_params(&self) -> u64 {
-        match (&self.model, &self.echo, &self.schema) {
-            (ModelKind::Echo, Some(echo), _) => echo.params,
-            (ModelKind::Table, _, _) => 0,
-            (_, _, Some(schema)) => (schema.design_width() + self.office_columns()) as u64,
-            _ => 0,
+        match (&self.model, &self.echo) {
+            (ModelKind::Echo, Some(echo)) => echo.params,
+            (ModelKind::Echo | ModelKind::Table, _) => 0,
+            _ => self.design().map_or(0, |d| d.columns.len() as u64),
         }
     }
 
@@ -257,21 +259,11 @@ impl ExperimentSpec {
         }
     }
 
-    /// Names of the model's parameters, in order: the design columns, then `office=NAME` for
-    /// every office but the first. Empty for `echo` and `table`.
+    /// Names of the model's parameters, in order (see [`crate::design`]): the design columns,
+    /// then `office=NAME` for every office but the first. Empty for `echo`, `table` and a spec
+    /// without a valid design.
     pub fn design_columns(&self) -> Vec<String> {
-        if matches!(self.model, ModelKind::Echo | ModelKind::Table) {
-            return Vec::new();
-        }
-        let mut cols = self
-            .schema
-            .as_ref()
-            .map(|s| s.design_columns())
-            .unwrap_or_default();
-        if self.office_effects {
-            cols.extend(self.offices.iter().skip(1).map(|o| format!("office={o}")));
-        }
-        cols
+        self.design().map(|d| d.names()).unwrap_or_default()
     }
 
     /// Whether parameters travel as float32 (echo) or float64 (the GLMs).

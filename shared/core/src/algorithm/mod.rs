@@ -12,6 +12,7 @@
 //!   [`standardize`] (pooled column statistics) and [`evaluate`] (pooled test metrics);
 //!   the `echo` diagnostic runs its training step alone.
 //! - [`glm`]: exact GLMs (`method = "exact"`) by federated Newton/IRLS, with inference.
+//! - [`table`]: federated tables with statistical disclosure control, one step.
 //!
 //! Adding one: a module here implementing [`Algorithm`] (its steps, the encoding of its
 //! answers, its per-answer checks), the node's local computation for each new
@@ -21,6 +22,7 @@ pub mod evaluate;
 pub mod fedavg;
 pub mod glm;
 pub mod standardize;
+pub mod table;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -147,5 +149,8 @@ pub fn for_spec(spec: &ExperimentSpec, checkpoint: Checkpoint) -> Box<dyn Algori
             return Box::new(glm);
         }
     }
-    Box::new(fedavg::FedAvg::new(spec, checkpoint))
+    match spec.model {
+        crate::spec::ModelKind::Table => Box::new(table::Table::new(spec, checkpoint)),
+        _ => Box::new(fedavg::FedAvg::new(spec, checkpoint)),
+    }
 }
