@@ -278,6 +278,11 @@ fn from_formula(text: &str, schema: &DataSchema) -> Result<(Response, bool, Vec<
         });
     }
     for vars in &coded {
+        // A factor without a non-reference level (refused by validation) empties the term;
+        // skipping it keeps every intermediate product below the bounded final width.
+        if vars.iter().any(|v| v.width() == 0) {
+            continue;
+        }
         // Cartesian product; the outer loop is the newer variable, so the first variable
         // varies fastest (R's order).
         let mut cols: Vec<(Vec<String>, Vec<Factor>)> = vec![(Vec::new(), Vec::new())];
@@ -588,6 +593,13 @@ mod tests {
         .expect("spec");
         assert_eq!(key(&wide), "formula");
         assert_eq!(wide.num_params(), 0);
+        // A one-level factor (refused by validation) empties its terms without expanding the rest.
+        let mut hostile = wide.clone();
+        hostile.formula = Some("y ~ g:h:f".into());
+        if let Some(schema) = hostile.schema.as_mut() {
+            schema.categorical[0].levels.truncate(1);
+        }
+        assert!(hostile.design().is_err() || hostile.num_params() <= MAX_DESIGN_COLUMNS as u64);
     }
 
     /// A formula of up to six terms over numeric `x0..x3` and factors `f` (3 levels) and
