@@ -634,4 +634,18 @@ categorical = [
             "logistic",
         );
     }
+
+    /// The shipped formula example is the linear example written as a formula.
+    #[test]
+    fn the_formula_example_has_the_design_of_the_linear_example() {
+        let formula: ExperimentSpec =
+            toml::from_str(include_str!("../../../configs/experiment-formula.toml"))
+                .expect("formula example");
+        let lists: ExperimentSpec =
+            toml::from_str(include_str!("../../../configs/experiment-linear.toml")).expect("linear example");
+        validate(&formula).expect("valid");
+        assert_eq!(formula.design_columns(), lists.design_columns());
+        let (f, l) = (formula.design().expect("plan"), lists.design().expect("plan"));
+        assert_eq!((f.response, f.columns), (l.response, l.columns));
+    }
 }
