@@ -587,4 +587,117 @@ mod tests {
         assert_eq!(difference_up_to(&[], &[3, 4], 10), 2);
         assert!(difference_up_to(&(0..100).collect::<Vec<_>>(), &[], 10) >= 10);
     }
+
+    /// A form with a formula over `wage,age,region,sex,w,split` (linear, exact).
+    fn formula_plan(rhs: &str, extra: &str) -> DesignPlan {
+        let text = format!(
+            "name = \"t\"\ndataset = \"d\"\nmodel = \"linear\"\nmethod = \"exact\"\n\
+             formula = \"wage ~ {rhs}\"\n{extra}\n[schema]\ncategorical = [\
+             {{ column = \"region\", levels = [\"a\", \"b\"], reference = \"a\" }}, \
+             {{ column = \"sex\", levels = [\"m\", \"f\"], reference = \"m\" }}]\n"
+        );
+        toml::from_str::<fedstat_core::spec::ExperimentSpec>(&text)
+            .expect("spec")
+            .design()
+            .expect("plan")
+    }
+
+    /// `n` rows per split: region `b` on every fourth row; sex `f` on odd rows and on the
+    /// `b` rows below 12, so the cell (b, f) holds 3 rows while every level holds many.
+    /// `w` is 1; `w2` is 0 on the first 2 train rows and `w12` on the first 12, else 1.
+    fn csv2(n: usize) -> String {
+        let mut text = String::from("wage,age,region,sex,w,w2,w12,split\n");
+        for split in ["train", "test"] {
+            for i in 0..n {
+                let region = if i % 4 == 0 { "b" } else { "a" };
+                let sex = if i % 4 == 0 && i < 12 || i % 2 == 1 {
+                    "f"
+                } else {
+                    "m"
+                };
+                let w = |k: usize| if split == "train" && i < k { 0 } else { 1 };
+                text.push_str(&format!(
+                    "{i},{},{region},{sex},1,{},{},{split}\n",
+                    20 + i % 40,
+                    w(2),
+                    w(12)
+                ));
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn a_small_cell_of_a_factor_interaction_is_refused_naming_the_rule() {
+        let text = csv2(100);
+        // Each factor alone passes: every level and its complement hold at least 10 rows.
+        assert_eq!(
+            load_plan(&text, formula_plan("age + region + sex", "")).check(10),
+            Ok(())
+        );
+        // Their interaction has a 3-row cell.
+        for rhs in ["region*sex", "age + region:sex", "age:region:sex"] {
+            assert_eq!(
+                load_plan(&text, formula_plan(rhs, "")).check(10),
+                Err(Refusal::SmallCell {
+                    columns: "region:sex".into(),
+                    split: Split::Train
+                }),
+                "{rhs}"
+            );
+        }
+        // A factor × number interaction is a sum over each level: the level rule covers it.
+        assert_eq!(load_plan(&text, formula_plan("age*region", "")).check(10), Ok(()));
+        let refusal = Refusal::SmallCell {
+            columns: "region:sex".into(),
+            split: Split::Train,
+        }
+        .to_string();
+        assert!(
+            refusal.contains("policy.min_cell") && refusal.contains("`region:sex`"),
+            "{refusal}"
+        );
+        assert!(!refusal.chars().any(|c| c.is_ascii_digit()), "{refusal}");
+        // Each interaction cell is also a released set, so differencing covers it.
+        let sets = load_plan(&text, formula_plan("region*sex", "")).sets();
+        assert!(
+            sets.iter()
+                .any(|s| s.label.contains("interaction cell `region=b:sex=f`") && s.ids.len() == 3),
+            "{:?}",
+            sets.iter().map(|s| &s.label).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn weights_that_drop_a_few_rows_of_an_earlier_release_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = ReleaseLedger::new(dir.path());
+        let plan = |w: &str| formula_plan("age + region", &format!("weights = \"{w}\""));
+        let text = csv2(100);
+        let first = load_plan(&text, plan("w")).sets();
+        ledger
+            .check_and_record("cps", &first, 10)
+            .expect("all rows weighted");
+        // The same people, two of them weighted 0: a sum over all but those two.
+        let err = ledger
+            .check_and_record("cps", &load_plan(&text, plan("w2")).sets(), 10)
+            .expect_err("two rows apart");
+        assert!(
+            matches!(&err, Error::Policy(Refusal::Differencing { what }) if what.contains("positive weight `w2`")),
+            "{err}"
+        );
+        // Within one experiment too: the weighted rows and the training rows are two sets.
+        let fresh = ReleaseLedger::new(&dir.path().join("other"));
+        let err = fresh
+            .check_and_record("cps", &load_plan(&text, plan("w2")).sets(), 10)
+            .expect_err("two rows apart within one experiment");
+        assert!(
+            matches!(err, Error::Policy(Refusal::Differencing { .. })),
+            "{err}"
+        );
+        // Weights that drop ten rows or more are allowed.
+        fresh
+            .check_and_record("cps", &load_plan(&text, plan("w12")).sets(), 10)
+            .expect("twelve apart");
+    }
 }

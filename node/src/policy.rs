@@ -845,4 +845,25 @@ mod tests {
         assert!(toml::from_str::<RawPolicy>("approval = \"sometimes\"").is_err());
         assert!(toml::from_str::<RawPolicy>("max_round = 3").is_err());
     }
+
+    #[test]
+    fn exact_fits_need_three_training_rows_per_parameter_whatever_the_policy() {
+        let p = policy("min_rows_per_param = 1\nallowed_targets = [\"*\"]\nallowed_features = [\"*\"]");
+        let mut exact = spec();
+        exact.method = fedstat_core::spec::Method::Exact;
+        exact.rounds = 1;
+        let params = exact.num_params();
+        assert_eq!(params, 7);
+        let refused = p.check_rows(&exact, 3 * params - 1).expect_err("saturated");
+        assert!(matches!(refused, Refusal::Saturated { .. }), "{refused}");
+        let text = refused.to_string();
+        assert!(
+            text.contains("policy.min_rows_per_param") && text.contains("saturate"),
+            "{text}"
+        );
+        assert!(!text.contains("20"), "names no row count: {text}");
+        assert_eq!(p.check_rows(&exact, 3 * params), Ok(()));
+        // Federated averaging follows the policy's own figure.
+        assert_eq!(p.check_rows(&spec(), 2 * params), Ok(()));
+    }
 }

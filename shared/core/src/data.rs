@@ -1436,4 +1436,205 @@ pub(crate) mod tests {
         st.apply(&mut x);
         assert_eq!(x, ndarray::array![[1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]);
     }
+
+    /// An experiment form from TOML (for plans with formulas, weights, offsets, offices).
+    fn spec_of(text: &str) -> crate::spec::ExperimentSpec {
+        toml::from_str(text).expect("spec")
+    }
+
+    fn plan_of(text: &str) -> DesignPlan {
+        spec_of(text).design().expect("plan")
+    }
+
+    #[test]
+    fn the_formula_gives_the_design_of_the_lists_on_the_cps_files() {
+        let mut schema = ols_schema();
+        schema.target = None;
+        schema.numeric.clear();
+        let plan = DesignPlan::from_schema(
+            &schema,
+            Some("log(wage) ~ education + experience + I(experience^2) + ethnicity + smsa + parttime"),
+            ModelKind::Linear,
+        )
+        .expect("plan");
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(data_dir().join("cps1988/reference.json")).expect("reference"),
+        )
+        .expect("json");
+        let want: Vec<String> = reference["cps1988"]["models"]["ols_logwage"]["design"]["columns_in_order"]
+            .as_array()
+            .expect("columns")
+            .iter()
+            .map(|c| c.as_str().expect("name").to_owned())
+            .collect();
+        assert_eq!(plan.names(), want);
+        for region in REGIONS {
+            let path = data_dir().join("cps1988").join(format!("{region}.csv"));
+            let from_formula = load_design(&path, &plan, None, LoadLimits::UNLIMITED).expect("loads");
+            let from_lists = load_region(region, &ols_schema(), ModelKind::Linear);
+            assert_eq!(from_formula, from_lists, "{region}");
+        }
+    }
+
+    const SMALL: &str = "y,x,f,g,w,e,split\n\
+        1,2,a,u,1,1,train\n\
+        2,3,b,v,0,2,train\n\
+        3,4,c,v,2.5,4,train\n\
+        4,5,b,u,1,8,test\n";
+
+    fn small_spec(rhs: &str, extra: &str) -> String {
+        format!(
+            "name = \"t\"\ndataset = \"d\"\nmodel = \"linear\"\nmethod = \"exact\"\nformula = \"y ~ {rhs}\"\n{extra}\n\
+             [schema]\ncategorical = [{{ column = \"f\", levels = [\"a\", \"b\", \"c\"], reference = \"a\" }}, \
+             {{ column = \"g\", levels = [\"u\", \"v\"], reference = \"u\" }}]\n"
+        )
+    }
+
+    #[test]
+    fn interactions_of_factors_and_numbers_build_their_columns() {
+        let plan = plan_of(&small_spec("x*f + f:g", ""));
+        assert_eq!(
+            plan.names(),
+            ["const", "x", "f=b", "f=c", "x:f=b", "x:f=c", "f=b:g=v", "f=c:g=v"]
+        );
+        let d = load_design_from_reader("t.csv", SMALL.as_bytes(), &plan, None, LoadLimits::UNLIMITED)
+            .expect("loads");
+        assert_eq!(
+            d.train.x,
+            ndarray::array![
+                [1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                [1.0, 3.0, 1.0, 0.0, 3.0, 0.0, 1.0, 0.0],
+                [1.0, 4.0, 0.0, 1.0, 0.0, 4.0, 0.0, 1.0],
+            ]
+        );
+        assert_eq!(
+            d.test.x,
+            ndarray::array![[1.0, 5.0, 1.0, 0.0, 5.0, 0.0, 0.0, 0.0]]
+        );
+        assert_eq!(d.train.y.to_vec(), [1.0, 2.0, 3.0]);
+        assert!(d.train.weights.is_none() && d.train.offset.is_none());
+        // Without an intercept the first factor keeps every level, as in R.
+        let plan = plan_of(&small_spec("f + x - 1", ""));
+        assert_eq!(plan.names(), ["f=a", "f=b", "f=c", "x"]);
+        let d = load_design_from_reader("t.csv", SMALL.as_bytes(), &plan, None, LoadLimits::UNLIMITED)
+            .expect("loads");
+        assert_eq!(d.train.x.row(0).to_vec(), [1.0, 0.0, 0.0, 2.0]);
+    }
+
+    #[test]
+    fn weights_and_offset_load_and_bad_values_are_refused_by_column() {
+        let plan = plan_of(&small_spec("x", "weights = \"w\"\noffset = \"log(e)\""));
+        let d = load_design_from_reader("t.csv", SMALL.as_bytes(), &plan, None, LoadLimits::UNLIMITED)
+            .expect("loads");
+        assert_eq!(
+            d.train.weights.as_ref().map(|w| w.to_vec()),
+            Some(vec![1.0, 0.0, 2.5])
+        );
+        let off = d.train.offset.as_ref().map(|o| o.to_vec()).expect("offset");
+        assert_eq!(off, [0.0, 2f64.ln(), 4f64.ln()]);
+        assert_eq!(d.test.offset.as_ref().map(|o| o.to_vec()), Some(vec![8f64.ln()]));
+        let plain = plan_of(&small_spec("x", "offset = \"e\""));
+        let d = load_design_from_reader("t.csv", SMALL.as_bytes(), &plain, None, LoadLimits::UNLIMITED)
+            .expect("loads");
+        assert_eq!(d.test.offset.as_ref().map(|o| o.to_vec()), Some(vec![8.0]));
+
+        let fails = |text: &str, line: u64, column: &str, problem: CsvProblem| {
+            let e = load_design_from_reader("t.csv", text.as_bytes(), &plan, None, LoadLimits::UNLIMITED)
+                .expect_err(text);
+            assert!(
+                matches!(&e, Error::Csv { line: l, column: c, problem: p, .. }
+                    if *l == line && c == column && *p == problem),
+                "{text:?}: {e}"
+            );
+            assert!(e.public().contains(&format!("`{column}`")), "{}", e.public());
+        };
+        fails(&SMALL.replace("2.5,4", "-2.5,4"), 4, "w", CsvProblem::Negative);
+        fails(&SMALL.replace("2.5,4", "inf,4"), 4, "w", CsvProblem::NotFinite);
+        fails(
+            &SMALL.replace("2.5,4", "2.5,0"),
+            4,
+            "e",
+            CsvProblem::NotPositiveForLog,
+        );
+        fails(
+            &SMALL.replace("2.5,4", "2.5,NA"),
+            4,
+            "e",
+            CsvProblem::MissingValueMarker,
+        );
+    }
+
+    #[test]
+    fn office_columns_are_set_for_the_nodes_own_office_only() {
+        let plan = plan_of(&small_spec(
+            "x",
+            "office_effects = true\noffices = [\"north\", \"south\", \"west\"]",
+        ));
+        assert_eq!(plan.names(), ["const", "x", "office=south", "office=west"]);
+        let load = |office: Option<&str>| {
+            load_design_from_reader("t.csv", SMALL.as_bytes(), &plan, office, LoadLimits::UNLIMITED)
+        };
+        let south = load(Some("south")).expect("south");
+        assert_eq!(south.train.x.column(2).to_vec(), [1.0, 1.0, 1.0]);
+        assert_eq!(south.train.x.column(3).to_vec(), [0.0, 0.0, 0.0]);
+        let north = load(Some("north")).expect("north");
+        assert_eq!(north.train.x.column(2).sum() + north.train.x.column(3).sum(), 0.0);
+        for office in [None, Some("east")] {
+            let e = load(office).expect_err("not an office of the experiment");
+            assert!(e.to_string().contains("offices"), "{e}");
+        }
+    }
+
+    #[test]
+    fn frames_hold_typed_raw_columns_by_name() {
+        let request = FrameRequest {
+            split_column: "split".into(),
+            numeric: vec!["wage".into(), "education".into()],
+            categorical: vec![(
+                "region".into(),
+                vec![
+                    "midwest".into(),
+                    "northeast".into(),
+                    "south".into(),
+                    "west".into(),
+                ],
+            )],
+        };
+        let path = data_dir().join("cps1988/south.csv");
+        let frame = load_frame(&path, &request, LoadLimits::UNLIMITED).expect("loads");
+        let design = load_region("south", &logit_schema(), ModelKind::Logistic);
+        assert_eq!(frame.rows(), design.train.rows() + design.test.rows());
+        assert_eq!(frame.train.iter().filter(|t| **t).count(), design.train.rows());
+        let region = &frame.categorical["region"];
+        assert!(region.codes.iter().all(|c| *c == 2));
+        assert_eq!(frame.numeric["education"].len(), frame.rows());
+        // The same fingerprints as the design's rows, in file order.
+        let train_ids: Vec<RowId> = frame
+            .ids
+            .iter()
+            .zip(&frame.train)
+            .filter(|(_, t)| **t)
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(train_ids, design.train.ids);
+        // Errors are those of the design loader: file, line and column, never the value.
+        let text = "wage,region,split\n1,south,train\n2,mars,test\n";
+        let e = load_frame_from_reader("t.csv", text.as_bytes(), &request, LoadLimits::UNLIMITED)
+            .expect_err("missing column");
+        assert!(
+            matches!(&e, Error::Csv { column, .. } if column == "education"),
+            "{e}"
+        );
+        let request = FrameRequest {
+            numeric: vec!["wage".into()],
+            ..request
+        };
+        let e = load_frame_from_reader("t.csv", text.as_bytes(), &request, LoadLimits::UNLIMITED)
+            .expect_err("unknown level");
+        assert!(
+            matches!(&e, Error::Csv { line: 3, column, problem: CsvProblem::UnknownLevel, .. } if column == "region"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("mars"), "{e}");
+    }
 }

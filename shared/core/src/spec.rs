@@ -573,4 +573,95 @@ categorical = [
         );
         assert!(toml::from_str::<ExperimentSpec>(&text).is_err());
     }
+
+    fn formula_toml(formula: &str, extra: &str) -> String {
+        format!(
+            "name = \"wages\"\ndataset = \"cps1988\"\nmodel = \"linear\"\n{extra}\nformula = '{formula}'\n\
+             [schema]\ncategorical = [\
+             {{ column = \"ethnicity\", levels = [\"cauc\", \"afam\"], reference = \"cauc\" }}, \
+             {{ column = \"smsa\", levels = [\"no\", \"yes\"], reference = \"no\" }}]\n"
+        )
+    }
+
+    #[test]
+    fn formulas_are_validated_with_the_key_that_is_wrong() {
+        let ok = |text: &str| {
+            let spec: ExperimentSpec = toml::from_str(text).expect("parse");
+            validate(&spec).unwrap_or_else(|e| panic!("{text}: {e}"));
+            spec
+        };
+        let spec = ok(&formula_toml(
+            "log(wage) ~ education + I(experience^2) + ethnicity*smsa",
+            "",
+        ));
+        assert_eq!(
+            spec.design_columns(),
+            [
+                "const",
+                "education",
+                "experience^2",
+                "ethnicity=afam",
+                "smsa=yes",
+                "ethnicity=afam:smsa=yes"
+            ]
+        );
+        assert_eq!(spec.num_params(), 6);
+        ok(&formula_toml("wage ~ education - 1", "method = \"exact\""));
+        let fails = |text: &str, key: &str, words: &str| {
+            let spec: ExperimentSpec = toml::from_str(text).expect("parse");
+            let e = validate(&spec).expect_err(text).to_string();
+            assert!(
+                e.contains(&format!("key `{key}`")) && e.contains(words),
+                "{text}: {e}"
+            );
+        };
+        fails(&formula_toml("wage ~ education +", ""), "formula", "character 19");
+        fails(
+            &formula_toml("wage ~ education - 1", ""),
+            "formula",
+            "method = \"exact\"",
+        );
+        fails(
+            &formula_toml("wage ~ I(ethnicity^2)", ""),
+            "formula",
+            "categorical",
+        );
+        fails(&formula_toml("wage ~ `a\u{202E}b`", ""), "formula", "control");
+        fails(
+            &formula_toml("wage ~ education", "")
+                .replace("[schema]", "[schema]\ntarget = { column = \"wage\" }"),
+            "schema.target",
+            "not both",
+        );
+        fails(
+            &formula_toml("wage ~ education", "")
+                .replace("[schema]", "[schema]\nnumeric = [{ column = \"education\" }]"),
+            "schema.numeric",
+            "formula",
+        );
+        fails(
+            &formula_toml("wage ~ education", "").replace("formula = 'wage ~ education'", ""),
+            "schema.target",
+            "unless the experiment has a formula",
+        );
+        fails(
+            &formula_toml("I(wage > 500) ~ education", ""),
+            "formula",
+            "logistic",
+        );
+    }
+
+    /// The shipped formula example is the linear example written as a formula.
+    #[test]
+    fn the_formula_example_has_the_design_of_the_linear_example() {
+        let formula: ExperimentSpec =
+            toml::from_str(include_str!("../../../configs/experiment-formula.toml"))
+                .expect("formula example");
+        let lists: ExperimentSpec =
+            toml::from_str(include_str!("../../../configs/experiment-linear.toml")).expect("linear example");
+        validate(&formula).expect("valid");
+        assert_eq!(formula.design_columns(), lists.design_columns());
+        let (f, l) = (formula.design().expect("plan"), lists.design().expect("plan"));
+        assert_eq!((f.response, f.columns), (l.response, l.columns));
+    }
 }

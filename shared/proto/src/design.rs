@@ -278,6 +278,11 @@ fn from_formula(text: &str, schema: &DataSchema) -> Result<(Response, bool, Vec<
         });
     }
     for vars in &coded {
+        // A factor without a non-reference level (refused by validation) empties the term;
+        // skipping it keeps every intermediate product below the bounded final width.
+        if vars.iter().any(|v| v.width() == 0) {
+            continue;
+        }
         // Cartesian product; the outer loop is the newer variable, so the first variable
         // varies fastest (R's order).
         let mut cols: Vec<(Vec<String>, Vec<Factor>)> = vec![(Vec::new(), Vec::new())];
@@ -477,6 +482,169 @@ impl ExperimentSpec {
         }
         plan.weights = self.weights.clone();
         plan.offset = self.offset.as_deref().map(parse_offset).transpose()?;
+        // Backquoted names may hold `=` or `:`, so two columns could be named alike; a name
+        // must say which parameter it is.
+        let mut names = std::collections::BTreeSet::new();
+        if let Some(c) = plan.columns.iter().find(|c| !names.insert(c.name.as_str())) {
+            return Err(invalid(
+                "formula",
+                format!("two design columns would be named `{}`; rename a column", c.name),
+            ));
+        }
         Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::spec::ExperimentSpec;
+
+    fn spec(formula: &str, extra: &str) -> ExperimentSpec {
+        toml::from_str(&format!(
+            "name = \"t\"\nmodel = \"linear\"\nmethod = \"exact\"\nformula = '{formula}'\n{extra}\n[schema]\n\
+             categorical = [{{ column = \"f\", levels = [\"a\", \"b\", \"c\"], reference = \"a\" }}, \
+             {{ column = \"h\", levels = [\"p\", \"q\", \"r\"], reference = \"p\" }}]\n"
+        ))
+        .expect("spec")
+    }
+
+    #[test]
+    fn factor_interactions_vary_the_first_factor_fastest_as_r_does() {
+        let s = spec("y ~ f:h", "");
+        assert_eq!(
+            s.design_columns(),
+            ["const", "f=b:h=q", "f=c:h=q", "f=b:h=r", "f=c:h=r"]
+        );
+        let plan = s.design().expect("plan");
+        assert_eq!(
+            plan.columns[2].factors,
+            [
+                Factor::Level {
+                    column: "f".into(),
+                    level: "c".into()
+                },
+                Factor::Level {
+                    column: "h".into(),
+                    level: "q".into()
+                }
+            ]
+        );
+        assert_eq!(
+            plan.factor_sets(),
+            [
+                vec!["f".to_owned()],
+                vec!["f".into(), "h".into()],
+                vec!["h".into()]
+            ]
+        );
+        assert_eq!(
+            spec("y ~ x*f", "").design_columns(),
+            ["const", "x", "f=b", "f=c", "x:f=b", "x:f=c"]
+        );
+        assert_eq!(
+            spec(
+                "y ~ I(x^3) + x:z",
+                "office_effects = true\noffices = [\"n\", \"s\"]"
+            )
+            .design_columns(),
+            ["const", "x^3", "x:z", "office=s"]
+        );
+    }
+
+    #[test]
+    fn designs_that_cannot_be_made_say_which_key() {
+        let key = |s: &ExperimentSpec| match s.design() {
+            Err(DesignError::Invalid { key, .. }) => key,
+            Err(DesignError::Formula(_)) => "formula (parse)",
+            Ok(_) => "none",
+        };
+        assert_eq!(key(&spec("y ~ I(f^2)", "")), "formula");
+        assert_eq!(key(&spec("f ~ x", "")), "formula");
+        assert_eq!(key(&spec("I(f == z) ~ x", "")), "formula");
+        assert_eq!(key(&spec("I(y > 1) ~ x", "")), "formula");
+        assert_eq!(key(&spec("y ~ x +", "")), "formula (parse)");
+        assert_eq!(key(&spec("y ~ x", "offset = \"log(e\"")), "offset");
+        assert_eq!(key(&spec("y ~ f + `f=b`", "")), "formula");
+        let mut logistic = spec("y ~ x", "");
+        logistic.model = ModelKind::Logistic;
+        assert_eq!(key(&logistic), "formula");
+        let mut both = spec("y ~ x", "");
+        if let Some(schema) = both.schema.as_mut() {
+            schema.target = Some(crate::spec::TargetSpec {
+                column: "y".into(),
+                log: false,
+                threshold: None,
+                positive_level: None,
+            });
+        }
+        assert_eq!(key(&both), "schema.target");
+        // Far too wide: refused from the counts, before a name is made.
+        let many: Vec<String> = (0..200).map(|i| format!("\"l{i}\"")).collect();
+        let wide: ExperimentSpec = toml::from_str(&format!(
+            "name = \"t\"\nmodel = \"linear\"\nformula = 'y ~ f:g:h'\n[schema]\ncategorical = [\
+             {{ column = \"f\", levels = [{l}], reference = \"l0\" }}, \
+             {{ column = \"g\", levels = [{l}], reference = \"l0\" }}, \
+             {{ column = \"h\", levels = [{l}], reference = \"l0\" }}]\n",
+            l = many.join(", ")
+        ))
+        .expect("spec");
+        assert_eq!(key(&wide), "formula");
+        assert_eq!(wide.num_params(), 0);
+        // A one-level factor (refused by validation) empties its terms without expanding the rest.
+        let mut hostile = wide.clone();
+        hostile.formula = Some("y ~ g:h:f".into());
+        if let Some(schema) = hostile.schema.as_mut() {
+            schema.categorical[0].levels.truncate(1);
+        }
+        assert!(hostile.design().is_err() || hostile.num_params() <= MAX_DESIGN_COLUMNS as u64);
+    }
+
+    /// A formula of up to six terms over numeric `x0..x3` and factors `f` (3 levels) and
+    /// `h` (3 levels), with any of `:`, `*`, powers and `- 1`.
+    fn formula() -> impl Strategy<Value = String> {
+        let atom = prop_oneof![
+            (0..4usize).prop_map(|i| format!("x{i}")),
+            (0..4usize, 2..5u8).prop_map(|(i, k)| format!("I(x{i}^{k})")),
+            Just("f".to_owned()),
+            Just("h".to_owned()),
+        ];
+        let term = prop::collection::vec(atom, 1..4).prop_flat_map(|atoms| {
+            prop::collection::vec(prop_oneof![Just(":"), Just("*")], atoms.len()).prop_map(move |ops| {
+                let mut t = atoms[0].clone();
+                for (a, op) in atoms.iter().skip(1).zip(&ops) {
+                    t.push_str(op);
+                    t.push_str(a);
+                }
+                t
+            })
+        });
+        (prop::collection::vec(term, 1..6), any::<bool>()).prop_map(|(terms, no_intercept)| {
+            let mut f = format!("y ~ {}", terms.join(" + "));
+            if no_intercept {
+                f.push_str(" - 1");
+            }
+            f
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_plan_has_num_params_distinct_columns(text in formula(), offices in 0..4usize) {
+            let names: Vec<String> = (0..offices).map(|i| format!("o{i}")).collect();
+            let extra = if offices > 1 {
+                format!("office_effects = true\noffices = {names:?}")
+            } else {
+                String::new()
+            };
+            let s = spec(&text, &extra);
+            let plan = s.design().expect("plan");
+            prop_assert_eq!(plan.columns.len() as u64, s.num_params());
+            prop_assert_eq!(s.design_columns().len() as u64, s.num_params());
+            let distinct: std::collections::BTreeSet<&String> = plan.columns.iter().map(|c| &c.name).collect();
+            prop_assert_eq!(distinct.len(), plan.columns.len(), "{:?}", plan.names());
+        }
     }
 }
