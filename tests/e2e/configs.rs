@@ -40,6 +40,7 @@ fn every_example_config_parses() {
             "coordinator.toml",
             "experiment-echo.toml",
             "experiment-formula.toml",
+            "experiment-glm.toml",
             "experiment-linear.toml",
             "experiment-logit.toml",
             "experiment-table.toml",
