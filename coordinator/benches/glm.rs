@@ -172,7 +172,10 @@ struct Fit {
 async fn fit(client: &Client, name: &str) -> Fit {
     let spec = logit_spec(name);
     let t = Instant::now();
-    let id = client.submit(spec).await.unwrap_or_else(|e| panic!("submit: {e:#}"));
+    let id = client
+        .submit(spec)
+        .await
+        .unwrap_or_else(|e| panic!("submit: {e:#}"));
     let status = loop {
         let s = client
             .status(Some(id))
@@ -187,7 +190,10 @@ async fn fit(client: &Client, name: &str) -> Fit {
     };
     let wall_ms = t.elapsed().as_secs_f64() * 1e3;
     if !matches!(status.state, ExperimentState::Completed) {
-        panic!("the fit did not complete: {:?} {:#?}", status.state, status.events);
+        panic!(
+            "the fit did not complete: {:?} {:#?}",
+            status.state, status.events
+        );
     }
     Fit {
         id,
@@ -227,7 +233,10 @@ fn field(line: &str, key: &str) -> Option<u64> {
 /// Per experiment id, from a node's log.
 fn sent_per_experiment(log: &str) -> BTreeMap<u64, Sent> {
     let mut out: BTreeMap<u64, Sent> = BTreeMap::new();
-    for line in log.lines().filter(|l| l.contains(" done (") && l.contains("sent_bytes=")) {
+    for line in log
+        .lines()
+        .filter(|l| l.contains(" done (") && l.contains("sent_bytes="))
+    {
         let (Some(exp), Some(answer), Some(counter)) = (
             field(line, "experiment"),
             field(line, "answer_bytes"),
@@ -371,6 +380,19 @@ fn markdown(r: &Value) -> String {
         f(&rm["min"]),
         f(&rm["max"])
     );
+    for (key, label) in [
+        ("first_round_ms", "fedstat, first round (nodes read their CSV)"),
+        ("later_round_ms", "fedstat, later rounds"),
+    ] {
+        let x = &fed[key];
+        let _ = writeln!(
+            md,
+            "| {label} | {:.0} | {:.0}-{:.0} |",
+            f(&x["median"]),
+            f(&x["min"]),
+            f(&x["max"])
+        );
+    }
     let _ = writeln!(
         md,
         "| researcher round trip (`nodes` request) | {:.2} | |",
@@ -381,8 +403,14 @@ fn markdown(r: &Value) -> String {
             let s = &r["statsmodels"];
             for (key, label) in [
                 ("logit_newton_fit_ms", "statsmodels `Logit.fit(newton)` alone"),
-                ("glm_binomial_irls_fit_ms", "statsmodels `GLM(Binomial).fit()` alone"),
-                ("read_csvs_and_logit_fit_ms", "statsmodels reading the 4 CSVs + Logit fit"),
+                (
+                    "glm_binomial_irls_fit_ms",
+                    "statsmodels `GLM(Binomial).fit()` alone",
+                ),
+                (
+                    "read_csvs_and_logit_fit_ms",
+                    "statsmodels reading the 4 CSVs + Logit fit",
+                ),
             ] {
                 let x = &s[key];
                 let _ = writeln!(
@@ -425,16 +453,19 @@ fn markdown(r: &Value) -> String {
     );
     let _ = writeln!(
         md,
-        "| node | answers per fit | payload bytes per fit | UDP bytes sent per fit (median) |\n|---|---|---|---|"
+        "| node | answers per fit | f64 values per answer | payload bytes per fit | UDP bytes sent per fit, median (min-max) |\n|---|---|---|---|---|"
     );
     if let Some(nodes) = r["bytes"].as_object() {
         for (name, b) in nodes {
             let _ = writeln!(
                 md,
-                "| {name} | {} | {} | {:.0} |",
+                "| {name} | {} | {} | {} | {:.0} ({:.0}-{:.0}) |",
                 b["answers_per_fit"],
+                b["values_per_answer"],
                 b["payload_bytes_per_fit"],
-                f(&b["udp_tx_bytes_per_fit"]["median"])
+                f(&b["udp_tx_bytes_per_fit"]["median"]),
+                f(&b["udp_tx_bytes_per_fit"]["min"]),
+                f(&b["udp_tx_bytes_per_fit"]["max"])
             );
         }
     }
@@ -508,6 +539,10 @@ fn main() {
             office.clone(),
             json!({
                 "answers_per_fit": answers.first().copied().unwrap_or(0),
+                "values_per_answer": match (answers.first(), payload.first()) {
+                    (Some(&a), Some(&p)) if a > 0 => p / a / 8,
+                    _ => 0,
+                },
                 "payload_bytes_per_fit": payload.first().copied().unwrap_or(0),
                 "udp_tx_bytes_per_fit": stats_json(&udp),
             }),
@@ -516,6 +551,11 @@ fn main() {
 
     let wall: Vec<f64> = fits.iter().map(|x| x.wall_ms).collect();
     let round_ms: Vec<f64> = fits.iter().flat_map(|x| x.round_ms.iter().copied()).collect();
+    let first: Vec<f64> = fits.iter().filter_map(|x| x.round_ms.first().copied()).collect();
+    let later: Vec<f64> = fits
+        .iter()
+        .flat_map(|x| x.round_ms.iter().skip(1).copied())
+        .collect();
     let sum_rounds: Vec<f64> = fits.iter().map(|x| x.round_ms.iter().sum()).collect();
     let rounds = fits.first().map_or(0, |x| x.rounds);
     let fedstat = json!({
@@ -524,6 +564,9 @@ fn main() {
         "rounds_per_fit": fits.iter().map(|x| x.rounds).collect::<Vec<_>>(),
         "round_ms": stats_json(&round_ms),
         "sum_round_ms_median": stats(&sum_rounds).0,
+        // The first round includes reading and preparing the CSV at every node.
+        "first_round_ms": stats_json(&first),
+        "later_round_ms": stats_json(&later),
         "round_trip_ms": rtt,
         "warm_up_wall_ms": warm.wall_ms,
     });
