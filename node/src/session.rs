@@ -304,6 +304,7 @@ async fn task(
             }
         };
         let closed = |_| "control stream closed".to_owned();
+        let mut answer_bytes = None;
         let sent = match step {
             Step::Held(manifest) => ctl
                 .send(NodeMsg::Held {
@@ -327,11 +328,19 @@ async fn task(
                     aux,
                     tensor,
                 };
+                answer_bytes = Some((bytes.len() + 8 * header.aux.len()) as u64);
                 send_answer(&conn, &header, &bytes).await
             }
         };
         match sent {
-            Ok(()) => tracing::info!("{phase} done ({})", spec_model.as_str()),
+            // What the answer carried and what the connection has sent in all, for the
+            // benchmarks' traffic figures.
+            Ok(()) => tracing::info!(
+                answer_bytes,
+                sent_bytes = conn.bytes_sent(),
+                "{phase} done ({})",
+                spec_model.as_str()
+            ),
             Err(e) => tracing::warn!("cannot send the {phase} answer: {e}"),
         }
     }

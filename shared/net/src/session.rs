@@ -189,6 +189,15 @@ impl Connection {
         }
     }
 
+    /// Bytes this side has put on the wire so far (QUIC: UDP payload bytes sent, handshake,
+    /// retransmissions and acknowledgements included); None over TCP, which does not count.
+    pub fn bytes_sent(&self) -> Option<u64> {
+        match self {
+            Connection::Quic { conn, .. } => Some(conn.stats().udp_tx.bytes),
+            Connection::Tcp(_) => None,
+        }
+    }
+
     /// Close with an application code and a reason the peer sees.
     pub fn close(&self, code: u32, reason: &[u8]) {
         match self {
