@@ -2,8 +2,8 @@
 //! answer, the node's tabulation and cell rules, and secondary suppression.
 //!
 //! **Layout.** A table over `by` columns with `d_1 × … × d_D` levels (D = 1..3) is held with its
-//! margins: each dimension gains one index, [`Layout::total`], that sums over it, so there are
-//! `Π(d_i + 1)` *elements* (interior cells and margins, up to the grand total), row-major.
+//! margins: each dimension gains one index, `d_i` (one past its levels), that sums over it, so
+//! there are `Π(d_i + 1)` *elements* (interior cells and margins, up to the grand total), row-major.
 //! Each element carries `width` numbers: a suppression flag, the row count, and for every
 //! numeric column `Σx`, `Σx²`, `Σ|x|`, `(Σ|x| / B)²` (B the larger magnitude of the column's
 //! declared bounds; the pooled sum of these squares bounds the node-level dominance, see
