@@ -242,3 +242,46 @@ fn exact_poisson_equals_statsmodels_on_the_pooled_rows() {
     );
     assert!(((d - want) / want).abs() < 1e-9, "{d} vs {want}");
 }
+
+/// The Mincer equation written as an R formula, fitted exactly: the pooled OLS of reference.json,
+/// with its interaction-free design named as the reference names it.
+#[test]
+fn a_formula_gives_the_exact_pooled_ols() {
+    let fed = offices();
+    let id = fed.submit(
+        "formula.toml",
+        r#"
+name = "exact ols from a formula"
+dataset = "cps1988"
+model = "linear"
+method = "exact"
+min_nodes = 4
+round_timeout_secs = 30
+formula = "log(wage) ~ education + experience + I(experience^2) + ethnicity + smsa + parttime"
+[schema]
+categorical = [
+  { column = "ethnicity", levels = ["cauc", "afam"], reference = "cauc" },
+  { column = "smsa", levels = ["no", "yes"], reference = "no" },
+  { column = "parttime", levels = ["no", "yes"], reference = "no" },
+]
+"#,
+    );
+    let s = fed.wait_finished(id, Duration::from_secs(120));
+    assert_eq!(s["state"], "Completed", "{s:#}");
+    assert_eq!(s["rounds_done"], 1);
+    let (model, _, _) = results(&fed, id);
+    let r = &reference()["cps1988"]["models"]["ols_logwage"];
+    let names = columns(r);
+    assert_named_close(
+        &model["coefficients"],
+        &r["pooled_statsmodels_OLS"]["coef"],
+        &names,
+        "coefficient",
+    );
+    assert_named_close(
+        &model["std_errors"],
+        &r["pooled_statsmodels_OLS"]["se"],
+        &names,
+        "standard error",
+    );
+}

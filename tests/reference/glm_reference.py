@@ -41,10 +41,18 @@ def design(df, numeric, squared, offices):
     return pd.DataFrame(cols)
 
 
-def fit(df, target, family, numeric, squared, offices):
+def fit(df, target, family, numeric, squared, offices, offset=None, weights=None):
+    if weights is not None:
+        # R's prior weights: rows of weight 0 take no part (not even in the degrees of freedom).
+        df = df[df[weights] > 0]
     x = design(df, numeric, squared, offices)
     y = df[target].astype(float).to_numpy()
-    res = sm.GLM(y, x, family=family).fit(method="IRLS", tol=1e-10, maxiter=100)
+    kwargs = {}
+    if offset is not None:
+        kwargs["offset"] = np.log(df[offset].astype(float).to_numpy())
+    if weights is not None:
+        kwargs["var_weights"] = df[weights].astype(float).to_numpy()
+    res = sm.GLM(y, x, family=family, **kwargs).fit(method="IRLS", tol=1e-10, maxiter=100)
     return {
         "target": target,
         "family": family.__class__.__name__.lower(),
@@ -80,6 +88,16 @@ def main():
             ),
             "poisson_education_offices": fit(
                 train, "education", sm.families.Poisson(), ["experience"], ["experience"], True
+            ),
+            # A rate: education per log-dollar of wage (offset log(wage)), to test offsets.
+            "poisson_education_offset_log_wage": fit(
+                train, "education", sm.families.Poisson(), ["experience"], ["experience"], False,
+                offset="wage",
+            ),
+            # Prior weights (years of education; rows with 0 years drop out, as in R).
+            "gaussian_log_wage_weighted": fit(
+                train.assign(log_wage=np.log(train["wage"])), "log_wage", sm.families.Gaussian(),
+                ["experience"], ["experience"], False, weights="education",
             ),
             # Weekly wage, positive and right-skewed: Gamma with log link.
             "gamma_wage": fit(

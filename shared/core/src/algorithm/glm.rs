@@ -435,10 +435,30 @@ mod tests {
             .collect()
     }
 
+    /// Each office's rows as the node loads them: the spec's design plan (weights, offset and
+    /// office columns included).
+    fn offices_from_plan(spec: &ExperimentSpec) -> Vec<LocalData> {
+        let plan = spec.design().expect("plan");
+        REGIONS
+            .iter()
+            .map(|r| {
+                let path = data_dir().join("cps1988").join(format!("{r}.csv"));
+                crate::data::load_design(&path, &plan, Some(r), crate::data::LoadLimits::UNLIMITED)
+                    .expect("load")
+            })
+            .collect()
+    }
+
     /// Drive the algorithm to the end, the offices' sums added in f64 (the engine's exact sum
     /// is tested elsewhere). Returns the model after each round and the summary.
     fn fit(spec: &ExperimentSpec) -> (Vec<Vec<f64>>, crate::proto::output::GlmSummary) {
-        let data = offices_data(spec);
+        fit_on(spec, offices_data(spec))
+    }
+
+    fn fit_on(
+        spec: &ExperimentSpec,
+        data: Vec<LocalData>,
+    ) -> (Vec<Vec<f64>>, crate::proto::output::GlmSummary) {
         let mut alg = Glm::new(spec, Checkpoint::default()).expect("a GLM");
         let family = Family::of(spec.model).expect("family");
         let p = spec.num_params() as usize;
@@ -703,5 +723,43 @@ mod tests {
         let s = spec(ModelKind::Gamma, cps_schema(target("wage", false, None)), &[]);
         let (_, summary) = fit(&s);
         check_against(&summary, &glm_reference("gamma_wage"));
+    }
+
+    #[test]
+    fn exact_poisson_with_an_offset_matches_statsmodels() {
+        let mut s = spec(ModelKind::Poisson, count_schema(), &[]);
+        s.offset = Some("log(wage)".to_owned());
+        crate::spec::validate(&s).expect("valid");
+        let (_, summary) = fit_on(&s, offices_from_plan(&s));
+        check_against(&summary, &glm_reference("poisson_education_offset_log_wage"));
+    }
+
+    #[test]
+    fn exact_weighted_least_squares_matches_statsmodels_with_r_zero_weights() {
+        let mut schema = cps_schema(target("wage", true, None));
+        schema.numeric.remove(0);
+        let mut s = spec(ModelKind::Linear, schema, &[]);
+        s.weights = Some("education".to_owned());
+        crate::spec::validate(&s).expect("valid");
+        let (_, summary) = fit_on(&s, offices_from_plan(&s));
+        let r = glm_reference("gaussian_log_wage_weighted");
+        check_against(&summary, &r);
+        assert_eq!(
+            summary.rows,
+            r["n"].as_u64().expect("n"),
+            "rows of weight 0 take no part"
+        );
+    }
+
+    /// The loader's office columns give the same fit as the ones added by hand above.
+    #[test]
+    fn office_columns_from_the_loader_fit_like_region_dummies() {
+        let s = spec(
+            ModelKind::Poisson,
+            count_schema(),
+            &["northeast", "midwest", "south", "west"],
+        );
+        let (_, summary) = fit_on(&s, offices_from_plan(&s));
+        check_against(&summary, &glm_reference("poisson_education_offices"));
     }
 }
