@@ -16,6 +16,46 @@ use serde_json::Value;
 
 use crate::support::{demo_data, logit_experiment, run_bin, Fed};
 
+/// A QUIC server holding the federation's real coordinator certificate, on a free port. Call
+/// inside a runtime.
+fn rogue_endpoint(fed: &Fed) -> (quinn::Endpoint, SocketAddr) {
+    let pki = fed.pki();
+    let tls = TlsFiles {
+        ca_cert: pki.join("ca.pem"),
+        cert: pki.join("coordinator.pem"),
+        key: pki.join("coordinator.key"),
+    };
+    let endpoint = quinn::Endpoint::server(
+        server_config(&tls).expect("server tls"),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .expect("rogue endpoint");
+    let addr = endpoint.local_addr().expect("addr");
+    (endpoint, addr)
+}
+
+/// Accept the office `office`'s connection and hello, and welcome it; returns the connection
+/// and its control stream (keep the sending side: dropping it would finish the stream).
+async fn welcome_office(
+    endpoint: &quinn::Endpoint,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let conn = tokio::time::timeout(Duration::from_secs(30), endpoint.accept())
+        .await
+        .expect("the node dials in")
+        .expect("incoming")
+        .await
+        .expect("handshake");
+    let (mut send, mut recv) = conn.accept_bi().await.expect("control stream");
+    let hello = read_frame::<NodeMsg>(&mut recv, "hello").await.expect("hello");
+    assert!(matches!(hello, Some(NodeMsg::Hello { .. })), "{hello:?}");
+    let welcome = CoordMsg::Welcome {
+        protocol: PROTOCOL_VERSION,
+        name: "office".into(),
+    };
+    write_frame(&mut send, &welcome).await.expect("welcome");
+    (conn, send, recv)
+}
+
 /// The node's next control message that is not a heartbeat.
 async fn next(recv: &mut quinn::RecvStream) -> NodeMsg {
     loop {
@@ -92,20 +132,9 @@ fn failed_with(msg: &NodeMsg, want: &str) {
 #[test]
 fn a_rogue_coordinator_gets_nothing_beyond_the_approved_manifest() {
     let fed = Fed::start();
-    let pki = fed.pki();
-    let tls = TlsFiles {
-        ca_cert: pki.join("ca.pem"),
-        cert: pki.join("coordinator.pem"),
-        key: pki.join("coordinator.key"),
-    };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _guard = rt.enter();
-    let endpoint = quinn::Endpoint::server(
-        server_config(&tls).expect("server tls"),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .expect("rogue endpoint");
-    let rogue_addr = endpoint.local_addr().expect("addr");
+    let (endpoint, rogue_addr) = rogue_endpoint(&fed);
 
     // The office dials the rogue coordinator and holds every manifest for its custodian.
     fed.issue("node", "office");
@@ -121,20 +150,7 @@ fn a_rogue_coordinator_gets_nothing_beyond_the_approved_manifest() {
 
     let spec: ExperimentSpec = toml::from_str(&logit_experiment(2, 1, "")).expect("spec");
     rt.block_on(async {
-        let conn = tokio::time::timeout(Duration::from_secs(30), endpoint.accept())
-            .await
-            .expect("the node dials in")
-            .expect("incoming")
-            .await
-            .expect("handshake");
-        let (mut send, mut recv) = conn.accept_bi().await.expect("control stream");
-        let hello = read_frame::<NodeMsg>(&mut recv, "hello").await.expect("hello");
-        assert!(matches!(hello, Some(NodeMsg::Hello { .. })), "{hello:?}");
-        let welcome = CoordMsg::Welcome {
-            protocol: PROTOCOL_VERSION,
-            name: "office".into(),
-        };
-        write_frame(&mut send, &welcome).await.expect("welcome");
+        let (conn, _control, mut recv) = welcome_office(&endpoint).await;
         // As the real coordinator does once the hello is accepted: answers come on streams of
         // their own.
         conn.set_max_concurrent_uni_streams(8u32.into());
@@ -237,20 +253,9 @@ async fn push_model(
 #[test]
 fn a_rogue_coordinator_cannot_single_out_a_person_with_crafted_glm_coefficients() {
     let fed = Fed::start();
-    let pki = fed.pki();
-    let tls = TlsFiles {
-        ca_cert: pki.join("ca.pem"),
-        cert: pki.join("coordinator.pem"),
-        key: pki.join("coordinator.key"),
-    };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _guard = rt.enter();
-    let endpoint = quinn::Endpoint::server(
-        server_config(&tls).expect("server tls"),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .expect("rogue endpoint");
-    let rogue_addr = endpoint.local_addr().expect("addr");
+    let (endpoint, rogue_addr) = rogue_endpoint(&fed);
     fed.issue("node", "office");
     let cfg = fed.write_node_config_with(
         "office",
@@ -271,20 +276,7 @@ fn a_rogue_coordinator_cannot_single_out_a_person_with_crafted_glm_coefficients(
     fedstat_core::spec::validate(&spec).expect("a valid exact fit");
     let p = spec.num_params() as usize;
     rt.block_on(async {
-        let conn = tokio::time::timeout(Duration::from_secs(30), endpoint.accept())
-            .await
-            .expect("the node dials in")
-            .expect("incoming")
-            .await
-            .expect("handshake");
-        let (mut send, mut recv) = conn.accept_bi().await.expect("control stream");
-        let hello = read_frame::<NodeMsg>(&mut recv, "hello").await.expect("hello");
-        assert!(matches!(hello, Some(NodeMsg::Hello { .. })), "{hello:?}");
-        let welcome = CoordMsg::Welcome {
-            protocol: PROTOCOL_VERSION,
-            name: "office".into(),
-        };
-        write_frame(&mut send, &welcome).await.expect("welcome");
+        let (conn, _control, mut recv) = welcome_office(&endpoint).await;
         conn.set_max_concurrent_uni_streams(8u32.into());
 
         // Round 1 from β = 0, as an honest coordinator starts: answered.
