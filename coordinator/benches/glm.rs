@@ -211,7 +211,7 @@ async fn round_trip_ms(client: &Client) -> f64 {
         let _ = client.nodes().await;
         xs.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    stats(&xs).0
+    harness::median_range(&xs).0
 }
 
 /// What one node's log says about one fit: answers, their payload bytes, and the connection's
@@ -252,24 +252,8 @@ fn sent_per_experiment(log: &str) -> BTreeMap<u64, Sent> {
     out
 }
 
-/// Median, min, max.
-fn stats(xs: &[f64]) -> (f64, f64, f64) {
-    if xs.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (median, v[0], v[n - 1])
-}
-
 fn stats_json(xs: &[f64]) -> Value {
-    let (md, lo, hi) = stats(xs);
+    let (md, lo, hi) = harness::median_range(xs);
     json!({ "median": md, "min": lo, "max": hi, "all": xs })
 }
 
@@ -563,7 +547,7 @@ fn main() {
         "rounds": rounds,
         "rounds_per_fit": fits.iter().map(|x| x.rounds).collect::<Vec<_>>(),
         "round_ms": stats_json(&round_ms),
-        "sum_round_ms_median": stats(&sum_rounds).0,
+        "sum_round_ms_median": harness::median_range(&sum_rounds).0,
         // The first round includes reading and preparing the CSV at every node.
         "first_round_ms": stats_json(&first),
         "later_round_ms": stats_json(&later),
@@ -584,7 +568,7 @@ fn main() {
     });
     match sm {
         Ok(s) => {
-            let md = stats(&wall).0;
+            let md = harness::median_range(&wall).0;
             let fit_ms = f(&s["logit_newton_fit_ms"]["median"]);
             let read_ms = f(&s["read_csvs_and_logit_fit_ms"]["median"]);
             let trips = f64::from(rounds) * rtt;

@@ -460,7 +460,7 @@ async fn case(
         nodes_rss_peak_kib,
     };
     fed.stop().await;
-    let (md, lo, hi) = stats(&r.round_ms);
+    let (md, lo, hi) = harness::median_range(&r.round_ms);
     println!(
         "    round_ms median {md:.0} ({lo:.0}-{hi:.0}), wall {:.1} ms/round; CPU per round: coordinator {:.0} ms, nodes {:.0} ms; coordinator peak RSS {} MiB, nodes {} MiB",
         r.wall_ms_per_round,
@@ -472,25 +472,9 @@ async fn case(
     (r, mem)
 }
 
-/// Median, min, max.
-fn stats(xs: &[f64]) -> (f64, f64, f64) {
-    if xs.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (median, v[0], v[n - 1])
-}
-
 fn rounds_json(r: &Rounds) -> Value {
-    let (md, lo, hi) = stats(&r.round_ms);
-    let (tmd, _, _) = stats(&r.train_ms);
+    let (md, lo, hi) = harness::median_range(&r.round_ms);
+    let (tmd, _, _) = harness::median_range(&r.train_ms);
     json!({
         "measured_rounds": r.measured,
         "round_ms": { "median": md, "min": lo, "max": hi, "all": r.round_ms },
@@ -550,9 +534,9 @@ fn aggregation(dtype: DType, reps: usize) -> Value {
         average_ms.push(a.elapsed().as_secs_f64() * 1e3);
         std::hint::black_box(avg);
     }
-    let (md, lo, hi) = stats(&round_gbs);
-    let (wmd, _, _) = stats(&warm_gbs);
-    let (amd, _, _) = stats(&average_ms);
+    let (md, lo, hi) = harness::median_range(&round_gbs);
+    let (wmd, _, _) = harness::median_range(&warm_gbs);
+    let (amd, _, _) = harness::median_range(&average_ms);
     println!(
         "  ExactSum {dtype:?}: new + 10 folds {md:.2} GB/s ({lo:.2}-{hi:.2}); folds into a mapped accumulator {wmd:.2} GB/s; average() {amd:.0} ms"
     );

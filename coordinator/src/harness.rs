@@ -421,6 +421,22 @@ fn newest_source(dir: &Path) -> Option<SystemTime> {
     newest
 }
 
+/// Median, minimum and maximum of benchmark samples (NaN for none): what the benchmarks quote.
+pub fn median_range(xs: &[f64]) -> (f64, f64, f64) {
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
