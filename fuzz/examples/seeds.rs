@@ -277,6 +277,7 @@ fn main() {
                     dtype: DType::F32,
                     len: 3,
                 },
+                output: None,
             }))),
             model.clone(),
         ],

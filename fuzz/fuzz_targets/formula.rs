@@ -8,14 +8,18 @@ use fedstat_proto::spec::ExperimentSpec;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Err(e) = parse(text) {
         assert!(e.position >= 1, "{e}");
     }
     let form = "name = \"fuzz\"\nmodel = \"linear\"\nmethod = \"exact\"\n[schema]\ncategorical = [\
                 { column = \"f\", levels = [\"a\", \"b\", \"c\"], reference = \"a\" }, \
                 { column = \"g\", levels = [\"u\", \"v\"], reference = \"u\" }]\n";
-    let Ok(mut spec) = toml::from_str::<ExperimentSpec>(form) else { return };
+    let Ok(mut spec) = toml::from_str::<ExperimentSpec>(form) else {
+        return;
+    };
     spec.formula = Some(text.to_owned());
     if let Ok(plan) = spec.design() {
         assert!(plan.columns.len() <= MAX_DESIGN_COLUMNS + 1);
