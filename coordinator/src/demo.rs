@@ -386,6 +386,26 @@ async fn follow(
     Ok((id, metrics, status.rounds_done, None))
 }
 
+/// The offices' rows one after the other, weights and offsets with them (kept when every
+/// office has them).
+fn stack(parts: &[Design]) -> Result<Design> {
+    let join = |views: Vec<ndarray::ArrayView1<f64>>| {
+        concatenate(Axis(0), &views).map_err(|e| Error::Demo(format!("pooling rows: {e}")))
+    };
+    let optional = |part: fn(&Design) -> Option<&ndarray::Array1<f64>>| {
+        let views: Option<Vec<_>> = parts.iter().map(|d| part(d).map(|a| a.view())).collect();
+        views.map(join).transpose()
+    };
+    let xs: Vec<_> = parts.iter().map(|d| d.x.view()).collect();
+    Ok(Design {
+        x: concatenate(Axis(0), &xs).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?,
+        y: join(parts.iter().map(|d| d.y.view()).collect())?,
+        weights: optional(|d| d.weights.as_ref())?,
+        offset: optional(|d| d.offset.as_ref())?,
+        ids: parts.iter().flat_map(|d| d.ids.iter().copied()).collect(),
+    })
+}
+
 /// An exact GLM fitted on all files' training rows pooled in this process.
 pub fn central_glm(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result<GlmSummary> {
     let plan = spec.design().map_err(fedstat_core::data::design_error)?;
@@ -394,22 +414,7 @@ pub fn central_glm(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result
     for (office, path) in files {
         train.push(load_design(path, &plan, Some(office), LoadLimits::UNLIMITED)?.train);
     }
-    let xs: Vec<_> = train.iter().map(|d| d.x.view()).collect();
-    let ys: Vec<_> = train.iter().map(|d| d.y.view()).collect();
-    // Weights and offsets pooled like the rows (absent in every file or present in all).
-    let pool = |part: fn(&Design) -> Option<&ndarray::Array1<f64>>| -> Result<Option<ndarray::Array1<f64>>> {
-        let parts: Option<Vec<_>> = train.iter().map(|d| part(d).map(|a| a.view())).collect();
-        parts
-            .map(|p| concatenate(Axis(0), &p).map_err(|e| Error::Demo(format!("pooling rows: {e}"))))
-            .transpose()
-    };
-    let pooled = Design {
-        x: concatenate(Axis(0), &xs).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?,
-        y: concatenate(Axis(0), &ys).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?,
-        weights: pool(|d| d.weights.as_ref())?,
-        offset: pool(|d| d.offset.as_ref())?,
-        ids: Vec::new(),
-    };
+    let pooled = stack(&train)?;
     Ok(fit_pooled(
         family,
         &pooled,
@@ -457,20 +462,6 @@ pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result
     }
     let names: Vec<String> = plan.names().into_iter().skip(1).collect();
     let st = Standardization::from_sums(&sums, &names)?;
-    let stack = |parts: &[Design]| -> Result<Design> {
-        let xs: Vec<_> = parts.iter().map(|d| d.x.view()).collect();
-        let ys: Vec<_> = parts.iter().map(|d| d.y.view()).collect();
-        let x = concatenate(Axis(0), &xs).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?;
-        let y = concatenate(Axis(0), &ys).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?;
-        let ids = parts.iter().flat_map(|d| d.ids.iter().copied()).collect();
-        Ok(Design {
-            x,
-            y,
-            weights: None,
-            offset: None,
-            ids,
-        })
-    };
     let mut pooled_train = stack(&train)?;
     let mut pooled_test = stack(&test)?;
     st.apply(&mut pooled_train.x);

@@ -384,10 +384,8 @@ impl Algorithm for Glm {
 mod tests {
     use std::path::PathBuf;
 
-    use ndarray::{concatenate, Array2, Axis};
-
     use super::*;
-    use crate::data::tests::{cps_schema, data_dir, load_region, REGIONS};
+    use crate::data::tests::{cps_schema, data_dir, REGIONS};
     use crate::data::LocalData;
     use crate::spec::{DataSchema, ModelKind, TargetSpec};
 
@@ -413,28 +411,6 @@ mod tests {
         }
     }
 
-    /// Each office's rows, with its office indicator columns appended (the loader's job in the
-    /// product; here by hand, to test the algorithm alone).
-    fn offices_data(spec: &ExperimentSpec) -> Vec<LocalData> {
-        let schema = spec.schema.as_ref().expect("schema");
-        REGIONS
-            .iter()
-            .map(|r| {
-                let mut d = load_region(r, schema, spec.model);
-                if spec.office_effects {
-                    let n = d.train.rows();
-                    let k = spec.offices.len() - 1;
-                    let mut extra = Array2::zeros((n, k));
-                    if let Some(i) = spec.offices.iter().skip(1).position(|o| o == r) {
-                        extra.column_mut(i).fill(1.0);
-                    }
-                    d.train.x = concatenate(Axis(1), &[d.train.x.view(), extra.view()]).expect("widths");
-                }
-                d
-            })
-            .collect()
-    }
-
     /// Each office's rows as the node loads them: the spec's design plan (weights, offset and
     /// office columns included).
     fn offices_from_plan(spec: &ExperimentSpec) -> Vec<LocalData> {
@@ -452,7 +428,7 @@ mod tests {
     /// Drive the algorithm to the end, the offices' sums added in f64 (the engine's exact sum
     /// is tested elsewhere). Returns the model after each round and the summary.
     fn fit(spec: &ExperimentSpec) -> (Vec<Vec<f64>>, crate::proto::output::GlmSummary) {
-        fit_on(spec, offices_data(spec))
+        fit_on(spec, offices_from_plan(spec))
     }
 
     fn fit_on(
@@ -749,17 +725,5 @@ mod tests {
             r["n"].as_u64().expect("n"),
             "rows of weight 0 take no part"
         );
-    }
-
-    /// The loader's office columns give the same fit as the ones added by hand above.
-    #[test]
-    fn office_columns_from_the_loader_fit_like_region_dummies() {
-        let s = spec(
-            ModelKind::Poisson,
-            count_schema(),
-            &["northeast", "midwest", "south", "west"],
-        );
-        let (_, summary) = fit_on(&s, offices_from_plan(&s));
-        check_against(&summary, &glm_reference("poisson_education_offices"));
     }
 }
