@@ -349,6 +349,8 @@ impl Federation {
     fn node_message(&mut self, now: Instant, name: &str, msg: NodeMsg) {
         match msg {
             NodeMsg::Heartbeat | NodeMsg::Hello { .. } => {}
+            // Wired in by the secure-aggregation and ledger work (issue 11).
+            NodeMsg::Secure(_) | NodeMsg::PrivacySpent { .. } => {}
             NodeMsg::Held {
                 experiment,
                 round,

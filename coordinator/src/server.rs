@@ -15,9 +15,7 @@ pub use fedstat_net::session::close;
 use fedstat_net::session::{Connection, RecvStream, SendStream};
 use fedstat_net::tls;
 use fedstat_net::transport::{read_frame, read_frame_payload, read_tensor, write_frame, write_tensor};
-use fedstat_proto::wire::{
-    decode_payload, AnswerHeader, CoordMsg, NodeMsg, Request, Response, PROTOCOL_VERSION,
-};
+use fedstat_proto::wire::{decode_payload, CoordMsg, NodeMsg, Request, Response, Upload, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
 
@@ -889,11 +887,16 @@ async fn accept_updates(conn: Connection, name: String, shared: Shared) {
 async fn update(mut recv: RecvStream, name: String, shared: Shared) {
     let header = match tokio::time::timeout(
         shared.handshake_timeout,
-        read_frame::<AnswerHeader>(&mut recv, "update header"),
+        read_frame::<Upload>(&mut recv, "update header"),
     )
     .await
     {
-        Ok(Ok(Some(h))) => h,
+        Ok(Ok(Some(Upload::Answer(h)))) => h,
+        Ok(Ok(Some(Upload::Masked(_)))) => {
+            tracing::warn!("a masked answer for a step that is not secure");
+            recv.stop(close::PROTOCOL);
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::warn!("bad update stream: {e}");

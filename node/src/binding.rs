@@ -192,6 +192,7 @@ mod tests {
             spec,
             standardization: None,
             model: None,
+            secure: None,
         }
     }
 

@@ -293,6 +293,7 @@ mod tests {
             spec,
             standardization: None,
             model: None,
+            secure: None,
         }
     }
 

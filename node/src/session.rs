@@ -15,7 +15,9 @@ use fedstat_net::dial::Dialer;
 use fedstat_net::session::{close, Connection, RecvStream};
 use fedstat_net::transport::{read_frame, read_tensor, write_frame, write_tensor};
 use fedstat_proto::manifest::Manifest;
-use fedstat_proto::wire::{AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, PROTOCOL_VERSION};
+use fedstat_proto::wire::{
+    AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, Upload, PROTOCOL_VERSION,
+};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -425,7 +427,9 @@ fn fail(ctl: &mpsc::UnboundedSender<NodeMsg>, task: &Task, error: &Error) {
 
 async fn send_answer(conn: &Connection, header: &AnswerHeader, bytes: &[u8]) -> Result<(), String> {
     let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
-    write_frame(&mut s, header).await.map_err(|e| e.to_string())?;
+    write_frame(&mut s, &Upload::Answer(header.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
     write_tensor(&mut s, bytes).await.map_err(|e| e.to_string())?;
     s.finish().await.map_err(|e| e.to_string())?;
     // Wait until the coordinator has all bytes, or gave up on them.

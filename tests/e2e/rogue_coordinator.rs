@@ -11,7 +11,9 @@ use fedstat_core::aggregate::Values;
 use fedstat_core::spec::ExperimentSpec;
 use fedstat_net::tls::{server_config, TlsFiles};
 use fedstat_net::transport::{read_frame, read_tensor, write_frame, write_tensor};
-use fedstat_proto::wire::{AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, PROTOCOL_VERSION};
+use fedstat_proto::wire::{
+    AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, Upload, PROTOCOL_VERSION,
+};
 use serde_json::Value;
 
 use crate::support::{demo_data, logit_experiment, run_bin, Fed};
@@ -95,6 +97,7 @@ async fn push(
             dtype: v.dtype(),
             len: v.len() as u64,
         }),
+        secure: None,
     };
     let mut s = conn.open_uni().await.expect("task stream");
     write_frame(&mut s, &task).await.expect("task frame");
@@ -108,10 +111,13 @@ async fn push(
 async fn next_answer(conn: &quinn::Connection) -> (AnswerHeader, Values) {
     let read = async {
         let mut s = conn.accept_uni().await.expect("an answer stream");
-        let header = read_frame::<AnswerHeader>(&mut s, "answer")
+        let upload = read_frame::<Upload>(&mut s, "answer")
             .await
             .expect("a well-formed header")
             .expect("a header");
+        let Upload::Answer(header) = upload else {
+            panic!("a plain answer, not a masked one")
+        };
         let values = read_tensor(&mut s, header.tensor, header.tensor.len)
             .await
             .expect("the answer's values");
@@ -235,6 +241,7 @@ async fn push_model(
             dtype: values.dtype(),
             len: values.len() as u64,
         }),
+        secure: None,
     };
     let mut s = conn.open_uni().await.expect("task stream");
     write_frame(&mut s, &task).await.expect("task frame");

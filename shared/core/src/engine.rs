@@ -745,6 +745,7 @@ impl Experiment {
                     spec: self.spec.clone(),
                     standardization: step.standardization.clone(),
                     model: model_meta,
+                    secure: None,
                 }),
                 model: model_bytes.clone(),
             });
@@ -857,6 +858,9 @@ mod tests {
             offices: Vec::new(),
             max_iterations: 25,
             table: None,
+            secure_aggregation: false,
+            secure_threshold: None,
+            privacy: None,
         }
     }
 

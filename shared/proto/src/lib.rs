@@ -7,6 +7,8 @@
 //! - [`sums`]: the pooled figures that travel (standardisation, metrics, answers' sums);
 //! - [`output`]: what an experiment produces besides parameters (GLM inference, tables);
 //! - [`table`]: the federated table form and result;
+//! - [`privacy`]: differential privacy settings and the privacy cost of a round;
+//! - [`secure`]: the messages of secure aggregation;
 //! - [`Role`]: what a certificate allows.
 //!
 //! This crate depends on serde and postcard only. Behaviour (validation, models, the engine)
@@ -18,7 +20,9 @@ pub mod error;
 pub mod formula;
 pub mod manifest;
 pub mod output;
+pub mod privacy;
 mod role;
+pub mod secure;
 pub mod spec;
 pub mod sums;
 pub mod table;

@@ -8,8 +8,8 @@ use sha2::{Digest, Sha256};
 use crate::spec::ExperimentSpec;
 
 /// Version of the manifest layout. 2: exact GLMs, formulas, weights, offsets, office effects
-/// and tables joined the form.
-pub const MANIFEST_VERSION: u32 = 2;
+/// and tables joined the form. 3: secure aggregation and differential privacy.
+pub const MANIFEST_VERSION: u32 = 3;
 
 /// What a custodian approves. Serialised as JSON with fields in declaration order and no
 /// whitespace: the same experiment always gives the same bytes, on every platform.
@@ -83,7 +83,7 @@ mod tests {
     fn hash_of_the_shipped_example_is_pinned() {
         assert_eq!(
             Manifest::new(&spec(), "researcher `alice`").hash(),
-            "fe1b562d5ed4bf596b93e01e4773ce5a39961baee4da799fa684bcc6404194e5"
+            "93408eeb1432a3685de318d452951b208e426a87f0a39b71757a85b5845b7570"
         );
     }
 }

@@ -123,6 +123,18 @@ pub struct ExperimentSpec {
     /// Required for `table`.
     #[serde(default)]
     pub table: Option<crate::table::TableSpec>,
+    /// Secure aggregation: every sum of the experiment is computed over masked answers, so the
+    /// coordinator learns only the total of at least `secure_threshold` offices.
+    #[serde(default)]
+    pub secure_aggregation: bool,
+    /// Secure aggregation: how many offices must take part for a sum to be unmasked (the
+    /// Shamir threshold). Default: the larger of `min_nodes` and a strict majority of the
+    /// offices in the round.
+    #[serde(default)]
+    pub secure_threshold: Option<u32>,
+    /// Record-level differential privacy (DP-SGD, or the Gaussian mechanism on bounded sums).
+    #[serde(default)]
+    pub privacy: Option<crate::privacy::PrivacySpec>,
 }
 
 fn default_max_iterations() -> u32 {

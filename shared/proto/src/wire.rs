@@ -28,8 +28,10 @@ use crate::{Error, Result};
 /// connection time is shown to admins only ([`NodeInfo::connected_secs`]); the list of
 /// experiments comes in pages ([`Request::Status`]). Version 3: every answer is a vector on
 /// its own stream ([`AnswerHeader`]); statistics and evaluation no longer travel on the
-/// control stream.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// control stream. Version 5: secure aggregation ([`crate::secure`]): tasks say whether their
+/// step is secure, answers travel as [`Upload`]s (plain or masked), nodes report the privacy
+/// budget they spent.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest control frame payload. Evaluation sums (two 4096-bin histograms) and an experiment
 /// spec fit comfortably; anything larger is an attack or a bug.
@@ -128,6 +130,8 @@ pub struct Task {
     pub standardization: Option<Standardization>,
     /// The global model, whose bytes follow the frame (Train and Evaluate).
     pub model: Option<TensorMeta>,
+    /// Present when the step is a secure sum: the answer is masked, not sent in clear.
+    pub secure: Option<crate::secure::SecureTask>,
 }
 
 /// A node's answer to a task: one vector, summed exactly over the nodes by the coordinator's
@@ -145,6 +149,14 @@ pub struct AnswerHeader {
     /// A few side figures summed with the same weight (training: the mean local loss).
     pub aux: Vec<f64>,
     pub tensor: TensorMeta,
+}
+
+/// What opens a node's unidirectional stream to the coordinator: an answer in clear, or a
+/// masked answer of a secure step (its ring elements follow).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Upload {
+    Answer(AnswerHeader),
+    Masked(crate::secure::MaskedHeader),
 }
 
 /// Most side figures an answer may carry ([`AnswerHeader::aux`]).
@@ -177,6 +189,16 @@ pub enum NodeMsg {
         phase: Phase,
         reason: String,
     },
+    /// A step of secure aggregation ([`crate::secure`]).
+    Secure(crate::secure::SecureUp),
+    /// The record-level privacy this node's ledger charged the experiment so far, in ε at
+    /// the experiment's δ; `remaining` only if the node's policy lets researchers see it.
+    PrivacySpent {
+        experiment: ExperimentId,
+        round: u32,
+        epsilon: f64,
+        remaining: Option<f64>,
+    },
 }
 
 /// Messages from the coordinator on a node's control stream.
@@ -196,6 +218,8 @@ pub enum CoordMsg {
         round: u32,
         reason: String,
     },
+    /// A step of secure aggregation ([`crate::secure`]).
+    Secure(crate::secure::SecureDown),
 }
 
 /// A researcher's (or admin's) request.
@@ -559,6 +583,9 @@ mod tests {
             offices: Vec::new(),
             max_iterations: 25,
             table: None,
+            secure_aggregation: false,
+            secure_threshold: None,
+            privacy: None,
         }
     }
 
@@ -615,6 +642,7 @@ mod tests {
                 spec: echo_spec(params, name),
                 standardization: Some(Standardization { mean: vec![1.0, 2.5], sd: vec![0.5, 3.0] }),
                 model: Some(TensorMeta { dtype: DType::F32, len }),
+                secure: Some(crate::secure::SecureTask { attempt: 1, ring: crate::secure::Ring::Z128, len, threshold: Some(3) }),
             };
             let bytes = encode_frame(&task).expect("encode");
             let (back, _) = decode_frame::<Task>(&bytes, "task").expect("decode").expect("whole");
