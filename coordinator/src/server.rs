@@ -14,7 +14,10 @@ use fedstat_net::identity::{PeerIdentity, Role};
 pub use fedstat_net::session::close;
 use fedstat_net::session::{Connection, RecvStream, SendStream};
 use fedstat_net::tls;
-use fedstat_net::transport::{read_frame, read_frame_payload, read_tensor, write_frame, write_tensor};
+use fedstat_net::transport::{
+    read_frame, read_frame_payload, read_masked, read_tensor, write_frame, write_tensor,
+};
+use fedstat_proto::secure::MaskedHeader;
 use fedstat_proto::wire::{decode_payload, CoordMsg, NodeMsg, Request, Response, Upload, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
@@ -892,11 +895,7 @@ async fn update(mut recv: RecvStream, name: String, shared: Shared) {
     .await
     {
         Ok(Ok(Some(Upload::Answer(h)))) => h,
-        Ok(Ok(Some(Upload::Masked(_)))) => {
-            tracing::warn!("a masked answer for a step that is not secure");
-            recv.stop(close::PROTOCOL);
-            return;
-        }
+        Ok(Ok(Some(Upload::Masked(h)))) => return masked(recv, name, h, shared).await,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::warn!("bad update stream: {e}");
@@ -943,6 +942,46 @@ async fn update(mut recv: RecvStream, name: String, shared: Shared) {
             name,
             header,
             values,
+            permit,
+        })
+        .await;
+}
+
+/// Receive one masked answer of a secure step: admission by the federation (which knows
+/// its exact length), then its bytes into a staging slot.
+async fn masked(mut recv: RecvStream, name: String, header: MaskedHeader, shared: Shared) {
+    let (reply, answer) = oneshot::channel();
+    let begin = Event::MaskedBegin {
+        name: name.clone(),
+        header,
+        reply,
+    };
+    if shared.events.send(begin).await.is_err() {
+        return;
+    }
+    let len = match answer.await {
+        Ok(Ok(len)) => len,
+        _ => {
+            recv.stop(close::REFUSED);
+            return;
+        }
+    };
+    let Ok(permit) = shared.uploads.clone().acquire_owned().await else {
+        return;
+    };
+    let bytes = match tokio::time::timeout(UPLOAD_IDLE * 10, read_masked(&mut recv, len as usize)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("upload took longer than {:?}", UPLOAD_IDLE * 10)),
+    };
+    if bytes.is_err() {
+        recv.stop(close::REFUSED);
+    }
+    let _ = shared
+        .events
+        .send(Event::MaskedDone {
+            name,
+            header,
+            bytes,
             permit,
         })
         .await;

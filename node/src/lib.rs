@@ -15,6 +15,7 @@ pub mod disclosure;
 pub mod error;
 pub mod governance;
 pub mod policy;
+pub mod secure;
 pub mod session;
 pub mod worker;
 

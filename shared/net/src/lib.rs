@@ -5,6 +5,7 @@
 //! ([`pki`]) and what every binary does at its edges ([`process`]).
 #![forbid(unsafe_code)]
 
+pub mod attest;
 pub mod dial;
 pub mod error;
 pub mod identity;
