@@ -163,6 +163,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 println!("state: {}", s.state);
                 println!("rounds: {} of {}", s.rounds_done, s.rounds);
+                for line in results::privacy_lines(&s.privacy) {
+                    println!("{line}");
+                }
                 if !s.participants.is_empty() {
                     println!("current participants: {}", s.participants.join(", "));
                 }
@@ -234,6 +237,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 if let Some(Output::Glm(g)) = &header.output {
                     println!("\n{}", results::glm_table(&header.columns, g));
+                }
+                for line in results::privacy_lines(&header.status.privacy) {
+                    println!("{line}");
                 }
             }
         }

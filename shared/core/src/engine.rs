@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::{self, Aggregator, Values};
 use crate::algorithm::{self, Algorithm, Answer, Checkpoint, Step};
+use crate::proto::privacy::{NodeSpend, PrivacyView};
 use crate::proto::secure::{MaskedHeader, SecureDown, SecureRound, SecureTask, SecureUp};
 use crate::secure::{Advance, SecureRun, Stage};
 use crate::spec::ExperimentSpec;
@@ -244,6 +245,8 @@ pub struct Experiment {
     /// Steps started so far: numbers the attempts of secure steps, so no key, share or mask
     /// of one attempt is valid in another.
     attempts: u32,
+    /// Each node's reported privacy spend (kept in memory; the event log records each report).
+    spent: BTreeMap<String, NodeSpend>,
 }
 
 /// What a store keeps of an experiment, to rebuild it after a restart.
@@ -304,6 +307,7 @@ impl Experiment {
             progress: VecDeque::new(),
             aborted: false,
             attempts: 0,
+            spent: BTreeMap::new(),
         }
     }
 
@@ -626,6 +630,42 @@ impl Experiment {
             }
             self.check_close(now);
         }
+    }
+
+    /// A node reported the record-level privacy its ledger charged this experiment. Only a
+    /// node that takes part may report, with a finite, non-negative ε.
+    pub fn note_privacy_spent(
+        &mut self,
+        now: Instant,
+        node: &str,
+        round: u32,
+        epsilon: f64,
+        remaining: Option<f64>,
+    ) {
+        let sane = |x: f64| x.is_finite() && x >= 0.0;
+        if self.spec.privacy.is_none() || !sane(epsilon) || remaining.is_some_and(|r| !sane(r)) {
+            return;
+        }
+        if !self.nodes.contains_key(node) {
+            return;
+        }
+        let shown = match remaining {
+            Some(r) => format!("; {r:.3} left in its budget"),
+            None => String::new(),
+        };
+        self.log(
+            now,
+            format!("round {round}: node `{node}` has charged this experiment ε = {epsilon:.4}{shown}"),
+        );
+        self.spent.insert(
+            node.to_owned(),
+            NodeSpend {
+                node: node.to_owned(),
+                round,
+                epsilon,
+                remaining,
+            },
+        );
     }
 
     /// The secure run of the open step, if `at` names its attempt.
@@ -1090,6 +1130,11 @@ impl Experiment {
                 .unwrap_or_default(),
             history: self.history().to_vec(),
             events: self.events.iter().cloned().collect(),
+            privacy: PrivacyView {
+                secure_aggregation: self.spec.secure_aggregation,
+                dp: self.spec.privacy.clone(),
+                spent: self.spent.values().cloned().collect(),
+            },
         }
     }
 }
