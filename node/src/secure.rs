@@ -168,6 +168,7 @@ impl Secure {
             })
             .collect();
         send(ctl, SecureUp::Shares { at, shares })?;
+        fault("after-shares", conn).await;
 
         // 3. The shares addressed to this node; then the masked answer.
         let received = match next(inbox, wait).await? {
@@ -192,6 +193,7 @@ impl Secure {
                 addr: "coordinator".into(),
                 problem: format!("cannot send the masked answer: {e}"),
             })?;
+        fault("after-masked", conn).await;
 
         // 4. Who survived and who dropped: reveal the shares that unmask the sum.
         let (survivors, dropped) = match next(inbox, wait).await? {
@@ -206,6 +208,22 @@ impl Secure {
             .map(|(owner, share)| RevealedShare { owner, share })
             .collect();
         send(ctl, SecureUp::Reveal { at, shares })
+    }
+}
+
+/// Test-only fault injection for the dropout tests: with `FEDSTAT_TEST_FAULT=secagg-exit-<point>`
+/// in its environment, the node leaves the federation at that point of a secure step, as a
+/// node that crashes there would (its connection closed, its process gone). Custodians never
+/// set it; it changes nothing else.
+async fn fault(point: &str, conn: &Connection) {
+    let Ok(want) = std::env::var("FEDSTAT_TEST_FAULT") else {
+        return;
+    };
+    if want.strip_prefix("secagg-exit-") == Some(point) {
+        tracing::warn!("test fault: leaving the federation {point}");
+        conn.close_and_wait(fedstat_net::session::close::SHUTDOWN, b"test fault")
+            .await;
+        std::process::exit(3);
     }
 }
 
