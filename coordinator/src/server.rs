@@ -295,6 +295,12 @@ pub async fn serve(
 ) {
     let (events, rx) = mpsc::channel(4096);
     let fed = tokio::spawn(federation::run(fed, rx));
+    if let Some(dir) = &config.record_received {
+        // A folder that cannot be made shows in the log at each write; nothing else depends on it.
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            tracing::error!("cannot create the record_received folder {}: {e}", dir.display());
+        }
+    }
     let shared = Shared {
         events,
         uploads: Arc::new(Semaphore::new(config.limits.max_concurrent_updates)),
