@@ -29,6 +29,10 @@ pub struct Secure {
     signer: Signer,
     verifier: Verifier,
     waiting: Mutex<HashMap<SecureRound, mpsc::UnboundedSender<SecureDown>>>,
+    /// Steps (experiment, round, phase) for which this node has revealed shares: at most one
+    /// attempt of a step is ever unmasked with this node's help, so a coordinator cannot
+    /// difference the sums of two attempts whose survivors differ by one office.
+    revealed: Mutex<std::collections::HashSet<(u64, u32, fedstat_proto::wire::Phase)>>,
 }
 
 impl std::fmt::Debug for Secure {
@@ -45,6 +49,7 @@ impl Secure {
             signer,
             verifier,
             waiting: Mutex::new(HashMap::new()),
+            revealed: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -202,6 +207,16 @@ impl Secure {
             } => (survivors, dropped),
             _ => return Err(protocol("a message out of order (expected the unmask request)")),
         };
+        let first = self
+            .revealed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((at.experiment, at.round, at.phase));
+        if !first {
+            return Err(protocol(
+                "this node already helped unmask another attempt of this step (one unmasking per step)",
+            ));
+        }
         let shares = client
             .unmask(&survivors, &dropped)?
             .into_iter()
