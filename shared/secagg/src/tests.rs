@@ -165,7 +165,7 @@ fn the_sum_is_exact_for_every_size_and_ring() {
     for ring in [Ring::Z64, Ring::Z128] {
         for n in 3..=10 {
             let t = (n / 2 + 1) as u32;
-            check_exact(ring, n, t, 1000 + n as u64, Drops::default(), n as u64);
+            check_exact(ring, n, t, 100 + n as u64, Drops::default(), n as u64);
         }
     }
 }
