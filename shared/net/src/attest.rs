@@ -221,8 +221,14 @@ impl Verifier {
         signature: &[u8],
         now: UnixTime,
     ) -> Result<()> {
+        // `name` comes from the wire: shortened and without control characters in messages.
+        let shown: String = name
+            .chars()
+            .take(crate::identity::MAX_NAME_LEN)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
         let refuse = |problem| Error::Attest {
-            node: name.to_owned(),
+            node: shown.clone(),
             problem,
         };
         let cert = CertificateDer::from(cert_der);
