@@ -90,10 +90,8 @@ fn run(ctx: Context, bytes: usize, dropped: usize) {
         mb * streams / secs
     );
     // The sum of the survivors' identical inputs.
-    let mut expected = vec![0u8; 16];
     let mut first = [0u8; 16];
     first.copy_from_slice(&input[..16]);
-    expected
-        .copy_from_slice(&(u128::from_le_bytes(first).wrapping_mul(survivors.len() as u128)).to_le_bytes());
-    assert_eq!(&sum[..16], &expected[..], "the sum is exact");
+    let expected = u128::from_le_bytes(first).wrapping_mul(survivors.len() as u128);
+    assert_eq!(sum[..16], expected.to_le_bytes(), "the sum is exact");
 }

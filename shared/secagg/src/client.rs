@@ -82,7 +82,13 @@ impl Stage {
 const STEPS: [&str; 4] = ["key generation", "share_keys", "masked_input", "unmask"];
 
 impl Client {
-    /// Fresh keys from the OS's randomness.
+    /// Fresh keys from the OS's randomness: three uniformly random scalars of curve25519's
+    /// group order (so they can be Shamir-shared over that field): the X25519 secret for
+    /// encrypting shares (`cipher`), the X25519 secret for pairwise mask seeds (`mask`), and
+    /// the self-mask secret `b` (its mask seed is HKDF-SHA256 of `b`). An X25519 secret is
+    /// `StaticSecret::from(scalar.to_bytes())`, so the secret a server rebuilds from shares
+    /// is the very key. Returns the two public keys to advertise (signed, with
+    /// [`crate::key_statement`]).
     pub fn new(ctx: Context, me: &str) -> (Client, PublicKeys) {
         Client::generate(ctx, me, None)
     }
@@ -172,7 +178,7 @@ impl Client {
         }
         // Fits u32: checked by `Roster::new`.
         let n = roster.len() as u32;
-        let (mask, b) = (*self.mask, *self.b);
+        let (mask, b) = (self.mask.clone(), self.b.clone());
         let mask_shares = self.split(&mask, threshold, n);
         let b_shares = self.split(&b, threshold, n);
 
@@ -183,8 +189,8 @@ impl Client {
             }
             let i = to_x as usize - 1;
             let mut plaintext = Zeroizing::new(Vec::with_capacity(SEALED_PLAINTEXT));
-            plaintext.extend_from_slice(&shamir::encode(to_x, &mask_shares[i]));
-            plaintext.extend_from_slice(&shamir::encode(to_x, &b_shares[i]));
+            shamir::encode_into(&mut plaintext, to_x, &mask_shares[i]);
+            shamir::encode_into(&mut plaintext, to_x, &b_shares[i]);
             let ciphertext = ShareBox::new(&self.ctx, &self.cipher, &keys.cipher, &self.me, to)
                 .and_then(|sealer| sealer.seal(&plaintext))
                 .ok_or_else(|| Error::Seal { to: to.to_owned() })?;

@@ -31,13 +31,18 @@ pub(crate) struct Mask {
 
 /// Fold every mask into `acc` (whole elements of `ring`; `acc.len() <= MAX_BYTES`).
 pub(crate) fn apply(ring: Ring, acc: &mut [u8], masks: &[Mask]) {
-    let width = ring.width();
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(MAX_THREADS)
         .min(acc.len() / PARALLEL_MIN)
         .max(1);
-    if threads == 1 || masks.is_empty() {
+    apply_split(ring, acc, masks, threads);
+}
+
+/// [`apply`] on `threads` threads.
+fn apply_split(ring: Ring, acc: &mut [u8], masks: &[Mask], threads: usize) {
+    let width = ring.width();
+    if threads <= 1 || masks.is_empty() {
         apply_range(ring, acc, 0, masks);
         return;
     }
@@ -126,13 +131,13 @@ mod tests {
     #[test]
     fn add_then_subtract_is_identity_across_threads_and_blocks() {
         for ring in [Ring::Z64, Ring::Z128] {
-            // Not a whole number of blocks, large enough to be split between threads.
-            let len = 3 * PARALLEL_MIN + 5 * ring.width();
+            // Not a whole number of blocks, split between threads.
+            let len = 3 * BLOCK + 5 * ring.width();
             let original: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let mut acc = original.clone();
-            apply(ring, &mut acc, &[mask(1, true), mask(2, false)]);
+            apply_split(ring, &mut acc, &[mask(1, true), mask(2, false)], 3);
             assert_ne!(acc, original);
-            apply(ring, &mut acc, &[mask(2, true), mask(1, false)]);
+            apply_split(ring, &mut acc, &[mask(2, true), mask(1, false)], 2);
             assert_eq!(acc, original);
         }
     }
@@ -140,9 +145,9 @@ mod tests {
     #[test]
     fn split_and_single_threaded_expansions_agree() {
         let ring = Ring::Z128;
-        let len = 2 * PARALLEL_MIN + 48;
+        let len = 2 * BLOCK + 48;
         let mut parallel = vec![0u8; len];
-        apply(ring, &mut parallel, &[mask(9, true)]);
+        apply_split(ring, &mut parallel, &[mask(9, true)], 2);
         let mut serial = vec![0u8; len];
         apply_range(ring, &mut serial, 0, &[mask(9, true)]);
         assert_eq!(parallel, serial);

@@ -90,9 +90,14 @@ pub(crate) fn reconstruct(points: &[(u32, Scalar)], t: u32) -> Result<Zeroizing<
 
 pub(crate) fn encode(x: u32, y: &Scalar) -> Vec<u8> {
     let mut out = Vec::with_capacity(SHARE_LEN);
+    encode_into(&mut out, x, y);
+    out
+}
+
+/// Append a share to `out` (a buffer the caller zeroes, when it must not outlive the step).
+pub(crate) fn encode_into(out: &mut Vec<u8>, x: u32, y: &Scalar) {
     out.extend_from_slice(&x.to_le_bytes());
     out.extend_from_slice(y.as_bytes());
-    out
 }
 
 /// Why bytes are not a share.
