@@ -140,6 +140,12 @@ impl Secure {
             } => (threshold, members),
             _ => return Err(protocol("a message out of order (expected the roster)")),
         };
+        tracing::info!(
+            members = members.len(),
+            threshold = t,
+            attempt = at.attempt,
+            "secure aggregation: roster received"
+        );
         if t != threshold {
             return Err(protocol("the roster's threshold is not the task's"));
         }
@@ -173,13 +179,16 @@ impl Secure {
             })
             .collect();
         send(ctl, SecureUp::Shares { at, shares })?;
-        fault("after-shares", conn).await;
 
         // 3. The shares addressed to this node; then the masked answer.
         let received = match next(inbox, wait).await? {
             SecureDown::Shares { shares, .. } => shares,
             _ => return Err(protocol("a message out of order (expected the shares)")),
         };
+        tracing::info!(shares = received.len(), "secure aggregation: shares received");
+        // The coordinator forwarded shares, so it has this node's: a node leaving here is a
+        // member that shared and then dropped before masking.
+        fault("after-shares", conn).await;
         if received.iter().any(|s| s.to != me) {
             return Err(protocol("shares addressed to another node"));
         }
@@ -207,11 +216,11 @@ impl Secure {
             } => (survivors, dropped),
             _ => return Err(protocol("a message out of order (expected the unmask request)")),
         };
-        let first = self
-            .revealed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((at.experiment, at.round, at.phase));
+        let first = self.revealed.lock().unwrap_or_else(|e| e.into_inner()).insert((
+            at.experiment,
+            at.round,
+            at.phase,
+        ));
         if !first {
             return Err(protocol(
                 "this node already helped unmask another attempt of this step (one unmasking per step)",

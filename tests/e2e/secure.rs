@@ -251,6 +251,6 @@ fn more_dropouts_than_the_threshold_allows_fail_the_round_and_reveal_nothing() {
     // No one was asked to reveal a share: the coordinator holds masked answers only.
     let dir = fed.path("recorded");
     assert!(recorded(&dir, id, "-reveal.frame").is_empty());
-    assert!(!recorded(&dir, id, "-masked.bin").is_empty());
+    assert!(!recorded(&dir, id, "-masked.bin").is_empty(), "{ev}");
     assert_eq!(done["rounds_done"], 0, "{done:#}");
 }
