@@ -14,7 +14,7 @@ use fedstat_core::spec::ExperimentSpec;
 use fedstat_net::identity::Role;
 use fedstat_proto::wire::{
     encode_frame, AnswerHeader, CoordMsg, DType, ExperimentState, ExperimentStatus, NodeInfo, NodeMsg, Phase,
-    Request, Response, ResultsHeader, RoundRecord, Task, TensorMeta,
+    Request, Response, ResultsHeader, RoundRecord, Task, TensorMeta, Upload,
 };
 use serde::Serialize;
 
@@ -99,7 +99,12 @@ fn main() {
             aux: vec![0.7],
             tensor: TensorMeta { dtype, len: 3 },
         };
-        write(t, &format!("update-{i}"), 1, &[frame(&header), body.clone()]);
+        write(
+            t,
+            &format!("update-{i}"),
+            1,
+            &[frame(&Upload::Answer(header)), body.clone()],
+        );
     }
     // Statistics and evaluation answers, encoded as the node encodes them.
     for (name, phase, values) in [
@@ -121,7 +126,7 @@ fn main() {
             t,
             &format!("answer-{name}"),
             1,
-            &[frame(&header), values.to_le_bytes()],
+            &[frame(&Upload::Answer(header)), values.to_le_bytes()],
         );
     }
     let requests = [
@@ -198,6 +203,7 @@ fn main() {
                     dtype: DType::F64,
                     len: p as u64,
                 }),
+                secure: None,
             };
             let body = if with_model {
                 Values::from_f64(&vec![0.25; p], DType::F64).to_le_bytes()
@@ -216,6 +222,7 @@ fn main() {
         rounds_done: 1,
         rounds: 1,
         participants: vec!["a".into(), "b".into()],
+        privacy: Default::default(),
         history: vec![RoundRecord {
             round: 1,
             participants: vec!["a".into(), "b".into()],

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use fedstat_net::tls::{client_config, TlsFiles};
 use fedstat_net::transport::{read_frame, write_frame};
 use fedstat_proto::wire::{
-    encode_frame, AnswerHeader, CoordMsg, DType, NodeMsg, Phase, Response, TensorMeta, PROTOCOL_VERSION,
+    encode_frame, AnswerHeader, CoordMsg, DType, NodeMsg, Phase, Response, TensorMeta, Upload,
+    PROTOCOL_VERSION,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -119,7 +120,7 @@ fn malformed_frame(i: u64, junk: &mut Junk) -> Vec<u8> {
                     len: 9,
                 },
             };
-            let mut out = encode_frame(&header).expect("encode header");
+            let mut out = encode_frame(&Upload::Answer(header)).expect("encode header");
             out.extend_from_slice(&junk.bytes(72));
             out
         }
@@ -135,7 +136,7 @@ fn malformed_frame(i: u64, junk: &mut Junk) -> Vec<u8> {
                     len: u64::MAX,
                 },
             };
-            encode_frame(&header).expect("encode header")
+            encode_frame(&Upload::Answer(header)).expect("encode header")
         }
     }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use fedstat_core::data::ColumnSums;
 use fedstat_net::tls::{client_config, TlsFiles};
 use fedstat_net::transport::{read_frame, read_tensor, write_frame, write_tensor};
-use fedstat_proto::wire::{AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, PROTOCOL_VERSION};
+use fedstat_proto::wire::{
+    AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, Upload, PROTOCOL_VERSION,
+};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Misbehaviour {
@@ -151,7 +153,7 @@ async fn send_answer(conn: &quinn::Connection, task: &Task, weight: u64, aux: Ve
     };
     if let Ok(mut s) = conn.open_uni().await {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let _ = write_frame(&mut s, &header).await;
+        let _ = write_frame(&mut s, &Upload::Answer(header)).await;
         let _ = write_tensor(&mut s, &bytes).await;
         let _ = s.finish();
     }
