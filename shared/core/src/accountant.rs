@@ -157,9 +157,10 @@ fn log_a_int(q: f64, sigma: f64, alpha: u64) -> f64 {
     let (log_q, log_1mq) = (q.ln(), (-q).ln_1p());
     let two_var = 2.0 * sigma * sigma;
     let a = alpha as f64;
+    let mut binomial = LogBinomial::new(a);
     (0..=alpha).fold(f64::NEG_INFINITY, |acc, i| {
         let i = i as f64;
-        let coef = log_binomial(a, i) + i * log_q + (a - i) * log_1mq;
+        let coef = binomial.next_term() + i * log_q + (a - i) * log_1mq;
         log_add(acc, coef + (i * i - i) / two_var)
     })
 }
@@ -175,9 +176,10 @@ fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
     let log_half = 0.5f64.ln();
     let (mut a0, mut a1) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
     let (mut last0, mut last1) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+    let mut binomial = LogBinomial::new(alpha);
     for i in 0..MAX_FRAC_TERMS {
         let i = i as f64;
-        let coef = log_binomial(alpha, i);
+        let coef = binomial.next_term();
         let j = alpha - i;
         let t0 = coef + i * log_q + j * log_1mq;
         let t1 = coef + j * log_q + i * log_1mq;
@@ -243,21 +245,27 @@ fn log_add(x: f64, y: f64) -> f64 {
     (a - b).exp().ln_1p() + b
 }
 
-/// ln |C(n, k)| through ln |Γ| (for fractional n the coefficient can be negative; the series
-/// use its magnitude, as `dp-accounting` does).
-fn log_binomial(n: f64, k: f64) -> f64 {
-    ln_abs_gamma(n + 1.0) - ln_abs_gamma(k + 1.0) - ln_abs_gamma(n - k + 1.0)
+/// ln |C(n, k)| for k = 0, 1, 2, … in turn (for fractional n the coefficient can be negative;
+/// the series use its magnitude, as `dp-accounting` does). Built term by term from
+/// C(n, k+1) = C(n, k)·(n − k)/(k + 1): exact for the first terms, where the sums nearly cancel
+/// when the RDP is tiny (a Γ-function approximation would cost digits there).
+struct LogBinomial {
+    n: f64,
+    k: f64,
+    log: f64,
 }
 
-/// ln |Γ(x)|, also for negative non-integer x (reflection formula, with the sine's argument
-/// reduced exactly first so that large |x| keep their precision).
-fn ln_abs_gamma(x: f64) -> f64 {
-    if x >= 0.5 {
-        return statrs::function::gamma::ln_gamma(x);
+impl LogBinomial {
+    fn new(n: f64) -> Self {
+        LogBinomial { n, k: 0.0, log: 0.0 }
     }
-    let reduced = x - 2.0 * (x / 2.0).round();
-    let sin = (std::f64::consts::PI * reduced).sin().abs();
-    std::f64::consts::PI.ln() - sin.ln() - statrs::function::gamma::ln_gamma(1.0 - x)
+
+    fn next_term(&mut self) -> f64 {
+        let out = self.log;
+        self.log += (self.n - self.k).abs().ln() - (self.k + 1.0).ln();
+        self.k += 1.0;
+        out
+    }
 }
 
 /// ln erfc(x), accurate far into the tail where erfc underflows.
