@@ -246,6 +246,8 @@ enum Step {
         bytes: Vec<u8>,
         weight: u64,
         aux: Vec<f64>,
+        /// The privacy ledger's notice, for an answer it charged.
+        spent: Option<NodeMsg>,
     },
 }
 
@@ -321,6 +323,7 @@ async fn task(
                 bytes,
                 weight,
                 aux,
+                spent,
             } => {
                 let header = AnswerHeader {
                     experiment,
@@ -331,7 +334,12 @@ async fn task(
                     tensor,
                 };
                 answer_bytes = Some((bytes.len() + 8 * header.aux.len()) as u64);
-                send_answer(&conn, &header, &bytes).await
+                let sent = send_answer(&conn, &header, &bytes).await;
+                // The charge is on disk whether or not the answer arrived.
+                if let Some(notice) = spent {
+                    let _ = ctl.send(notice);
+                }
+                sent
             }
         };
         match sent {
@@ -389,6 +397,9 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
             Error::AuditUnavailable
         };
         let answer = worker.run(task, &hash, model)?;
+        // A noised answer is charged to its dataset's privacy budget before anything of it is
+        // recorded as given or leaves the node (a refusal here sends nothing).
+        let spent = gov.charge_privacy(task, &hash)?;
         gov.record_binding(task, &inputs).map_err(blocked)?;
         let bytes = answer.values.to_le_bytes();
         if task.phase == Phase::Train {
@@ -405,6 +416,7 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
             bytes,
             weight: answer.weight,
             aux: answer.aux,
+            spent,
         })
     })();
     if let Err(e) = &result {
