@@ -237,7 +237,13 @@ impl PrivacyLedger {
     /// RDP of the charges of `dataset`, all of them or those of one experiment or the others.
     fn composed(file: &LedgerFile, dataset: &str, keep: impl Fn(&Charge) -> bool) -> Result<Rdp> {
         let mut total = Rdp::zero();
-        for c in file.datasets.get(dataset).into_iter().flatten().filter(|c| keep(c)) {
+        for c in file
+            .datasets
+            .get(dataset)
+            .into_iter()
+            .flatten()
+            .filter(|c| keep(c))
+        {
             total += rdp_of(&c.cost)?;
         }
         Ok(total)
@@ -285,7 +291,12 @@ impl PrivacyLedger {
     /// Charge the answer to `task` (a charged phase of a differentially private experiment)
     /// before it is sent: refused if it would take the dataset over its budget, otherwise
     /// recorded durably. `Ok(None)`: nothing to charge.
-    pub fn charge(&self, task: &Task, manifest: &str, budget: Option<&PrivacyBudget>) -> Result<Option<Charged>> {
+    pub fn charge(
+        &self,
+        task: &Task,
+        manifest: &str,
+        budget: Option<&PrivacyBudget>,
+    ) -> Result<Option<Charged>> {
         let spec = &task.spec;
         if !charged_phase(spec, task.phase) {
             return Ok(None);
@@ -451,7 +462,12 @@ mod tests {
             noise_multiplier: 1.1,
             steps: 100,
         };
-        cost.rdp().expect("rdp").times(rounds).epsilon(1e-5).expect("eps").0
+        cost.rdp()
+            .expect("rdp")
+            .times(rounds)
+            .epsilon(1e-5)
+            .expect("eps")
+            .0
     }
 
     #[test]
@@ -489,7 +505,12 @@ mod tests {
             let t = task(1, 6, r, Phase::Train);
             last = ledger.charge(&t, "m1", Some(&b)).expect("charge");
             // Evaluation is not charged.
-            assert_eq!(ledger.charge(&task(1, 6, r, Phase::Evaluate), "m1", Some(&b)).expect("eval"), None);
+            assert_eq!(
+                ledger
+                    .charge(&task(1, 6, r, Phase::Evaluate), "m1", Some(&b))
+                    .expect("eval"),
+                None
+            );
         }
         let last = last.expect("charged");
         assert!((last.dataset_epsilon - eps_of_rounds(6)).abs() < 1e-9, "{last:?}");
@@ -498,29 +519,49 @@ mod tests {
 
         // Reopened: the spend is still there. Five more rounds would exceed; four fit.
         let ledger = PrivacyLedger::new(&path);
-        let err = ledger.admit(&task(2, 5, 0, Phase::Stats), Some(&b)).expect_err("over");
+        let err = ledger
+            .admit(&task(2, 5, 0, Phase::Stats), Some(&b))
+            .expect_err("over");
         assert!(matches!(err, Error::Policy(Refusal::PrivacyBudget)), "{err}");
         assert_eq!(
             err.public("cps1988"),
             "refused by site policy: privacy budget: the experiment would exceed this dataset's \
              budget (policy.privacy.epsilon)"
         );
-        ledger.admit(&task(2, 4, 0, Phase::Stats), Some(&b)).expect("4 fit");
+        ledger
+            .admit(&task(2, 4, 0, Phase::Stats), Some(&b))
+            .expect("4 fit");
         // The running experiment is not counted against itself.
-        ledger.admit(&task(1, 6, 3, Phase::Train), Some(&b)).expect("own spend excluded");
+        ledger
+            .admit(&task(1, 6, 3, Phase::Train), Some(&b))
+            .expect("own spend excluded");
         // A larger budget for this dataset only.
         let mut roomy = b.clone();
-        roomy.datasets.insert("cps1988".into(), Budget { epsilon: 100.0, delta: 1e-5 });
-        ledger.admit(&task(2, 5, 0, Phase::Stats), Some(&roomy)).expect("dataset override");
+        roomy.datasets.insert(
+            "cps1988".into(),
+            Budget {
+                epsilon: 100.0,
+                delta: 1e-5,
+            },
+        );
+        ledger
+            .admit(&task(2, 5, 0, Phase::Stats), Some(&roomy))
+            .expect("dataset override");
         // No budget: admitted, and still charged.
-        ledger.admit(&task(2, 50, 0, Phase::Stats), None).expect("no budget");
+        ledger
+            .admit(&task(2, 50, 0, Phase::Stats), None)
+            .expect("no budget");
 
         // Charges are checked too: four retried rounds fit, the fifth does not and leaves no trace.
         for _ in 0..4 {
-            ledger.charge(&task(3, 4, 1, Phase::Train), "m3", Some(&b)).expect("fits");
+            ledger
+                .charge(&task(3, 4, 1, Phase::Train), "m3", Some(&b))
+                .expect("fits");
         }
         let before = std::fs::read(&path).expect("read");
-        let err = ledger.charge(&task(3, 4, 1, Phase::Train), "m3", Some(&b)).expect_err("over");
+        let err = ledger
+            .charge(&task(3, 4, 1, Phase::Train), "m3", Some(&b))
+            .expect_err("over");
         assert!(matches!(err, Error::Policy(Refusal::PrivacyBudget)), "{err}");
         assert_eq!(std::fs::read(&path).expect("read"), before);
 
@@ -546,7 +587,10 @@ mod tests {
         let mut plain = task(1, 5, 1, Phase::Train);
         plain.spec.privacy = None;
         ledger.admit(&plain, Some(&budget(0.001))).expect("not DP");
-        assert_eq!(ledger.charge(&plain, "m", Some(&budget(0.001))).expect("charge"), None);
+        assert_eq!(
+            ledger.charge(&plain, "m", Some(&budget(0.001))).expect("charge"),
+            None
+        );
         let echo: ExperimentSpec =
             toml::from_str(include_str!("../../configs/experiment-echo.toml")).expect("echo");
         assert!(!charged_phase(&echo, Phase::Train));
@@ -558,7 +602,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("privacy-ledger.json");
         let ledger = PrivacyLedger::new(&path);
-        ledger.charge(&task(1, 2, 1, Phase::Train), "m", Some(&budget(10.0))).expect("charge");
+        ledger
+            .charge(&task(1, 2, 1, Phase::Train), "m", Some(&budget(10.0)))
+            .expect("charge");
         let good = std::fs::read_to_string(&path).expect("read");
         for bad in [
             good[..good.len() / 2].to_owned(),
@@ -566,7 +612,9 @@ mod tests {
             good.replace("\"noise_multiplier\": 1.1", "\"noise_multiplier\": -1.0"),
         ] {
             std::fs::write(&path, &bad).expect("damage");
-            let err = ledger.admit(&task(2, 1, 0, Phase::Stats), Some(&budget(10.0))).expect_err("damaged");
+            let err = ledger
+                .admit(&task(2, 1, 0, Phase::Stats), Some(&budget(10.0)))
+                .expect_err("damaged");
             let text = err.to_string();
             assert!(
                 matches!(err, Error::PrivacyLedger(LedgerError::Damaged { .. })),
@@ -577,7 +625,9 @@ mod tests {
                 err.public("cps1988"),
                 "the node cannot use its privacy ledger; its custodian must check the node's log"
             );
-            assert!(ledger.charge(&task(1, 2, 2, Phase::Train), "m", Some(&budget(10.0))).is_err());
+            assert!(ledger
+                .charge(&task(1, 2, 2, Phase::Train), "m", Some(&budget(10.0)))
+                .is_err());
             assert!(ledger.report(&[], None).is_err());
             // Nothing was rewritten over the damaged file.
             assert_eq!(std::fs::read_to_string(&path).expect("read"), bad);

@@ -964,13 +964,23 @@ mod tests {
         assert!(toml::from_str::<RawPolicy>("approval = \"sometimes\"").is_err());
         assert!(toml::from_str::<RawPolicy>("max_round = 3").is_err());
         assert!(toml::from_str::<RawPolicy>("[privacy]\nepsilon = 1\nshow = true").is_err());
-        let p = policy(
-            "[privacy]\nepsilon = 3\nshow_remaining = true\n[privacy.datasets.lfs]\nepsilon = 1",
-        )
-        .privacy
-        .expect("budget");
-        assert_eq!(p.of("cps1988"), Budget { epsilon: 3.0, delta: 1e-5 });
-        assert_eq!(p.of("lfs"), Budget { epsilon: 1.0, delta: 1e-5 });
+        let p = policy("[privacy]\nepsilon = 3\nshow_remaining = true\n[privacy.datasets.lfs]\nepsilon = 1")
+            .privacy
+            .expect("budget");
+        assert_eq!(
+            p.of("cps1988"),
+            Budget {
+                epsilon: 3.0,
+                delta: 1e-5
+            }
+        );
+        assert_eq!(
+            p.of("lfs"),
+            Budget {
+                epsilon: 1.0,
+                delta: 1e-5
+            }
+        );
         assert!(p.show_remaining);
     }
 

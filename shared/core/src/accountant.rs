@@ -78,7 +78,13 @@ impl Rdp {
 
     /// The RDP of `cost` (steps of the subsampled Gaussian) on the default orders.
     pub fn of(cost: &PrivacyCost) -> Result<Self, AccountantError> {
-        rdp(cost.sampling_rate, cost.noise_multiplier, cost.steps, &DEFAULT_ORDERS).map(Rdp)
+        rdp(
+            cost.sampling_rate,
+            cost.noise_multiplier,
+            cost.steps,
+            &DEFAULT_ORDERS,
+        )
+        .map(Rdp)
     }
 
     /// ε at `delta` on the default orders, and the order that gives it.
@@ -406,11 +412,7 @@ mod tests {
             assert_eq!(rdp(q, sigma, steps, &DEFAULT_ORDERS), Err(want));
         }
         for delta in [0.0, 1.0, -1.0, f64::NAN] {
-            assert_eq!(
-                Rdp::zero().epsilon(delta),
-                Err(AccountantError::Delta),
-                "{delta}"
-            );
+            assert_eq!(Rdp::zero().epsilon(delta), Err(AccountantError::Delta), "{delta}");
         }
         assert!(matches!(
             epsilon(&[1.0], &DEFAULT_ORDERS, 1e-5),
