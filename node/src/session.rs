@@ -247,7 +247,7 @@ enum Step {
         weight: u64,
         aux: Vec<f64>,
         /// The privacy ledger's notice, for an answer it charged.
-        spent: Option<NodeMsg>,
+        spent: Option<Box<NodeMsg>>,
     },
 }
 
@@ -337,7 +337,7 @@ async fn task(
                 let sent = send_answer(&conn, &header, &bytes).await;
                 // The charge is on disk whether or not the answer arrived.
                 if let Some(notice) = spent {
-                    let _ = ctl.send(notice);
+                    let _ = ctl.send(*notice);
                 }
                 sent
             }
@@ -399,7 +399,7 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
         let answer = worker.run(task, &hash, model)?;
         // A noised answer is charged to its dataset's privacy budget before anything of it is
         // recorded as given or leaves the node (a refusal here sends nothing).
-        let spent = gov.charge_privacy(task, &hash)?;
+        let spent = gov.charge_privacy(task, &hash)?.map(Box::new);
         gov.record_binding(task, &inputs).map_err(blocked)?;
         let bytes = answer.values.to_le_bytes();
         if task.phase == Phase::Train {

@@ -186,7 +186,7 @@ fn privacy_epsilon_agrees_with_dp_accounting_and_names_bad_flags() {
         ("--steps", "0"),
         ("--delta", "1"),
     ] {
-        let mut args = vec![
+        let mut args = [
             ("--sampling-rate", "0.01"),
             ("--noise-multiplier", "1.1"),
             ("--steps", "100"),
