@@ -11,6 +11,7 @@ use fedstat_core::aggregate::Values;
 use fedstat_core::engine::{Experiment, Progress, Rejection, Transmit};
 use fedstat_core::spec::ExperimentSpec;
 use fedstat_net::identity::{PeerIdentity, Role};
+use fedstat_proto::secure::MaskedHeader;
 use fedstat_proto::wire::{
     encoded_len, AnswerHeader, CoordMsg, ExperimentId, ExperimentStatus, NodeInfo, NodeMsg, Request,
     Response, ResultsHeader, Task, TensorMeta, PROTOCOL_VERSION, STATUS_BUDGET, STATUS_PAGE_BUDGET,
@@ -52,6 +53,19 @@ pub enum Event {
         values: Result<Values, String>,
         /// The staging slot, released after the fold: read, queued and folding updates
         /// together stay within `limits.max_concurrent_updates`.
+        permit: tokio::sync::OwnedSemaphorePermit,
+    },
+    /// A masked answer's header arrived; the reply says how many bytes to read, if any.
+    MaskedBegin {
+        name: String,
+        header: MaskedHeader,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    /// A masked answer's bytes were read (or failed to be).
+    MaskedDone {
+        name: String,
+        header: MaskedHeader,
+        bytes: Result<Vec<u8>, String>,
         permit: tokio::sync::OwnedSemaphorePermit,
     },
     Request {
@@ -274,6 +288,52 @@ impl Federation {
                 };
                 self.audit(now, received);
             }
+            Event::MaskedBegin { name, header, reply } => {
+                let at = header.at;
+                let answer = match self.experiments.get_mut(&at.experiment) {
+                    Some(exp) => exp.begin_masked(now, &name, &header),
+                    None => Err(Rejection::UnknownExperiment {
+                        experiment: at.experiment,
+                    }),
+                };
+                if let Err(rej) = &answer {
+                    tracing::warn!(node = %name, round = at.round, "masked answer refused before reading: {rej}");
+                    if rej.is_stale() {
+                        self.tell(&name, at.experiment, at.round, rej.to_string());
+                    }
+                }
+                let _ = reply.send(answer.map_err(|r| r.to_string()));
+            }
+            Event::MaskedDone {
+                name,
+                header,
+                bytes,
+                permit,
+            } => {
+                let at = header.at;
+                let result = match self.experiments.get_mut(&at.experiment) {
+                    Some(exp) => exp.handle_masked(now, &name, &header, bytes),
+                    None => Err(Rejection::UnknownExperiment {
+                        experiment: at.experiment,
+                    }),
+                }
+                .map_err(|r| r.to_string());
+                drop(permit);
+                if let Err(r) = &result {
+                    tracing::warn!(node = %name, round = at.round, "masked answer not used: {r}");
+                }
+                let received = AuditEvent::AnswerReceived {
+                    node: name,
+                    experiment: at.experiment,
+                    round: at.round,
+                    phase: format!("{} (masked, attempt {})", at.phase, at.attempt),
+                    weight: 0,
+                    values: header.len,
+                    accepted: result.is_ok(),
+                    reason: result.err(),
+                };
+                self.audit(now, received);
+            }
             Event::Audit(event) => {
                 self.audit(now, event);
             }
@@ -349,8 +409,24 @@ impl Federation {
     fn node_message(&mut self, now: Instant, name: &str, msg: NodeMsg) {
         match msg {
             NodeMsg::Heartbeat | NodeMsg::Hello { .. } => {}
-            // Wired in by the secure-aggregation and ledger work (issue 11).
-            NodeMsg::Secure(_) | NodeMsg::PrivacySpent { .. } => {}
+            NodeMsg::Secure(up) => {
+                let at = up.at();
+                if let Some(e) = self.experiments.get_mut(&at.experiment) {
+                    if let Err(rej) = e.handle_secure(now, name, up) {
+                        tracing::warn!(node = %name, round = at.round, "secure aggregation message not used: {rej}");
+                    }
+                }
+            }
+            NodeMsg::PrivacySpent {
+                experiment,
+                round,
+                epsilon,
+                remaining,
+            } => {
+                if let Some(e) = self.experiments.get_mut(&experiment) {
+                    e.note_privacy_spent(now, name, round, epsilon, remaining);
+                }
+            }
             NodeMsg::Held {
                 experiment,
                 round,
@@ -420,6 +496,11 @@ impl Federation {
                     Transmit::Task { to, task, model } => {
                         if let Some(n) = self.nodes.get(&to) {
                             let _ = n.tx.send(NodeCmd::Task { task, model });
+                        }
+                    }
+                    Transmit::Secure { to, msg } => {
+                        if let Some(n) = self.nodes.get(&to) {
+                            let _ = n.tx.send(NodeCmd::Send(CoordMsg::Secure(msg)));
                         }
                     }
                     Transmit::Reject {

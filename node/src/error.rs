@@ -99,6 +99,15 @@ pub enum Error {
     #[error("{0}")]
     Approval(String),
 
+    /// Secure aggregation failed at this node (a member's keys did not verify, a share did
+    /// not open, the coordinator broke the protocol).
+    #[error(transparent)]
+    Secure(#[from] fedstat_secagg::Error),
+
+    /// The coordinator broke secure aggregation's protocol; the text names the rule.
+    #[error("secure aggregation: {0}")]
+    SecureProtocol(&'static str),
+
     /// The audit log is damaged (named by `audit verify`).
     #[error("audit log {path}: {report}")]
     Tampered { path: PathBuf, report: String },
@@ -130,6 +139,8 @@ impl Error {
             Error::PrivacyLedger(_) => {
                 "the node cannot use its privacy ledger; its custodian must check the node's log".to_owned()
             }
+            Error::Secure(e) => e.to_string(),
+            Error::SecureProtocol(_) => self.to_string(),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod governance;
 pub mod ledger;
 pub mod policy;
+pub mod secure;
 pub mod session;
 pub mod worker;
 

@@ -9,12 +9,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedstat_core::aggregate::Values;
+use fedstat_core::aggregate::{encode_ring, AggregatorKind, Values};
 use fedstat_core::audit::AuditEvent;
 use fedstat_net::dial::Dialer;
 use fedstat_net::session::{close, Connection, RecvStream};
 use fedstat_net::transport::{read_frame, read_tensor, write_frame, write_tensor};
 use fedstat_proto::manifest::Manifest;
+use fedstat_proto::secure::{Ring, SecureRound};
 use fedstat_proto::wire::{
     AnswerHeader, CoordMsg, NodeMsg, Phase, Task, TensorMeta, Upload, PROTOCOL_VERSION,
 };
@@ -25,6 +26,7 @@ use tracing::Instrument;
 
 use crate::config::NodeConfig;
 use crate::governance::{Admission, Governance};
+use crate::secure::Secure;
 use crate::worker::Worker;
 use crate::{Error, Result};
 
@@ -134,6 +136,7 @@ async fn session(
         datasets: config.datasets.keys().cloned().collect(),
     };
     write_frame(&mut send, &hello).await?;
+    let me;
     match tokio::time::timeout(
         Duration::from_secs(15),
         read_frame::<CoordMsg>(&mut recv, "welcome"),
@@ -141,6 +144,7 @@ async fn session(
     .await
     {
         Ok(Ok(Some(CoordMsg::Welcome { name, .. }))) => {
+            me = name.clone();
             let transport = conn.transport_name();
             tracing::info!(%addr, transport, "connected to the coordinator as node `{name}`");
             println!("connected to {addr} as node `{name}` over {transport}");
@@ -164,6 +168,8 @@ async fn session(
         Err(_) => return Err(fail("no welcome within 15 s".into())),
     }
 
+    let secure = Arc::new(Secure::load(config)?);
+    let me: Arc<str> = me.into();
     // Everything the node says on its control stream goes through one writer.
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<NodeMsg>();
     let writer = tokio::spawn(async move {
@@ -181,6 +187,7 @@ async fn session(
     });
     let reader = {
         let conn = conn.clone();
+        let secure = secure.clone();
         async move {
             loop {
                 match read_frame::<CoordMsg>(&mut recv, "coordinator message").await {
@@ -195,6 +202,7 @@ async fn session(
                             "the coordinator did not use our answer: {reason}"
                         )
                     }
+                    Ok(Some(CoordMsg::Secure(msg))) => secure.deliver(msg),
                     Ok(Some(_)) => {}
                     Ok(None) => return "the coordinator closed the control stream".to_owned(),
                     Err(e) => {
@@ -211,7 +219,8 @@ async fn session(
                 Ok(stream) => {
                     let (worker, gov, conn, ctl) =
                         (worker.clone(), gov.clone(), conn.clone(), ctl_tx.clone());
-                    tokio::spawn(task(stream, worker, gov, conn, ctl).in_current_span());
+                    let secure = (secure.clone(), me.clone());
+                    tokio::spawn(task(stream, worker, gov, conn, ctl, secure).in_current_span());
                 }
                 Err(e) => return e.to_string(),
             }
@@ -249,15 +258,22 @@ enum Step {
         /// The privacy ledger's notice, for an answer it charged.
         spent: Option<Box<NodeMsg>>,
     },
+    /// The answer as ring elements, to be masked (a secure step).
+    Masked {
+        encoded: Vec<u8>,
+        /// The privacy ledger's notice, for an answer it charged.
+        spent: Option<Box<NodeMsg>>,
+    },
 }
 
-/// Receive one task, run it on a blocking thread, send the answer.
+/// Receive one task, run it on a blocking thread, send the answer (masked, for a secure step).
 async fn task(
     mut stream: RecvStream,
     worker: Arc<Worker>,
     gov: Arc<Governance>,
     conn: Connection,
     ctl: mpsc::UnboundedSender<NodeMsg>,
+    (secure, me): (Arc<Secure>, Arc<str>),
 ) {
     let received = async {
         let task =
@@ -294,7 +310,8 @@ async fn task(
         let spec_model = task.spec.model;
         let task = Arc::new(task);
         let t = task.clone();
-        let step = tokio::task::spawn_blocking(move || prepare(&t, &worker, &gov, model)).await;
+        let g = gov.clone();
+        let step = tokio::task::spawn_blocking(move || prepare(&t, &worker, &g, model)).await;
         let step = match step {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return fail(&ctl, &task, &e),
@@ -341,6 +358,31 @@ async fn task(
                 }
                 sent
             }
+            Step::Masked { encoded, spent } => {
+                // The charge is on disk before the secure exchange starts.
+                if let Some(notice) = spent {
+                    let _ = ctl.send(*notice);
+                }
+                answer_bytes = Some(encoded.len() as u64);
+                let Some(st) = task.secure else {
+                    return;
+                };
+                let at = SecureRound {
+                    experiment,
+                    round,
+                    phase,
+                    attempt: st.attempt,
+                };
+                // Each exchange may wait for the slowest member's answer.
+                let wait = Duration::from_secs(task.spec.round_timeout_secs.saturating_add(30));
+                match secure.run(at, st, &me, encoded, &conn, &ctl, wait).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        gov.record_failure(&task, &Manifest::new(&task.spec, &task.submitter).hash(), &e);
+                        return fail(&ctl, &task, &e);
+                    }
+                }
+            }
         };
         match sent {
             // What the answer carried and what the connection has sent in all, for the
@@ -361,6 +403,12 @@ async fn task(
 /// What needs no data and no model: the spec is valid and the site policy allows it.
 fn precheck(task: &Task, gov: &Governance) -> Result<()> {
     fedstat_core::spec::validate(&task.spec).map_err(Error::InvalidSpec)?;
+    if task.spec.secure_aggregation != task.secure.is_some() {
+        // The spec the custodian approved decides; a coordinator cannot switch masking off.
+        return Err(Error::SecureProtocol(
+            "the task's masking does not match the experiment's secure_aggregation",
+        ));
+    }
     gov.policy().check_spec(&task.spec).map_err(Error::Policy)
 }
 
@@ -401,6 +449,29 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
         // recorded as given or leaves the node (a refusal here sends nothing).
         let spent = gov.charge_privacy(task, &hash)?.map(Box::new);
         gov.record_binding(task, &inputs).map_err(blocked)?;
+        if let Some(st) = &task.secure {
+            // Only the masked form leaves the node; the coordinator never sees the answer.
+            let encoded = encode_ring(
+                AggregatorKind::of_phase(task.phase),
+                &answer.values,
+                answer.weight,
+                &answer.aux,
+            )
+            .map_err(Error::Core)?;
+            if encoded.len() as u64 != st.len.saturating_mul(st.ring.width() as u64) || st.ring != Ring::Z128
+            {
+                return Err(Error::SecureProtocol(
+                    "the task's ring or length is not the answer's",
+                ));
+            }
+            if task.phase == Phase::Train {
+                gov.record_update(task, &hash, answer.weight, &answer.values.to_le_bytes())
+                    .map_err(blocked)?;
+            } else {
+                gov.record_answer(task, &hash).map_err(blocked)?;
+            }
+            return Ok(Step::Masked { encoded, spent });
+        }
         let bytes = answer.values.to_le_bytes();
         if task.phase == Phase::Train {
             gov.record_update(task, &hash, answer.weight, &bytes)

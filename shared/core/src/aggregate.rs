@@ -402,6 +402,15 @@ pub enum AggregatorKind {
 }
 
 impl AggregatorKind {
+    /// How the answers to `phase` combine: model updates by their weighted mean, every other
+    /// answer by its sum. The algorithms' steps and a node encoding a masked answer use this.
+    pub fn of_phase(phase: fedstat_proto::wire::Phase) -> Self {
+        match phase {
+            fedstat_proto::wire::Phase::Train => AggregatorKind::Mean,
+            _ => AggregatorKind::Sum,
+        }
+    }
+
     /// Whether the aggregate can be folded one answer at a time, never holding an individual
     /// answer after it is folded. Only streaming aggregators work on masked answers (secure
     /// aggregation reveals nothing but the sum).
@@ -493,27 +502,130 @@ impl Aggregator for Streaming {
     }
 
     fn finish(self: Box<Self>) -> Result<Pooled> {
-        let (values, aux) = match self.kind {
-            AggregatorKind::Sum => (Values::F64(self.values.sum()), self.aux.sum()),
-            _ => (
-                self.values.average()?,
-                if self.aux.is_empty() {
-                    Vec::new()
-                } else {
-                    self.aux.average()?.to_f64()
-                },
-            ),
-        };
-        if self.values.count() == 0 {
-            return Err(Error::Rejected("no answer to pool".into()));
-        }
-        Ok(Pooled {
-            values,
-            aux,
-            total_weight: self.values.total_weight(),
-            answers: self.values.count(),
-        })
+        pool(self.kind, &self.values, &self.aux)
     }
+}
+
+/// The pooled result of exact sums of values and side figures (see [`Streaming`]).
+fn pool(kind: AggregatorKind, values: &ExactSum, aux: &ExactSum) -> Result<Pooled> {
+    let (pooled, side) = match kind {
+        AggregatorKind::Sum => (Values::F64(values.sum()), aux.sum()),
+        _ => (
+            values.average()?,
+            if aux.is_empty() {
+                Vec::new()
+            } else {
+                aux.average()?.to_f64()
+            },
+        ),
+    };
+    if values.count() == 0 {
+        return Err(Error::Rejected("no answer to pool".into()));
+    }
+    Ok(Pooled {
+        values: pooled,
+        aux: side,
+        total_weight: values.total_weight(),
+        answers: values.count(),
+    })
+}
+
+/// Bytes of one element of secure aggregation's ring, `Z mod 2^128`.
+pub const RING_BYTES: usize = 16;
+
+/// Secure aggregation's encoding of one answer: exactly the integer terms [`ExactSum`] would
+/// add for it, as little-endian elements of `Z mod 2^128`: `trunc(x · 2^48) · weight` for each
+/// value, then the weight itself, then each side figure like the values. The same range checks
+/// as [`Aggregator::fold`] run here, at the node, because the coordinator never sees the
+/// answer. Since no partial sum of an `ExactSum` reaches 2^126 in magnitude, the sum of these
+/// elements mod 2^128 *is* the exact integer sum, and [`pooled_from_ring`] turns it into the
+/// same [`Pooled`] bit for bit as the plain fold of the same answers.
+pub fn encode_ring(kind: AggregatorKind, values: &Values, weight: u64, aux: &[f64]) -> Result<Vec<u8>> {
+    if !kind.is_streaming() {
+        return Err(Error::Rejected(
+            "the median cannot be computed under secure aggregation".into(),
+        ));
+    }
+    let range = kind.range();
+    let weight_ok = match kind {
+        AggregatorKind::Sum => weight == 1,
+        _ => weight >= 1,
+    };
+    if !weight_ok || weight > range.max_total_weight.min(MAX_TOTAL_WEIGHT) {
+        return Err(Error::Rejected(format!(
+            "answer of weight {weight} for a {kind:?}"
+        )));
+    }
+    validate(values, range.max_abs.min(MAX_ABS_VALUE))?;
+    validate(&Values::F64(aux.to_vec()), range.max_abs.min(MAX_ABS_VALUE))?;
+    let mut out = Vec::with_capacity((values.len() + 1 + aux.len()) * RING_BYTES);
+    let mut put = |x: i128| out.extend_from_slice(&(x as u128).to_le_bytes());
+    match values {
+        Values::F32(v) => v.iter().for_each(|&x| put(weighted_fixed(f64::from(x), weight))),
+        Values::F64(v) => v.iter().for_each(|&x| put(weighted_fixed(x, weight))),
+    }
+    put(i128::from(weight));
+    aux.iter().for_each(|&a| put(weighted_fixed(a, weight)));
+    Ok(out)
+}
+
+/// The pooled result of a secure sum: `sum` is the unmasked ring sum of `answers` answers
+/// encoded by [`encode_ring`] (`len` values of `dtype`, then the weight, then `aux` side
+/// figures). Fails when the sum cannot be one of well-formed answers (a node encoded values
+/// outside the step's range or a wrong weight): the step then fails rather than publish it.
+pub fn pooled_from_ring(
+    kind: AggregatorKind,
+    dtype: DType,
+    len: usize,
+    aux: usize,
+    sum: &[u8],
+    answers: usize,
+) -> Result<Pooled> {
+    if sum.len() != (len + 1 + aux) * RING_BYTES {
+        return Err(Error::Rejected(format!(
+            "the secure sum has {} bytes, the step expects {}",
+            sum.len(),
+            (len + 1 + aux) * RING_BYTES
+        )));
+    }
+    let mut elements = sum
+        .chunks_exact(RING_BYTES)
+        .map(|c| u128::from_le_bytes(c.try_into().unwrap_or([0; RING_BYTES])) as i128);
+    let values: Vec<i128> = elements.by_ref().take(len).collect();
+    let weight = elements.next().unwrap_or(0);
+    let side: Vec<i128> = elements.collect();
+    let range = kind.range();
+    let limit = range.max_total_weight.min(MAX_TOTAL_WEIGHT);
+    let weight_ok = match kind {
+        AggregatorKind::Sum => weight == answers as i128,
+        _ => weight >= answers as i128 && weight <= i128::from(limit),
+    };
+    if answers == 0 || !weight_ok {
+        return Err(Error::Rejected(
+            "the secure sum's total weight is not that of well-formed answers".into(),
+        ));
+    }
+    let total_weight = weight as u64;
+    // What every plain fold guarantees: |value| < max_abs for each answer, so the sum's
+    // magnitude stays below max_abs · 2^48 · total weight.
+    let bound = (range.max_abs.min(MAX_ABS_VALUE) * SCALE) as i128 * i128::from(total_weight);
+    if values
+        .iter()
+        .chain(&side)
+        .any(|s| s.unsigned_abs() > bound.unsigned_abs())
+    {
+        return Err(Error::Rejected(
+            "the secure sum is out of the step's range: an answer was outside it".into(),
+        ));
+    }
+    let sum_of = |dtype: DType, acc: Vec<i128>| ExactSum {
+        dtype,
+        range,
+        acc,
+        total_weight,
+        count: answers,
+    };
+    pool(kind, &sum_of(dtype, values), &sum_of(DType::F64, side))
 }
 
 /// Coordinate-wise median of the answers (the mean of the two middle ones for an even count),
@@ -668,6 +780,37 @@ mod tests {
             for (got, want) in average(&updates).iter().zip(&model) {
                 prop_assert!((got - want).abs() <= 1e-12 * want.abs().max(1.0), "{got} vs {want}");
             }
+        }
+
+        #[test]
+        fn the_ring_sum_of_encoded_answers_pools_like_the_plain_fold(
+            answers in prop::collection::vec((prop::collection::vec(-1e6f64..1e6, 8), 1u64..100_000, prop::collection::vec(-1e3f64..1e3, 2)), 1..6),
+            mean in any::<bool>(),
+            f32s in any::<bool>(),
+        ) {
+            let kind = if mean { AggregatorKind::Mean } else { AggregatorKind::Sum };
+            let dtype = if f32s { DType::F32 } else { DType::F64 };
+            let mut plain = kind.start(dtype, 8, 2);
+            let mut ring = vec![0u128; 8 + 1 + 2];
+            for (v, w, aux) in &answers {
+                let w = if mean { *w } else { 1 };
+                let values = Values::from_f64(v, dtype);
+                plain.fold(&values, w, aux).expect("fold");
+                let bytes = encode_ring(kind, &values, w, aux).expect("encode");
+                for (acc, c) in ring.iter_mut().zip(bytes.chunks_exact(RING_BYTES)) {
+                    *acc = acc.wrapping_add(u128::from_le_bytes(c.try_into().expect("16 bytes")));
+                }
+            }
+            let sum: Vec<u8> = ring.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let secure = pooled_from_ring(kind, dtype, 8, 2, &sum, answers.len()).expect("pool");
+            let plain = plain.finish().expect("finish");
+            prop_assert_eq!(secure.total_weight, plain.total_weight);
+            prop_assert_eq!(secure.answers, plain.answers);
+            prop_assert_eq!(secure.values.to_le_bytes(), plain.values.to_le_bytes());
+            prop_assert_eq!(
+                secure.aux.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                plain.aux.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
         }
 
         #[test]

@@ -19,8 +19,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::aggregate::{Aggregator, Values};
+use crate::aggregate::{self, Aggregator, Values};
 use crate::algorithm::{self, Algorithm, Answer, Checkpoint, Step};
+use crate::proto::privacy::{NodeSpend, PrivacyView};
+use crate::proto::secure::{MaskedHeader, SecureDown, SecureRound, SecureTask, SecureUp};
+use crate::secure::{Advance, SecureRun, Stage};
 use crate::spec::ExperimentSpec;
 use crate::sums::Standardization;
 use crate::wire::{
@@ -42,6 +45,8 @@ pub enum Transmit {
         task: Box<Task>,
         model: Option<Arc<Vec<u8>>>,
     },
+    /// A message of secure aggregation for a node's control stream.
+    Secure { to: String, msg: SecureDown },
     /// Tell a node its answer was not used, and why.
     Reject {
         to: String,
@@ -60,6 +65,8 @@ struct StepRun {
     failed: BTreeMap<String, String>,
     deadline: Instant,
     agg: Box<dyn Aggregator>,
+    /// The exchanges of a secure step (`None`: answers come in clear and fold into `agg`).
+    secure: Option<SecureRun>,
 }
 
 impl StepRun {
@@ -70,7 +77,19 @@ impl StepRun {
     }
 
     fn expects(&self, node: &str) -> bool {
+        if self.secure.is_some() {
+            // A secure step needs its members through four exchanges, not one answer.
+            return self.selected.contains(node) && !self.failed.contains_key(node);
+        }
         self.selected.contains(node) && !self.answered.contains(node) && !self.failed.contains_key(node)
+    }
+
+    /// Whether anyone can still answer the step (its current exchange, if secure).
+    fn waiting(&self) -> bool {
+        match &self.secure {
+            Some(s) => s.waiting(&self.failed).next().is_some(),
+            None => self.outstanding().next().is_some(),
+        }
     }
 }
 
@@ -223,6 +242,11 @@ pub struct Experiment {
     progress: VecDeque<Progress>,
     /// Stopped by [`Experiment::abort`]: nothing more is queued for the store.
     aborted: bool,
+    /// Steps started so far: numbers the attempts of secure steps, so no key, share or mask
+    /// of one attempt is valid in another.
+    attempts: u32,
+    /// Each node's reported privacy spend (kept in memory; the event log records each report).
+    spent: BTreeMap<String, NodeSpend>,
 }
 
 /// What a store keeps of an experiment, to rebuild it after a restart.
@@ -282,6 +306,8 @@ impl Experiment {
             outbox: VecDeque::new(),
             progress: VecDeque::new(),
             aborted: false,
+            attempts: 0,
+            spent: BTreeMap::new(),
         }
     }
 
@@ -496,6 +522,11 @@ impl Experiment {
         if !p.selected.contains(node) {
             return Err(Rejection::NotSelected { round });
         }
+        if p.secure.is_some() {
+            return Err(Rejection::Invalid(
+                "an answer in clear to a secure step (it must be masked)".into(),
+            ));
+        }
         let shape = p.step.answer;
         let expected = TensorMeta {
             dtype: shape.dtype,
@@ -601,6 +632,226 @@ impl Experiment {
         }
     }
 
+    /// A node reported the record-level privacy its ledger charged this experiment. Only a
+    /// node that takes part may report, with a finite, non-negative ε.
+    pub fn note_privacy_spent(
+        &mut self,
+        now: Instant,
+        node: &str,
+        round: u32,
+        epsilon: f64,
+        remaining: Option<f64>,
+    ) {
+        let sane = |x: f64| x.is_finite() && x >= 0.0;
+        if self.spec.privacy.is_none() || !sane(epsilon) || remaining.is_some_and(|r| !sane(r)) {
+            return;
+        }
+        if !self.nodes.contains_key(node) {
+            return;
+        }
+        let shown = match remaining {
+            Some(r) => format!("; {r:.3} left in its budget"),
+            None => String::new(),
+        };
+        self.log(
+            now,
+            format!("round {round}: node `{node}` has charged this experiment ε = {epsilon:.4}{shown}"),
+        );
+        self.spent.insert(
+            node.to_owned(),
+            NodeSpend {
+                node: node.to_owned(),
+                round,
+                epsilon,
+                remaining,
+            },
+        );
+    }
+
+    /// The secure run of the open step, if `at` names its attempt.
+    fn secure_run(&mut self, at: &SecureRound) -> Option<&mut StepRun> {
+        self.run
+            .as_mut()
+            .filter(|p| p.secure.as_ref().is_some_and(|s| s.at == *at))
+    }
+
+    /// A node's message of secure aggregation. A message for another attempt is stale (the
+    /// node is not at fault); one that breaks the protocol fails the node for this step.
+    pub fn handle_secure(&mut self, now: Instant, node: &str, msg: SecureUp) -> Result<(), Rejection> {
+        let at = msg.at();
+        let stale = Rejection::Late {
+            phase: at.phase,
+            round: at.round,
+            open: None,
+        };
+        let Some(p) = self.secure_run(&at) else {
+            return Err(stale);
+        };
+        if !p.expects(node) {
+            return Err(Rejection::NotSelected { round: at.round });
+        }
+        let Some(s) = p.secure.as_mut() else {
+            return Err(stale);
+        };
+        let result = match msg {
+            SecureUp::Keys { keys, .. } => s.on_keys(node, keys),
+            SecureUp::Shares { shares, .. } => s.on_shares(node, shares),
+            SecureUp::Reveal { shares, .. } => {
+                s.on_reveal(node, shares.into_iter().map(|r| (r.owner, r.share)).collect())
+            }
+        };
+        let result = result.map_err(|reason| {
+            self.fail_answer(now, node, at.round, &reason);
+            Rejection::Invalid(reason)
+        });
+        self.check_close(now);
+        result
+    }
+
+    /// Whether a masked answer from `node` would be accepted now; returns its byte length.
+    /// Call before reading its bytes (as [`Experiment::begin_answer`]).
+    pub fn begin_masked(
+        &mut self,
+        now: Instant,
+        node: &str,
+        header: &MaskedHeader,
+    ) -> Result<u64, Rejection> {
+        let at = header.at;
+        let stale = Rejection::Late {
+            phase: at.phase,
+            round: at.round,
+            open: None,
+        };
+        let Some(p) = self.secure_run(&at) else {
+            self.log(now, format!("ignored masked answer from `{node}`: {stale}"));
+            return Err(stale);
+        };
+        let checked = match p.secure.as_ref() {
+            Some(_) if !p.expects(node) => Err(Rejection::NotSelected { round: at.round }),
+            Some(s) if header.ring != s.ring || header.len != s.len => Err(Rejection::Invalid(
+                "a masked answer of another ring or length than the step's".into(),
+            )),
+            Some(s) => s
+                .expects_masked(node)
+                .map(|()| s.len * s.ring.width() as u64)
+                .map_err(Rejection::Invalid),
+            None => Err(stale),
+        };
+        if let Err(rej) = &checked {
+            if rej.is_stale() {
+                self.log(now, format!("ignored masked answer from `{node}`: {rej}"));
+            } else {
+                self.fail_answer(now, node, at.round, &rej.to_string());
+                self.check_close(now);
+            }
+        }
+        checked
+    }
+
+    /// A masked answer arrived whole (`Ok`, its bytes) or broke off (`Err`).
+    pub fn handle_masked(
+        &mut self,
+        now: Instant,
+        node: &str,
+        header: &MaskedHeader,
+        bytes: Result<Vec<u8>, String>,
+    ) -> Result<(), Rejection> {
+        let at = header.at;
+        let Some(p) = self.secure_run(&at) else {
+            return Err(Rejection::Late {
+                phase: at.phase,
+                round: at.round,
+                open: None,
+            });
+        };
+        let folded = bytes.and_then(|b| match p.secure.as_mut() {
+            Some(s) => s.on_masked(node, &b),
+            None => Err("no secure step".into()),
+        });
+        let result = match folded {
+            Ok(()) => {
+                p.answered.insert(node.to_owned());
+                Ok(())
+            }
+            Err(reason) => {
+                self.fail_answer(now, node, at.round, &reason);
+                Err(Rejection::Invalid(reason))
+            }
+        };
+        self.check_close(now);
+        result
+    }
+
+    /// Close the current exchange of a secure step and start the next, finish the step with
+    /// the unmasked sum, or try the step again.
+    fn secure_advance(&mut self, now: Instant) {
+        let Some(p) = self.run.as_mut() else { return };
+        let Some(s) = p.secure.as_mut() else { return };
+        let (round, phase) = (p.step.round, p.step.phase);
+        match s.advance() {
+            Advance::Send(msgs) => {
+                let stage = s.stage();
+                p.deadline = now + Duration::from_secs(self.spec.round_timeout_secs);
+                let n = msgs.len();
+                for (to, msg) in msgs {
+                    self.outbox.push_back(Transmit::Secure { to, msg });
+                }
+                self.log(
+                    now,
+                    format!(
+                        "round {round}: {phase}: secure aggregation {} with {n} node(s)",
+                        stage_noun(stage)
+                    ),
+                );
+                // Every member may have failed already.
+                self.check_close(now);
+            }
+            Advance::Done { sum, survivors } => {
+                let Some(p) = self.run.take() else { return };
+                let shape = p.step.answer;
+                let pooled = aggregate::pooled_from_ring(
+                    p.step.aggregator,
+                    shape.dtype,
+                    shape.len as usize,
+                    shape.aux,
+                    &sum,
+                    survivors.len(),
+                );
+                match pooled {
+                    Ok(pooled) => {
+                        self.log(
+                            now,
+                            format!(
+                                "round {round}: {phase}: unmasked the sum of {} node(s)",
+                                survivors.len()
+                            ),
+                        );
+                        self.conclude(now, p.step, pooled, survivors)
+                    }
+                    Err(e) => self.fail(
+                        now,
+                        Failure::Pooling {
+                            round,
+                            reason: e.to_string(),
+                        },
+                    ),
+                }
+            }
+            Advance::Short { stage, have, need } => {
+                let why = format!(
+                    "{have} of the {need} nodes needed for secure aggregation {} answered within {} s",
+                    stage_noun(stage),
+                    self.spec.round_timeout_secs
+                );
+                self.retry_because(now, have, need, Some(why))
+            }
+            Advance::Failed(reason) => {
+                let why = format!("secure aggregation could not unmask the sum: {reason}");
+                self.retry_because(now, 0, self.spec.min_nodes as usize, Some(why))
+            }
+        }
+    }
+
     fn expect_answer(&self, node: &str, round: u32, phase: Phase) -> bool {
         self.run
             .as_ref()
@@ -628,6 +879,21 @@ impl Experiment {
         let Some(p) = self.run.as_ref() else { return };
         if now < p.deadline {
             return;
+        }
+        if let Some(s) = &p.secure {
+            let late: Vec<String> = s.waiting(&p.failed).cloned().collect();
+            let (phase, round, stage) = (p.step.phase, p.step.round, s.stage());
+            if !late.is_empty() {
+                self.log(
+                    now,
+                    format!(
+                        "round {round}: {phase} deadline of secure aggregation ({}) passed without {}",
+                        stage_noun(stage),
+                        late.join(", ")
+                    ),
+                );
+            }
+            return self.secure_advance(now);
         }
         let late: Vec<String> = p.outstanding().cloned().collect();
         let (phase, round, answered) = (p.step.phase, p.step.round, p.answered.len());
@@ -659,8 +925,11 @@ impl Experiment {
     /// Close the step early once every selected node has answered and the quorum is met.
     fn check_close(&mut self, now: Instant) {
         let Some(p) = self.run.as_ref() else { return };
-        if p.outstanding().next().is_some() {
+        if p.waiting() {
             return;
+        }
+        if p.secure.is_some() {
+            return self.secure_advance(now);
         }
         if p.answered.len() >= self.spec.min_nodes as usize {
             self.finish_step(now);
@@ -670,18 +939,26 @@ impl Experiment {
     }
 
     fn retry(&mut self, now: Instant, answered: usize) {
+        let needed = self.spec.min_nodes as usize;
+        self.retry_because(now, answered, needed, None)
+    }
+
+    fn retry_because(&mut self, now: Instant, answered: usize, needed: usize, secure: Option<String>) {
         let Some(p) = self.run.take() else { return };
         self.retries += 1;
-        let why = format!(
-            "round {}: {} of the {} answers needed in {} arrived within {} s",
-            p.step.round, answered, self.spec.min_nodes, p.step.phase, self.spec.round_timeout_secs
-        );
+        let why = match secure {
+            Some(why) => format!("round {}: {why}", p.step.round),
+            None => format!(
+                "round {}: {} of the {} answers needed in {} arrived within {} s",
+                p.step.round, answered, needed, p.step.phase, self.spec.round_timeout_secs
+            ),
+        };
         if self.retries > self.spec.max_round_retries {
             let failure = Failure::Quorum {
                 round: p.step.round,
                 phase: p.step.phase,
                 answered,
-                needed: self.spec.min_nodes,
+                needed: needed as u32,
                 timeout_secs: self.spec.round_timeout_secs,
                 retries: self.spec.max_round_retries,
             };
@@ -728,6 +1005,32 @@ impl Experiment {
 
     fn start_step(&mut self, now: Instant, step: Step) {
         let selected = self.candidates();
+        let attempt = self.attempts;
+        self.attempts = self.attempts.wrapping_add(1);
+        let shape = step.answer;
+        let secure = self.spec.secure_aggregation.then(|| {
+            let at = SecureRound {
+                experiment: self.id,
+                round: step.round,
+                phase: step.phase,
+                attempt,
+            };
+            // Values, then the weight, then the side figures: see `aggregate::encode_ring`.
+            let len = shape.len + 1 + shape.aux as u64;
+            SecureRun::new(
+                at,
+                len,
+                &selected,
+                self.spec.secure_threshold,
+                self.spec.min_nodes,
+            )
+        });
+        let secure_task = secure.as_ref().map(|s| SecureTask {
+            attempt,
+            ring: s.ring,
+            len: s.len,
+            threshold: Some(s.threshold()),
+        });
         self.state = ExperimentState::Running { phase: step.phase };
         let model_bytes = step.model.as_ref().map(|m| Arc::new(m.to_le_bytes()));
         let model_meta = step.model.as_ref().map(|m| TensorMeta {
@@ -745,20 +1048,24 @@ impl Experiment {
                     spec: self.spec.clone(),
                     standardization: step.standardization.clone(),
                     model: model_meta,
-                    secure: None,
+                    secure: secure_task,
                 }),
                 model: model_bytes.clone(),
             });
         }
-        let shape = step.answer;
         let agg = step.aggregator.start(shape.dtype, shape.len as usize, shape.aux);
         self.log(
             now,
             format!(
-                "round {}: {} started with {} node(s)",
+                "round {}: {} started with {} node(s){}",
                 step.round,
                 step.phase,
-                selected.len()
+                selected.len(),
+                if secure.is_some() {
+                    ", under secure aggregation"
+                } else {
+                    ""
+                }
             ),
         );
         self.run = Some(StepRun {
@@ -768,6 +1075,7 @@ impl Experiment {
             failed: BTreeMap::new(),
             deadline: now + Duration::from_secs(self.spec.round_timeout_secs),
             agg,
+            secure,
         });
         // A step with nobody to ask can only end at its deadline; one whose quorum is already
         // impossible is handled there too.
@@ -784,9 +1092,15 @@ impl Experiment {
             }
         };
         let participants = p.answered.into_iter().collect();
+        self.conclude(now, p.step, pooled, participants)
+    }
+
+    /// The step's answers pooled: hand them to the algorithm and go on.
+    fn conclude(&mut self, now: Instant, step: Step, pooled: aggregate::Pooled, participants: Vec<String>) {
+        let round = step.round;
         match self
             .algorithm
-            .finish_step(now, &p.step, pooled, participants, self.retries)
+            .finish_step(now, &step, pooled, participants, self.retries)
         {
             Ok(report) => {
                 for e in report.events {
@@ -816,7 +1130,22 @@ impl Experiment {
                 .unwrap_or_default(),
             history: self.history().to_vec(),
             events: self.events.iter().cloned().collect(),
+            privacy: PrivacyView {
+                secure_aggregation: self.spec.secure_aggregation,
+                dp: self.spec.privacy.clone(),
+                spent: self.spent.values().cloned().collect(),
+            },
         }
+    }
+}
+
+/// What an exchange of secure aggregation is called in the event log.
+fn stage_noun(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Keys => "key advertisement",
+        Stage::Shares => "share exchange",
+        Stage::Masked => "masked answers",
+        Stage::Reveal => "unmasking",
     }
 }
 
@@ -831,9 +1160,11 @@ fn noun(phase: Phase) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::AggregatorKind;
     use crate::data::ColumnSums;
     use crate::model::EvalSums;
     use crate::spec::{EchoSpec, ModelKind, TrainingSpec};
+    use crate::wire::DType;
 
     const T0: Duration = Duration::from_secs(10);
 
@@ -986,6 +1317,7 @@ mod tests {
                         self.inbox.entry(to).or_default().push((task.round, values));
                     }
                     Transmit::Reject { to, .. } => self.rejected.push(to),
+                    Transmit::Secure { .. } => {}
                 }
             }
         }
@@ -1326,6 +1658,298 @@ mod tests {
         let exp = Experiment::restore(1, store, sim.now, &[("a".into(), vec![])]);
         assert_eq!(exp.state(), &ExperimentState::Completed);
         assert_eq!(exp.global(), &Values::F32(vec![1.0; 4]));
+    }
+
+    /// A simulated federation under secure aggregation: each node runs a real
+    /// `fedstat_secagg::Client`, answers its training task with `base + offset(node, round)`
+    /// of weight `rows(node)`, and may leave after sending its shares or its masked answer.
+    struct SecureSim {
+        now: Instant,
+        exp: Experiment,
+        clients: BTreeMap<
+            String,
+            (
+                fedstat_secagg::Client,
+                crate::proto::secure::SecureTask,
+                u32,
+                Values,
+            ),
+        >,
+        gone_after_shares: BTreeSet<String>,
+        gone_after_masked: BTreeSet<String>,
+        /// Every masked answer the coordinator received, with the plain encoding it hides.
+        received: Vec<(Vec<u8>, Vec<u8>)>,
+        gone: BTreeSet<String>,
+    }
+
+    fn offset(node: &str, round: u32) -> f32 {
+        (node.as_bytes()[0] - b'a') as f32 * 0.25 + round as f32
+    }
+
+    fn rows(node: &str) -> u64 {
+        u64::from(node.as_bytes()[0] - b'a') * 7 + 3
+    }
+
+    impl SecureSim {
+        fn new(
+            spec: ExperimentSpec,
+            nodes: &[&str],
+            after_shares: &[&str],
+            after_masked: &[&str],
+        ) -> SecureSim {
+            let now = Instant::now();
+            let exp = Experiment::new(1, spec, "researcher `r`".into(), now, &connected(nodes, &[]));
+            let mut sim = SecureSim {
+                now,
+                exp,
+                clients: BTreeMap::new(),
+                gone_after_shares: after_shares.iter().map(|s| s.to_string()).collect(),
+                gone_after_masked: after_masked.iter().map(|s| s.to_string()).collect(),
+                received: Vec::new(),
+                gone: BTreeSet::new(),
+            };
+            sim.pump();
+            sim
+        }
+
+        fn leave(&mut self, node: &str) {
+            self.gone.insert(node.to_owned());
+            self.exp.node_gone(self.now, node);
+        }
+
+        /// Deliver everything the engine sends until it waits (for a deadline or the end).
+        fn pump(&mut self) {
+            while let Some(t) = self.exp.poll_transmit() {
+                match t {
+                    Transmit::Task { to, task, model } => {
+                        let st = task.secure.expect("a secure task");
+                        let global =
+                            crate::wire::tensor_to_f64(&model.expect("model"), DType::F32).expect("model");
+                        let values = Values::F32(
+                            global
+                                .iter()
+                                .map(|g| *g as f32 + offset(&to, task.round))
+                                .collect(),
+                        );
+                        let at = SecureRound {
+                            experiment: task.experiment,
+                            round: task.round,
+                            phase: task.phase,
+                            attempt: st.attempt,
+                        };
+                        let ctx = fedstat_secagg::Context {
+                            at,
+                            ring: st.ring,
+                            len: st.len,
+                            threshold: st.threshold.expect("threshold"),
+                        };
+                        let (client, keys) = fedstat_secagg::Client::new(ctx, &to);
+                        let up = SecureUp::Keys {
+                            at,
+                            keys: crate::proto::secure::SignedKeys {
+                                node: to.clone(),
+                                cipher_key: keys.cipher,
+                                mask_key: keys.mask,
+                                certificate: Vec::new(),
+                                signature: Vec::new(),
+                            },
+                        };
+                        self.clients.insert(to.clone(), (client, st, task.round, values));
+                        self.exp.handle_secure(self.now, &to, up).expect("keys");
+                    }
+                    Transmit::Secure { to, msg } => self.secure(&to, msg),
+                    Transmit::Reject { to, .. } => panic!("{to} was rejected"),
+                }
+            }
+        }
+
+        fn secure(&mut self, to: &str, msg: SecureDown) {
+            if self.gone.contains(to) {
+                return;
+            }
+            let Some((client, st, _round, values)) = self.clients.get_mut(to) else {
+                return;
+            };
+            match msg {
+                SecureDown::Roster {
+                    at,
+                    threshold,
+                    members,
+                } => {
+                    let roster: Vec<_> = members
+                        .iter()
+                        .map(|k| {
+                            (
+                                k.node.clone(),
+                                fedstat_secagg::PublicKeys {
+                                    cipher: k.cipher_key,
+                                    mask: k.mask_key,
+                                },
+                            )
+                        })
+                        .collect();
+                    let shares = client
+                        .share_keys(threshold, &roster)
+                        .expect("shares")
+                        .into_iter()
+                        .map(|(peer, ciphertext)| crate::proto::secure::SealedShare {
+                            from: to.to_owned(),
+                            to: peer,
+                            ciphertext,
+                        })
+                        .collect();
+                    self.exp
+                        .handle_secure(self.now, to, SecureUp::Shares { at, shares })
+                        .expect("shares");
+                    if self.gone_after_shares.contains(to) {
+                        self.leave(to);
+                    }
+                }
+                SecureDown::Shares { at, shares } => {
+                    let received: Vec<_> = shares.into_iter().map(|s| (s.from, s.ciphertext)).collect();
+                    let encoded =
+                        crate::aggregate::encode_ring(AggregatorKind::Mean, values, rows(to), &[0.5])
+                            .expect("encode");
+                    let masked = client.masked_input(&received, &encoded).expect("mask");
+                    self.received.push((masked.clone(), encoded));
+                    let header = MaskedHeader {
+                        at,
+                        ring: st.ring,
+                        len: st.len,
+                    };
+                    let to = to.to_owned();
+                    self.exp.begin_masked(self.now, &to, &header).expect("begin");
+                    self.exp
+                        .handle_masked(self.now, &to, &header, Ok(masked))
+                        .expect("masked");
+                    if self.gone_after_masked.contains(&to) {
+                        self.leave(&to);
+                    }
+                }
+                SecureDown::Unmask {
+                    at,
+                    survivors,
+                    dropped,
+                } => {
+                    let shares = client
+                        .unmask(&survivors, &dropped)
+                        .expect("unmask")
+                        .into_iter()
+                        .map(|(owner, share)| crate::proto::secure::RevealedShare { owner, share })
+                        .collect();
+                    self.exp
+                        .handle_secure(self.now, to, SecureUp::Reveal { at, shares })
+                        .expect("reveal");
+                }
+            }
+        }
+
+        fn run(&mut self) {
+            for _ in 0..20 {
+                self.pump();
+                if self.exp.is_finished() {
+                    return;
+                }
+                self.now += T0 + Duration::from_secs(1);
+                self.exp.handle_timeout(self.now);
+            }
+        }
+    }
+
+    /// The same echo experiment in clear, each node answering as in [`SecureSim`].
+    fn plain_run(spec: ExperimentSpec, nodes: &[&str]) -> Values {
+        let mut sim = Sim::new(spec, nodes);
+        for _ in 0..spec_rounds(&sim) {
+            let round = sim.exp.status().rounds_done + 1;
+            for n in nodes {
+                let global = sim.inbox[*n].last().expect("task").1.clone();
+                let values = Values::F32(global.iter().map(|g| *g as f32 + offset(n, round)).collect());
+                let mut header = sim.header(round, rows(n));
+                header.aux = vec![0.5];
+                sim.exp
+                    .handle_answer(sim.now, n, &header, Ok(values))
+                    .expect("answer");
+                sim.pump();
+            }
+        }
+        assert_eq!(sim.exp.state(), &ExperimentState::Completed);
+        sim.exp.global().clone()
+    }
+
+    fn spec_rounds(sim: &Sim) -> u32 {
+        sim.exp.spec().rounds
+    }
+
+    fn secure_echo(min_nodes: u32, rounds: u32) -> ExperimentSpec {
+        let mut spec = echo(min_nodes, rounds, 1);
+        spec.secure_aggregation = true;
+        spec
+    }
+
+    #[test]
+    fn a_secure_run_ends_with_the_plain_runs_model_bit_for_bit() {
+        let nodes = ["a", "b", "c", "d", "e"];
+        let mut sim = SecureSim::new(secure_echo(3, 3), &nodes, &[], &[]);
+        sim.run();
+        assert_eq!(
+            sim.exp.state(),
+            &ExperimentState::Completed,
+            "{:?}",
+            sim.exp.status().events
+        );
+        let plain = plain_run(echo(3, 3, 1), &nodes);
+        assert_eq!(sim.exp.global().to_le_bytes(), plain.to_le_bytes());
+        // What the coordinator received is never the encoded answer, element by element.
+        for (masked, encoded) in &sim.received {
+            let same = masked
+                .chunks_exact(16)
+                .zip(encoded.chunks_exact(16))
+                .filter(|(m, e)| m == e)
+                .count();
+            assert_eq!(same, 0);
+        }
+    }
+
+    #[test]
+    fn secure_steps_survive_the_dropouts_the_threshold_allows() {
+        let nodes = ["a", "b", "c", "d", "e"];
+        // Five selected: the threshold is 3.
+        for (after_shares, after_masked, survivors) in [
+            (&[][..], &["e"][..], 5),
+            (&["d", "e"][..], &[][..], 3),
+            (&["e"][..], &["d"][..], 4),
+            (&[][..], &["d", "e"][..], 5),
+        ] {
+            let mut sim = SecureSim::new(secure_echo(3, 1), &nodes, after_shares, after_masked);
+            sim.run();
+            let events = sim.exp.status().events;
+            assert_eq!(sim.exp.state(), &ExperimentState::Completed, "{events:?}");
+            let unmasked = format!("unmasked the sum of {survivors} node(s)");
+            assert!(events.iter().any(|e| e.message.contains(&unmasked)), "{events:?}");
+            assert_eq!(sim.exp.history()[0].participants.len(), survivors);
+        }
+    }
+
+    #[test]
+    fn more_dropouts_than_the_threshold_allows_fail_without_unmasking() {
+        let nodes = ["a", "b", "c", "d", "e"];
+        let mut sim = SecureSim::new(secure_echo(3, 1), &nodes, &["c", "d", "e"], &[]);
+        sim.run();
+        let status = sim.exp.status();
+        assert!(
+            matches!(sim.exp.state(), ExperimentState::Failed { .. }),
+            "{:?}",
+            status.events
+        );
+        assert!(status.events.iter().all(|e| !e.message.contains("unmasked")));
+        assert!(
+            status
+                .events
+                .iter()
+                .any(|e| e.message.contains("needed for secure aggregation")),
+            "{:?}",
+            status.events
+        );
     }
 
     #[test]

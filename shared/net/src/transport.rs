@@ -145,6 +145,28 @@ pub async fn read_tensor<R: AsyncRead + Unpin>(
     Ok(staging.finish()?)
 }
 
+/// Read a masked answer's body: `len` bytes of ring elements (any bytes are valid: they are
+/// uniformly random to the reader). The caller bounds `len` before calling.
+pub async fn read_masked<R: AsyncRead + Unpin>(recv: &mut R, len: usize) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        let n = recv
+            .read(&mut out[filled..])
+            .await
+            .map_err(|e| stream_err("masked answer stream", e))?;
+        if n == 0 {
+            return Err(fedstat_core::Error::Rejected(format!(
+                "stream ended {} bytes before the masked answer did",
+                len - filled
+            ))
+            .into());
+        }
+        filled += n;
+    }
+    Ok(out)
+}
+
 /// Write a tensor body.
 pub async fn write_tensor<W: AsyncWrite + Unpin>(send: &mut W, bytes: &[u8]) -> Result<()> {
     send.write_all(bytes)

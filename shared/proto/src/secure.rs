@@ -59,8 +59,9 @@ pub struct SecureTask {
     pub ring: Ring,
     /// Ring elements of the masked answer (values, then the weight, then the side figures).
     pub len: u64,
-    /// The fewest offices whose sum may be unmasked (fixed when the roster is known, see
-    /// [`SecureDown::Roster`]); this is the spec's, if any.
+    /// The Shamir threshold of the step: the fewest offices whose sum may be unmasked. The
+    /// coordinator fixes it when the step starts (the larger of the spec's `secure_threshold`,
+    /// `min_nodes`, 2 and a strict majority of the selected nodes), so keys are bound to it.
     pub threshold: Option<u32>,
 }
 

@@ -38,7 +38,7 @@ pub fn step(spec: &ExperimentSpec, round: u32, model: Arc<Values>, st: Option<St
             aux: 0,
             weighted: false,
         },
-        aggregator: AggregatorKind::Sum,
+        aggregator: AggregatorKind::of_phase(Phase::Evaluate),
     }
 }
 

@@ -95,7 +95,7 @@ impl Algorithm for FedAvg {
                 aux: 1,
                 weighted: true,
             },
-            aggregator: AggregatorKind::Mean,
+            aggregator: AggregatorKind::of_phase(Phase::Train),
         })
     }
 

@@ -246,7 +246,7 @@ impl Algorithm for Glm {
                 aux: 0,
                 weighted: false,
             },
-            aggregator: AggregatorKind::Sum,
+            aggregator: AggregatorKind::of_phase(Phase::Glm),
         })
     }
 

@@ -29,7 +29,7 @@ pub fn step(spec: &ExperimentSpec) -> Step {
             aux: 0,
             weighted: false,
         },
-        aggregator: AggregatorKind::Sum,
+        aggregator: AggregatorKind::of_phase(Phase::Stats),
     }
 }
 

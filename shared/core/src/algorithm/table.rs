@@ -245,7 +245,7 @@ impl Algorithm for Table {
                 aux: 0,
                 weighted: false,
             },
-            aggregator: AggregatorKind::Sum,
+            aggregator: AggregatorKind::of_phase(Phase::Table),
         })
     }
 
