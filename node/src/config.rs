@@ -27,6 +27,7 @@ struct RawNode {
     datasets: BTreeMap<String, PathBuf>,
     state_dir: Option<PathBuf>,
     audit_log: Option<PathBuf>,
+    privacy_ledger: Option<PathBuf>,
     #[serde(default)]
     policy: RawPolicy,
 }
@@ -62,6 +63,9 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// `audit_log`: the tamper-evident audit log (default: `audit.jsonl` in the state folder).
     pub audit_log: PathBuf,
+    /// `privacy_ledger`: the privacy-budget ledger (default: `privacy-ledger.json` in the
+    /// state folder).
+    pub privacy_ledger: PathBuf,
     /// `[policy]`: the custodian's rules.
     pub policy: SitePolicy,
 }
@@ -135,7 +139,15 @@ impl NodeConfig {
             Some(p) => base.join(p),
             None => state_dir.join("audit.jsonl"),
         };
+        let privacy_ledger = match raw.privacy_ledger {
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(invalid("privacy_ledger".into(), "must name a file"));
+            }
+            Some(p) => base.join(p),
+            None => state_dir.join("privacy-ledger.json"),
+        };
         Ok(NodeConfig {
+            privacy_ledger,
             coordinator: raw.coordinator,
             server_name: raw.server_name,
             transport: raw.transport,
@@ -167,6 +179,10 @@ mod tests {
             .expect("valid");
         assert_eq!(cfg.state_dir, Path::new("/etc/fedstat/ons-state"));
         assert_eq!(cfg.audit_log, Path::new("/etc/fedstat/ons-state/audit.jsonl"));
+        assert_eq!(
+            cfg.privacy_ledger,
+            Path::new("/etc/fedstat/ons-state/privacy-ledger.json")
+        );
         assert_eq!(cfg.policy, SitePolicy::default());
     }
 

@@ -76,6 +76,11 @@ pub enum Error {
     #[error("release ledger: {0}")]
     Ledger(String),
 
+    /// The privacy-budget ledger cannot be read or written (details for the custodian); no
+    /// differentially private answer is given until it can.
+    #[error(transparent)]
+    PrivacyLedger(#[from] crate::ledger::LedgerError),
+
     /// The data custodian rejected the experiment's manifest, with their reason.
     #[error("rejected by the data custodian: {0}")]
     CustodianRejected(String),
@@ -131,6 +136,9 @@ impl Error {
                 "the node cannot use its own state; its custodian must check the node's log".to_owned()
             }
             Error::Connect { .. } => "the node lost its connection".to_owned(),
+            Error::PrivacyLedger(_) => {
+                "the node cannot use its privacy ledger; its custodian must check the node's log".to_owned()
+            }
             Error::Secure(e) => e.to_string(),
             Error::SecureProtocol(_) => self.to_string(),
         }

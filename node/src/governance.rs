@@ -10,13 +10,14 @@ use std::sync::Mutex;
 
 use fedstat_core::audit::{self, AuditEvent, AuditLog, Decision, RowSetRecord, TaskNotDone};
 use fedstat_proto::manifest::{hex, Manifest};
-use fedstat_proto::wire::Task;
+use fedstat_proto::wire::{NodeMsg, Task};
 use sha2::{Digest, Sha256};
 
 use crate::approval::{ApprovalStore, Verdict};
 use crate::binding::Bindings;
 use crate::config::NodeConfig;
 use crate::disclosure::{ReleaseLedger, RowSet};
+use crate::ledger::PrivacyLedger;
 use crate::policy::{ApprovalMode, SitePolicy};
 use crate::{Error, Result};
 
@@ -35,6 +36,7 @@ pub struct Governance {
     store: ApprovalStore,
     bindings: Bindings,
     ledger: ReleaseLedger,
+    privacy: PrivacyLedger,
     audit: Mutex<AuditLog>,
     /// Manifests already recorded as seen by this process.
     seen: Mutex<BTreeSet<String>>,
@@ -51,6 +53,7 @@ impl Governance {
             store: ApprovalStore::new(&config.state_dir),
             bindings: Bindings::new(&config.state_dir),
             ledger: ReleaseLedger::new(&config.state_dir),
+            privacy: PrivacyLedger::new(&config.privacy_ledger),
             audit: Mutex::new(log),
             seen: Mutex::new(BTreeSet::new()),
             applied: Mutex::new(BTreeSet::new()),
@@ -109,6 +112,8 @@ impl Governance {
             })?;
         }
         self.policy.check_spec(&task.spec).map_err(Error::Policy)?;
+        // Before the custodian is asked: a manifest the budget cannot cover is never held.
+        self.privacy.admit(task, self.policy.privacy.as_ref())?;
         let decision = self.store.decision(&hash).map_err(|e| {
             tracing::error!("cannot read the custodian's decision on manifest {hash}: {e}");
             Error::Approval(
@@ -238,6 +243,37 @@ impl Governance {
             bytes: bytes.len() as u64,
             sha256: hex(&Sha256::digest(bytes)),
         })
+    }
+
+    /// Charge a differentially private answer to its dataset's privacy budget before it is
+    /// sent (see [`crate::ledger`]) and audit it; `Ok(Some)` is the notice for the coordinator
+    /// (`NodeMsg::PrivacySpent`), `Ok(None)` an answer the ledger does not charge.
+    pub fn charge_privacy(&self, task: &Task, manifest: &str) -> Result<Option<NodeMsg>> {
+        let budget = self.policy.privacy.as_ref();
+        let Some(charged) = self.privacy.charge(task, manifest, budget)? else {
+            return Ok(None);
+        };
+        let cost = task.spec.privacy_cost_per_round();
+        self.record(AuditEvent::PrivacyCharge {
+            experiment: task.experiment,
+            round: task.round,
+            phase: task.phase.to_string(),
+            manifest: manifest.to_owned(),
+            dataset: fedstat_core::text::printable(&task.spec.dataset).into_owned(),
+            sampling_rate: cost.map_or(0.0, |c| c.sampling_rate),
+            noise_multiplier: cost.map_or(0.0, |c| c.noise_multiplier),
+            steps: cost.map_or(0, |c| c.steps),
+            delta: charged.delta,
+            experiment_epsilon: charged.experiment_epsilon,
+            dataset_epsilon: charged.dataset_epsilon,
+        })?;
+        let show = budget.is_some_and(|b| b.show_remaining);
+        Ok(Some(NodeMsg::PrivacySpent {
+            experiment: task.experiment,
+            round: task.round,
+            epsilon: charged.experiment_epsilon_at_spec_delta,
+            remaining: charged.remaining.filter(|_| show),
+        }))
     }
 
     /// Record a statistics or evaluation answer before it is sent.

@@ -14,6 +14,7 @@ pub mod config;
 pub mod disclosure;
 pub mod error;
 pub mod governance;
+pub mod ledger;
 pub mod policy;
 pub mod secure;
 pub mod session;

@@ -52,6 +52,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The privacy budget per dataset: budget, spent and remaining ε, charges per experiment.
+    Budget {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The node's tamper-evident audit log.
     #[command(subcommand)]
     Audit(Audit),
@@ -126,6 +134,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reject { hash, reason, config } => {
             let d = store(&config)?.reject(&hash, &reason)?;
             println!("rejected manifest {}: {}", d.manifest, d.reason);
+            Ok(())
+        }
+        Command::Budget { config, json } => {
+            let cfg = fedstat_node::config::NodeConfig::load(&config)?;
+            let offered: Vec<String> = cfg.datasets.keys().cloned().collect();
+            let spend = fedstat_node::ledger::PrivacyLedger::new(&cfg.privacy_ledger)
+                .report(&offered, cfg.policy.privacy.as_ref())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "datasets": spend }))?
+                );
+            } else {
+                for line in fedstat_node::ledger::describe(&spend) {
+                    println!("{line}");
+                }
+            }
             Ok(())
         }
         Command::Keygen { name, out } => {

@@ -55,6 +55,57 @@ pub(crate) struct RawPolicy {
     dominance_k: Option<f64>,
     #[serde(default)]
     approval: ApprovalMode,
+    privacy: Option<RawPrivacyBudget>,
+}
+
+/// `[policy.privacy]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPrivacyBudget {
+    epsilon: f64,
+    delta: Option<f64>,
+    #[serde(default)]
+    show_remaining: bool,
+    #[serde(default)]
+    datasets: std::collections::BTreeMap<String, RawDatasetBudget>,
+}
+
+/// `[policy.privacy.datasets.NAME]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDatasetBudget {
+    epsilon: Option<f64>,
+    delta: Option<f64>,
+}
+
+/// The δ of a privacy budget when the policy does not say.
+pub const DEFAULT_BUDGET_DELTA: f64 = 1e-5;
+
+/// One dataset's record-level privacy budget: at most `epsilon` at `delta`, over every
+/// differentially private experiment the node ever answers on it (see [`crate::ledger`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub epsilon: f64,
+    pub delta: f64,
+}
+
+/// `[policy.privacy]`: the custodian's privacy budget per dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacyBudget {
+    /// `policy.privacy.epsilon` and `policy.privacy.delta` (default 1e-5): every dataset's
+    /// budget unless overridden.
+    pub default: Budget,
+    /// `policy.privacy.datasets.NAME.epsilon` / `.delta`: a dataset's own budget.
+    pub datasets: std::collections::BTreeMap<String, Budget>,
+    /// `policy.privacy.show_remaining`: whether researchers are told the budget left.
+    pub show_remaining: bool,
+}
+
+impl PrivacyBudget {
+    /// The budget of `dataset`.
+    pub fn of(&self, dataset: &str) -> Budget {
+        self.datasets.get(dataset).copied().unwrap_or(self.default)
+    }
 }
 
 pub const DEFAULT_MAX_ROUNDS: u32 = 100;
@@ -135,6 +186,10 @@ pub struct SitePolicy {
     pub dominance_k: f64,
     /// `policy.approval`.
     pub approval: ApprovalMode,
+    /// `[policy.privacy]`: the privacy budget per dataset. Without it, differentially private
+    /// experiments are charged (the ledger shows their spend) but not limited: they release
+    /// no more than the exact sums an experiment without `[privacy]` may release.
+    pub privacy: Option<PrivacyBudget>,
 }
 
 impl Default for SitePolicy {
@@ -165,6 +220,7 @@ impl Default for SitePolicy {
             dominance_n: DEFAULT_DOMINANCE_N,
             dominance_k: DEFAULT_DOMINANCE_K,
             approval: ApprovalMode::Auto,
+            privacy: None,
         }
     }
 }
@@ -252,6 +308,9 @@ pub enum Refusal {
     },
     /// One row would carry more than `1/min_cell` of the working weight of an exact fit's sums.
     Concentrated,
+    /// The experiment's record-level privacy cost, composed with what its dataset has spent,
+    /// would exceed the dataset's budget (the figures go to the node's log only).
+    PrivacyBudget,
 }
 
 impl std::fmt::Display for Refusal {
@@ -342,6 +401,10 @@ impl std::fmt::Display for Refusal {
                 f,
                 "dominance: at the coefficients sent, one row would carry too large a share of \
                  the GLM sums (policy.min_cell)"
+            ),
+            Refusal::PrivacyBudget => f.write_str(
+                "privacy budget: the experiment would exceed this dataset's budget \
+                 (policy.privacy.epsilon)",
             ),
             Refusal::Differencing { what } => write!(
                 f,
@@ -442,7 +505,12 @@ impl RawPolicy {
         if !(dominance_k > 0.0 && dominance_k <= 100.0) {
             return Err(err("dominance_k", "must be a percentage in (0, 100]"));
         }
+        let privacy = match self.privacy {
+            None => None,
+            Some(raw) => Some(raw.validate()?),
+        };
         Ok(SitePolicy {
+            privacy,
             allowed_datasets,
             allowed_features: columns("allowed_features", self.allowed_features)?,
             allowed_targets: columns("allowed_targets", self.allowed_targets)?,
@@ -461,6 +529,42 @@ impl RawPolicy {
             dominance_n,
             dominance_k,
             approval: self.approval,
+        })
+    }
+}
+
+impl RawPrivacyBudget {
+    fn validate(self) -> Result<PrivacyBudget, (String, String)> {
+        let budget = |key: &str, epsilon: f64, delta: f64| -> Result<Budget, (String, String)> {
+            if !(epsilon.is_finite() && epsilon > 0.0) {
+                return Err((
+                    format!("policy.privacy.{key}epsilon"),
+                    "must be a positive number".to_owned(),
+                ));
+            }
+            if !(delta > 0.0 && delta < 1.0) {
+                return Err((
+                    format!("policy.privacy.{key}delta"),
+                    "must be a number in (0, 1), e.g. 1e-5".to_owned(),
+                ));
+            }
+            Ok(Budget { epsilon, delta })
+        };
+        let default = budget("", self.epsilon, self.delta.unwrap_or(DEFAULT_BUDGET_DELTA))?;
+        let mut datasets = std::collections::BTreeMap::new();
+        for (name, raw) in self.datasets {
+            let key = format!("datasets.{name}.");
+            let b = budget(
+                &key,
+                raw.epsilon.unwrap_or(default.epsilon),
+                raw.delta.unwrap_or(default.delta),
+            )?;
+            datasets.insert(name, b);
+        }
+        Ok(PrivacyBudget {
+            default,
+            datasets,
+            show_remaining: self.show_remaining,
         })
     }
 }
@@ -630,6 +734,15 @@ impl SitePolicy {
             "dominance_n": self.dominance_n,
             "dominance_k": self.dominance_k,
             "approval": self.approval.as_str(),
+            "privacy": self.privacy.as_ref().map(|p| serde_json::json!({
+                "epsilon": p.default.epsilon,
+                "delta": p.default.delta,
+                "show_remaining": p.show_remaining,
+                "datasets": p.datasets.iter().map(|(k, b)| (k.clone(), serde_json::json!({
+                    "epsilon": b.epsilon,
+                    "delta": b.delta,
+                }))).collect::<serde_json::Map<_, _>>(),
+            })),
         })
     }
 }
@@ -835,6 +948,12 @@ mod tests {
             ("max_levels = 1", "policy.max_levels"),
             ("max_memory_mb = 0", "policy.max_memory_mb"),
             ("count_rounding = 0", "policy.count_rounding"),
+            ("[privacy]\nepsilon = 0", "policy.privacy.epsilon"),
+            ("[privacy]\nepsilon = 1\ndelta = 1", "policy.privacy.delta"),
+            (
+                "[privacy]\nepsilon = 1\n[privacy.datasets.lfs]\nepsilon = -1",
+                "policy.privacy.datasets.lfs.epsilon",
+            ),
         ] {
             let err = toml::from_str::<RawPolicy>(text)
                 .expect("parse")
@@ -844,6 +963,25 @@ mod tests {
         }
         assert!(toml::from_str::<RawPolicy>("approval = \"sometimes\"").is_err());
         assert!(toml::from_str::<RawPolicy>("max_round = 3").is_err());
+        assert!(toml::from_str::<RawPolicy>("[privacy]\nepsilon = 1\nshow = true").is_err());
+        let p = policy("[privacy]\nepsilon = 3\nshow_remaining = true\n[privacy.datasets.lfs]\nepsilon = 1")
+            .privacy
+            .expect("budget");
+        assert_eq!(
+            p.of("cps1988"),
+            Budget {
+                epsilon: 3.0,
+                delta: 1e-5
+            }
+        );
+        assert_eq!(
+            p.of("lfs"),
+            Budget {
+                epsilon: 1.0,
+                delta: 1e-5
+            }
+        );
+        assert!(p.show_remaining);
     }
 
     #[test]

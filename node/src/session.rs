@@ -255,10 +255,14 @@ enum Step {
         bytes: Vec<u8>,
         weight: u64,
         aux: Vec<f64>,
+        /// The privacy ledger's notice, for an answer it charged.
+        spent: Option<Box<NodeMsg>>,
     },
     /// The answer as ring elements, to be masked (a secure step).
     Masked {
         encoded: Vec<u8>,
+        /// The privacy ledger's notice, for an answer it charged.
+        spent: Option<Box<NodeMsg>>,
     },
 }
 
@@ -336,6 +340,7 @@ async fn task(
                 bytes,
                 weight,
                 aux,
+                spent,
             } => {
                 let header = AnswerHeader {
                     experiment,
@@ -346,9 +351,18 @@ async fn task(
                     tensor,
                 };
                 answer_bytes = Some((bytes.len() + 8 * header.aux.len()) as u64);
-                send_answer(&conn, &header, &bytes).await
+                let sent = send_answer(&conn, &header, &bytes).await;
+                // The charge is on disk whether or not the answer arrived.
+                if let Some(notice) = spent {
+                    let _ = ctl.send(*notice);
+                }
+                sent
             }
-            Step::Masked { encoded } => {
+            Step::Masked { encoded, spent } => {
+                // The charge is on disk before the secure exchange starts.
+                if let Some(notice) = spent {
+                    let _ = ctl.send(*notice);
+                }
                 answer_bytes = Some(encoded.len() as u64);
                 let Some(st) = task.secure else {
                     return;
@@ -431,6 +445,9 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
             Error::AuditUnavailable
         };
         let answer = worker.run(task, &hash, model)?;
+        // A noised answer is charged to its dataset's privacy budget before anything of it is
+        // recorded as given or leaves the node (a refusal here sends nothing).
+        let spent = gov.charge_privacy(task, &hash)?.map(Box::new);
         gov.record_binding(task, &inputs).map_err(blocked)?;
         if let Some(st) = &task.secure {
             // Only the masked form leaves the node; the coordinator never sees the answer.
@@ -453,7 +470,7 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
             } else {
                 gov.record_answer(task, &hash).map_err(blocked)?;
             }
-            return Ok(Step::Masked { encoded });
+            return Ok(Step::Masked { encoded, spent });
         }
         let bytes = answer.values.to_le_bytes();
         if task.phase == Phase::Train {
@@ -470,6 +487,7 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
             bytes,
             weight: answer.weight,
             aux: answer.aux,
+            spent,
         })
     })();
     if let Err(e) = &result {

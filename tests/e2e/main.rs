@@ -8,6 +8,7 @@ mod durability;
 mod glm;
 mod governance;
 mod hardening;
+mod ledger;
 mod load;
 mod privacy_of_researchers;
 mod rogue;

@@ -60,6 +60,9 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Differential privacy tools that need no connection.
+    #[command(subcommand)]
+    Privacy(Privacy),
     /// Run a complete local federation of real processes on this machine.
     Demo {
         /// Folder with one CSV per node (default: the bundled CPS 1988 data, 4 offices).
@@ -85,6 +88,26 @@ enum Command {
         /// offices use a permissive demo policy.
         #[arg(long)]
         policy: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Privacy {
+    /// ε of `steps` compositions of the Poisson-subsampled Gaussian mechanism at δ, by the RDP
+    /// accountant (as Google's dp-accounting `RdpAccountant` computes it, on its default orders).
+    Epsilon {
+        /// Probability that a row takes part in a step (Poisson subsampling), in (0, 1].
+        #[arg(long)]
+        sampling_rate: f64,
+        /// Noise standard deviation over the sensitivity (σ), positive.
+        #[arg(long)]
+        noise_multiplier: f64,
+        /// Number of steps composed, at least 1.
+        #[arg(long)]
+        steps: u64,
+        /// δ, in (0, 1).
+        #[arg(long)]
+        delta: f64,
     },
 }
 
@@ -278,6 +301,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 key.display(),
                 csr.display()
             );
+        }
+        Command::Privacy(Privacy::Epsilon {
+            sampling_rate,
+            noise_multiplier,
+            steps,
+            delta,
+        }) => {
+            use fedstat_core::accountant::{self, AccountantError};
+            let cost = fedstat_proto::privacy::PrivacyCost {
+                sampling_rate: *sampling_rate,
+                noise_multiplier: *noise_multiplier,
+                steps: *steps,
+            };
+            let (epsilon, order) = accountant::epsilon_of(&cost, *delta).map_err(|e| {
+                let flag = match e {
+                    AccountantError::SamplingRate => "--sampling-rate",
+                    AccountantError::NoiseMultiplier => "--noise-multiplier",
+                    AccountantError::Steps => "--steps",
+                    AccountantError::Delta | AccountantError::Orders { .. } => "--delta",
+                };
+                anyhow::anyhow!("{flag}: {e}")
+            })?;
+            if cli.json {
+                print_json(&serde_json::json!({
+                    "epsilon": epsilon,
+                    "order": order,
+                    "sampling_rate": sampling_rate,
+                    "noise_multiplier": noise_multiplier,
+                    "steps": steps,
+                    "delta": delta,
+                }))?;
+            } else {
+                println!("epsilon = {epsilon} (delta = {delta}, RDP order {order})");
+            }
         }
         Command::Demo {
             data,

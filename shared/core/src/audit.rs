@@ -141,6 +141,23 @@ pub enum AuditEvent {
         kind: String,
         manifest: String,
     },
+    /// A differentially private answer charged to its dataset's privacy budget, recorded
+    /// before it is sent: the round's cost (`steps` of the Gaussian mechanism with noise
+    /// multiplier `noise_multiplier` on a Poisson sample of rate `sampling_rate`), then ε
+    /// spent, at the dataset's δ, by the experiment and by the dataset in all.
+    PrivacyCharge {
+        experiment: ExperimentId,
+        round: u32,
+        phase: String,
+        manifest: String,
+        dataset: String,
+        sampling_rate: f64,
+        noise_multiplier: f64,
+        steps: u64,
+        delta: f64,
+        experiment_epsilon: f64,
+        dataset_epsilon: f64,
+    },
 
     // The coordinator's records.
     /// The coordinator started with this many experiments in its store.
@@ -253,6 +270,7 @@ impl AuditEvent {
             AuditEvent::TaskFailed(_) => "task_failed",
             AuditEvent::UpdateSent { .. } => "update_sent",
             AuditEvent::AnswerReleased { .. } => "answer_released",
+            AuditEvent::PrivacyCharge { .. } => "privacy_charge",
             AuditEvent::CoordinatorStarted { .. } => "coordinator_started",
             AuditEvent::NodeConnected { .. } => "node_connected",
             AuditEvent::NodeDisconnected { .. } => "node_disconnected",

@@ -80,6 +80,10 @@ pub enum Error {
         lock: PathBuf,
     },
 
+    /// Inputs of the privacy accountant out of range; names the parameter, never data.
+    #[error(transparent)]
+    Accountant(#[from] crate::accountant::AccountantError),
+
     /// A private key file that users other than its owner can read or write.
     #[error("private key {path} is accessible to other users (mode {mode:o}); run `chmod 600 {path}` and start again")]
     KeyPermissions { path: PathBuf, mode: u32 },
@@ -267,6 +271,7 @@ impl Error {
             Error::Proto(fedstat_proto::Error::Unknown { what, .. }) => format!("unknown {what}"),
             Error::Rejected(r) => format!("update rejected: {r}"),
             Error::Table(t) => t.to_string(),
+            Error::Accountant(a) => a.to_string(),
             Error::KeyPermissions { .. } => "certificate problem on the node".to_owned(),
             Error::Locked { .. } => "a file on the node is in use by another process".to_owned(),
         }

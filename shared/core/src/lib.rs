@@ -8,6 +8,7 @@
 //! ([`aggregate`]) and records pooled metrics.
 #![forbid(unsafe_code)]
 
+pub mod accountant;
 pub mod aggregate;
 pub mod algorithm;
 pub mod audit;
