@@ -791,7 +791,7 @@ mod tests {
             let kind = if mean { AggregatorKind::Mean } else { AggregatorKind::Sum };
             let dtype = if f32s { DType::F32 } else { DType::F64 };
             let mut plain = kind.start(dtype, 8, 2);
-            let mut ring = vec![0u128; 8 + 1 + 2];
+            let mut ring = [0u128; 8 + 1 + 2];
             for (v, w, aux) in &answers {
                 let w = if mean { *w } else { 1 };
                 let values = Values::from_f64(v, dtype);
