@@ -16,7 +16,8 @@ use fedstat_core::data::{
 };
 use fedstat_core::data::{load_frame, FrameRequest};
 use fedstat_core::glm::{self, Family};
-use fedstat_core::model::{evaluate, train_sgd};
+use fedstat_core::model::{evaluate, train_dp_sgd, train_sgd, DpSgd};
+use fedstat_core::privacy;
 use fedstat_core::spec::ModelKind;
 use fedstat_core::tabulate;
 use fedstat_proto::table::TableRows;
@@ -32,9 +33,11 @@ use crate::{Error, Result};
 pub const ECHO_EXAMPLES: u64 = 100;
 /// Prepared datasets kept in memory.
 const CACHE_SIZE: usize = 4;
+/// Noisy answers kept for retries (see [`Worker::run`]).
+const NOISY_MEMO: usize = 64;
 
 /// A task's answer, to be sent back: one vector the coordinator sums over the nodes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Answer {
     pub values: Values,
     /// Its weight in a weighted mean (training rows rounded to the policy's
@@ -83,6 +86,10 @@ pub struct Worker {
     /// The policy's disclosure rules and the release ledger.
     gov: Arc<Governance>,
     cache: Mutex<(u64, BTreeMap<CacheKey, Prepared>)>,
+    /// Differentially private answers already given, by (manifest, phase, round, model
+    /// digest): a retry gets the same noisy answer again, so a round is released (and charged)
+    /// once however often it is asked.
+    noisy: Mutex<BTreeMap<(String, String, u32, [u8; 32]), Answer>>,
 }
 
 /// The shuffling seed of one node in one round: distinct per node and round, reproducible.
@@ -109,6 +116,7 @@ impl Worker {
             datasets,
             gov,
             cache: Mutex::new((0, BTreeMap::new())),
+            noisy: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -116,7 +124,44 @@ impl Worker {
     /// model for Train and Evaluate. The match on the phase is the registry of local
     /// computations: each phase's answer is encoded by its algorithm's module in
     /// `fedstat_core::algorithm`, the same module that reads the pooled sum at the coordinator.
+    ///
+    /// Under `[privacy]` the answer is noisy (noise from the operating system's randomness);
+    /// it is kept per manifest, phase, round and model, and a retry of the same task is
+    /// answered with it again, never with fresh noise.
     pub fn run(&self, task: &Task, manifest: &str, model: Option<Values>) -> Result<Answer> {
+        if task.spec.privacy.is_none() {
+            return self.run_exact(task, manifest, model);
+        }
+        let digest = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for v in model.as_ref().map(Values::to_f64).unwrap_or_default() {
+                h.update(v.to_le_bytes());
+            }
+            <[u8; 32]>::from(h.finalize())
+        };
+        let key = (manifest.to_owned(), task.phase.to_string(), task.round, digest);
+        if let Some(a) = self
+            .noisy
+            .lock()
+            .map_err(|_| shared_model("answer memo poisoned"))?
+            .get(&key)
+        {
+            return Ok(a.clone());
+        }
+        let answer = self.run_exact(task, manifest, model)?;
+        let mut memo = self
+            .noisy
+            .lock()
+            .map_err(|_| shared_model("answer memo poisoned"))?;
+        if memo.len() >= NOISY_MEMO {
+            memo.pop_first();
+        }
+        memo.insert(key, answer.clone());
+        Ok(answer)
+    }
+
+    fn run_exact(&self, task: &Task, manifest: &str, model: Option<Values>) -> Result<Answer> {
         let spec = &task.spec;
         if spec.model == ModelKind::Echo {
             return self.echo(task, model);
@@ -131,10 +176,16 @@ impl Worker {
                 .ok_or_else(|| shared_model("the task carries no model"))?;
             Ok(m.to_f64())
         };
+        if spec.privacy.is_some() && matches!(task.phase, Phase::Stats | Phase::Evaluate) {
+            // A DP experiment standardises from its bounds and is not evaluated here: these
+            // exact sums are not covered by its privacy cost.
+            return Err(Error::Policy(Refusal::NotPrivate(task.phase.to_string())));
+        }
         match task.phase {
             Phase::Stats => Ok(Answer::sum(standardize::answer(&column_sums(
                 data.train.x.view(),
             )))),
+            Phase::Train if spec.privacy.is_some() => self.train_private(task, &data, model_f64()?),
             Phase::Train => {
                 let init = model_f64()?;
                 let seed = task_seed(spec.training.seed, task.round, &self.name);
@@ -162,6 +213,58 @@ impl Worker {
         }
     }
 
+    /// DP-SGD from the global model (and, with `[privacy.node_level]`, the update's change
+    /// clipped and noised for the secure sum). The weight is the public 1 and the training
+    /// loss is not released: neither is covered by the privacy cost.
+    fn train_private(&self, task: &Task, data: &LocalData, init: Vec<f64>) -> Result<Answer> {
+        let spec = &task.spec;
+        let p = spec
+            .privacy
+            .as_ref()
+            .ok_or_else(|| shared_model("not a private experiment"))?;
+        let (Some(clip_norm), Some(sampling_rate)) = (p.clip_norm, p.sampling_rate) else {
+            return Err(shared_model("DP-SGD needs clip_norm and sampling_rate"));
+        };
+        let dp = DpSgd {
+            clip_norm,
+            noise_multiplier: p.noise_multiplier,
+            sampling_rate,
+        };
+        let mut rng = privacy::os_rng();
+        let out = train_dp_sgd(
+            spec.model,
+            data.train.x.view(),
+            data.train.y.view(),
+            &init,
+            &spec.training,
+            dp,
+            &mut rng,
+        )?;
+        let params = match &p.node_level {
+            Some(node) => {
+                let t = task
+                    .secure
+                    .as_ref()
+                    .and_then(|s| s.threshold)
+                    .unwrap_or(spec.min_nodes);
+                privacy::node_level_release(
+                    &out.params,
+                    &init,
+                    node.clip_norm,
+                    node.noise_multiplier,
+                    t,
+                    &mut rng,
+                )?
+            }
+            None => out.params,
+        };
+        Ok(Answer {
+            values: Values::F64(params),
+            weight: 1,
+            aux: vec![0.0],
+        })
+    }
+
     /// One Newton/IRLS step of an exact GLM: the sums at the coefficients sent, on the raw
     /// training rows. Refused if one row would carry more than `1/min_cell` of the working
     /// weight: coefficients crafted to single out a person (a rogue coordinator's) would
@@ -174,6 +277,15 @@ impl Worker {
         let model = model.map(|m| m.to_f64()).unwrap_or_default();
         let at = algorithm::glm::evaluation_point(family, task.round, &model, p)
             .ok_or_else(|| shared_model("the task's coefficients do not match the design"))?;
+        if spec.privacy.is_some() {
+            // The Gaussian mechanism on the bounded sums at β = 0 (the linear model ends in
+            // one round; validation admits no other family under `[privacy]`).
+            if family != Family::Gaussian || task.round != 1 {
+                return Err(Error::Policy(Refusal::NotPrivate(task.phase.to_string())));
+            }
+            let sums = privacy::gaussian_ols_sums(spec, data, &mut privacy::os_rng())?;
+            return Ok(Answer::sum(algorithm::glm::answer(&sums)));
+        }
         let intercept = algorithm::glm::has_intercept(&names);
         let (sums, concentration) = glm::step_sums(family, &data.train, at, intercept)?;
         let min_cell = self.gov.policy().min_cell.max(1) as f64;

@@ -18,6 +18,7 @@ pub mod files;
 pub mod glm;
 pub mod linalg;
 pub mod model;
+pub mod privacy;
 pub mod spec;
 pub mod tabulate;
 pub mod text;

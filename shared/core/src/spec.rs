@@ -163,7 +163,8 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
             validate_design(spec)?;
         }
     }
-    validate_method(spec)
+    validate_method(spec)?;
+    crate::privacy::validate(spec)
 }
 
 /// The `[table]` form: `by` columns declared in `[schema]` with their levels, numeric columns
