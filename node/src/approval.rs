@@ -236,6 +236,12 @@ impl Pending {
                     s(&dp["clip_norm"]),
                     s(&dp["sampling_rate"])
                 ));
+                // As the privacy cost counts them: ceil(local_epochs / q).
+                if let (Some(e), Some(q)) = (tr["local_epochs"].as_f64(), dp["sampling_rate"].as_f64()) {
+                    if q > 0.0 {
+                        text.push_str(&format!(", {} steps per round", (e.max(1.0) / q).ceil()));
+                    }
+                }
             }
             row(&mut out, "privacy:", text);
             let bounds: Vec<String> = dp["bounds"]
@@ -584,8 +590,8 @@ mod tests {
         let text = store.pending().expect("list")[0].describe();
         for shown in [
             "secure agg: on: the coordinator sees only the sum of at least 3 offices",
-            "privacy:    noise_multiplier 1.2, delta 1e-5; DP-SGD: clip_norm 1.0, sampling_rate 0.02",
-            "dp bounds:  education in [0.0, 18.0]; experience in [-4.0, 63.0]",
+            "privacy:    noise_multiplier 2.0, delta 0.00001; DP-SGD: clip_norm 1.0, sampling_rate 0.02, 50 steps per round",
+            "dp bounds:  education in [0.0, 20.0]; experience in [-5.0, 65.0]",
             "node-level: update change clipped to 0.5, noise_multiplier 0.7",
         ] {
             assert!(text.contains(shown), "{shown:?} not in {text}");

@@ -9,6 +9,7 @@ mod glm;
 mod governance;
 mod hardening;
 mod load;
+mod privacy;
 mod privacy_of_researchers;
 mod rogue;
 mod rogue_coordinator;
