@@ -66,15 +66,26 @@ fn dp_sgd_and_gaussian_ols_run_on_offices_that_require_dp() {
     assert_eq!(s["state"], "Completed", "{s:#}");
     assert_eq!(s["rounds_done"], 6);
     let ev = events(&s);
-    assert!(ev.contains("standardisation from the declared privacy bounds"), "{ev}");
-    assert!(!ev.contains("statistics"), "no statistics step: {ev}");
+    assert!(
+        ev.contains("standardisation from the declared privacy bounds"),
+        "{ev}"
+    );
+    assert!(
+        !ev.contains("pooled standardisation computed"),
+        "no statistics step: {ev}"
+    );
     for round in s["history"].as_array().expect("history") {
         // No evaluation step and no row counts: each office's model has the public weight 1.
         assert!(round["metrics"].is_null(), "{round}");
         assert_eq!(round["total_examples"], 4, "{round}");
     }
     let (z, y) = predict(&logit_spec, &results(&fed, logit));
-    let accuracy = z.iter().zip(&y).filter(|(z, y)| (**z > 0.0) == (**y > 0.5)).count() as f64 / y.len() as f64;
+    let accuracy = z
+        .iter()
+        .zip(&y)
+        .filter(|(z, y)| (**z > 0.0) == (**y > 0.5))
+        .count() as f64
+        / y.len() as f64;
     let pooled = models["logit_highwage"]["pooled_statsmodels_Logit"]["test"]["accuracy"]
         .as_f64()
         .expect("accuracy");
@@ -96,7 +107,7 @@ fn dp_sgd_and_gaussian_ols_run_on_offices_that_require_dp() {
     assert!(r2 >= 0.9 * pooled, "{r2} against {pooled}");
 
     let s = fed.wait_finished(plain, Duration::from_secs(60));
-    assert_eq!(s["state"], "Failed", "{s:#}");
+    assert!(s["state"]["Failed"].is_object(), "{s:#}");
     let ev = events(&s);
     assert!(ev.contains("policy.require_dp"), "{ev}");
 }
