@@ -35,6 +35,8 @@ pub const ECHO_EXAMPLES: u64 = 100;
 const CACHE_SIZE: usize = 4;
 /// Noisy answers kept for retries (see [`Worker::run`]).
 const NOISY_MEMO: usize = 64;
+/// A noisy answer's task: manifest, phase, round and the SHA-256 of the model it started from.
+type NoisyKey = (String, String, u32, [u8; 32]);
 
 /// A task's answer, to be sent back: one vector the coordinator sums over the nodes.
 #[derive(Debug, Clone)]
@@ -89,7 +91,7 @@ pub struct Worker {
     /// Differentially private answers already given, by (manifest, phase, round, model
     /// digest): a retry gets the same noisy answer again, so a round is released (and charged)
     /// once however often it is asked.
-    noisy: Mutex<BTreeMap<(String, String, u32, [u8; 32]), Answer>>,
+    noisy: Mutex<BTreeMap<NoisyKey, Answer>>,
 }
 
 /// The shuffling seed of one node in one round: distinct per node and round, reproducible.

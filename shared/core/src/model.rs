@@ -195,7 +195,7 @@ pub fn train_dp_sgd<R: rand::Rng + ?Sized>(
     if n == 0 {
         return Err(Error::Model("no training rows".to_owned()));
     }
-    if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) || !cfg.l2.is_finite() {
+    if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0 && cfg.l2.is_finite()) {
         return Err(Error::Model(
             "training settings out of range (learning rate or l2)".to_owned(),
         ));
@@ -604,7 +604,7 @@ mod tests {
             seed: 0,
         };
         // One row whose gradient is huge: with almost no noise and q = 1 the step is C long.
-        let x = Array2::from_shape_vec((1, 2), vec![1.0, 1000.0]).unwrap();
+        let x = Array2::from_shape_vec((1, 2), vec![1.0, 1000.0]).expect("test value");
         let y = Array1::from(vec![1e6]);
         let dp = DpSgd {
             clip_norm: 0.5,
@@ -621,7 +621,7 @@ mod tests {
             dp,
             &mut rng,
         )
-        .unwrap();
+        .expect("test value");
         let norm = dot(&out.params, &out.params).sqrt();
         assert!((norm - 0.5).abs() < 1e-9, "{norm}");
         assert_eq!(out.mean_loss, 0.0);
@@ -643,7 +643,7 @@ mod tests {
             dp,
             &mut rng,
         )
-        .unwrap();
+        .expect("test value");
         let sd = (out.params.iter().map(|v| v * v).sum::<f64>() / p as f64).sqrt();
         assert!((sd - 3.0).abs() < 0.05, "{sd}");
         assert_eq!(dp.steps(3), 3);

@@ -589,6 +589,10 @@ mod tests {
     use crate::glm::Family;
     use rand_chacha::ChaCha8Rng;
 
+    fn dp(s: &mut ExperimentSpec) -> &mut PrivacySpec {
+        s.privacy.as_mut().expect("a [privacy] table")
+    }
+
     fn spec(text: &str) -> ExperimentSpec {
         toml::from_str(text).expect("spec")
     }
@@ -615,57 +619,40 @@ bounds = [
     fn a_valid_dp_sgd_spec_passes_and_each_rule_names_its_key() {
         let ok = spec(LOGIT);
         crate::spec::validate(&ok).expect("valid");
-        let cases: Vec<(&str, Box<dyn Fn(&mut ExperimentSpec)>)> = vec![
+        type Edit = Box<dyn Fn(&mut ExperimentSpec)>;
+        let cases: Vec<(&str, Edit)> = vec![
             (
                 "privacy.noise_multiplier",
-                Box::new(|s| s.privacy.as_mut().unwrap().noise_multiplier = 0.0),
+                Box::new(|s| dp(s).noise_multiplier = 0.0),
             ),
             (
                 "privacy.noise_multiplier",
-                Box::new(|s| s.privacy.as_mut().unwrap().noise_multiplier = f64::NAN),
+                Box::new(|s| dp(s).noise_multiplier = f64::NAN),
             ),
-            (
-                "privacy.delta",
-                Box::new(|s| s.privacy.as_mut().unwrap().delta = 0.01),
-            ),
-            (
-                "privacy.delta",
-                Box::new(|s| s.privacy.as_mut().unwrap().delta = 0.0),
-            ),
-            (
-                "privacy.clip_norm",
-                Box::new(|s| s.privacy.as_mut().unwrap().clip_norm = None),
-            ),
-            (
-                "privacy.clip_norm",
-                Box::new(|s| s.privacy.as_mut().unwrap().clip_norm = Some(-1.0)),
-            ),
+            ("privacy.delta", Box::new(|s| dp(s).delta = 0.01)),
+            ("privacy.delta", Box::new(|s| dp(s).delta = 0.0)),
+            ("privacy.clip_norm", Box::new(|s| dp(s).clip_norm = None)),
+            ("privacy.clip_norm", Box::new(|s| dp(s).clip_norm = Some(-1.0))),
             (
                 "privacy.sampling_rate",
-                Box::new(|s| s.privacy.as_mut().unwrap().sampling_rate = Some(1.5)),
+                Box::new(|s| dp(s).sampling_rate = Some(1.5)),
             ),
-            (
-                "privacy.sampling_rate",
-                Box::new(|s| s.privacy.as_mut().unwrap().sampling_rate = None),
-            ),
+            ("privacy.sampling_rate", Box::new(|s| dp(s).sampling_rate = None)),
             (
                 "privacy.bounds",
                 Box::new(|s| {
-                    s.privacy.as_mut().unwrap().bounds.pop();
+                    dp(s).bounds.pop();
                 }),
             ),
+            ("privacy.bounds", Box::new(|s| dp(s).bounds[0].upper = -1.0)),
             (
                 "privacy.bounds",
-                Box::new(|s| s.privacy.as_mut().unwrap().bounds[0].upper = -1.0),
-            ),
-            (
-                "privacy.bounds",
-                Box::new(|s| s.privacy.as_mut().unwrap().bounds[0].upper = f64::INFINITY),
+                Box::new(|s| dp(s).bounds[0].upper = f64::INFINITY),
             ),
             (
                 "privacy.node_level",
                 Box::new(|s| {
-                    s.privacy.as_mut().unwrap().node_level = Some(fedstat_proto::privacy::NodeLevelDp {
+                    dp(s).node_level = Some(fedstat_proto::privacy::NodeLevelDp {
                         clip_norm: 1.0,
                         noise_multiplier: 1.0,
                     })
@@ -681,7 +668,7 @@ bounds = [
         }
         let mut with_secure = ok.clone();
         with_secure.secure_aggregation = true;
-        with_secure.privacy.as_mut().unwrap().node_level = Some(fedstat_proto::privacy::NodeLevelDp {
+        dp(&mut with_secure).node_level = Some(fedstat_proto::privacy::NodeLevelDp {
             clip_norm: 1.0,
             noise_multiplier: 1.0,
         });
@@ -711,7 +698,7 @@ bounds = [
                 },
             ],
         };
-        assert_eq!(column_interval(&col, &bounds).unwrap(), (-5.0, 10.0));
+        assert_eq!(column_interval(&col, &bounds).expect("test value"), (-5.0, 10.0));
     }
 
     #[test]
@@ -747,7 +734,7 @@ bounds = [
         let global = vec![0.0; 4];
         let local = vec![10.0, 0.0, 0.0, 0.0];
         // The change is clipped to the bound.
-        let out = node_level_release(&local, &global, 1.0, 1e-9, 3, &mut rng).unwrap();
+        let out = node_level_release(&local, &global, 1.0, 1e-9, 3, &mut rng).expect("test value");
         assert!((out[0] - 1.0).abs() < 1e-6);
         // The sum of t = 4 releases carries noise of sd σC.
         let (sigma, c, t) = (2.0, 0.5, 4u32);
@@ -755,7 +742,7 @@ bounds = [
         for _ in 0..20_000 {
             let mut s = 0.0;
             for _ in 0..t {
-                s += node_level_release(&[0.0], &[0.0], c, sigma, t, &mut rng).unwrap()[0];
+                s += node_level_release(&[0.0], &[0.0], c, sigma, t, &mut rng).expect("test value")[0];
             }
             sums.push(s);
         }
@@ -771,14 +758,14 @@ bounds = [
         let mut s = spec(LOGIT);
         s.model = ModelKind::Linear;
         s.method = Method::Exact;
-        let schema = s.schema.as_mut().unwrap();
+        let schema = s.schema.as_mut().expect("test value");
         schema.target = Some(crate::spec::TargetSpec {
             column: "wage".into(),
             log: true,
             threshold: None,
             positive_level: None,
         });
-        let p = s.privacy.as_mut().unwrap();
+        let p = dp(&mut s);
         p.clip_norm = None;
         p.sampling_rate = None;
         p.noise_multiplier = 1e-12;
@@ -788,9 +775,10 @@ bounds = [
             upper: 1e5,
         });
         validate(&s).expect("valid");
-        let plan = s.design().unwrap();
+        let plan = s.design().expect("test value");
         let path = crate::data::tests::data_dir().join("cps1988/west.csv");
-        let data = crate::data::load_design(&path, &plan, None, crate::data::LoadLimits::UNLIMITED).unwrap();
+        let data = crate::data::load_design(&path, &plan, None, crate::data::LoadLimits::UNLIMITED)
+            .expect("test value");
         let zeros = vec![0.0; plan.columns.len()];
         let (exact, _) = glm::step_sums(
             Family::Gaussian,
@@ -801,8 +789,8 @@ bounds = [
             },
             true,
         )
-        .unwrap();
-        let noisy = gaussian_ols_sums(&s, &data, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
+        .expect("test value");
+        let noisy = gaussian_ols_sums(&s, &data, &mut ChaCha8Rng::seed_from_u64(1)).expect("test value");
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * (1.0 + b.abs());
         for (a, b) in noisy
             .xtwx
