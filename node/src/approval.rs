@@ -590,7 +590,7 @@ mod tests {
         let text = store.pending().expect("list")[0].describe();
         for shown in [
             "secure agg: on: the coordinator sees only the sum of at least 3 offices",
-            "privacy:    noise_multiplier 2.0, delta 0.00001; DP-SGD: clip_norm 1.0, sampling_rate 0.02, 50 steps per round",
+            "privacy:    noise_multiplier 2.0, delta 0.00001; DP-SGD: clip_norm 3.0, sampling_rate 0.02, 50 steps per round",
             "dp bounds:  education in [0.0, 20.0]; experience in [-5.0, 65.0]",
             "node-level: update change clipped to 0.5, noise_multiplier 0.7",
         ] {
