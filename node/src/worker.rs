@@ -492,6 +492,108 @@ fn shared_model(msg: &str) -> Error {
 mod tests {
     use super::*;
 
+    use crate::config::NodeConfig;
+    use crate::policy::{Columns, SitePolicy};
+    use fedstat_core::privacy::bounds_standardization;
+
+    fn example(name: &str) -> fedstat_core::spec::ExperimentSpec {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs")
+            .join(name);
+        fedstat_core::spec::from_toml_file(&path).expect("example")
+    }
+
+    fn worker(dir: &std::path::Path) -> Worker {
+        let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/cps1988/west.csv");
+        let config = NodeConfig {
+            coordinator: "127.0.0.1:1".into(),
+            server_name: "localhost".into(),
+            transport: Default::default(),
+            crl: None,
+            tls: fedstat_net::tls::TlsFiles {
+                ca_cert: dir.join("ca.pem"),
+                cert: dir.join("node.pem"),
+                key: dir.join("node.key"),
+            },
+            datasets: [("cps1988".to_owned(), data)].into_iter().collect(),
+            state_dir: dir.join("state"),
+            audit_log: dir.join("audit.jsonl"),
+            policy: SitePolicy {
+                allowed_features: Columns::Any,
+                allowed_targets: Columns::Any,
+                ..SitePolicy::default()
+            },
+        };
+        let gov = Governance::open(&config, "west").expect("governance");
+        Worker::new("west".into(), config.datasets.clone(), Arc::new(gov))
+    }
+
+    fn task(spec: &fedstat_core::spec::ExperimentSpec, phase: Phase, round: u32) -> Task {
+        Task {
+            experiment: 1,
+            round,
+            phase,
+            submitter: "researcher `alice`".into(),
+            spec: spec.clone(),
+            standardization: None,
+            model: None,
+            secure: None,
+        }
+    }
+
+    /// A DP experiment's answers: no exact statistics or evaluation; DP-SGD models with the
+    /// public weight 1 and no loss, the same noisy answer for a retry of the same task and
+    /// fresh noise for another model; the noisy OLS sums differ from the exact ones.
+    #[test]
+    fn private_experiments_answer_only_with_noise_and_once_per_task() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = worker(dir.path());
+        let spec = example("experiment-logit-dp.toml");
+        for phase in [Phase::Stats, Phase::Evaluate] {
+            let err = w
+                .run(&task(&spec, phase, 1), "m1", Some(Values::F64(vec![0.0; 7])))
+                .expect_err("refused");
+            assert!(
+                err.public("cps1988").contains("releases no exact"),
+                "{}",
+                err.public("cps1988")
+            );
+        }
+        let mut train = task(&spec, Phase::Train, 1);
+        train.standardization = Some(bounds_standardization(&spec).expect("st"));
+        let zeros = Values::F64(vec![0.0; 7]);
+        let a = w.run(&train, "m1", Some(zeros.clone())).expect("train");
+        let b = w.run(&train, "m1", Some(zeros)).expect("retry");
+        assert_eq!((a.weight, a.aux.as_slice()), (1, [0.0].as_slice()));
+        assert_eq!(a.values, b.values, "a retry gets the same noisy answer");
+        let c = w
+            .run(&train, "m1", Some(Values::F64(vec![0.01; 7])))
+            .expect("another model");
+        assert_ne!(a.values, c.values);
+
+        let ols = example("experiment-ols-dp.toml");
+        let glm = task(&ols, Phase::Glm, 1);
+        let noisy = w
+            .run(&glm, "m2", Some(Values::F64(vec![0.0; 8])))
+            .expect("noisy sums");
+        let mut exact_spec = ols.clone();
+        exact_spec.privacy = None;
+        let exact = w
+            .run(
+                &task(&exact_spec, Phase::Glm, 1),
+                "m3",
+                Some(Values::F64(vec![0.0; 8])),
+            )
+            .expect("exact sums");
+        let (n, e) = (noisy.values.to_f64(), exact.values.to_f64());
+        assert_eq!(n.len(), e.len());
+        assert!(n.iter().zip(&e).any(|(x, y)| x != y));
+        // The row count is a noisy whole number near the exact one (σΔ ≈ 26 per entry).
+        let rows = 28 + 7 + 5;
+        assert_eq!(n[rows].fract(), 0.0);
+        assert!((n[rows] - e[rows]).abs() < 200.0, "{} vs {}", n[rows], e[rows]);
+    }
+
     #[test]
     fn seeds_differ_by_node_and_round_and_repeat() {
         assert_eq!(task_seed(1, 2, "a"), task_seed(1, 2, "a"));
