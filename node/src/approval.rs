@@ -203,6 +203,77 @@ impl Pending {
                 s(&tr["seed"])
             ),
         );
+        // Who sees what: secure aggregation and its threshold, then every DP parameter.
+        row(
+            &mut out,
+            "secure agg:",
+            if spec["secure_aggregation"].as_bool() == Some(true) {
+                let t = &spec["secure_threshold"];
+                format!(
+                    "on: the coordinator sees only the sum of at least {} offices",
+                    if t.is_null() {
+                        "max(min_nodes, a majority of the round's)".to_owned()
+                    } else {
+                        s(t)
+                    }
+                )
+            } else {
+                "off: the coordinator sees this office's own answers".to_owned()
+            },
+        );
+        let dp = &spec["privacy"];
+        if dp.is_null() {
+            row(&mut out, "privacy:", "none: exact sums are released".to_owned());
+        } else {
+            let mut text = format!(
+                "noise_multiplier {}, delta {}",
+                s(&dp["noise_multiplier"]),
+                s(&dp["delta"])
+            );
+            if !dp["clip_norm"].is_null() || !dp["sampling_rate"].is_null() {
+                text.push_str(&format!(
+                    "; DP-SGD: clip_norm {}, sampling_rate {}",
+                    s(&dp["clip_norm"]),
+                    s(&dp["sampling_rate"])
+                ));
+                // As the privacy cost counts them: ceil(local_epochs / q).
+                if let (Some(e), Some(q)) = (tr["local_epochs"].as_f64(), dp["sampling_rate"].as_f64()) {
+                    if q > 0.0 {
+                        text.push_str(&format!(", {} steps per round", (e.max(1.0) / q).ceil()));
+                    }
+                }
+            }
+            row(&mut out, "privacy:", text);
+            let bounds: Vec<String> = dp["bounds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| format!("{} in [{}, {}]", s(&b["column"]), s(&b["lower"]), s(&b["upper"])))
+                .collect();
+            row(
+                &mut out,
+                "dp bounds:",
+                if bounds.is_empty() {
+                    "-".to_owned()
+                } else {
+                    bounds.join("; ")
+                },
+            );
+            let node = &dp["node_level"];
+            row(
+                &mut out,
+                "node-level:",
+                if node.is_null() {
+                    "off".to_owned()
+                } else {
+                    format!(
+                        "update change clipped to {}, noise_multiplier {} (shared by the secure sum's threshold)",
+                        s(&node["clip_norm"]),
+                        s(&node["noise_multiplier"])
+                    )
+                },
+            );
+        }
         out.push('\n');
         out
     }
@@ -500,6 +571,42 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn pending_shows_every_privacy_setting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ApprovalStore::new(dir.path());
+        let mut spec: ExperimentSpec =
+            toml::from_str(include_str!("../../configs/experiment-logit-dp.toml")).expect("example");
+        spec.secure_aggregation = true;
+        spec.secure_threshold = Some(3);
+        spec.privacy.as_mut().expect("dp").node_level = Some(fedstat_proto::privacy::NodeLevelDp {
+            clip_norm: 0.5,
+            noise_multiplier: 0.7,
+        });
+        let m = Manifest::new(&spec, "researcher `alice`");
+        store.hold(&m.hash(), &m.canonical_json()).expect("hold");
+        let text = store.pending().expect("list")[0].describe();
+        for shown in [
+            "secure agg: on: the coordinator sees only the sum of at least 3 offices",
+            "privacy:    noise_multiplier 2.0, delta 0.00001; DP-SGD: clip_norm 3.0, sampling_rate 0.02, 50 steps per round",
+            "dp bounds:  education in [0.0, 20.0]; experience in [-5.0, 65.0]",
+            "node-level: update change clipped to 0.5, noise_multiplier 0.7",
+        ] {
+            assert!(text.contains(shown), "{shown:?} not in {text}");
+        }
+        let (h, b) = manifest_bytes(20);
+        store.hold(&h, &b).expect("hold");
+        let plain = store
+            .pending()
+            .expect("list")
+            .into_iter()
+            .find(|p| p.hash == h)
+            .expect("held");
+        assert!(plain
+            .describe()
+            .contains("privacy:    none: exact sums are released"));
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub(crate) struct RawPolicy {
     count_rounding: Option<u64>,
     dominance_n: Option<u32>,
     dominance_k: Option<f64>,
+    require_dp: Option<bool>,
+    require_secure_aggregation: Option<bool>,
     #[serde(default)]
     approval: ApprovalMode,
     privacy: Option<RawPrivacyBudget>,
@@ -184,6 +186,11 @@ pub struct SitePolicy {
     /// experiment's own apply).
     pub dominance_n: u32,
     pub dominance_k: f64,
+    /// `policy.require_dp`: refuse experiments on data without a `[privacy]` table.
+    pub require_dp: bool,
+    /// `policy.require_secure_aggregation`: refuse experiments on data without
+    /// `secure_aggregation = true`.
+    pub require_secure_aggregation: bool,
     /// `policy.approval`.
     pub approval: ApprovalMode,
     /// `[policy.privacy]`: the privacy budget per dataset. Without it, differentially private
@@ -219,6 +226,8 @@ impl Default for SitePolicy {
             count_rounding: DEFAULT_COUNT_ROUNDING,
             dominance_n: DEFAULT_DOMINANCE_N,
             dominance_k: DEFAULT_DOMINANCE_K,
+            require_dp: false,
+            require_secure_aggregation: false,
             approval: ApprovalMode::Auto,
             privacy: None,
         }
@@ -311,6 +320,13 @@ pub enum Refusal {
     /// The experiment's record-level privacy cost, composed with what its dataset has spent,
     /// would exceed the dataset's budget (the figures go to the node's log only).
     PrivacyBudget,
+    /// The experiment has no `[privacy]` table and the policy requires one.
+    DpRequired,
+    /// The experiment does not use secure aggregation and the policy requires it.
+    SecureAggregationRequired,
+    /// A differentially private experiment was asked for an answer (this phase) that its
+    /// privacy cost does not cover.
+    NotPrivate(String),
 }
 
 impl std::fmt::Display for Refusal {
@@ -405,6 +421,21 @@ impl std::fmt::Display for Refusal {
             Refusal::PrivacyBudget => f.write_str(
                 "privacy budget: the experiment would exceed this dataset's budget \
                  (policy.privacy.epsilon)",
+            ),
+            Refusal::DpRequired => write!(
+                f,
+                "this office requires differential privacy: the experiment needs a [privacy] \
+                 table (policy.require_dp)"
+            ),
+            Refusal::SecureAggregationRequired => write!(
+                f,
+                "this office requires secure aggregation: the experiment needs \
+                 secure_aggregation = true (policy.require_secure_aggregation)"
+            ),
+            Refusal::NotPrivate(phase) => write!(
+                f,
+                "a differentially private experiment releases no exact {phase} answers \
+                 ([privacy])"
             ),
             Refusal::Differencing { what } => write!(
                 f,
@@ -528,6 +559,10 @@ impl RawPolicy {
             count_rounding,
             dominance_n,
             dominance_k,
+            require_dp: self.require_dp.unwrap_or(d.require_dp),
+            require_secure_aggregation: self
+                .require_secure_aggregation
+                .unwrap_or(d.require_secure_aggregation),
             approval: self.approval,
         })
     }
@@ -614,6 +649,12 @@ impl SitePolicy {
         }
         if !spec.uses_data() {
             return Ok(());
+        }
+        if self.require_dp && spec.privacy.is_none() {
+            return Err(Refusal::DpRequired);
+        }
+        if self.require_secure_aggregation && !spec.secure_aggregation {
+            return Err(Refusal::SecureAggregationRequired);
         }
         if let Some(allowed) = &self.allowed_datasets {
             if !allowed.contains(&spec.dataset) {
@@ -807,6 +848,35 @@ mod tests {
             Some("dataset `cps1988` is not allowed"),
         );
         check(&with("allowed_datasets = [\"cps1988\"]"), same, 1000, None);
+        check(
+            &with("require_dp = true"),
+            same,
+            1000,
+            Some("this office requires differential privacy"),
+        );
+        let private = |s: &mut ExperimentSpec| {
+            s.privacy = Some(fedstat_proto::privacy::PrivacySpec {
+                noise_multiplier: 1.0,
+                delta: 1e-5,
+                clip_norm: Some(1.0),
+                sampling_rate: Some(0.1),
+                bounds: Vec::new(),
+                node_level: None,
+            })
+        };
+        check(&with("require_dp = true"), private, 1000, None);
+        check(
+            &with("require_secure_aggregation = true"),
+            private,
+            1000,
+            Some("this office requires secure aggregation"),
+        );
+        check(
+            &with("require_secure_aggregation = true"),
+            |s| s.secure_aggregation = true,
+            1000,
+            None,
+        );
         check(
             "allowed_targets = [\"wage\"]\nallowed_features = [\"education\", \"experience\", \"smsa\", \"parttime\"]",
             same,

@@ -16,7 +16,8 @@ use fedstat_core::data::{
 };
 use fedstat_core::data::{load_frame, FrameRequest};
 use fedstat_core::glm::{self, Family};
-use fedstat_core::model::{evaluate, train_sgd};
+use fedstat_core::model::{evaluate, train_dp_sgd, train_sgd, DpSgd};
+use fedstat_core::privacy;
 use fedstat_core::spec::ModelKind;
 use fedstat_core::tabulate;
 use fedstat_proto::table::TableRows;
@@ -32,9 +33,13 @@ use crate::{Error, Result};
 pub const ECHO_EXAMPLES: u64 = 100;
 /// Prepared datasets kept in memory.
 const CACHE_SIZE: usize = 4;
+/// Noisy answers kept for retries (see [`Worker::run`]).
+const NOISY_MEMO: usize = 64;
+/// A noisy answer's task: manifest, phase, round and the SHA-256 of the model it started from.
+type NoisyKey = (String, String, u32, [u8; 32]);
 
 /// A task's answer, to be sent back: one vector the coordinator sums over the nodes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Answer {
     pub values: Values,
     /// Its weight in a weighted mean (training rows rounded to the policy's
@@ -83,6 +88,10 @@ pub struct Worker {
     /// The policy's disclosure rules and the release ledger.
     gov: Arc<Governance>,
     cache: Mutex<(u64, BTreeMap<CacheKey, Prepared>)>,
+    /// Differentially private answers already given, by (manifest, phase, round, model
+    /// digest): a retry gets the same noisy answer again, so a round is released (and charged)
+    /// once however often it is asked.
+    noisy: Mutex<BTreeMap<NoisyKey, Answer>>,
 }
 
 /// The shuffling seed of one node in one round: distinct per node and round, reproducible.
@@ -109,6 +118,7 @@ impl Worker {
             datasets,
             gov,
             cache: Mutex::new((0, BTreeMap::new())),
+            noisy: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -116,7 +126,44 @@ impl Worker {
     /// model for Train and Evaluate. The match on the phase is the registry of local
     /// computations: each phase's answer is encoded by its algorithm's module in
     /// `fedstat_core::algorithm`, the same module that reads the pooled sum at the coordinator.
+    ///
+    /// Under `[privacy]` the answer is noisy (noise from the operating system's randomness);
+    /// it is kept per manifest, phase, round and model, and a retry of the same task is
+    /// answered with it again, never with fresh noise.
     pub fn run(&self, task: &Task, manifest: &str, model: Option<Values>) -> Result<Answer> {
+        if task.spec.privacy.is_none() {
+            return self.run_exact(task, manifest, model);
+        }
+        let digest = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for v in model.as_ref().map(Values::to_f64).unwrap_or_default() {
+                h.update(v.to_le_bytes());
+            }
+            <[u8; 32]>::from(h.finalize())
+        };
+        let key = (manifest.to_owned(), task.phase.to_string(), task.round, digest);
+        if let Some(a) = self
+            .noisy
+            .lock()
+            .map_err(|_| shared_model("answer memo poisoned"))?
+            .get(&key)
+        {
+            return Ok(a.clone());
+        }
+        let answer = self.run_exact(task, manifest, model)?;
+        let mut memo = self
+            .noisy
+            .lock()
+            .map_err(|_| shared_model("answer memo poisoned"))?;
+        if memo.len() >= NOISY_MEMO {
+            memo.pop_first();
+        }
+        memo.insert(key, answer.clone());
+        Ok(answer)
+    }
+
+    fn run_exact(&self, task: &Task, manifest: &str, model: Option<Values>) -> Result<Answer> {
         let spec = &task.spec;
         if spec.model == ModelKind::Echo {
             return self.echo(task, model);
@@ -131,10 +178,16 @@ impl Worker {
                 .ok_or_else(|| shared_model("the task carries no model"))?;
             Ok(m.to_f64())
         };
+        if spec.privacy.is_some() && matches!(task.phase, Phase::Stats | Phase::Evaluate) {
+            // A DP experiment standardises from its bounds and is not evaluated here: these
+            // exact sums are not covered by its privacy cost.
+            return Err(Error::Policy(Refusal::NotPrivate(task.phase.to_string())));
+        }
         match task.phase {
             Phase::Stats => Ok(Answer::sum(standardize::answer(&column_sums(
                 data.train.x.view(),
             )))),
+            Phase::Train if spec.privacy.is_some() => self.train_private(task, &data, model_f64()?),
             Phase::Train => {
                 let init = model_f64()?;
                 let seed = task_seed(spec.training.seed, task.round, &self.name);
@@ -162,6 +215,58 @@ impl Worker {
         }
     }
 
+    /// DP-SGD from the global model (and, with `[privacy.node_level]`, the update's change
+    /// clipped and noised for the secure sum). The weight is the public 1 and the training
+    /// loss is not released: neither is covered by the privacy cost.
+    fn train_private(&self, task: &Task, data: &LocalData, init: Vec<f64>) -> Result<Answer> {
+        let spec = &task.spec;
+        let p = spec
+            .privacy
+            .as_ref()
+            .ok_or_else(|| shared_model("not a private experiment"))?;
+        let (Some(clip_norm), Some(sampling_rate)) = (p.clip_norm, p.sampling_rate) else {
+            return Err(shared_model("DP-SGD needs clip_norm and sampling_rate"));
+        };
+        let dp = DpSgd {
+            clip_norm,
+            noise_multiplier: p.noise_multiplier,
+            sampling_rate,
+        };
+        let mut rng = privacy::os_rng();
+        let out = train_dp_sgd(
+            spec.model,
+            data.train.x.view(),
+            data.train.y.view(),
+            &init,
+            &spec.training,
+            dp,
+            &mut rng,
+        )?;
+        let params = match &p.node_level {
+            Some(node) => {
+                let t = task
+                    .secure
+                    .as_ref()
+                    .and_then(|s| s.threshold)
+                    .unwrap_or(spec.min_nodes);
+                privacy::node_level_release(
+                    &out.params,
+                    &init,
+                    node.clip_norm,
+                    node.noise_multiplier,
+                    t,
+                    &mut rng,
+                )?
+            }
+            None => out.params,
+        };
+        Ok(Answer {
+            values: Values::F64(params),
+            weight: 1,
+            aux: vec![0.0],
+        })
+    }
+
     /// One Newton/IRLS step of an exact GLM: the sums at the coefficients sent, on the raw
     /// training rows. Refused if one row would carry more than `1/min_cell` of the working
     /// weight: coefficients crafted to single out a person (a rogue coordinator's) would
@@ -174,6 +279,15 @@ impl Worker {
         let model = model.map(|m| m.to_f64()).unwrap_or_default();
         let at = algorithm::glm::evaluation_point(family, task.round, &model, p)
             .ok_or_else(|| shared_model("the task's coefficients do not match the design"))?;
+        if spec.privacy.is_some() {
+            // The Gaussian mechanism on the bounded sums at β = 0 (the linear model ends in
+            // one round; validation admits no other family under `[privacy]`).
+            if family != Family::Gaussian || task.round != 1 {
+                return Err(Error::Policy(Refusal::NotPrivate(task.phase.to_string())));
+            }
+            let sums = privacy::gaussian_ols_sums(spec, data, &mut privacy::os_rng())?;
+            return Ok(Answer::sum(algorithm::glm::answer(&sums)));
+        }
         let intercept = algorithm::glm::has_intercept(&names);
         let (sums, concentration) = glm::step_sums(family, &data.train, at, intercept)?;
         let min_cell = self.gov.policy().min_cell.max(1) as f64;
@@ -377,6 +491,109 @@ fn shared_model(msg: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::config::NodeConfig;
+    use crate::policy::{Columns, SitePolicy};
+    use fedstat_core::privacy::bounds_standardization;
+
+    fn example(name: &str) -> fedstat_core::spec::ExperimentSpec {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs")
+            .join(name);
+        fedstat_core::spec::from_toml_file(&path).expect("example")
+    }
+
+    fn worker(dir: &std::path::Path) -> Worker {
+        let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/cps1988/west.csv");
+        let config = NodeConfig {
+            coordinator: "127.0.0.1:1".into(),
+            server_name: "localhost".into(),
+            transport: Default::default(),
+            crl: None,
+            tls: fedstat_net::tls::TlsFiles {
+                ca_cert: dir.join("ca.pem"),
+                cert: dir.join("node.pem"),
+                key: dir.join("node.key"),
+            },
+            datasets: [("cps1988".to_owned(), data)].into_iter().collect(),
+            state_dir: dir.join("state"),
+            audit_log: dir.join("audit.jsonl"),
+            privacy_ledger: dir.join("state/privacy-ledger.json"),
+            policy: SitePolicy {
+                allowed_features: Columns::Any,
+                allowed_targets: Columns::Any,
+                ..SitePolicy::default()
+            },
+        };
+        let gov = Governance::open(&config, "west").expect("governance");
+        Worker::new("west".into(), config.datasets.clone(), Arc::new(gov))
+    }
+
+    fn task(spec: &fedstat_core::spec::ExperimentSpec, phase: Phase, round: u32) -> Task {
+        Task {
+            experiment: 1,
+            round,
+            phase,
+            submitter: "researcher `alice`".into(),
+            spec: spec.clone(),
+            standardization: None,
+            model: None,
+            secure: None,
+        }
+    }
+
+    /// A DP experiment's answers: no exact statistics or evaluation; DP-SGD models with the
+    /// public weight 1 and no loss, the same noisy answer for a retry of the same task and
+    /// fresh noise for another model; the noisy OLS sums differ from the exact ones.
+    #[test]
+    fn private_experiments_answer_only_with_noise_and_once_per_task() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = worker(dir.path());
+        let spec = example("experiment-logit-dp.toml");
+        for phase in [Phase::Stats, Phase::Evaluate] {
+            let err = w
+                .run(&task(&spec, phase, 1), "m1", Some(Values::F64(vec![0.0; 7])))
+                .expect_err("refused");
+            assert!(
+                err.public("cps1988").contains("releases no exact"),
+                "{}",
+                err.public("cps1988")
+            );
+        }
+        let mut train = task(&spec, Phase::Train, 1);
+        train.standardization = Some(bounds_standardization(&spec).expect("st"));
+        let zeros = Values::F64(vec![0.0; 7]);
+        let a = w.run(&train, "m1", Some(zeros.clone())).expect("train");
+        let b = w.run(&train, "m1", Some(zeros)).expect("retry");
+        assert_eq!((a.weight, a.aux.as_slice()), (1, [0.0].as_slice()));
+        assert_eq!(a.values, b.values, "a retry gets the same noisy answer");
+        let c = w
+            .run(&train, "m1", Some(Values::F64(vec![0.01; 7])))
+            .expect("another model");
+        assert_ne!(a.values, c.values);
+
+        let ols = example("experiment-ols-dp.toml");
+        let glm = task(&ols, Phase::Glm, 1);
+        let noisy = w
+            .run(&glm, "m2", Some(Values::F64(vec![0.0; 8])))
+            .expect("noisy sums");
+        let mut exact_spec = ols.clone();
+        exact_spec.privacy = None;
+        let exact = w
+            .run(
+                &task(&exact_spec, Phase::Glm, 1),
+                "m3",
+                Some(Values::F64(vec![0.0; 8])),
+            )
+            .expect("exact sums");
+        let (n, e) = (noisy.values.to_f64(), exact.values.to_f64());
+        assert_eq!(n.len(), e.len());
+        assert!(n.iter().zip(&e).any(|(x, y)| x != y));
+        // The row count is a noisy whole number near the exact one (σΔ ≈ 26 per entry).
+        let rows = 28 + 7 + 5;
+        assert_eq!(n[rows].fract(), 0.0);
+        assert!((n[rows] - e[rows]).abs() < 200.0, "{} vs {}", n[rows], e[rows]);
+    }
 
     #[test]
     fn seeds_differ_by_node_and_round_and_repeat() {

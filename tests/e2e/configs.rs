@@ -42,7 +42,9 @@ fn every_example_config_parses() {
             "experiment-formula.toml",
             "experiment-glm.toml",
             "experiment-linear.toml",
+            "experiment-logit-dp.toml",
             "experiment-logit.toml",
+            "experiment-ols-dp.toml",
             "experiment-table.toml",
             "node.toml",
             "researcher.toml"

@@ -10,6 +10,7 @@ mod governance;
 mod hardening;
 mod ledger;
 mod load;
+mod privacy;
 mod privacy_of_researchers;
 mod rogue;
 mod rogue_coordinator;

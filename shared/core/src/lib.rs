@@ -19,6 +19,7 @@ pub mod files;
 pub mod glm;
 pub mod linalg;
 pub mod model;
+pub mod privacy;
 mod secure;
 pub mod spec;
 pub mod tabulate;

@@ -164,7 +164,8 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
         }
     }
     validate_method(spec)?;
-    validate_secure(spec)
+    validate_secure(spec)?;
+    crate::privacy::validate(spec)
 }
 
 /// Most offices a secure step serves: shares and keys grow with the square of the members.

@@ -77,9 +77,11 @@ impl ExperimentSpec {
     /// The record-level privacy cost of one round at a node, or `None` for an experiment
     /// without `[privacy]` (which a node's budget cannot cover: it releases exact sums).
     ///
-    /// DP-SGD: `local_epochs / sampling_rate` steps (rounded up) per round. The Gaussian
-    /// mechanism (exact GLMs, tables): one release per round of the whole answer vector, its
-    /// L2 sensitivity calibrated as one mechanism.
+    /// DP-SGD: `local_epochs / sampling_rate` steps (rounded up) per round; nothing else is
+    /// released (no statistics step: the standardisation comes from the bounds; no evaluation
+    /// step; the weight is the public 1 and the training loss is not sent). The Gaussian
+    /// mechanism (the exact linear model): one release per round of the whole answer vector,
+    /// its L2 sensitivity calibrated as one mechanism.
     pub fn privacy_cost_per_round(&self) -> Option<PrivacyCost> {
         let p = self.privacy.as_ref()?;
         let fedavg =

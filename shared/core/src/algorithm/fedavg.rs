@@ -5,6 +5,11 @@
 //! training rows, with its mean training loss as a side figure; the exact weighted mean is
 //! the new global model) and an evaluation step ([`super::evaluate`]) scoring it on every
 //! office's test rows. `echo` has neither statistics nor evaluation.
+//!
+//! Under `[privacy]` (DP-SGD, [`crate::privacy`]) only the training step runs: the
+//! standardisation is made from the declared bounds (public, so no statistics step releases
+//! exact sums) and there is no evaluation step (its test sums would be a further release the
+//! privacy cost does not charge); each node's model has the public weight 1.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +32,8 @@ pub struct FedAvg {
     trained: Option<RoundRecord>,
     /// When the current round's training step was first asked for.
     round_started: Option<(u32, Instant)>,
+    /// A standardisation made from the declared bounds that is still to be reported.
+    announce: bool,
 }
 
 impl FedAvg {
@@ -34,14 +41,28 @@ impl FedAvg {
         let global = checkpoint
             .global
             .unwrap_or_else(|| Values::zeros(spec.dtype(), spec.num_params() as usize));
+        let mut standardization = checkpoint.standardization;
+        let mut announce = false;
+        if standardization.is_none() && spec.privacy.is_some() && spec.uses_data() {
+            // Validation made sure every design column has declared bounds; a spec that did
+            // not pass it runs the statistics step and is refused by the nodes.
+            standardization = crate::privacy::bounds_standardization(spec).ok();
+            announce = standardization.is_some();
+        }
         FedAvg {
             spec: spec.clone(),
             global: Arc::new(global),
-            standardization: checkpoint.standardization,
+            standardization,
             history: checkpoint.history,
             trained: None,
             round_started: None,
+            announce,
         }
+    }
+
+    /// Whether the experiment evaluates each round's model on the test rows.
+    fn evaluates(&self) -> bool {
+        self.spec.uses_data() && self.spec.privacy.is_none()
     }
 
     fn started(&self, round: u32, now: Instant) -> Instant {
@@ -118,6 +139,15 @@ impl Algorithm for FedAvg {
         retries: u32,
     ) -> Result<Report, String> {
         let mut report = Report::default();
+        if self.announce {
+            if let Some(st) = &self.standardization {
+                report
+                    .events
+                    .push("standardisation from the declared privacy bounds (no statistics step)".to_owned());
+                report.progress.push(Progress::Standardized(st.clone()));
+            }
+            self.announce = false;
+        }
         match step.phase {
             Phase::Stats => {
                 let st = standardize::pool(&self.spec, &pooled.values)
@@ -148,7 +178,7 @@ impl Algorithm for FedAvg {
                     record.participants.len(),
                     record.total_examples
                 ));
-                if self.spec.uses_data() {
+                if self.evaluates() {
                     self.trained = Some(record);
                 } else {
                     self.complete_round(now, record, &mut report);

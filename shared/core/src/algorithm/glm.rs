@@ -77,8 +77,10 @@ pub fn has_intercept(names: &[String]) -> bool {
 
 /// Rules one node's sums must follow, whatever the coefficients: no negative weights or
 /// deviances, a positive semi-definite diagonal, Cauchy–Schwarz between the entries of XᵀWX,
-/// a whole row count. Names the rule, never a value.
-pub fn check(answer: Answer<'_>, p: usize) -> Result<(), String> {
+/// a whole row count. Names the rule, never a value. Under the Gaussian mechanism
+/// (`noisy`) the off-diagonal entries carry noise, so Cauchy–Schwarz is not required of one
+/// node's answer (the node floors diagonals and counts at 0 and rounds the count).
+pub fn check(answer: Answer<'_>, p: usize, noisy: bool) -> Result<(), String> {
     let v = answer.values.to_f64();
     let s = decode(&v, p).ok_or("GLM sums of the wrong length")?;
     let c = &s.scalars;
@@ -103,6 +105,9 @@ pub fn check(answer: Answer<'_>, p: usize) -> Result<(), String> {
         if full[i * p + i] < 0.0 {
             return Err("XᵀWX has a negative diagonal entry".into());
         }
+    }
+    if noisy {
+        return Ok(());
     }
     for i in 0..p {
         for j in i + 1..p {
@@ -252,7 +257,7 @@ impl Algorithm for Glm {
 
     fn check_answer(&self, step: &Step, answer: Answer<'_>) -> Result<(), String> {
         match step.phase {
-            Phase::Glm => check(answer, self.p()),
+            Phase::Glm => check(answer, self.p(), self.spec.privacy.is_some()),
             _ => Err(format!("an exact fit asks for no {} answers", step.phase)),
         }
     }
@@ -299,7 +304,14 @@ impl Algorithm for Glm {
         let step_err = |e: crate::Error| format!("round {r}: {e}");
 
         if self.family.is_linear() {
-            let beta = glm::irls_step(&sums, &self.names).map_err(step_err)?;
+            let noisy = self.spec.privacy.is_some();
+            let beta = glm::irls_step(&sums, &self.names).map_err(|e| match e {
+                // Noise, not the design, is the likely cause: say so and what to change.
+                crate::Error::Singular { column, .. } if noisy => format!(
+                    "round {r}: the noisy XᵀX is not positive definite at column `{column}` (the Gaussian mechanism's noise outweighs that column's information): declare tighter privacy.bounds, a lower noise_multiplier, or use more rows"
+                ),
+                other => step_err(other),
+            })?;
             let scalars = glm::gaussian_at_solution(&sums, &beta, self.intercept);
             record.train_loss = scalars.deviance;
             let end = End {
@@ -455,6 +467,7 @@ mod tests {
                         aux: &[],
                     },
                     p,
+                    false,
                 )
                 .expect("a valid answer");
                 total.iter_mut().zip(&v).for_each(|(t, x)| *t += x);

@@ -1,0 +1,228 @@
+//! Measured utility of the DP mechanisms on CPS 1988 (four offices, one per region), through
+//! the algorithms' own steps and the nodes' own computations: the example experiments
+//! `configs/experiment-logit-dp.toml` (DP-SGD) and `configs/experiment-ols-dp.toml` (the
+//! Gaussian mechanism) against the non-private pooled fits. Each run's noise is seeded here
+//! (the node seeds it from the operating system), so the figures cannot flake; run with
+//! `--nocapture` to print them.
+
+use std::time::Instant;
+
+use ndarray::{concatenate, Axis};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::aggregate::{Pooled, Values};
+use crate::algorithm::{self, fedavg::FedAvg, glm::Glm, Algorithm, Checkpoint};
+use crate::data::tests::{data_dir, REGIONS};
+use crate::data::{Design, LocalData, StandardizationExt};
+use crate::model::{evaluate, fit_central, metrics, train_dp_sgd, DpSgd};
+use crate::spec::ExperimentSpec;
+use fedstat_proto::output::Output;
+use fedstat_proto::wire::Phase;
+
+fn example(name: &str) -> ExperimentSpec {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../configs")
+        .join(name);
+    crate::spec::from_toml_file(&path).expect("example experiment")
+}
+
+fn offices(spec: &ExperimentSpec) -> Vec<LocalData> {
+    let plan = spec.design().expect("plan");
+    REGIONS
+        .iter()
+        .map(|r| {
+            let path = data_dir().join("cps1988").join(format!("{r}.csv"));
+            crate::data::load_design(&path, &plan, None, crate::data::LoadLimits::UNLIMITED).expect("load")
+        })
+        .collect()
+}
+
+fn stack(parts: Vec<&Design>) -> Design {
+    let xs: Vec<_> = parts.iter().map(|d| d.x.view()).collect();
+    let ys: Vec<_> = parts.iter().map(|d| d.y.view()).collect();
+    Design {
+        x: concatenate(Axis(0), &xs).expect("same width"),
+        y: concatenate(Axis(0), &ys).expect("vectors"),
+        weights: None,
+        offset: None,
+        ids: Vec::new(),
+    }
+}
+
+/// One DP FedAvg run: only training steps, each office's DP-SGD model with weight 1.
+fn dp_fedavg(spec: &ExperimentSpec, data: &[LocalData], seed: u64) -> Vec<f64> {
+    let mut alg = FedAvg::new(spec, Checkpoint::default());
+    let p = spec.privacy.as_ref().expect("dp");
+    let dp = DpSgd {
+        clip_norm: p.clip_norm.expect("C"),
+        noise_multiplier: p.noise_multiplier,
+        sampling_rate: p.sampling_rate.expect("q"),
+    };
+    let now = Instant::now();
+    while let Some(step) = alg.next_step(now) {
+        assert_eq!(step.phase, Phase::Train, "a DP experiment only trains");
+        let st = step.standardization.clone().expect("bounds standardisation");
+        let init = step.model.as_ref().expect("model").to_f64();
+        let mut sum = vec![0.0; init.len()];
+        for (k, d) in data.iter().enumerate() {
+            let mut x = d.train.x.clone();
+            st.apply(&mut x);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed * 1000 + u64::from(step.round) * 10 + k as u64);
+            let out = train_dp_sgd(
+                spec.model,
+                x.view(),
+                d.train.y.view(),
+                &init,
+                &spec.training,
+                dp,
+                &mut rng,
+            )
+            .expect("train");
+            sum.iter_mut().zip(&out.params).for_each(|(s, v)| *s += v);
+        }
+        let n = data.len() as f64;
+        let pooled = Pooled {
+            values: Values::F64(sum.iter().map(|s| s / n).collect()),
+            aux: vec![0.0],
+            total_weight: data.len() as u64,
+            answers: data.len(),
+        };
+        alg.finish_step(now, &step, pooled, Vec::new(), 0).expect("round");
+    }
+    assert_eq!(alg.history().len() as u32, spec.rounds);
+    alg.model().to_f64()
+}
+
+#[test]
+fn dp_sgd_logit_at_epsilon_below_one_keeps_the_central_accuracy() {
+    let spec = example("experiment-logit-dp.toml");
+    let cost = spec.privacy_cost_per_round().expect("cost");
+    assert_eq!(
+        (cost.steps, cost.sampling_rate, cost.noise_multiplier),
+        (50, 0.02, 2.0)
+    );
+    let data = offices(&spec);
+    let st = super::bounds_standardization(&spec).expect("st");
+    let std = |d: &Design| {
+        let mut d = d.clone();
+        st.apply(&mut d.x);
+        d
+    };
+    let train = stack(data.iter().map(|d| &d.train).collect());
+    let test = std(&stack(data.iter().map(|d| &d.test).collect()));
+    let central = fit_central(spec.model, std(&train).x.view(), train.y.view(), 0.0, &[]).expect("central");
+    let score = |beta: &[f64]| {
+        metrics(
+            spec.model,
+            &evaluate(spec.model, test.x.view(), test.y.view(), beta).expect("evaluate"),
+        )
+    };
+    let exact = score(&central);
+    let (acc0, loss0) = (exact.accuracy.expect("acc"), exact.log_loss.expect("loss"));
+    println!(
+        "central Newton fit: accuracy {acc0:.4}, log-loss {loss0:.4}, AUC {:.4}",
+        exact.auc.expect("auc")
+    );
+    let mut accs = Vec::new();
+    for seed in 1..=5 {
+        let beta = dp_fedavg(&spec, &data, seed);
+        let m = score(&beta);
+        let (acc, loss) = (m.accuracy.expect("acc"), m.log_loss.expect("loss"));
+        println!(
+            "DP-SGD run {seed}: accuracy {acc:.4} ({:.1}% of central), log-loss {loss:.4}, AUC {:.4}",
+            100.0 * acc / acc0,
+            m.auc.expect("auc")
+        );
+        assert!(acc >= 0.95 * acc0, "accuracy {acc} against {acc0}");
+        assert!(loss <= 1.1 * loss0, "log-loss {loss} against {loss0}");
+        accs.push(acc);
+    }
+    println!(
+        "DP-SGD mean accuracy {:.4}",
+        accs.iter().sum::<f64>() / accs.len() as f64
+    );
+}
+
+/// One exact OLS fit from the offices' noisy sums, through the algorithm's check and pooling.
+fn dp_ols(spec: &ExperimentSpec, data: &[LocalData], seed: u64) -> Vec<f64> {
+    let mut alg = Glm::new(spec, Checkpoint::default()).expect("glm");
+    let p = spec.num_params() as usize;
+    let now = Instant::now();
+    while let Some(step) = alg.next_step(now) {
+        let mut total = vec![0.0; algorithm::glm::answer_len(p)];
+        for (k, d) in data.iter().enumerate() {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed * 100 + k as u64);
+            let sums = super::gaussian_ols_sums(spec, d, &mut rng).expect("sums");
+            let v = algorithm::glm::answer(&sums);
+            let a = algorithm::Answer {
+                values: &v,
+                weight: 1,
+                aux: &[],
+            };
+            alg.check_answer(&step, a).expect("a valid noisy answer");
+            total.iter_mut().zip(v.to_f64()).for_each(|(t, x)| *t += x);
+        }
+        let pooled = Pooled {
+            values: Values::F64(total),
+            aux: Vec::new(),
+            total_weight: data.len() as u64,
+            answers: data.len(),
+        };
+        alg.finish_step(now, &step, pooled, Vec::new(), 0).expect("step");
+    }
+    let Some(Output::Glm(summary)) = alg.output().cloned() else {
+        panic!("no summary");
+    };
+    summary.coefficients
+}
+
+#[test]
+fn gaussian_mechanism_ols_at_epsilon_below_one_is_close_to_the_pooled_fit() {
+    let spec = example("experiment-ols-dp.toml");
+    let cost = spec.privacy_cost_per_round().expect("cost");
+    assert_eq!((cost.steps, cost.sampling_rate), (1, 1.0));
+    let data = offices(&spec);
+    let names = spec.design_columns();
+    let train = stack(data.iter().map(|d| &d.train).collect());
+    let test = stack(data.iter().map(|d| &d.test).collect());
+    let exact = fit_central(spec.model, train.x.view(), train.y.view(), 0.0, &names).expect("pooled OLS");
+    let score = |beta: &[f64]| {
+        metrics(
+            spec.model,
+            &evaluate(spec.model, test.x.view(), test.y.view(), beta).expect("evaluate"),
+        )
+    };
+    let m0 = score(&exact);
+    println!(
+        "pooled OLS: test R² {:.4}, RMSE {:.4}",
+        m0.r2.expect("r2"),
+        m0.rmse.expect("rmse")
+    );
+    for seed in 1..=5 {
+        let beta = dp_ols(&spec, &data, seed);
+        let rel: Vec<f64> = beta
+            .iter()
+            .zip(&exact)
+            .map(|(b, e)| ((b - e) / e).abs())
+            .collect();
+        let m = score(&beta);
+        let (r2, rmse) = (m.r2.expect("r2"), m.rmse.expect("rmse"));
+        let shown: Vec<String> = names
+            .iter()
+            .zip(&rel)
+            .map(|(n, r)| format!("{n} {:.2}%", 100.0 * r))
+            .collect();
+        println!(
+            "Gaussian mechanism run {seed}: R² {r2:.4}, RMSE {rmse:.4}; relative error {}",
+            shown.join(", ")
+        );
+        assert!(r2 >= m0.r2.expect("r2") - 0.01, "R² {r2}");
+        assert!(rmse <= 1.01 * m0.rmse.expect("rmse"), "RMSE {rmse}");
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let diff: Vec<f64> = beta.iter().zip(&exact).map(|(b, e)| b - e).collect();
+        let whole = norm(&diff) / norm(&exact);
+        println!("  relative error of the coefficient vector {:.2}%", 100.0 * whole);
+        assert!(whole < 0.1, "relative error of the coefficients {whole}");
+    }
+}
