@@ -111,3 +111,53 @@ fn dp_sgd_and_gaussian_ols_run_on_offices_that_require_dp() {
     let ev = events(&s);
     assert!(ev.contains("policy.require_dp"), "{ev}");
 }
+
+/// Secure aggregation, DP-SGD, node-level noise inside the masked sum and the budget ledger
+/// together, on offices that require all of it: the experiment completes, and the researcher
+/// sees that it ran masked, its DP settings and each office's ε (with what is left, as these
+/// offices' policy shows it). An experiment in clear is refused, naming the rule.
+#[test]
+fn dp_sgd_with_node_level_noise_runs_masked_and_every_office_reports_its_epsilon() {
+    let mut fed = Fed::start();
+    let policy = "[policy]\nrequire_dp = true\nrequire_secure_aggregation = true\n\
+                  [policy.privacy]\nepsilon = 5.0\ndelta = 1e-5\nshow_remaining = true\n";
+    for region in REGIONS {
+        fed.add_node_with(region, &[("cps1988", demo_data(region))], policy);
+    }
+    fed.wait_for_nodes(&REGIONS);
+    let (_, logit_toml) = example("experiment-logit-dp.toml");
+    let masked = logit_toml
+        .replacen("rounds = 6\n", "rounds = 2\n", 1)
+        .replacen("max_round_retries = 2\n", "max_round_retries = 2\nsecure_aggregation = true\n", 1)
+        .replacen(
+            "[privacy]\n",
+            "[privacy]\nnode_level = { clip_norm = 1.0, noise_multiplier = 0.5 }\n",
+            1,
+        );
+    assert!(masked.contains("secure_aggregation = true") && masked.contains("node_level"));
+    let id = fed.submit("masked-dp.toml", &masked);
+    let clear = fed.submit("clear-dp.toml", &logit_toml.replacen("rounds = 6\n", "rounds = 1\n", 1));
+
+    let s = fed.wait_finished(id, Duration::from_secs(180));
+    assert_eq!(s["state"], "Completed", "{s:#}");
+    let ev = events(&s);
+    assert!(ev.contains("under secure aggregation") && ev.contains("unmasked the sum of 4 node(s)"), "{ev}");
+    let privacy = &s["privacy"];
+    assert_eq!(privacy["secure_aggregation"], true, "{privacy}");
+    assert!(privacy["dp"]["node_level"].is_object(), "{privacy}");
+    let spent = privacy["spent"].as_array().expect("spent");
+    assert_eq!(spent.len(), 4, "{privacy}");
+    for office in spent {
+        let eps = office["epsilon"].as_f64().expect("epsilon");
+        let left = office["remaining"].as_f64().expect("remaining shown");
+        assert!(eps > 0.0 && eps < 1.0 && (left - (5.0 - eps)).abs() < 0.5, "{office}");
+    }
+    let text = fed.cli(&["status", &id.to_string()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("secure aggregation: on"), "{text}");
+    assert!(text.contains("node-level") && text.contains("epsilon"), "{text}");
+
+    let s = fed.wait_finished(clear, Duration::from_secs(60));
+    assert!(s["state"]["Failed"].is_object(), "{s:#}");
+    assert!(events(&s).contains("policy.require_secure_aggregation"), "{}", events(&s));
+}
