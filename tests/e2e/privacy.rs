@@ -128,7 +128,11 @@ fn dp_sgd_with_node_level_noise_runs_masked_and_every_office_reports_its_epsilon
     let (_, logit_toml) = example("experiment-logit-dp.toml");
     let masked = logit_toml
         .replacen("rounds = 6\n", "rounds = 2\n", 1)
-        .replacen("max_round_retries = 2\n", "max_round_retries = 2\nsecure_aggregation = true\n", 1)
+        .replacen(
+            "max_round_retries = 2\n",
+            "max_round_retries = 2\nsecure_aggregation = true\n",
+            1,
+        )
         .replacen(
             "[privacy]\n",
             "[privacy]\nnode_level = { clip_norm = 1.0, noise_multiplier = 0.5 }\n",
@@ -136,12 +140,18 @@ fn dp_sgd_with_node_level_noise_runs_masked_and_every_office_reports_its_epsilon
         );
     assert!(masked.contains("secure_aggregation = true") && masked.contains("node_level"));
     let id = fed.submit("masked-dp.toml", &masked);
-    let clear = fed.submit("clear-dp.toml", &logit_toml.replacen("rounds = 6\n", "rounds = 1\n", 1));
+    let clear = fed.submit(
+        "clear-dp.toml",
+        &logit_toml.replacen("rounds = 6\n", "rounds = 1\n", 1),
+    );
 
     let s = fed.wait_finished(id, Duration::from_secs(180));
     assert_eq!(s["state"], "Completed", "{s:#}");
     let ev = events(&s);
-    assert!(ev.contains("under secure aggregation") && ev.contains("unmasked the sum of 4 node(s)"), "{ev}");
+    assert!(
+        ev.contains("under secure aggregation") && ev.contains("unmasked the sum of 4 node(s)"),
+        "{ev}"
+    );
     let privacy = &s["privacy"];
     assert_eq!(privacy["secure_aggregation"], true, "{privacy}");
     assert!(privacy["dp"]["node_level"].is_object(), "{privacy}");
@@ -150,7 +160,10 @@ fn dp_sgd_with_node_level_noise_runs_masked_and_every_office_reports_its_epsilon
     for office in spent {
         let eps = office["epsilon"].as_f64().expect("epsilon");
         let left = office["remaining"].as_f64().expect("remaining shown");
-        assert!(eps > 0.0 && eps < 1.0 && (left - (5.0 - eps)).abs() < 0.5, "{office}");
+        assert!(
+            eps > 0.0 && eps < 1.0 && (left - (5.0 - eps)).abs() < 0.5,
+            "{office}"
+        );
     }
     let text = fed.cli(&["status", &id.to_string()]);
     let text = String::from_utf8_lossy(&text.stdout);
@@ -159,5 +172,9 @@ fn dp_sgd_with_node_level_noise_runs_masked_and_every_office_reports_its_epsilon
 
     let s = fed.wait_finished(clear, Duration::from_secs(60));
     assert!(s["state"]["Failed"].is_object(), "{s:#}");
-    assert!(events(&s).contains("policy.require_secure_aggregation"), "{}", events(&s));
+    assert!(
+        events(&s).contains("policy.require_secure_aggregation"),
+        "{}",
+        events(&s)
+    );
 }
