@@ -34,7 +34,11 @@ fn epsilon_of_rounds(rounds: u64) -> f64 {
 
 fn dp_experiment(name: &str) -> String {
     let mut text = logit_experiment(2, 1, "local_epochs = 1\n").replace("e2e logit", name);
-    text.push_str("[privacy]\nnoise_multiplier = 1.1\nsampling_rate = 0.01\nclip_norm = 1.0\ndelta = 1e-5\n");
+    text.push_str(
+        "[privacy]\nnoise_multiplier = 1.1\nsampling_rate = 0.01\nclip_norm = 1.0\ndelta = 1e-5\n\
+         bounds = [{ column = \"education\", lower = 0, upper = 20 }, \
+         { column = \"experience\", lower = -5, upper = 65 }]\n",
+    );
     text
 }
 
@@ -54,7 +58,7 @@ fn cps(v: &Value) -> &Value {
         .expect("cps1988 in the budget")
 }
 
-const REFUSAL: &str = "node `ons` could not do statistics: refused by site policy: privacy budget: \
+const REFUSAL: &str = "node `ons` could not do training: refused by site policy: privacy budget: \
                        the experiment would exceed this dataset's budget (policy.privacy.epsilon)";
 
 #[test]
