@@ -45,6 +45,8 @@ struct RawCoordinator {
     audit_log: Option<PathBuf>,
     #[serde(default)]
     crl: Option<PathBuf>,
+    #[serde(default)]
+    record_received: Option<PathBuf>,
     tls: RawTls,
     #[serde(default)]
     limits: RawLimits,
@@ -99,6 +101,11 @@ pub struct CoordinatorConfig {
     pub audit_log: Option<PathBuf>,
     /// A PEM certificate revocation list from the federation CA, reloaded on SIGHUP.
     pub crl: Option<PathBuf>,
+    /// `record_received`: a folder where the coordinator keeps a copy of every answer and
+    /// every secure-aggregation message it receives, exactly as received, so auditors can
+    /// check what the secretariat holds (masked answers under secure aggregation). Off by
+    /// default: it holds offices' answers in clear for experiments without masking.
+    pub record_received: Option<PathBuf>,
     pub tls: TlsFiles,
     pub limits: Limits,
 }
@@ -249,6 +256,7 @@ impl CoordinatorConfig {
                 None => data_dir.as_ref().map(|d| d.join("audit.jsonl")),
             },
             crl: raw.crl.map(|p| base.join(p)),
+            record_received: raw.record_received.map(|p| base.join(p)),
             data_dir,
             tls: raw.tls.resolve(base),
             limits: Limits {

@@ -49,6 +49,9 @@ pub struct DemoOptions {
     /// A TOML file whose `[policy]` table every simulated office applies (default: the
     /// permissive [`DEMO_POLICY`]).
     pub policy: Option<PathBuf>,
+    /// Run the experiment under secure aggregation, then once more without, and check that
+    /// the two models are the same bit for bit.
+    pub secure_aggregation: bool,
 }
 
 /// The simulated offices' site policy when `--policy` is not given: any column, automatic
@@ -170,6 +173,11 @@ async fn run_demo(opts: DemoOptions) -> Result<DemoReport> {
     let files = node_files(&opts, &work)?;
     let n = files.len();
     spec.min_nodes = spec.min_nodes.min(n as u32);
+    if opts.secure_aggregation {
+        spec.secure_aggregation = true;
+        spec.min_nodes = spec.min_nodes.max(2);
+        fedstat_core::spec::validate(&spec)?;
+    }
     let policy = match &opts.policy {
         Some(path) => policy_table(path)?,
         None => DEMO_POLICY.to_owned(),
@@ -369,6 +377,9 @@ async fn follow(
     }
     let (header, params) = client.results(id, None).await?;
     results::write(&opts.out, &header, &params)?;
+    if spec.secure_aggregation {
+        same_without_secure_aggregation(&client, spec, &params).await?;
+    }
     client.close().await;
     if let Some(Output::Glm(g)) = header.output {
         return Ok((
@@ -384,6 +395,50 @@ async fn follow(
         .and_then(|r| r.metrics.clone())
         .ok_or_else(|| Error::Demo("no pooled test metrics were computed".into()))?;
     Ok((id, metrics, status.rounds_done, None))
+}
+
+/// Run `spec` once more without secure aggregation and check that its model is `params`, bit
+/// for bit: masking changes what the coordinator sees, never the result.
+async fn same_without_secure_aggregation(
+    client: &Client,
+    spec: &ExperimentSpec,
+    params: &[f64],
+) -> Result<()> {
+    let mut plain = spec.clone();
+    plain.secure_aggregation = false;
+    plain.secure_threshold = None;
+    println!("  running the same experiment without secure aggregation, to compare");
+    let id = client.submit(plain).await?;
+    loop {
+        let s = client
+            .status(Some(id))
+            .await?
+            .pop()
+            .ok_or_else(|| Error::Protocol("empty status".into()))?;
+        if let ExperimentState::Failed { reason } = &s.state {
+            return Err(Error::Demo(format!("the comparison run failed: {reason}")));
+        }
+        if s.state.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, plain_params) = client.results(id, None).await?;
+    let same = plain_params.len() == params.len()
+        && plain_params
+            .iter()
+            .zip(params)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+    if !same {
+        return Err(Error::Demo(
+            "the model under secure aggregation differs from the model without it".into(),
+        ));
+    }
+    println!(
+        "  secure aggregation: the model is bit for bit the model without it ({} parameters compared)",
+        params.len()
+    );
+    Ok(())
 }
 
 /// The offices' rows one after the other, weights and offsets with them (kept when every

@@ -417,8 +417,16 @@ impl Federation {
                     }
                 }
             }
-            // Wired in with the privacy ledger (issue 11).
-            NodeMsg::PrivacySpent { .. } => {}
+            NodeMsg::PrivacySpent {
+                experiment,
+                round,
+                epsilon,
+                remaining,
+            } => {
+                if let Some(e) = self.experiments.get_mut(&experiment) {
+                    e.note_privacy_spent(now, name, round, epsilon, remaining);
+                }
+            }
             NodeMsg::Held {
                 experiment,
                 round,

@@ -173,6 +173,18 @@ impl Bins {
     /// Start `fedstat-node run --config CONFIG` named `name`, its stderr in `log` and its
     /// stdout in `stdout` (or nowhere).
     pub fn spawn_node(&self, name: &str, config: &Path, log: &Path, stdout: Option<&Path>) -> Result<Proc> {
+        self.spawn_node_with_env(name, config, log, stdout, &[])
+    }
+
+    /// [`Bins::spawn_node`] with extra environment variables (the tests' fault points).
+    pub fn spawn_node_with_env(
+        &self,
+        name: &str,
+        config: &Path,
+        log: &Path,
+        stdout: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
         let out = match stdout {
             Some(path) => Stdio::from(create(path)?),
             None => Stdio::null(),
@@ -182,6 +194,7 @@ impl Bins {
             Command::new(self.node())
                 .args(["run", "--config"])
                 .arg(config)
+                .envs(env.iter().copied())
                 .stdout(out)
                 .stderr(create(log)?),
             log,

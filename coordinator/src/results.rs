@@ -9,6 +9,7 @@ use fedstat_core::files::{atomic_write, Access};
 use fedstat_core::model::{unstandardize, Metrics};
 use fedstat_proto::design::Response;
 use fedstat_proto::output::{GlmSummary, Output, TestStatistic};
+use fedstat_proto::privacy::PrivacyView;
 use fedstat_proto::table::{TableCell, TableOutput};
 use fedstat_proto::wire::{DType, ExperimentStatus, NodeInfo, ResultsHeader, RoundRecord};
 use serde_json::json;
@@ -398,7 +399,55 @@ pub fn model_json(header: &ResultsHeader, params: &[f64]) -> serde_json::Value {
             "sd": cols.iter().zip(&st.sd).map(|(c, v)| (c.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         });
     }
+    let privacy = &header.status.privacy;
+    doc["secure_aggregation"] = json!(privacy.secure_aggregation);
+    if let Some(dp) = &privacy.dp {
+        doc["differential_privacy"] = json!(dp);
+        doc["privacy_spent"] = json!(privacy.spent);
+    }
     doc
+}
+
+/// How an experiment's answers were protected, for `status` and `results`: one line each.
+pub fn privacy_lines(p: &PrivacyView) -> Vec<String> {
+    let mut lines = vec![format!(
+        "secure aggregation: {}",
+        if p.secure_aggregation {
+            "on (the coordinator saw only masked answers and their sum)"
+        } else {
+            "off"
+        }
+    )];
+    match &p.dp {
+        None => lines.push("differential privacy: off".into()),
+        Some(dp) => {
+            let mut parts = vec![
+                format!("noise multiplier {}", dp.noise_multiplier),
+                format!("delta {:e}", dp.delta),
+            ];
+            if let Some(c) = dp.clip_norm {
+                parts.push(format!("clip norm {c}"));
+            }
+            if let Some(q) = dp.sampling_rate {
+                parts.push(format!("sampling rate {q}"));
+            }
+            if let Some(n) = &dp.node_level {
+                parts.push(format!(
+                    "node-level: clip {} noise multiplier {}",
+                    n.clip_norm, n.noise_multiplier
+                ));
+            }
+            lines.push(format!("differential privacy: {}", parts.join(", ")));
+            for s in &p.spent {
+                let left = s.remaining.map(|r| format!(", {r:.4} left")).unwrap_or_default();
+                lines.push(format!(
+                    "  node {}: epsilon {:.4} spent through round {}{left}",
+                    s.node, s.epsilon, s.round
+                ));
+            }
+        }
+    }
+    lines
 }
 
 fn opt(v: Option<f64>) -> String {

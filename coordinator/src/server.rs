@@ -17,7 +17,7 @@ use fedstat_net::tls;
 use fedstat_net::transport::{
     read_frame, read_frame_payload, read_masked, read_tensor, write_frame, write_tensor,
 };
-use fedstat_proto::secure::MaskedHeader;
+use fedstat_proto::secure::{MaskedHeader, SecureUp};
 use fedstat_proto::wire::{decode_payload, CoordMsg, NodeMsg, Request, Response, Upload, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument;
@@ -50,6 +50,39 @@ struct Shared {
     live: Arc<std::sync::Mutex<LiveConnections>>,
     /// Audit records of refused handshakes in the current minute, and how many were left out.
     refusals: Arc<std::sync::Mutex<RefusalWindow>>,
+    /// `record_received`: where copies of received answers go (see the config).
+    record: Option<Arc<std::path::Path>>,
+}
+
+/// Keep a copy of something a node sent, as received (`record_received`). A failure to write
+/// it is logged and changes nothing else.
+async fn record(shared: &Shared, name: String, bytes: &[u8]) {
+    let Some(dir) = &shared.record else { return };
+    let path = dir.join(name);
+    if let Err(e) = tokio::fs::write(&path, bytes).await {
+        tracing::warn!("cannot record a received message in {}: {e}", path.display());
+    }
+}
+
+/// A file name for a recorded message: experiment, round, phase, node, what.
+fn record_name(
+    experiment: u64,
+    round: u32,
+    phase: fedstat_proto::wire::Phase,
+    node: &str,
+    what: &str,
+) -> String {
+    let node: String = node
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("e{experiment}-r{round}-{phase:?}-{node}-{what}")
 }
 
 /// Anyone can fail a handshake, so refusals are audited one by one only up to a rate; the rest
@@ -262,6 +295,12 @@ pub async fn serve(
 ) {
     let (events, rx) = mpsc::channel(4096);
     let fed = tokio::spawn(federation::run(fed, rx));
+    if let Some(dir) = &config.record_received {
+        // A folder that cannot be made shows in the log at each write; nothing else depends on it.
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            tracing::error!("cannot create the record_received folder {}: {e}", dir.display());
+        }
+    }
     let shared = Shared {
         events,
         uploads: Arc::new(Semaphore::new(config.limits.max_concurrent_updates)),
@@ -270,6 +309,7 @@ pub async fn serve(
         max_per_identity: config.limits.max_connections_per_identity,
         live: Arc::default(),
         refusals: Arc::default(),
+        record: config.record_received.as_deref().map(Arc::from),
     };
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(config.limits.max_handshakes));
@@ -758,6 +798,25 @@ async fn node_session(conn: Connection, id: u64, who: PeerIdentity, shared: Shar
     loop {
         match tokio::time::timeout(NODE_SILENCE, read_frame::<NodeMsg>(&mut recv, "node message")).await {
             Ok(Ok(Some(msg))) => {
+                if let NodeMsg::Secure(up) = &msg {
+                    if shared.record.is_some() {
+                        let at = up.at();
+                        let what = match up {
+                            SecureUp::Keys { .. } => "keys",
+                            SecureUp::Shares { .. } => "shares",
+                            SecureUp::Reveal { .. } => "reveal",
+                        };
+                        let bytes = fedstat_proto::wire::encode_frame(&msg).unwrap_or_default();
+                        let file = record_name(
+                            at.experiment,
+                            at.round,
+                            at.phase,
+                            &name,
+                            &format!("a{}-{what}.frame", at.attempt),
+                        );
+                        record(&shared, file, &bytes).await;
+                    }
+                }
                 if shared
                     .events
                     .send(Event::FromNode {
@@ -933,8 +992,15 @@ async fn update(mut recv: RecvStream, name: String, shared: Shared) {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!("upload took longer than {:?}", UPLOAD_IDLE * 10)),
         };
-    if values.is_err() {
-        recv.stop(close::REFUSED);
+    match &values {
+        Err(_) => recv.stop(close::REFUSED),
+        Ok(v) if shared.record.is_some() => {
+            let file = record_name(header.experiment, header.round, header.phase, &name, "answer");
+            record(&shared, format!("{file}.bin"), &v.to_le_bytes()).await;
+            let meta = serde_json::to_vec(&header).unwrap_or_default();
+            record(&shared, format!("{file}.json"), &meta).await;
+        }
+        Ok(_) => {}
     }
     let _ = shared
         .events
@@ -973,8 +1039,19 @@ async fn masked(mut recv: RecvStream, name: String, header: MaskedHeader, shared
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!("upload took longer than {:?}", UPLOAD_IDLE * 10)),
     };
-    if bytes.is_err() {
-        recv.stop(close::REFUSED);
+    match &bytes {
+        Err(_) => recv.stop(close::REFUSED),
+        Ok(b) => {
+            let at = header.at;
+            let file = record_name(
+                at.experiment,
+                at.round,
+                at.phase,
+                &name,
+                &format!("a{}-masked.bin", at.attempt),
+            );
+            record(&shared, file, b).await;
+        }
     }
     let _ = shared
         .events

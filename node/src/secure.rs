@@ -29,6 +29,10 @@ pub struct Secure {
     signer: Signer,
     verifier: Verifier,
     waiting: Mutex<HashMap<SecureRound, mpsc::UnboundedSender<SecureDown>>>,
+    /// Steps (experiment, round, phase) for which this node has revealed shares: at most one
+    /// attempt of a step is ever unmasked with this node's help, so a coordinator cannot
+    /// difference the sums of two attempts whose survivors differ by one office.
+    revealed: Mutex<std::collections::HashSet<(u64, u32, fedstat_proto::wire::Phase)>>,
 }
 
 impl std::fmt::Debug for Secure {
@@ -45,6 +49,7 @@ impl Secure {
             signer,
             verifier,
             waiting: Mutex::new(HashMap::new()),
+            revealed: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -168,6 +173,7 @@ impl Secure {
             })
             .collect();
         send(ctl, SecureUp::Shares { at, shares })?;
+        fault("after-shares", conn).await;
 
         // 3. The shares addressed to this node; then the masked answer.
         let received = match next(inbox, wait).await? {
@@ -192,6 +198,7 @@ impl Secure {
                 addr: "coordinator".into(),
                 problem: format!("cannot send the masked answer: {e}"),
             })?;
+        fault("after-masked", conn).await;
 
         // 4. Who survived and who dropped: reveal the shares that unmask the sum.
         let (survivors, dropped) = match next(inbox, wait).await? {
@@ -200,12 +207,38 @@ impl Secure {
             } => (survivors, dropped),
             _ => return Err(protocol("a message out of order (expected the unmask request)")),
         };
+        let first = self
+            .revealed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((at.experiment, at.round, at.phase));
+        if !first {
+            return Err(protocol(
+                "this node already helped unmask another attempt of this step (one unmasking per step)",
+            ));
+        }
         let shares = client
             .unmask(&survivors, &dropped)?
             .into_iter()
             .map(|(owner, share)| RevealedShare { owner, share })
             .collect();
         send(ctl, SecureUp::Reveal { at, shares })
+    }
+}
+
+/// Test-only fault injection for the dropout tests: with `FEDSTAT_TEST_FAULT=secagg-exit-<point>`
+/// in its environment, the node leaves the federation at that point of a secure step, as a
+/// node that crashes there would (its connection closed, its process gone). Custodians never
+/// set it; it changes nothing else.
+async fn fault(point: &str, conn: &Connection) {
+    let Ok(want) = std::env::var("FEDSTAT_TEST_FAULT") else {
+        return;
+    };
+    if want.strip_prefix("secagg-exit-") == Some(point) {
+        tracing::warn!("test fault: leaving the federation {point}");
+        conn.close_and_wait(fedstat_net::session::close::SHUTDOWN, b"test fault")
+            .await;
+        std::process::exit(3);
     }
 }
 

@@ -447,7 +447,12 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
                     "the task's ring or length is not the answer's",
                 ));
             }
-            gov.record_answer(task, &hash).map_err(blocked)?;
+            if task.phase == Phase::Train {
+                gov.record_update(task, &hash, answer.weight, &answer.values.to_le_bytes())
+                    .map_err(blocked)?;
+            } else {
+                gov.record_answer(task, &hash).map_err(blocked)?;
+            }
             return Ok(Step::Masked { encoded });
         }
         let bytes = answer.values.to_le_bytes();

@@ -12,6 +12,7 @@ mod load;
 mod privacy_of_researchers;
 mod rogue;
 mod rogue_coordinator;
+mod secure;
 mod security;
 mod support;
 mod tables;

@@ -385,6 +385,23 @@ impl Fed {
         cfg
     }
 
+    /// [`Fed::add_node_with`] with environment variables for the node (fault points).
+    pub fn add_node_with_env(
+        &mut self,
+        name: &str,
+        datasets: &[(&str, PathBuf)],
+        extra: &str,
+        env: &[(&str, &str)],
+    ) {
+        self.issue("node", name);
+        let cfg = self.write_node_config_with(name, datasets, extra);
+        let log = self.path(&format!("node-{name}.log"));
+        let proc = bins()
+            .spawn_node_with_env(name, &cfg, &log, None, env)
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.nodes.push((name.to_owned(), proc));
+    }
+
     /// The default audit log of a node started by [`Fed::add_node_with`] or [`Fed::add_node`].
     pub fn node_audit_log(&self, name: &str) -> PathBuf {
         self.path(&format!("node-{name}-state/audit.jsonl"))

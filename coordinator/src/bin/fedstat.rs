@@ -76,6 +76,10 @@ enum Command {
         /// One line per round.
         #[arg(long, short)]
         verbose: bool,
+        /// Run under secure aggregation, then once more without, and check that the two
+        /// models are the same bit for bit.
+        #[arg(long)]
+        secure_aggregation: bool,
         /// Apply the `[policy]` table of this TOML file (e.g. your node.toml) to every
         /// simulated office, to see what your own site policy would refuse. Without it the
         /// offices use a permissive demo policy.
@@ -163,6 +167,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 println!("state: {}", s.state);
                 println!("rounds: {} of {}", s.rounds_done, s.rounds);
+                for line in results::privacy_lines(&s.privacy) {
+                    println!("{line}");
+                }
                 if !s.participants.is_empty() {
                     println!("current participants: {}", s.participants.join(", "));
                 }
@@ -235,6 +242,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Some(Output::Glm(g)) = &header.output {
                     println!("\n{}", results::glm_table(&header.columns, g));
                 }
+                for line in results::privacy_lines(&header.status.privacy) {
+                    println!("{line}");
+                }
             }
         }
         Command::Nodes => {
@@ -276,6 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             verbose,
             policy,
+            secure_aggregation,
         } => {
             let report = demo::run(DemoOptions {
                 data: data.clone(),
@@ -284,6 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 out: out.clone(),
                 verbose: *verbose,
                 policy: policy.clone(),
+                secure_aggregation: *secure_aggregation,
             })
             .await?;
             if cli.json {

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::{self, Aggregator, Values};
 use crate::algorithm::{self, Algorithm, Answer, Checkpoint, Step};
+use crate::proto::privacy::{NodeSpend, PrivacyView};
 use crate::proto::secure::{MaskedHeader, SecureDown, SecureRound, SecureTask, SecureUp};
 use crate::secure::{Advance, SecureRun, Stage};
 use crate::spec::ExperimentSpec;
@@ -244,6 +245,8 @@ pub struct Experiment {
     /// Steps started so far: numbers the attempts of secure steps, so no key, share or mask
     /// of one attempt is valid in another.
     attempts: u32,
+    /// Each node's reported privacy spend (kept in memory; the event log records each report).
+    spent: BTreeMap<String, NodeSpend>,
 }
 
 /// What a store keeps of an experiment, to rebuild it after a restart.
@@ -304,6 +307,7 @@ impl Experiment {
             progress: VecDeque::new(),
             aborted: false,
             attempts: 0,
+            spent: BTreeMap::new(),
         }
     }
 
@@ -626,6 +630,42 @@ impl Experiment {
             }
             self.check_close(now);
         }
+    }
+
+    /// A node reported the record-level privacy its ledger charged this experiment. Only a
+    /// node that takes part may report, with a finite, non-negative ε.
+    pub fn note_privacy_spent(
+        &mut self,
+        now: Instant,
+        node: &str,
+        round: u32,
+        epsilon: f64,
+        remaining: Option<f64>,
+    ) {
+        let sane = |x: f64| x.is_finite() && x >= 0.0;
+        if self.spec.privacy.is_none() || !sane(epsilon) || remaining.is_some_and(|r| !sane(r)) {
+            return;
+        }
+        if !self.nodes.contains_key(node) {
+            return;
+        }
+        let shown = match remaining {
+            Some(r) => format!("; {r:.3} left in its budget"),
+            None => String::new(),
+        };
+        self.log(
+            now,
+            format!("round {round}: node `{node}` has charged this experiment ε = {epsilon:.4}{shown}"),
+        );
+        self.spent.insert(
+            node.to_owned(),
+            NodeSpend {
+                node: node.to_owned(),
+                round,
+                epsilon,
+                remaining,
+            },
+        );
     }
 
     /// The secure run of the open step, if `at` names its attempt.
@@ -1090,6 +1130,11 @@ impl Experiment {
                 .unwrap_or_default(),
             history: self.history().to_vec(),
             events: self.events.iter().cloned().collect(),
+            privacy: PrivacyView {
+                secure_aggregation: self.spec.secure_aggregation,
+                dp: self.spec.privacy.clone(),
+                spent: self.spent.values().cloned().collect(),
+            },
         }
     }
 }
@@ -1115,9 +1160,11 @@ fn noun(phase: Phase) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::AggregatorKind;
     use crate::data::ColumnSums;
     use crate::model::EvalSums;
     use crate::spec::{EchoSpec, ModelKind, TrainingSpec};
+    use crate::wire::DType;
 
     const T0: Duration = Duration::from_secs(10);
 
@@ -1611,6 +1658,298 @@ mod tests {
         let exp = Experiment::restore(1, store, sim.now, &[("a".into(), vec![])]);
         assert_eq!(exp.state(), &ExperimentState::Completed);
         assert_eq!(exp.global(), &Values::F32(vec![1.0; 4]));
+    }
+
+    /// A simulated federation under secure aggregation: each node runs a real
+    /// `fedstat_secagg::Client`, answers its training task with `base + offset(node, round)`
+    /// of weight `rows(node)`, and may leave after sending its shares or its masked answer.
+    struct SecureSim {
+        now: Instant,
+        exp: Experiment,
+        clients: BTreeMap<
+            String,
+            (
+                fedstat_secagg::Client,
+                crate::proto::secure::SecureTask,
+                u32,
+                Values,
+            ),
+        >,
+        gone_after_shares: BTreeSet<String>,
+        gone_after_masked: BTreeSet<String>,
+        /// Every masked answer the coordinator received, with the plain encoding it hides.
+        received: Vec<(Vec<u8>, Vec<u8>)>,
+        gone: BTreeSet<String>,
+    }
+
+    fn offset(node: &str, round: u32) -> f32 {
+        (node.as_bytes()[0] - b'a') as f32 * 0.25 + round as f32
+    }
+
+    fn rows(node: &str) -> u64 {
+        u64::from(node.as_bytes()[0] - b'a') * 7 + 3
+    }
+
+    impl SecureSim {
+        fn new(
+            spec: ExperimentSpec,
+            nodes: &[&str],
+            after_shares: &[&str],
+            after_masked: &[&str],
+        ) -> SecureSim {
+            let now = Instant::now();
+            let exp = Experiment::new(1, spec, "researcher `r`".into(), now, &connected(nodes, &[]));
+            let mut sim = SecureSim {
+                now,
+                exp,
+                clients: BTreeMap::new(),
+                gone_after_shares: after_shares.iter().map(|s| s.to_string()).collect(),
+                gone_after_masked: after_masked.iter().map(|s| s.to_string()).collect(),
+                received: Vec::new(),
+                gone: BTreeSet::new(),
+            };
+            sim.pump();
+            sim
+        }
+
+        fn leave(&mut self, node: &str) {
+            self.gone.insert(node.to_owned());
+            self.exp.node_gone(self.now, node);
+        }
+
+        /// Deliver everything the engine sends until it waits (for a deadline or the end).
+        fn pump(&mut self) {
+            while let Some(t) = self.exp.poll_transmit() {
+                match t {
+                    Transmit::Task { to, task, model } => {
+                        let st = task.secure.expect("a secure task");
+                        let global =
+                            crate::wire::tensor_to_f64(&model.expect("model"), DType::F32).expect("model");
+                        let values = Values::F32(
+                            global
+                                .iter()
+                                .map(|g| *g as f32 + offset(&to, task.round))
+                                .collect(),
+                        );
+                        let at = SecureRound {
+                            experiment: task.experiment,
+                            round: task.round,
+                            phase: task.phase,
+                            attempt: st.attempt,
+                        };
+                        let ctx = fedstat_secagg::Context {
+                            at,
+                            ring: st.ring,
+                            len: st.len,
+                            threshold: st.threshold.expect("threshold"),
+                        };
+                        let (client, keys) = fedstat_secagg::Client::new(ctx, &to);
+                        let up = SecureUp::Keys {
+                            at,
+                            keys: crate::proto::secure::SignedKeys {
+                                node: to.clone(),
+                                cipher_key: keys.cipher,
+                                mask_key: keys.mask,
+                                certificate: Vec::new(),
+                                signature: Vec::new(),
+                            },
+                        };
+                        self.clients.insert(to.clone(), (client, st, task.round, values));
+                        self.exp.handle_secure(self.now, &to, up).expect("keys");
+                    }
+                    Transmit::Secure { to, msg } => self.secure(&to, msg),
+                    Transmit::Reject { to, .. } => panic!("{to} was rejected"),
+                }
+            }
+        }
+
+        fn secure(&mut self, to: &str, msg: SecureDown) {
+            if self.gone.contains(to) {
+                return;
+            }
+            let Some((client, st, _round, values)) = self.clients.get_mut(to) else {
+                return;
+            };
+            match msg {
+                SecureDown::Roster {
+                    at,
+                    threshold,
+                    members,
+                } => {
+                    let roster: Vec<_> = members
+                        .iter()
+                        .map(|k| {
+                            (
+                                k.node.clone(),
+                                fedstat_secagg::PublicKeys {
+                                    cipher: k.cipher_key,
+                                    mask: k.mask_key,
+                                },
+                            )
+                        })
+                        .collect();
+                    let shares = client
+                        .share_keys(threshold, &roster)
+                        .expect("shares")
+                        .into_iter()
+                        .map(|(peer, ciphertext)| crate::proto::secure::SealedShare {
+                            from: to.to_owned(),
+                            to: peer,
+                            ciphertext,
+                        })
+                        .collect();
+                    self.exp
+                        .handle_secure(self.now, to, SecureUp::Shares { at, shares })
+                        .expect("shares");
+                    if self.gone_after_shares.contains(to) {
+                        self.leave(to);
+                    }
+                }
+                SecureDown::Shares { at, shares } => {
+                    let received: Vec<_> = shares.into_iter().map(|s| (s.from, s.ciphertext)).collect();
+                    let encoded =
+                        crate::aggregate::encode_ring(AggregatorKind::Mean, values, rows(to), &[0.5])
+                            .expect("encode");
+                    let masked = client.masked_input(&received, &encoded).expect("mask");
+                    self.received.push((masked.clone(), encoded));
+                    let header = MaskedHeader {
+                        at,
+                        ring: st.ring,
+                        len: st.len,
+                    };
+                    let to = to.to_owned();
+                    self.exp.begin_masked(self.now, &to, &header).expect("begin");
+                    self.exp
+                        .handle_masked(self.now, &to, &header, Ok(masked))
+                        .expect("masked");
+                    if self.gone_after_masked.contains(&to) {
+                        self.leave(&to);
+                    }
+                }
+                SecureDown::Unmask {
+                    at,
+                    survivors,
+                    dropped,
+                } => {
+                    let shares = client
+                        .unmask(&survivors, &dropped)
+                        .expect("unmask")
+                        .into_iter()
+                        .map(|(owner, share)| crate::proto::secure::RevealedShare { owner, share })
+                        .collect();
+                    self.exp
+                        .handle_secure(self.now, to, SecureUp::Reveal { at, shares })
+                        .expect("reveal");
+                }
+            }
+        }
+
+        fn run(&mut self) {
+            for _ in 0..20 {
+                self.pump();
+                if self.exp.is_finished() {
+                    return;
+                }
+                self.now += T0 + Duration::from_secs(1);
+                self.exp.handle_timeout(self.now);
+            }
+        }
+    }
+
+    /// The same echo experiment in clear, each node answering as in [`SecureSim`].
+    fn plain_run(spec: ExperimentSpec, nodes: &[&str]) -> Values {
+        let mut sim = Sim::new(spec, nodes);
+        for _ in 0..spec_rounds(&sim) {
+            let round = sim.exp.status().rounds_done + 1;
+            for n in nodes {
+                let global = sim.inbox[*n].last().expect("task").1.clone();
+                let values = Values::F32(global.iter().map(|g| *g as f32 + offset(n, round)).collect());
+                let mut header = sim.header(round, rows(n));
+                header.aux = vec![0.5];
+                sim.exp
+                    .handle_answer(sim.now, n, &header, Ok(values))
+                    .expect("answer");
+                sim.pump();
+            }
+        }
+        assert_eq!(sim.exp.state(), &ExperimentState::Completed);
+        sim.exp.global().clone()
+    }
+
+    fn spec_rounds(sim: &Sim) -> u32 {
+        sim.exp.spec().rounds
+    }
+
+    fn secure_echo(min_nodes: u32, rounds: u32) -> ExperimentSpec {
+        let mut spec = echo(min_nodes, rounds, 1);
+        spec.secure_aggregation = true;
+        spec
+    }
+
+    #[test]
+    fn a_secure_run_ends_with_the_plain_runs_model_bit_for_bit() {
+        let nodes = ["a", "b", "c", "d", "e"];
+        let mut sim = SecureSim::new(secure_echo(3, 3), &nodes, &[], &[]);
+        sim.run();
+        assert_eq!(
+            sim.exp.state(),
+            &ExperimentState::Completed,
+            "{:?}",
+            sim.exp.status().events
+        );
+        let plain = plain_run(echo(3, 3, 1), &nodes);
+        assert_eq!(sim.exp.global().to_le_bytes(), plain.to_le_bytes());
+        // What the coordinator received is never the encoded answer, element by element.
+        for (masked, encoded) in &sim.received {
+            let same = masked
+                .chunks_exact(16)
+                .zip(encoded.chunks_exact(16))
+                .filter(|(m, e)| m == e)
+                .count();
+            assert_eq!(same, 0);
+        }
+    }
+
+    #[test]
+    fn secure_steps_survive_the_dropouts_the_threshold_allows() {
+        let nodes = ["a", "b", "c", "d", "e"];
+        // Five selected: the threshold is 3.
+        for (after_shares, after_masked, survivors) in [
+            (&[][..], &["e"][..], 5),
+            (&["d", "e"][..], &[][..], 3),
+            (&["e"][..], &["d"][..], 4),
+            (&[][..], &["d", "e"][..], 5),
+        ] {
+            let mut sim = SecureSim::new(secure_echo(3, 1), &nodes, after_shares, after_masked);
+            sim.run();
+            let events = sim.exp.status().events;
+            assert_eq!(sim.exp.state(), &ExperimentState::Completed, "{events:?}");
+            let unmasked = format!("unmasked the sum of {survivors} node(s)");
+            assert!(events.iter().any(|e| e.message.contains(&unmasked)), "{events:?}");
+            assert_eq!(sim.exp.history()[0].participants.len(), survivors);
+        }
+    }
+
+    #[test]
+    fn more_dropouts_than_the_threshold_allows_fail_without_unmasking() {
+        let nodes = ["a", "b", "c", "d", "e"];
+        let mut sim = SecureSim::new(secure_echo(3, 1), &nodes, &["c", "d", "e"], &[]);
+        sim.run();
+        let status = sim.exp.status();
+        assert!(
+            matches!(sim.exp.state(), ExperimentState::Failed { .. }),
+            "{:?}",
+            status.events
+        );
+        assert!(status.events.iter().all(|e| !e.message.contains("unmasked")));
+        assert!(
+            status
+                .events
+                .iter()
+                .any(|e| e.message.contains("needed for secure aggregation")),
+            "{:?}",
+            status.events
+        );
     }
 
     #[test]

@@ -163,7 +163,40 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
             validate_design(spec)?;
         }
     }
-    validate_method(spec)
+    validate_method(spec)?;
+    validate_secure(spec)
+}
+
+/// Most offices a secure step serves: shares and keys grow with the square of the members.
+pub const MAX_SECURE_NODES: u32 = 100;
+
+/// Secure aggregation needs at least two offices in every sum (one office's "sum" is its
+/// answer), and a threshold that a federation of at most [`MAX_SECURE_NODES`] can meet.
+fn validate_secure(spec: &ExperimentSpec) -> Result<()> {
+    if let Some(t) = spec.secure_threshold {
+        if !spec.secure_aggregation {
+            return Err(Error::config(
+                WHAT,
+                "secure_threshold",
+                "needs secure_aggregation = true",
+            ));
+        }
+        if !(2..=MAX_SECURE_NODES).contains(&t) {
+            return Err(Error::config(
+                WHAT,
+                "secure_threshold",
+                format!("must be between 2 and {MAX_SECURE_NODES}"),
+            ));
+        }
+    }
+    if spec.secure_aggregation && spec.min_nodes < 2 {
+        return Err(Error::config(
+            WHAT,
+            "min_nodes",
+            "must be at least 2 with secure_aggregation: the sum of one office is its answer",
+        ));
+    }
+    Ok(())
 }
 
 /// The `[table]` form: `by` columns declared in `[schema]` with their levels, numeric columns
@@ -480,6 +513,31 @@ categorical = [
   { column = "smsa", levels = ["no", "yes"], reference = "no" },
 ]
 "#
+    }
+
+    #[test]
+    fn secure_aggregation_needs_two_offices_and_a_sane_threshold() {
+        let mut spec: ExperimentSpec = toml::from_str(logit_toml()).expect("parse");
+        spec.secure_aggregation = true;
+        let err = validate(&spec).expect_err("min_nodes 1").to_string();
+        assert!(
+            err.contains("min_nodes") && err.contains("secure_aggregation"),
+            "{err}"
+        );
+        spec.min_nodes = 3;
+        validate(&spec).expect("valid");
+        spec.secure_threshold = Some(1);
+        assert!(validate(&spec)
+            .expect_err("threshold 1")
+            .to_string()
+            .contains("secure_threshold"));
+        spec.secure_threshold = Some(3);
+        validate(&spec).expect("valid");
+        spec.secure_aggregation = false;
+        assert!(validate(&spec)
+            .expect_err("threshold without masking")
+            .to_string()
+            .contains("needs secure_aggregation"));
     }
 
     #[test]

@@ -34,6 +34,14 @@ pub enum Error {
     #[error("connection: {0}")]
     Connection(String),
 
+    /// A statement signed with a certificate key (secure aggregation's keys) was refused, or
+    /// could not be signed.
+    #[error("signed statement of `{node}` refused: {problem}")]
+    Attest {
+        node: String,
+        problem: crate::attest::Problem,
+    },
+
     /// A peer's certificate does not carry a usable fedstat identity.
     #[error("peer identity: {0}")]
     Identity(String),

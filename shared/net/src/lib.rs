@@ -2,7 +2,8 @@
 //! [`tcp`], [`dial`]), streams carrying the protocol's frames and tensors
 //! ([`transport`]), the rustls configuration of both ends with certificate revocation
 //! ([`tls`]), who a peer is from its certificate ([`identity`]), the federation's PKI
-//! ([`pki`]) and what every binary does at its edges ([`process`]).
+//! ([`pki`]), signatures by certificate keys over application statements ([`attest`]) and
+//! what every binary does at its edges ([`process`]).
 #![forbid(unsafe_code)]
 
 pub mod attest;

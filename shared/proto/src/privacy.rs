@@ -105,3 +105,26 @@ impl ExperimentSpec {
         }
     }
 }
+
+/// What researchers see of an experiment's privacy (`fedstat status`, `results`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyView {
+    /// Every sum was computed over masked answers.
+    pub secure_aggregation: bool,
+    /// The differential privacy settings, as approved.
+    pub dp: Option<PrivacySpec>,
+    /// Each node's record-level ε charged to this experiment so far, as the node reported it.
+    pub spent: Vec<NodeSpend>,
+}
+
+/// One node's privacy spend for an experiment, as it reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeSpend {
+    pub node: String,
+    /// The last round the node charged.
+    pub round: u32,
+    /// ε charged to this experiment at the experiment's δ.
+    pub epsilon: f64,
+    /// The dataset's remaining budget, if the node's policy shows it.
+    pub remaining: Option<f64>,
+}

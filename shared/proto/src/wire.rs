@@ -332,6 +332,8 @@ pub struct ExperimentStatus {
     pub participants: Vec<String>,
     pub history: Vec<RoundRecord>,
     pub events: Vec<EventRecord>,
+    /// Secure aggregation, differential privacy and each node's ε spent.
+    pub privacy: crate::privacy::PrivacyView,
 }
 
 impl ExperimentStatus {
@@ -677,6 +679,7 @@ mod tests {
             state: ExperimentState::Running { phase: Phase::Train },
             rounds_done: rounds,
             rounds: rounds + 1,
+            privacy: Default::default(),
             participants: vec!["a".into(), "b".into()],
             history: (1..=rounds)
                 .map(|round| RoundRecord {
