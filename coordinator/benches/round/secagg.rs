@@ -16,7 +16,8 @@
 //!   masked answers (the unmask request goes out), their reveals. The event times are taken
 //!   when the last message of an exchange arrives, so `round_ms` (and the last exchange) leave
 //!   out the coordinator's unmasking itself; the wall time per round includes it;
-//! - an in-process microbenchmark of the pure costs (one thread, no contention): encoding an
+//! - an in-process microbenchmark of the pure costs (nothing else of the bench running;
+//!   `fedstat_secagg` expands masks on up to 4 threads, as in the node): encoding an
 //!   answer in the ring, a node's masking, the coordinator's folding and unmasking.
 //!
 //! The comparison with Flower's SecAgg+ is measured in one sitting: with
@@ -117,6 +118,7 @@ async fn one(bins: &Bins, pki: &Path, work: &Path, rounds: (u32, u32), secure: b
         rounds.0, rounds.1
     );
     let dir = work.join(format!("s{pass}-{mode}"));
+    let load_before = loadavg();
     let fed = Federation::start(bins, pki, &dir, NODES, Store::InMemory).await;
     let node_pids: Vec<u32> = fed.nodes.iter().map(|p| p.pid()).collect();
     let r = run_echo(
@@ -132,6 +134,7 @@ async fn one(bins: &Bins, pki: &Path, work: &Path, rounds: (u32, u32), secure: b
     let nodes_hwm_kib: Vec<u64> = node_pids.iter().map(|&p| mem_kib(p).1).collect();
     let logs: Vec<String> = fed.nodes.iter().map(|p| p.log_text()).collect();
     fed.stop().await;
+    let load_after = loadavg();
     let bytes: Vec<(f64, f64)> = logs.iter().filter_map(|l| node_bytes(l, &r.kept)).collect();
     assert_eq!(
         bytes.len(),
@@ -166,8 +169,17 @@ async fn one(bins: &Bins, pki: &Path, work: &Path, rounds: (u32, u32), secure: b
         "udp_tx_bytes_per_node_round": stats(&wire),
         "exchanges_ms": exchanges,
         "coordinator_peak_rss_mib": coordinator_hwm_kib as f64 / 1024.0,
+        "loadavg_1min": { "start": load_before, "end": load_after },
         "node_peak_rss_mib": stats(&nodes_hwm_kib.iter().map(|&k| k as f64 / 1024.0).collect::<Vec<_>>()),
     })
+}
+
+/// The 1-minute load average: how busy the shared machine was around a run.
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
 }
 
 fn stats(xs: &[f64]) -> Value {
@@ -302,7 +314,7 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// The pure costs of one secure step, in process, one thread: encoding, each stage of
+/// The pure costs of one secure step, in process, one member at a time: encoding, each stage of
 /// `fedstat_secagg` for `NODES` members and no drop-out, and decoding the sum. Median ms over
 /// `reps`, for the ring the engine uses (Z128) and for Z64.
 fn micro(reps: usize) -> Value {
@@ -455,15 +467,15 @@ fn markdown(report: &Value) -> String {
         report["rounds"]["warmup"],
         report["rounds"]["measured"]
     );
-    let _ = writeln!(md, "| pass | mode | round_ms median (min-max) | wall ms/round | CPU ms/round coordinator + nodes | answer bytes/node | on the wire bytes/node/round | coordinator peak RSS |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "| pass | mode | round_ms median (min-max) | wall ms/round | CPU ms/round coordinator + nodes | answer bytes/node | on the wire bytes/node/round | coordinator peak RSS | load (1 min) before, after |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
     let passes = report["passes"].as_array().cloned().unwrap_or_default();
     for p in &passes {
         for mode in ["plain", "secure"] {
             let r = &p[mode];
             let _ = writeln!(
                 md,
-                "| {} | {mode} | {:.0} ({:.0}-{:.0}) | {:.0} | {:.0} + {:.0} | {:.0} | {:.0} | {:.0} MiB |",
+                "| {} | {mode} | {:.0} ({:.0}-{:.0}) | {:.0} | {:.0} + {:.0} | {:.0} | {:.0} | {:.0} MiB | {:.1}, {:.1} |",
                 p["pass"],
                 f(&r["round_ms"]["median"]),
                 f(&r["round_ms"]["min"]),
@@ -474,6 +486,8 @@ fn markdown(report: &Value) -> String {
                 f(&r["answer_bytes_per_node"]["median"]),
                 f(&r["udp_tx_bytes_per_node_round"]["median"]),
                 f(&r["coordinator_peak_rss_mib"]),
+                f(&r["loadavg_1min"]["start"]),
+                f(&r["loadavg_1min"]["end"]),
             );
         }
     }
@@ -520,7 +534,7 @@ fn markdown(report: &Value) -> String {
     let mi = &report["micro"];
     let _ = writeln!(
         md,
-        "\nIn process, one thread, {} params: `encode_ring` {:.1} ms, `pooled_from_ring` {:.1} ms.\n",
+        "\nIn process, one member at a time (mask expansion on up to 4 threads, as in the node), {} params: `encode_ring` {:.1} ms, `pooled_from_ring` {:.1} ms.\n",
         mi["params"],
         f(&mi["encode_ring_ms"]),
         f(&mi["pooled_from_ring_ms"])
