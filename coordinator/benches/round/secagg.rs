@@ -555,8 +555,17 @@ fn markdown(report: &Value) -> String {
             f(&s["coordinator_finish_ms"]),
         );
     }
+    let fr = &report["flower_run"];
+    if fr["ok"] == false {
+        let _ = writeln!(
+            md,
+            "\nThe Flower command between our passes failed after {:.0} s: `{}`.",
+            f(&fr["seconds"]),
+            fr["command"].as_str().unwrap_or("?")
+        );
+    }
     let fl = &report["flower"];
-    if let Some(runs) = fl["runs"].as_object() {
+    if let Some(runs) = fl["runs"].as_object().filter(|r| !r.is_empty()) {
         let _ = writeln!(md, "\nFlower 1.42 (`shared/bench/flower/run_secagg.sh`, results in {}), 10 clients, median (min-max) round seconds after the warm-up:\n", fl["dir"].as_str().unwrap_or("?"));
         let _ = writeln!(md, "| Flower run | rounds (warm-up) | round s median (min-max) |");
         let _ = writeln!(md, "|---|---|---|");
