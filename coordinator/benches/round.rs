@@ -10,6 +10,7 @@
 //! FEDSTAT_BENCH_QUICK=1 cargo bench -p fedstat-coordinator --bench round   # smoke, < 60 s
 //! FEDSTAT_BENCH_CASES=a,e cargo bench -p fedstat-coordinator --bench round # some cases only
 //! FEDSTAT_BENCH_CASES=a-durable,b-durable cargo bench ...                  # the durable ones
+//! FEDSTAT_BENCH_CASES=s cargo bench ...      # secure aggregation against plain, about 2 min
 //! ```
 //! The binaries are taken from the folder above this executable's (`target/release/`); the
 //! bench refuses to run when one is missing or older than a source file of its crates
@@ -35,6 +36,13 @@
 //! - e. `ExactSum::fold` of 10 updates x 10M params, f32 and f64: GB/s of input bytes, median
 //!   of 5 reps; a rep times `ExactSum::new` (the accumulator is fresh each round in the real
 //!   coordinator, page faults included) and the ten folds.
+//! - s. (only when named in `FEDSTAT_BENCH_CASES`) secure aggregation against plain: 10 nodes,
+//!   1,000,000 params, `secure_aggregation = false` then `true`, 2 warm-up + 20 measured rounds
+//!   each, bytes per node, the secure exchanges' times, an in-process microbenchmark of the
+//!   masking, and Flower's SecAgg+ ratios measured in the same sitting (see `round/secagg.rs`).
+//!   It writes `bench-results/secagg.{json,md}`; run alone, it leaves `round.*` as they are.
+//!   Not in the default run: it needs `fedstat_secagg` (not a stub) in the node, and its
+//!   comparison only means something next to Flower's, in a quiet sitting of its own.
 //!
 //! What is timed: a round's time is the coordinator's own `RoundRecord.round_ms` (from the
 //! task broadcast to the aggregate, integer milliseconds) read with `Client::status`; we report
@@ -60,13 +68,17 @@ use fedstat_coordinator::config::ResearcherConfig;
 use fedstat_coordinator::harness::{self, Bins, CoordinatorOptions, Proc};
 use fedstat_core::aggregate::{ExactSum, Values};
 use fedstat_core::spec::{EchoSpec, ExperimentSpec};
-use fedstat_proto::wire::{DType, ExperimentState};
+use fedstat_proto::wire::{DType, EventRecord, ExperimentState};
 use serde_json::{json, Value};
 
 const ECHO_EXPERIMENT: &str = include_str!("../../configs/experiment-echo.toml");
 const SMALL: u64 = 1_000;
 const LARGE: u64 = 10_000_000;
-const KNOWN_CASES: [&str; 7] = ["a", "a-durable", "b", "b-durable", "c", "d", "e"];
+const KNOWN_CASES: [&str; 8] = ["a", "a-durable", "b", "b-durable", "c", "d", "e", "s"];
+
+// Beside this file, not in `benches/`, where cargo would take it for a bench of its own.
+#[path = "round/secagg.rs"]
+mod secagg;
 
 /// Where the coordinator keeps its records during a case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +108,8 @@ struct Plan {
     many_nodes: Vec<usize>,
     rss_nodes: Option<(usize, (u32, u32))>,
     agg_reps: usize,
+    /// Case s: warm-up and measured rounds of each of its runs.
+    secagg_rounds: (u32, u32),
 }
 
 impl Plan {
@@ -128,6 +142,7 @@ impl Plan {
                 many_nodes: vec![20],
                 rss_nodes: None,
                 agg_reps: 2,
+                secagg_rounds: (1, 3),
             }
         } else {
             Plan {
@@ -138,6 +153,7 @@ impl Plan {
                 many_nodes: vec![20, 30, 50],
                 rss_nodes: Some((50, (1, 3))),
                 agg_reps: 5,
+                secagg_rounds: (2, 20),
             }
         }
     }
@@ -283,6 +299,10 @@ struct Rounds {
     /// Unlike wall time it hardly moves when other work shares the machine.
     cpu_ms_per_round: (f64, f64),
     measured: u32,
+    /// `RoundRecord.round` of the measured rounds.
+    kept: Vec<u32>,
+    /// The experiment's event log (case s reads the secure exchanges' times from it).
+    events: Vec<EventRecord>,
 }
 
 /// CPU time (user + system) of processes, in ms, from `/proc/PID/stat`.
@@ -306,6 +326,7 @@ async fn run_echo(
     nodes: usize,
     params: u64,
     (warmup, measured): (u32, u32),
+    secure: bool,
 ) -> Rounds {
     let cpu = || (cpu_ms(&[pids.0]), cpu_ms(pids.1));
     let mut spec: ExperimentSpec = toml::from_str(ECHO_EXPERIMENT).expect("configs/experiment-echo.toml");
@@ -315,6 +336,7 @@ async fn run_echo(
     spec.min_nodes = nodes as u32;
     spec.round_timeout_secs = 600;
     spec.echo = Some(EchoSpec { params });
+    spec.secure_aggregation = secure;
     let poll = if params > 100_000 {
         Duration::from_millis(20)
     } else {
@@ -367,6 +389,8 @@ async fn run_echo(
             (f64::NAN, f64::NAN)
         },
         measured,
+        kept: kept.iter().map(|r| r.round).collect(),
+        events: status.events.clone(),
     }
 }
 
@@ -451,6 +475,7 @@ async fn case(
         nodes,
         params,
         rounds,
+        false,
     )
     .await;
     let nodes_rss_peak_kib = sampler.finish();
@@ -727,12 +752,16 @@ fn main() {
     let started = Instant::now();
     let mut runs = Vec::new();
     let federated = plan.cases.iter().any(|c| c != "e");
+    let out = std::env::var_os("FEDSTAT_BENCH_OUT").map_or_else(|| root.join("bench-results"), PathBuf::from);
     rt.block_on(async {
         if !federated {
             return;
         }
         let pki = work.join("pki");
         make_pki(&bins, &pki, plan.max_nodes());
+        if plan.has("s") {
+            secagg::run(&bins, &pki, &work, plan.secagg_rounds, plan.quick, &out).await;
+        }
         let mut record = |case: &str, nodes: usize, params: u64, store: Store, (r, m): (Rounds, Memory)| {
             runs.push(json!({
                 "case": case, "nodes": nodes, "params": params, "store": store.label(),
@@ -775,6 +804,10 @@ fn main() {
             aggregation_runs.push(aggregation(dtype, plan.agg_reps));
         }
     }
+    if runs.is_empty() && aggregation_runs.is_empty() {
+        // Case s alone: it wrote its own report; keep round.{json,md} as they are.
+        return;
+    }
     let durability = durability(&runs);
     let report = json!({
         "bench": "round",
@@ -786,7 +819,6 @@ fn main() {
         "durability": durability,
         "seconds": started.elapsed().as_secs_f64(),
     });
-    let out = std::env::var_os("FEDSTAT_BENCH_OUT").map_or_else(|| root.join("bench-results"), PathBuf::from);
     std::fs::create_dir_all(&out).expect("cannot create bench-results/");
     let stem = if plan.quick { "round-quick" } else { "round" };
     let json_text = serde_json::to_string_pretty(&report).expect("the report serialises");
