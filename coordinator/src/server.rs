@@ -30,6 +30,10 @@ use crate::{Error, Result};
 const NODE_SILENCE: Duration = Duration::from_secs(30);
 /// Longest pause inside an upload before it is abandoned.
 const UPLOAD_IDLE: Duration = Duration::from_secs(60);
+/// How long a departing node's uploads may take to land before the federation hears it left.
+/// An answer the node finished sending counts even if the node then vanished; one still
+/// arriving after this is abandoned (the engine already treats the node as gone).
+const DEPARTURE_GRACE: Duration = Duration::from_secs(3);
 /// Update streams a node may have open at once (one per experiment it works for, with room).
 const NODE_UPLOAD_STREAMS: u32 = 8;
 /// Requests a researcher may have in flight at once.
@@ -794,7 +798,9 @@ async fn node_session(conn: Connection, id: u64, who: PeerIdentity, shared: Shar
         return;
     }
     let writer = tokio::spawn(node_writer(conn.clone(), send, cmds).in_current_span());
-    let uploads = tokio::spawn(accept_updates(conn.clone(), name.clone(), shared.clone()).in_current_span());
+    let (stop_uploads, stop) = oneshot::channel();
+    let uploads =
+        tokio::spawn(accept_updates(conn.clone(), name.clone(), shared.clone(), stop).in_current_span());
     loop {
         match tokio::time::timeout(NODE_SILENCE, read_frame::<NodeMsg>(&mut recv, "node message")).await {
             Ok(Ok(Some(msg))) => {
@@ -845,7 +851,10 @@ async fn node_session(conn: Connection, id: u64, who: PeerIdentity, shared: Shar
             }
         }
     }
-    uploads.abort();
+    // The uploads it already sent reach the engine before its departure does: otherwise a
+    // masked answer that arrived whole would be refused as late, and the sum lose a member.
+    let _ = stop_uploads.send(());
+    let _ = uploads.await;
     writer.abort();
     let _ = shared.events.send(Event::NodeDown { conn: id, name }).await;
 }
@@ -939,10 +948,53 @@ async fn node_writer(conn: Connection, mut control: SendStream, mut cmds: mpsc::
     }
 }
 
-async fn accept_updates(conn: Connection, name: String, shared: Shared) {
-    while let Ok(recv) = conn.accept_uni().await {
-        tokio::spawn(update(recv, name.clone(), shared.clone()).in_current_span());
+/// Accept the node's upload streams until its session ends (`stop`). Then, for at most
+/// `DEPARTURE_GRACE`, accept the streams it had already opened and let every upload in flight
+/// land; whatever is still arriving after that is abandoned.
+async fn accept_updates(conn: Connection, name: String, shared: Shared, mut stop: oneshot::Receiver<()>) {
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut accepting = true;
+    loop {
+        tokio::select! {
+            accepted = conn.accept_uni() => match accepted {
+                Ok(recv) => {
+                    inflight.spawn(update(recv, name.clone(), shared.clone()).in_current_span());
+                }
+                Err(_) => {
+                    accepting = false;
+                    break;
+                }
+            },
+            Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+            _ = &mut stop => break,
+        }
     }
+    if shared.events.is_closed() {
+        return; // the coordinator is shutting down: nobody to deliver to
+    }
+    let departing = async {
+        loop {
+            tokio::select! {
+                // A closed connection still yields the streams that arrived before the close.
+                accepted = conn.accept_uni(), if accepting => match accepted {
+                    Ok(recv) => {
+                        inflight.spawn(update(recv, name.clone(), shared.clone()).in_current_span());
+                    }
+                    Err(_) => accepting = false,
+                },
+                Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+                else => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DEPARTURE_GRACE, departing).await;
+    if !inflight.is_empty() {
+        tracing::warn!(
+            uploads = inflight.len(),
+            "abandoning uploads still arriving from a departed node"
+        );
+    }
+    // Dropping the set aborts whatever is left.
 }
 
 /// Receive one update: header, admission by the federation, then the bytes into a staging slot.
