@@ -60,6 +60,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a certificate's key fingerprint as a line of `[policy.secure_peers]`, for the
+    /// other offices to pin (exchange it out of band, not through the secretariat).
+    Fingerprint {
+        /// A node certificate (PEM), e.g. the `tls.cert` of a node config.
+        #[arg(long)]
+        cert: PathBuf,
+    },
     /// The node's tamper-evident audit log.
     #[command(subcommand)]
     Audit(Audit),
@@ -151,6 +158,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{line}");
                 }
             }
+            Ok(())
+        }
+        Command::Fingerprint { cert } => {
+            let (id, print) = fedstat_net::attest::certificate_pin(&cert)?;
+            if id.role != fedstat_net::identity::Role::Node {
+                anyhow::bail!(
+                    "{} is a {} certificate; offices pin node certificates",
+                    cert.display(),
+                    id.role
+                );
+            }
+            println!("{} = \"{print}\"", id.name);
             Ok(())
         }
         Command::Keygen { name, out } => {

@@ -55,6 +55,7 @@ pub(crate) struct RawPolicy {
     dominance_k: Option<f64>,
     require_dp: Option<bool>,
     require_secure_aggregation: Option<bool>,
+    secure_peers: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
     approval: ApprovalMode,
     privacy: Option<RawPrivacyBudget>,
@@ -191,6 +192,11 @@ pub struct SitePolicy {
     /// `policy.require_secure_aggregation`: refuse experiments on data without
     /// `secure_aggregation = true`.
     pub require_secure_aggregation: bool,
+    /// `[policy.secure_peers]`: office name → key fingerprint (`sha256:…`, see
+    /// `fedstat-node fingerprint`). When set, this node takes part in a secure sum only if every
+    /// other member is listed and signs with the listed key: a secretariat that also runs the
+    /// CA cannot surround the office with offices of its own making (sybils) and subtract them.
+    pub secure_peers: Option<std::collections::BTreeMap<String, String>>,
     /// `policy.approval`.
     pub approval: ApprovalMode,
     /// `[policy.privacy]`: the privacy budget per dataset. Without it, differentially private
@@ -228,6 +234,7 @@ impl Default for SitePolicy {
             dominance_k: DEFAULT_DOMINANCE_K,
             require_dp: false,
             require_secure_aggregation: false,
+            secure_peers: None,
             approval: ApprovalMode::Auto,
             privacy: None,
         }
@@ -327,6 +334,9 @@ pub enum Refusal {
     /// A differentially private experiment was asked for an answer (this phase) that its
     /// privacy cost does not cover.
     NotPrivate(String),
+    /// A member of a secure sum is not among the pinned peers, or signs with another key
+    /// (which member goes to the node's log only).
+    UnpinnedPeer,
 }
 
 impl std::fmt::Display for Refusal {
@@ -431,6 +441,10 @@ impl std::fmt::Display for Refusal {
                 f,
                 "this office requires secure aggregation: the experiment needs \
                  secure_aggregation = true (policy.require_secure_aggregation)"
+            ),
+            Refusal::UnpinnedPeer => f.write_str(
+                "a member of the secure sum is not one of this office's pinned peers, or not with \
+                 its pinned key (policy.secure_peers)",
             ),
             Refusal::NotPrivate(phase) => write!(
                 f,
@@ -540,6 +554,10 @@ impl RawPolicy {
             None => None,
             Some(raw) => Some(raw.validate()?),
         };
+        let secure_peers = match self.secure_peers {
+            None => None,
+            Some(raw) => Some(validate_peers(raw)?),
+        };
         Ok(SitePolicy {
             privacy,
             allowed_datasets,
@@ -563,9 +581,57 @@ impl RawPolicy {
             require_secure_aggregation: self
                 .require_secure_aggregation
                 .unwrap_or(d.require_secure_aggregation),
+            secure_peers,
             approval: self.approval,
         })
     }
+}
+
+/// `[policy.secure_peers]`: names as certificates carry them, fingerprints as
+/// `fedstat-node fingerprint` prints them (hex case and `:` separators as `openssl` prints
+/// them are accepted too). Returned with fingerprints in the printed form.
+fn validate_peers(
+    raw: std::collections::BTreeMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, String>, (String, String)> {
+    if raw.is_empty() {
+        return Err((
+            "policy.secure_peers".to_owned(),
+            "lists no office; remove the table or list every office (`fedstat-node fingerprint`)".to_owned(),
+        ));
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for (name, print) in raw {
+        let key = format!("policy.secure_peers.{}", fedstat_core::text::printable(&name));
+        if name.is_empty()
+            || name.len() > fedstat_net::identity::MAX_NAME_LEN
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err((
+                key,
+                "is not an office name (letters, digits, `.`, `_`, `-`)".to_owned(),
+            ));
+        }
+        let digits: String = print
+            .trim()
+            .strip_prefix("sha256:")
+            .or_else(|| print.trim().strip_prefix("SHA256:"))
+            .unwrap_or("")
+            .chars()
+            .filter(|&c| c != ':')
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        if digits.len() != 64 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err((
+                key,
+                "must be `sha256:` and 64 hex digits, as `fedstat-node fingerprint --cert NAME.pem` prints"
+                    .to_owned(),
+            ));
+        }
+        out.insert(name, format!("sha256:{digits}"));
+    }
+    Ok(out)
 }
 
 impl RawPrivacyBudget {
@@ -1024,6 +1090,13 @@ mod tests {
                 "[privacy]\nepsilon = 1\n[privacy.datasets.lfs]\nepsilon = -1",
                 "policy.privacy.datasets.lfs.epsilon",
             ),
+            ("[secure_peers]", "policy.secure_peers"),
+            ("[secure_peers]\nons = \"sha256:00\"", "policy.secure_peers.ons"),
+            ("[secure_peers]\nons = \"md5:00\"", "policy.secure_peers.ons"),
+            (
+                "[secure_peers]\n\"o n\" = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"",
+                "policy.secure_peers.o n",
+            ),
         ] {
             let err = toml::from_str::<RawPolicy>(text)
                 .expect("parse")
@@ -1031,6 +1104,17 @@ mod tests {
                 .expect_err(text);
             assert_eq!(err.0, key);
         }
+        // Fingerprints as this node prints them, or as openssl does.
+        let hex = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        let peers = policy(&format!(
+            "[secure_peers]\nons = \"sha256:{hex}\"\nistat = \"SHA256:{colons}\""
+        ))
+        .secure_peers
+        .expect("peers");
+        assert_eq!(peers["ons"], format!("sha256:{hex}"));
+        assert_eq!(peers["istat"], format!("sha256:{hex}"));
+        assert_eq!(SitePolicy::default().secure_peers, None);
         assert!(toml::from_str::<RawPolicy>("approval = \"sometimes\"").is_err());
         assert!(toml::from_str::<RawPolicy>("max_round = 3").is_err());
         assert!(toml::from_str::<RawPolicy>("[privacy]\nepsilon = 1\nshow = true").is_err());

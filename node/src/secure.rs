@@ -28,6 +28,8 @@ use crate::{Error, Result};
 pub struct Secure {
     signer: Signer,
     verifier: Verifier,
+    /// `policy.secure_peers`: the only offices (and keys) this node sums with, if set.
+    pins: Option<std::collections::BTreeMap<String, String>>,
     waiting: Mutex<HashMap<SecureRound, mpsc::UnboundedSender<SecureDown>>>,
     /// Steps (experiment, round, phase) for which this node has revealed shares: at most one
     /// attempt of a step is ever unmasked with this node's help, so a coordinator cannot
@@ -48,6 +50,7 @@ impl Secure {
         Ok(Secure {
             signer,
             verifier,
+            pins: config.policy.secure_peers.clone(),
             waiting: Mutex::new(HashMap::new()),
             revealed: Mutex::new(std::collections::HashSet::new()),
         })
@@ -166,6 +169,7 @@ impl Secure {
                     &key_statement(&ctx, &m.node, &pk),
                     &m.signature,
                 )?;
+                check_pinned(self.pins.as_ref(), &m.node, &m.certificate)?;
             }
             roster.push((m.node.clone(), pk));
         }
@@ -235,6 +239,33 @@ impl Secure {
     }
 }
 
+/// `policy.secure_peers`: a member not listed, or listed with another key, ends this node's
+/// part in the step before it shares anything. The researcher and the coordinator are told the
+/// rule; which member and which key, only the node's log.
+fn check_pinned(
+    pins: Option<&std::collections::BTreeMap<String, String>>,
+    member: &str,
+    certificate: &[u8],
+) -> Result<()> {
+    let Some(pins) = pins else {
+        return Ok(());
+    };
+    let presented = fedstat_net::attest::key_fingerprint(certificate);
+    match pins.get(member) {
+        Some(pinned) if presented.as_deref() == Some(pinned.as_str()) => Ok(()),
+        pinned => {
+            tracing::warn!(
+                member = %fedstat_core::text::printable(member),
+                presented = presented.as_deref().unwrap_or("none"),
+                pinned = pinned.map(String::as_str).unwrap_or("not listed"),
+                "secure aggregation: a member is not a pinned peer (policy.secure_peers); \
+                 leaving the step before sharing anything"
+            );
+            Err(Error::Policy(crate::policy::Refusal::UnpinnedPeer))
+        }
+    }
+}
+
 /// Test-only fault injection for the dropout tests: with `FEDSTAT_TEST_FAULT=secagg-exit-<point>`
 /// in its environment, the node leaves the federation at that point of a secure step, as a
 /// node that crashes there would (its connection closed, its process gone). Custodians never
@@ -287,4 +318,50 @@ async fn send_masked(
     s.finish().await.map_err(|e| e.to_string())?;
     s.stopped().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fedstat_net::identity::Role;
+    use fedstat_net::pki;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+
+    use super::*;
+
+    #[test]
+    fn only_listed_members_with_their_listed_key_pass_the_pins() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = pki::CaDir::new(tmp.path());
+        pki::init(&ca, "fed", &["localhost".into()]).expect("init");
+        let cert = |name: &str| {
+            // Each issuance in its own folder: the CA may mint a second `istat`.
+            let out = tempfile::tempdir_in(tmp.path()).expect("folder").keep();
+            let (path, _) = pki::issue(&ca, Role::Node, name, &out, 30).expect("issue");
+            CertificateDer::from_pem_file(path)
+                .expect("cert")
+                .as_ref()
+                .to_vec()
+        };
+        let istat = cert("istat");
+        let pins: BTreeMap<String, String> = [(
+            "istat".to_owned(),
+            fedstat_net::attest::key_fingerprint(&istat).expect("fingerprint"),
+        )]
+        .into();
+        let refused = |r: Result<()>| matches!(r, Err(Error::Policy(crate::policy::Refusal::UnpinnedPeer)));
+
+        assert!(
+            check_pinned(None, "anyone", b"anything").is_ok(),
+            "no pins: the CA decides"
+        );
+        assert!(check_pinned(Some(&pins), "istat", &istat).is_ok());
+        // A name the office never agreed to sum with.
+        assert!(refused(check_pinned(Some(&pins), "sybil", &cert("sybil"))));
+        // The CA re-issuing `istat` with a key of its own (an impersonation).
+        assert!(refused(check_pinned(Some(&pins), "istat", &cert("istat"))));
+        assert!(refused(check_pinned(Some(&pins), "istat", b"garbage")));
+    }
 }

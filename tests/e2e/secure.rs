@@ -13,7 +13,7 @@ use fedstat_core::aggregate::{encode_ring, AggregatorKind, Values};
 use fedstat_proto::wire::AnswerHeader;
 use serde_json::Value;
 
-use crate::support::{demo_data, events, logit_experiment, Fed, REGIONS};
+use crate::support::{demo_data, events, logit_experiment, run_bin, Fed, REGIONS};
 
 /// `fedstat results` of an experiment: its parameters' bytes and its model document.
 fn results(fed: &Fed, id: u64) -> (Vec<u8>, Value) {
@@ -253,4 +253,96 @@ fn more_dropouts_than_the_threshold_allows_fail_the_round_and_reveal_nothing() {
     assert!(recorded(&dir, id, "-reveal.frame").is_empty());
     assert!(!recorded(&dir, id, "-masked.bin").is_empty(), "{ev}");
     assert_eq!(done["rounds_done"], 0, "{done:#}");
+}
+
+/// `fedstat-node fingerprint` of the certificate the federation issued to `name`: a line of
+/// `[policy.secure_peers]`.
+fn pin_line(fed: &Fed, name: &str) -> String {
+    let cert = fed.pki().join(format!("{name}.pem"));
+    let out = run_bin(
+        "fedstat-node",
+        &["fingerprint", "--cert", cert.to_str().expect("utf-8")],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(line.starts_with(&format!("{name} = \"sha256:")), "{line}");
+    line
+}
+
+#[test]
+fn sybils_minted_by_the_ca_cannot_surround_an_office_that_pins_its_peers() {
+    // The attack: a secretariat that also runs the CA issues node certificates for offices of
+    // its own making (`s1`, `s2`) and runs a secure sum of the real office `a` with them
+    // alone. It knows its sybils' answers, so the unmasked sum minus theirs is `a`'s answer.
+    let mut fed = Fed::start_with("record_received = \"recorded\"");
+    for name in ["a", "s1", "s2"] {
+        fed.add_node(name, &[]);
+    }
+    fed.wait_for_nodes(&["a", "s1", "s2"]);
+    let dir = fed.path("recorded");
+    let from = |id: u64, node: &str| {
+        recorded(&dir, id, "-masked.bin")
+            .iter()
+            .filter(|p| key(p).2 == node)
+            .count()
+    };
+    let id = fed.submit("echo.toml", &echo(3));
+    let done = fed.wait_finished(id, Duration::from_secs(60));
+    assert_eq!(done["state"], "Completed", "{}", events(&done));
+    assert!(
+        events(&done).contains("unmasked the sum of 3 node(s)"),
+        "{}",
+        events(&done)
+    );
+    assert_eq!(
+        from(id, "a"),
+        1,
+        "the attack works without pins: a's answer is in a sum of sybils"
+    );
+
+    // The defence: `a` pins the offices it agreed to sum with, their fingerprints exchanged
+    // out of band. The sybils are not among them: `a` leaves the step before sharing.
+    fed.add_node("b", &[]);
+    fed.add_node("c", &[]);
+    let pins = format!(
+        "[policy.secure_peers]\n{}\n{}\n",
+        pin_line(&fed, "b"),
+        pin_line(&fed, "c")
+    );
+    fed.write_node_config_with("a", &[], &pins);
+    fed.restart_node("a");
+    fed.wait_for_nodes(&["a", "b", "c", "s1", "s2"]);
+    let id = fed.submit("echo.toml", &echo(3));
+    let done = fed.wait_finished(id, Duration::from_secs(60));
+    let ev = events(&done);
+    assert!(ev.contains("policy.secure_peers"), "{ev}");
+    assert_eq!(from(id, "a"), 0, "{ev}");
+    assert!(
+        !recorded(&dir, id, "-shares.frame")
+            .iter()
+            .any(|p| key(p).2 == "a"),
+        "{ev}"
+    );
+    // The others' sum goes on without `a`; no value or name of the detail leaves the node.
+    assert_eq!(done["state"], "Completed", "{ev}");
+    assert!(ev.contains("unmasked the sum of 4 node(s)"), "{ev}");
+    let log = std::fs::read_to_string(fed.path("node-a.log")).expect("node log");
+    assert!(
+        log.contains("not listed"),
+        "the custodian's log names the member and its key"
+    );
+
+    // With the sybils gone, `a` sums with its pinned peers.
+    for sybil in ["s1", "s2"] {
+        fed.node(sybil).terminate();
+    }
+    let id = fed.submit("echo.toml", &echo(3));
+    let done = fed.wait_finished(id, Duration::from_secs(60));
+    assert_eq!(done["state"], "Completed", "{}", events(&done));
+    assert!(
+        events(&done).contains("unmasked the sum of 3 node(s)"),
+        "{}",
+        events(&done)
+    );
+    assert_eq!(from(id, "a"), 1, "{}", events(&done));
 }

@@ -263,6 +263,41 @@ fn chain_problem(e: rustls::Error) -> Problem {
     }
 }
 
+/// A certificate's key fingerprint, `sha256:` and 64 lowercase hex digits: SHA-256 of its
+/// DER SubjectPublicKeyInfo (as `openssl x509 -pubkey -noout | openssl pkey -pubin -outform der
+/// | sha256sum` prints). A renewal keeps the key (`pki renew`), so it keeps the fingerprint;
+/// offices pin each other's with `policy.secure_peers`. `None` if `cert_der` is no certificate.
+pub fn key_fingerprint(cert_der: &[u8]) -> Option<String> {
+    use std::fmt::Write as _;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for b in digest.as_ref() {
+        let _ = write!(out, "{b:02x}");
+    }
+    Some(out)
+}
+
+/// The identity and key fingerprint of the first certificate in a PEM file: what another
+/// office pins in `policy.secure_peers` (`fedstat-node fingerprint`).
+pub fn certificate_pin(cert_pem: &Path) -> Result<(PeerIdentity, String)> {
+    let unreadable = || {
+        Error::Pki(format!(
+            "{} is not a readable PEM certificate file",
+            cert_pem.display()
+        ))
+    };
+    let cert = CertificateDer::pem_file_iter(cert_pem)
+        .map_err(|_| unreadable())?
+        .next()
+        .ok_or_else(unreadable)?
+        .map_err(|_| unreadable())?;
+    let id = identity_from_cert_der(cert.as_ref())?;
+    let print = key_fingerprint(cert.as_ref()).ok_or_else(unreadable)?;
+    Ok((id, print))
+}
+
 /// The uncompressed point of a certificate's ECDSA P-256 key, if that is its key.
 fn p256_point(cert_der: &[u8]) -> Option<Vec<u8>> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
@@ -438,5 +473,39 @@ mod tests {
         );
         let err = Signer::load(&cert, &cert).expect_err("a certificate is not a key");
         assert!(err.to_string().contains("ons.pem"), "{err}");
+    }
+
+    #[test]
+    fn the_key_fingerprint_is_the_sha256_of_the_public_key_and_survives_renewal() {
+        let fed = Fed::new("fed");
+        let ca = pki::CaDir::new(&fed.dir);
+        let (cert, key) = pki::issue(&ca, Role::Node, "ons", &fed.dir, 30).expect("issue");
+        let der = |path: &std::path::Path| {
+            CertificateDer::from_pem_file(path)
+                .expect("cert")
+                .as_ref()
+                .to_vec()
+        };
+        let printed = key_fingerprint(&der(&cert)).expect("fingerprint");
+
+        // The same digest, computed from the private key's own public half.
+        let pem = std::fs::read_to_string(&key).expect("key");
+        use rcgen::PublicKeyData as _;
+        let spki = rcgen::KeyPair::from_pem(&pem)
+            .expect("key pair")
+            .subject_public_key_info();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &spki);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(printed, format!("sha256:{hex}"));
+
+        // A renewal keeps it; another key does not.
+        let renewed_dir = fed.dir.join("renewed");
+        std::fs::create_dir_all(&renewed_dir).expect("dir");
+        let (renewed, _) = pki::renew(&ca, &cert, &renewed_dir, 60).expect("renew");
+        assert_ne!(der(&renewed), der(&cert));
+        assert_eq!(key_fingerprint(&der(&renewed)).as_deref(), Some(printed.as_str()));
+        let (other, _) = pki::issue(&ca, Role::Node, "other", &fed.dir, 30).expect("issue");
+        assert_ne!(key_fingerprint(&der(&other)).as_deref(), Some(printed.as_str()));
+        assert_eq!(key_fingerprint(b"not a certificate"), None);
     }
 }
