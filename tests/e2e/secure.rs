@@ -195,6 +195,16 @@ fn echo(min_nodes: u32) -> String {
     )
 }
 
+/// Run an echo experiment of one secure round; assert it completed with the sum of `n` nodes.
+fn echo_completes_with_sum_of(fed: &Fed, n: usize) -> u64 {
+    let id = fed.submit("echo.toml", &echo(3));
+    let done = fed.wait_finished(id, Duration::from_secs(60));
+    let ev = events(&done);
+    assert_eq!(done["state"], "Completed", "{ev}");
+    assert!(ev.contains(&format!("unmasked the sum of {n} node(s)")), "{ev}");
+    id
+}
+
 /// Five offices, the listed ones leaving the federation at `point` of the secure step.
 fn five_with_faults(faulty: &[&str], point: &str) -> Fed {
     let mut fed = Fed::start_with("record_received = \"recorded\"");
@@ -216,27 +226,13 @@ fn five_with_faults(faulty: &[&str], point: &str) -> Fed {
 fn a_node_dropping_after_its_masked_answer_is_unmasked_from_the_others_shares() {
     // Five offices: the threshold is a strict majority, 3.
     let fed = five_with_faults(&["e"], "after-masked");
-    let id = fed.submit("echo.toml", &echo(3));
-    let done = fed.wait_finished(id, Duration::from_secs(60));
-    assert_eq!(done["state"], "Completed", "{}", events(&done));
-    assert!(
-        events(&done).contains("unmasked the sum of 5 node(s)"),
-        "{}",
-        events(&done)
-    );
+    echo_completes_with_sum_of(&fed, 5);
 }
 
 #[test]
 fn n_minus_t_nodes_dropping_before_masking_leave_a_sum_of_the_others() {
     let fed = five_with_faults(&["d", "e"], "after-shares");
-    let id = fed.submit("echo.toml", &echo(3));
-    let done = fed.wait_finished(id, Duration::from_secs(60));
-    assert_eq!(done["state"], "Completed", "{}", events(&done));
-    assert!(
-        events(&done).contains("unmasked the sum of 3 node(s)"),
-        "{}",
-        events(&done)
-    );
+    echo_completes_with_sum_of(&fed, 3);
 }
 
 #[test]
@@ -286,14 +282,7 @@ fn sybils_minted_by_the_ca_cannot_surround_an_office_that_pins_its_peers() {
             .filter(|p| key(p).2 == node)
             .count()
     };
-    let id = fed.submit("echo.toml", &echo(3));
-    let done = fed.wait_finished(id, Duration::from_secs(60));
-    assert_eq!(done["state"], "Completed", "{}", events(&done));
-    assert!(
-        events(&done).contains("unmasked the sum of 3 node(s)"),
-        "{}",
-        events(&done)
-    );
+    let id = echo_completes_with_sum_of(&fed, 3);
     assert_eq!(
         from(id, "a"),
         1,
@@ -336,13 +325,6 @@ fn sybils_minted_by_the_ca_cannot_surround_an_office_that_pins_its_peers() {
     for sybil in ["s1", "s2"] {
         fed.node(sybil).terminate();
     }
-    let id = fed.submit("echo.toml", &echo(3));
-    let done = fed.wait_finished(id, Duration::from_secs(60));
-    assert_eq!(done["state"], "Completed", "{}", events(&done));
-    assert!(
-        events(&done).contains("unmasked the sum of 3 node(s)"),
-        "{}",
-        events(&done)
-    );
-    assert_eq!(from(id, "a"), 1, "{}", events(&done));
+    let id = echo_completes_with_sum_of(&fed, 3);
+    assert_eq!(from(id, "a"), 1, "a sums with its pinned peers");
 }
