@@ -443,6 +443,9 @@ pub struct FitState<'a> {
     pub iterations: u32,
     pub converged: bool,
     pub warnings: Vec<String>,
+    /// Covariance the sampling model does not see, added to dispersion × (XᵀWX)⁻¹: the
+    /// Gaussian mechanism's noise (`privacy::ols_noise_covariance`), row-major p × p.
+    pub noise_covariance: Option<Vec<f64>>,
 }
 
 /// Inference as R's `summary.glm` reports it, from pooled sums evaluated at the final
@@ -468,7 +471,19 @@ pub fn summarize(fit: FitState<'_>, sums: &StepSums, scalars: Scalars) -> Result
     } else {
         1.0
     };
-    let covariance: Vec<f64> = unscaled.iter().map(|v| v * dispersion).collect();
+    let covariance: Vec<f64> = match &fit.noise_covariance {
+        Some(noise) if noise.len() == unscaled.len() => unscaled
+            .iter()
+            .zip(noise)
+            .map(|(v, e)| v * dispersion + e)
+            .collect(),
+        Some(_) => {
+            return Err(Error::Model(
+                "internal: the noise covariance has the wrong size".to_owned(),
+            ))
+        }
+        None => unscaled.iter().map(|v| v * dispersion).collect(),
+    };
     let std_errors: Vec<f64> = (0..p).map(|j| covariance[j * p + j].max(0.0).sqrt()).collect();
     let statistics: Vec<f64> = fit
         .beta
@@ -580,6 +595,7 @@ pub fn fit_pooled(family: Family, d: &Design, names: &[String], max_iterations: 
             iterations: 1,
             converged: true,
             warnings: Vec::new(),
+            noise_covariance: None,
         };
         return summarize(fit, &sums, scalars);
     }
@@ -605,6 +621,7 @@ pub fn fit_pooled(family: Family, d: &Design, names: &[String], max_iterations: 
                 iterations,
                 converged: converged_now,
                 warnings: Vec::new(),
+                noise_covariance: None,
             };
             return summarize(fit, &sums, sums.scalars);
         }

@@ -583,6 +583,87 @@ pub fn gaussian_ols_sums<R: Rng + ?Sized>(
     })
 }
 
+/// The covariance the Gaussian mechanism's noise adds to the coefficients of an exact linear
+/// model fitted on pooled noisy sums (`sums`, solved at `beta`), from `nodes` offices' noise:
+/// the delta method, exact for the linearised estimator.
+///
+/// The noise is public in distribution: each office added N(0, (σΔ)²) to every entry e of its
+/// sums in the basis of [`OlsBasis`] (X̃ᵀX̃'s upper triangle and X̃ᵀỹ), so the pooled noise has
+/// variance s² = (σΔ)²·nodes per entry, independently. The nodes' map back to the design's
+/// units is linear in e, and β = A⁻¹b (A = XᵀX, b = Xᵀy) moves by dβ = A⁻¹(db − dA·β). So
+/// Cov(dβ) = s² A⁻¹ (Σₑ vₑ vₑᵀ) A⁻¹ with vₑ = ∂(db − dA·β)/∂e, evaluated at the released sums.
+/// (A second-moment bootstrap is no alternative: A⁻¹ of a noisy A has heavy tails.)
+pub fn ols_noise_covariance(
+    spec: &ExperimentSpec,
+    sums: &StepSums,
+    beta: &[f64],
+    nodes: usize,
+    names: &[String],
+) -> Result<Vec<f64>> {
+    let privacy = spec
+        .privacy
+        .as_ref()
+        .ok_or_else(|| Error::Model("no [privacy] table".to_owned()))?;
+    let basis = OlsBasis::new(spec)?;
+    let p = basis.columns.len();
+    if sums.p != p || beta.len() != p {
+        return Err(Error::Model(
+            "the sums do not match the declared columns".to_owned(),
+        ));
+    }
+    let var = (privacy.noise_multiplier * ols_sensitivity(p)).powi(2) * nodes.max(1) as f64;
+    let yh = if basis.y_half > 0.0 { basis.y_half } else { 1.0 };
+    let t = |row: usize, col: usize| basis.t[row * p + col];
+    // (T·β)_a: row a of the transformed design times β, in design units.
+    let tb: Vec<f64> = (0..p).map(|a| (0..p).map(|j| t(a, j) * beta[j]).sum()).collect();
+    let mut meat = vec![0.0; p * p];
+    let mut add = |v: &[f64]| {
+        for i in 0..p {
+            for j in 0..p {
+                meat[i * p + j] += v[i] * v[j];
+            }
+        }
+    };
+    let mut v = vec![0.0; p];
+    // Noise on X̃ᵀX̃[a][c] (a ≤ c; the matrix is symmetric): dA = Tᵀ(E_ac + E_ca)T, and the
+    // constant's column (a = 0) also enters Xᵀy as m_y·X̃ᵀ1.
+    for a in 0..p {
+        for c in a..p {
+            for (j, vj) in v.iter_mut().enumerate() {
+                let da_beta = if a == c {
+                    t(a, j) * tb[a]
+                } else {
+                    t(a, j) * tb[c] + t(c, j) * tb[a]
+                };
+                let db = if a == 0 { basis.y_mid * t(c, j) } else { 0.0 };
+                *vj = db - da_beta;
+            }
+            add(&v);
+        }
+    }
+    // Noise on X̃ᵀỹ[k]: db = h_y·Tᵀe_k.
+    for k in 0..p {
+        for (j, vj) in v.iter_mut().enumerate() {
+            *vj = yh * t(k, j);
+        }
+        add(&v);
+    }
+    let inverse = crate::linalg::inverse_spd(&sums.xtwx_full(), p, names)?;
+    let mut left = vec![0.0; p * p];
+    for i in 0..p {
+        for j in 0..p {
+            left[i * p + j] = (0..p).map(|k| inverse[i * p + k] * meat[k * p + j]).sum();
+        }
+    }
+    let mut cov = vec![0.0; p * p];
+    for i in 0..p {
+        for j in 0..p {
+            cov[i * p + j] = var * (0..p).map(|k| left[i * p + k] * inverse[k * p + j]).sum::<f64>();
+        }
+    }
+    Ok(cov)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -753,8 +834,9 @@ bounds = [
 
     /// With (almost) no noise, the sums made in the public basis and mapped back equal the
     /// exact sums of the design (every row inside the bounds).
-    #[test]
-    fn gaussian_ols_sums_map_back_to_the_exact_sums() {
+    /// log(wage) on the CPS design at the west office under the Gaussian mechanism with
+    /// noise multiplier `sigma`, and that office's data.
+    fn ols_fixture(sigma: f64) -> (ExperimentSpec, LocalData) {
         let mut s = spec(LOGIT);
         s.model = ModelKind::Linear;
         s.method = Method::Exact;
@@ -768,7 +850,7 @@ bounds = [
         let p = dp(&mut s);
         p.clip_norm = None;
         p.sampling_rate = None;
-        p.noise_multiplier = 1e-12;
+        p.noise_multiplier = sigma;
         p.bounds.push(ColumnBound {
             column: "wage".into(),
             lower: 1.0,
@@ -779,6 +861,13 @@ bounds = [
         let path = crate::data::tests::data_dir().join("cps1988/west.csv");
         let data = crate::data::load_design(&path, &plan, None, crate::data::LoadLimits::UNLIMITED)
             .expect("test value");
+        (s, data)
+    }
+
+    #[test]
+    fn gaussian_ols_sums_map_back_to_the_exact_sums() {
+        let (s, data) = ols_fixture(1e-12);
+        let plan = s.design().expect("test value");
         let zeros = vec![0.0; plan.columns.len()];
         let (exact, _) = glm::step_sums(
             Family::Gaussian,
@@ -807,6 +896,51 @@ bounds = [
             (a.null_weighted_z, b.null_weighted_z),
         ] {
             assert!(close(x, y), "{x} vs {y}");
+        }
+    }
+
+    /// The noise covariance against the spread of coefficients over 400 repeated releases of
+    /// the same office's sums (a robust spread: the normalised interquartile range, as A⁻¹ of
+    /// a noisy A has heavy tails).
+    #[test]
+    fn the_noise_covariance_is_the_spread_of_repeated_releases() {
+        let (s, data) = ols_fixture(4.2);
+        let names = s.design().expect("test value").names();
+        let p = names.len();
+        let fit = |seed: u64| {
+            let sums =
+                gaussian_ols_sums(&s, &data, &mut ChaCha8Rng::seed_from_u64(seed)).expect("test value");
+            let beta = glm::irls_step(&sums, &names).expect("positive definite");
+            (sums, beta)
+        };
+        let runs: Vec<Vec<f64>> = (100..500).map(|seed| fit(seed).1).collect();
+        let spread = |j: usize| {
+            let mut v: Vec<f64> = runs.iter().map(|b| b[j]).collect();
+            v.sort_by(f64::total_cmp);
+            let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+            (q(0.75) - q(0.25)) / 1.349
+        };
+        // The figure is computed at the release's own noisy XᵀX, so it varies from release to
+        // release (at one office with σ = 4.2, from 0.7 to 2.2 times the spread for the weakest
+        // column); its median over releases is the spread.
+        let mut ratios = vec![Vec::new(); p];
+        for release in 1..22 {
+            let (sums, beta) = fit(release);
+            let cov = ols_noise_covariance(&s, &sums, &beta, 1, &names).expect("test value");
+            for (j, r) in ratios.iter_mut().enumerate() {
+                r.push(cov[j * p + j].sqrt() / spread(j));
+            }
+            // More offices, more noise in the pool: variance in proportion.
+            let four = ols_noise_covariance(&s, &sums, &beta, 4, &names).expect("test value");
+            assert!((four[0] / cov[0] - 4.0).abs() < 1e-9);
+        }
+        for (name, mut r) in names.iter().zip(ratios) {
+            r.sort_by(f64::total_cmp);
+            let median = r[r.len() / 2];
+            assert!(
+                (0.85..1.2).contains(&median),
+                "{name}: median ratio {median:.2} ({r:.2?})"
+            );
         }
     }
 

@@ -128,6 +128,7 @@ struct End<'a> {
     iterations: u32,
     converged: bool,
     warnings: Vec<String>,
+    noise_covariance: Option<Vec<f64>>,
 }
 
 #[derive(Debug)]
@@ -179,6 +180,7 @@ impl Glm {
             iterations,
             converged,
             mut warnings,
+            noise_covariance,
         } = end;
         if self.family == Family::Binomial
             && beta
@@ -207,6 +209,7 @@ impl Glm {
                 iterations,
                 converged,
                 warnings,
+                noise_covariance,
             },
             sums,
             scalars,
@@ -314,13 +317,27 @@ impl Algorithm for Glm {
             })?;
             let scalars = glm::gaussian_at_solution(&sums, &beta, self.intercept);
             record.train_loss = scalars.deviance;
+            // Under the Gaussian mechanism the coefficients carry the noise's variance as well
+            // as the sampling variance: both go into the standard errors.
+            let (noise_covariance, warnings) = if noisy {
+                let nodes = record.participants.len();
+                let cov = crate::privacy::ols_noise_covariance(&self.spec, &sums, &beta, nodes, &self.names)
+                    .map_err(step_err)?;
+                let note = "standard errors, tests and intervals include the variance of the \
+                            privacy noise (delta method; the noise distribution is public)"
+                    .to_owned();
+                (Some(cov), vec![note])
+            } else {
+                (None, Vec::new())
+            };
             let end = End {
                 beta,
                 sums: &sums,
                 scalars,
                 iterations: 1,
                 converged: true,
-                warnings: Vec::new(),
+                warnings,
+                noise_covariance,
             };
             self.finish(end, &mut report)?;
         } else {
@@ -354,6 +371,7 @@ impl Algorithm for Glm {
                     iterations: r - 1,
                     converged: main_done,
                     warnings,
+                    noise_covariance: None,
                 };
                 self.finish(end, &mut report)?;
             } else {

@@ -145,7 +145,7 @@ fn dp_sgd_logit_at_epsilon_below_one_keeps_the_central_accuracy() {
 }
 
 /// One exact OLS fit from the offices' noisy sums, through the algorithm's check and pooling.
-fn dp_ols(spec: &ExperimentSpec, data: &[LocalData], seed: u64) -> Vec<f64> {
+fn dp_ols(spec: &ExperimentSpec, data: &[LocalData], seed: u64) -> fedstat_proto::output::GlmSummary {
     let mut alg = Glm::new(spec, Checkpoint::default()).expect("glm");
     let p = spec.num_params() as usize;
     let now = Instant::now();
@@ -169,12 +169,13 @@ fn dp_ols(spec: &ExperimentSpec, data: &[LocalData], seed: u64) -> Vec<f64> {
             total_weight: data.len() as u64,
             answers: data.len(),
         };
-        alg.finish_step(now, &step, pooled, Vec::new(), 0).expect("step");
+        let offices = (0..data.len()).map(|k| format!("office{k}")).collect();
+        alg.finish_step(now, &step, pooled, offices, 0).expect("step");
     }
     let Some(Output::Glm(summary)) = alg.output().cloned() else {
         panic!("no summary");
     };
-    summary.coefficients
+    *summary
 }
 
 #[test]
@@ -199,8 +200,24 @@ fn gaussian_mechanism_ols_at_epsilon_below_one_is_close_to_the_pooled_fit() {
         m0.r2.expect("r2"),
         m0.rmse.expect("rmse")
     );
+    // The pooled fit's own standard errors, for the share the noise adds.
+    let pooled = crate::glm::fit_pooled(crate::glm::Family::Gaussian, &train, &names, 1).expect("pooled fit");
+    let mut covered = 0;
     for seed in 1..=5 {
-        let beta = dp_ols(&spec, &data, seed);
+        let summary = dp_ols(&spec, &data, seed);
+        let beta = summary.coefficients.clone();
+        // Its intervals hold the noise's variance too: they cover the pooled coefficients.
+        covered += summary
+            .ci95
+            .iter()
+            .zip(&exact)
+            .filter(|([lo, hi], e)| (*lo..=*hi).contains(*e))
+            .count();
+        let inflation: Vec<String> = names
+            .iter()
+            .zip(summary.std_errors.iter().zip(&pooled.std_errors))
+            .map(|(n, (dp, se))| format!("{n} {:.1}x", dp / se))
+            .collect();
         let rel: Vec<f64> = beta
             .iter()
             .zip(&exact)
@@ -223,6 +240,13 @@ fn gaussian_mechanism_ols_at_epsilon_below_one_is_close_to_the_pooled_fit() {
         let diff: Vec<f64> = beta.iter().zip(&exact).map(|(b, e)| b - e).collect();
         let whole = norm(&diff) / norm(&exact);
         println!("  relative error of the coefficient vector {:.2}%", 100.0 * whole);
+        println!(
+            "  standard errors against the pooled fit's: {}",
+            inflation.join(", ")
+        );
         assert!(whole < 0.1, "relative error of the coefficients {whole}");
     }
+    let all = 5 * names.len();
+    println!("95% intervals covering the pooled coefficient: {covered} of {all}");
+    assert!(covered * 10 >= all * 8, "{covered} of {all}");
 }
