@@ -398,6 +398,13 @@ impl Worker {
         };
         let t = tabulate::tabulate(&layout, &codes, &values, &selected, rules.dominance_n)
             .map_err(fedstat_core::Error::from)?;
+        if let Some(p) = &spec.privacy {
+            // The Gaussian mechanism instead of the cell rules: the noise protects every cell,
+            // and a suppression decided on the true counts would itself disclose.
+            let answer = tabulate::private_answer(&layout, &t, p.noise_multiplier, &mut privacy::os_rng());
+            tracing::info!(experiment = ?task.experiment, "table cells answered with Gaussian noise");
+            return Ok(Answer::sum(Values::F64(answer)));
+        }
         let (answer, suppressed) =
             tabulate::node_answer(&layout, &t, rules).map_err(fedstat_core::Error::from)?;
         tracing::info!(

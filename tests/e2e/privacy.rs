@@ -48,9 +48,14 @@ fn results(fed: &Fed, id: u64) -> Value {
 }
 
 #[test]
-fn dp_sgd_and_gaussian_ols_run_on_offices_that_require_dp() {
+fn dp_sgd_gaussian_ols_and_a_gaussian_table_run_on_offices_that_require_dp() {
     let mut fed = Fed::start();
     fed.node_policy.push_str("require_dp = true\n");
+    // The table sums wage per cell: a feature of tables.
+    fed.node_policy = fed
+        .node_policy
+        .replace("\"parttime\"]", "\"parttime\", \"wage\"]");
+    assert!(fed.node_policy.contains("\"wage\"]"));
     for region in REGIONS {
         fed.add_node(region, &[("cps1988", demo_data(region))]);
     }
@@ -59,6 +64,8 @@ fn dp_sgd_and_gaussian_ols_run_on_offices_that_require_dp() {
     let (ols_spec, ols_toml) = example("experiment-ols-dp.toml");
     let logit = fed.submit("logit-dp.toml", &logit_toml);
     let ols = fed.submit("ols-dp.toml", &ols_toml);
+    let (_, table_toml) = example("experiment-table-dp.toml");
+    let table = fed.submit("table-dp.toml", &table_toml);
     let plain = fed.submit("plain.toml", &logit_experiment(1, 3, ""));
     let models = &reference()["cps1988"]["models"];
 
@@ -105,6 +112,56 @@ fn dp_sgd_and_gaussian_ols_run_on_offices_that_require_dp() {
         .expect("r2");
     println!("Gaussian-mechanism OLS over the binaries: test R² {r2:.4} (pooled non-private {pooled:.4})");
     assert!(r2 >= 0.9 * pooled, "{r2} against {pooled}");
+
+    // The table under the Gaussian mechanism: every cell published, none suppressed, each
+    // count within 5 noise standard deviations of the pooled pandas count.
+    let s = fed.wait_finished(table, Duration::from_secs(60));
+    assert_eq!(s["state"], "Completed", "{s:#}");
+    let out = fed.path("table-dp");
+    let printed = fed.cli(&[
+        "results",
+        &table.to_string(),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert!(printed.status.success(), "{printed:?}");
+    let text = std::fs::read_to_string(out.join("table.json")).expect("table.json");
+    let published: serde_json::Value = serde_json::from_str(&text).expect("table.json parses");
+    let notes = published["notes"].to_string();
+    assert!(notes.contains("differential privacy"), "{notes}");
+    let fixture = std::fs::read_to_string(repo().join("tests/data/table-reference.json")).expect("fixture");
+    let fixture: serde_json::Value = serde_json::from_str(&fixture).expect("fixture json");
+    // σ = 4.2, one numeric column: sd 4.2·√2 per office, four offices.
+    let sd = 4.2 * 2f64.sqrt() * 2.0;
+    for want in fixture["wage_by_ethnicity_smsa"].as_array().expect("cells") {
+        let cell = published["cells"]
+            .as_array()
+            .expect("cells")
+            .iter()
+            .find(|c| c["key"] == want["key"])
+            .expect("cell");
+        assert!(cell["suppressed"].is_null(), "{cell}");
+        let (noisy, exact) = (
+            cell["values"][0].as_f64().expect("count"),
+            want["count"].as_f64().expect("count"),
+        );
+        println!(
+            "DP table over the binaries: {} count {exact} ~ {noisy}",
+            want["key"]
+        );
+        // A margin sums the noise of its cells (two levels per summed-out column).
+        let summed = want["key"]
+            .as_array()
+            .expect("key")
+            .iter()
+            .filter(|k| *k == "(all)")
+            .count();
+        let k = f64::from(1u32 << summed);
+        assert!(
+            (noisy - exact).abs() < 5.0 * sd * k.sqrt() + 0.5,
+            "{cell} against {want}"
+        );
+    }
 
     let s = fed.wait_finished(plain, Duration::from_secs(60));
     assert!(s["state"]["Failed"].is_object(), "{s:#}");

@@ -49,11 +49,14 @@ pub enum Mechanism {
     DpSgd,
     /// The Gaussian mechanism on bounded sums (the exact linear model).
     GaussianSums,
+    /// The Gaussian mechanism on a table's cell counts and bounded sums.
+    GaussianTable,
 }
 
 /// The mechanism of a model and method, or `None` where DP is not supported.
 pub fn mechanism(spec: &ExperimentSpec) -> Option<Mechanism> {
     match (spec.method, spec.model) {
+        (_, ModelKind::Table) => Some(Mechanism::GaussianTable),
         (Method::FedAvg, ModelKind::Linear | ModelKind::Logistic) => Some(Mechanism::DpSgd),
         (Method::Exact, ModelKind::Linear) => Some(Mechanism::GaussianSums),
         _ => None,
@@ -119,11 +122,14 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
         return Err(bad(
             "privacy",
             format!(
-                "differential privacy is available for method = \"fedavg\" with linear or logistic models (DP-SGD) and for method = \"exact\" with the linear model (Gaussian mechanism), not for model = \"{}\" with this method",
+                "differential privacy is available for method = \"fedavg\" with linear or logistic models (DP-SGD), for method = \"exact\" with the linear model and for tables (Gaussian mechanism), not for model = \"{}\" with this method",
                 spec.model.as_str()
             ),
         ));
     };
+    if mechanism == Mechanism::GaussianTable {
+        return validate_table(spec, p);
+    }
     let plan = spec.design().map_err(crate::data::design_error)?;
     match mechanism {
         Mechanism::DpSgd => {
@@ -165,6 +171,51 @@ pub fn validate(spec: &ExperimentSpec) -> Result<()> {
                 ));
             }
             OlsBasis::new(spec)?;
+        }
+        Mechanism::GaussianTable => {}
+    }
+    Ok(())
+}
+
+/// A table under the Gaussian mechanism releases counts and sums only, every value clipped
+/// into the bounds the form declares (they set the noise, [`crate::tabulate::private_noise_sd`]).
+fn validate_table(spec: &ExperimentSpec, p: &PrivacySpec) -> Result<()> {
+    if p.node_level.is_some() {
+        return Err(bad("privacy.node_level", "applies to federated averaging only"));
+    }
+    if p.clip_norm.is_some() || p.sampling_rate.is_some() {
+        return Err(bad(
+            "privacy",
+            "clip_norm and sampling_rate belong to DP-SGD; a table's noise is set by its numeric columns' min and max",
+        ));
+    }
+    if !p.bounds.is_empty() {
+        return Err(bad(
+            "privacy.bounds",
+            "a table's numeric columns declare their own min and max in [[table.numeric]]",
+        ));
+    }
+    let Some(table) = &spec.table else {
+        return Ok(()); // the table validation names the missing [table]
+    };
+    for n in &table.numeric {
+        if !n.clip {
+            return Err(bad(
+                "privacy",
+                format!(
+                    "numeric column `{}` needs clip = true: under differential privacy a value outside its bounds is clipped, never refused (a refusal would tell that such a value exists)",
+                    n.column
+                ),
+            ));
+        }
+        if !n.bins.is_empty() || !n.quantiles.is_empty() {
+            return Err(bad(
+                "privacy",
+                format!(
+                    "numeric column `{}`: histograms and quantiles are not released under differential privacy yet; counts, sums and means are",
+                    n.column
+                ),
+            ));
         }
     }
     Ok(())

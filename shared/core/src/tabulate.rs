@@ -499,6 +499,64 @@ pub fn tabulate(
     Ok(t)
 }
 
+/// The L2 sensitivity of a differentially private table answer in its normalised units: a
+/// row falls in exactly one interior cell and changes that cell's count by 1 and its sum of
+/// numeric column c by at most B_c (the column's larger bound magnitude, values clipped). With
+/// every sum divided by its B_c, one row moves the released vector by at most √(1 + m) for m
+/// numeric columns. Margins are sums of released cells: post-processing.
+pub fn private_sensitivity(layout: &Layout) -> f64 {
+    ((1 + layout.numeric.len()) as f64).sqrt()
+}
+
+/// Standard deviations of the noise on one office's cell: on the count, and on each numeric
+/// column's sum (`σ · √(1 + m) · B_c`).
+pub fn private_noise_sd(layout: &Layout, noise_multiplier: f64) -> (f64, Vec<f64>) {
+    let sd = noise_multiplier * private_sensitivity(layout);
+    (sd, layout.numeric.iter().map(|n| sd * bound(n)).collect())
+}
+
+/// A node's answer to a table under the Gaussian mechanism (`[privacy]`): every interior
+/// cell's count and numeric sums with N(0, sd²) added ([`private_noise_sd`]), the margins the
+/// sums of those noisy cells; Σx², Σ|x| and histograms are not released (zeros). No cell is
+/// suppressed: a data-dependent suppression would itself release something the noise does not
+/// cover. Values must have been clipped into their bounds (`clip = true`, checked by
+/// validation).
+pub fn private_answer<R: rand::Rng + ?std::marker::Sized>(
+    layout: &Layout,
+    t: &Tabulated,
+    noise_multiplier: f64,
+    rng: &mut R,
+) -> Vec<f64> {
+    let nm = layout.numeric.len();
+    let w = layout.width;
+    let dims = layout.dims();
+    let (sd_count, sd_sums) = private_noise_sd(layout, noise_multiplier);
+    let mut out = vec![0.0; layout.answer_len()];
+    let mut noisy = vec![0.0; nm];
+    for e in (0..layout.elements).filter(|&e| !layout.is_margin(e)) {
+        let count = t.counts[e] as f64 + sd_count * crate::privacy::standard_normal(rng);
+        for (m, v) in noisy.iter_mut().enumerate() {
+            *v = t.acc[e * nm + m].sum.value() + sd_sums[m] * crate::privacy::standard_normal(rng);
+        }
+        // The cell itself and every margin over it: each subset of its dimensions summed out.
+        let key = layout.key(e);
+        for subset in 0..1usize << dims.len() {
+            let mut k = key.clone();
+            for (i, d) in dims.iter().enumerate() {
+                if subset & (1 << i) != 0 {
+                    k[i] = *d;
+                }
+            }
+            let at = layout.index(&k) * w;
+            out[at + 1] += count;
+            for (m, v) in noisy.iter().enumerate() {
+                out[at + layout.numeric_offset(m)] += v;
+            }
+        }
+    }
+    out
+}
+
 /// The node's answer: primary suppression by its rules, secondary suppression with its margins
 /// treated as known, then the encoded vector (suppressed elements all zero but the flag).
 /// Also returns how many elements were suppressed, for the node's log.

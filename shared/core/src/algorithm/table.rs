@@ -206,6 +206,141 @@ pub fn pool(spec: &ExperimentSpec, layout: &Layout, pooled: &[f64]) -> Result<Ta
     })
 }
 
+/// Largest magnitude of a noisy count or sum in a private answer (below the 2^62 every sum
+/// accepts): far beyond any table a node may hold plus its noise.
+const MAX_PRIVATE_VALUE: f64 = 1e18;
+
+/// One node's answer under the Gaussian mechanism ([`crate::tabulate::private_answer`]):
+/// flags 0, finite counts and sums of a plausible size, nothing in the fields it does not
+/// release. Its margins are not checked: the pooled margins are recomputed from the cells.
+pub fn check_private(layout: &Layout, v: &[f64]) -> Result<(), String> {
+    if v.len() != layout.answer_len() {
+        return Err("table: wrong number of values".to_owned());
+    }
+    let w = layout.width;
+    let released: Vec<usize> = std::iter::once(1)
+        .chain((0..layout.numeric.len()).map(|m| layout.numeric_offset(m)))
+        .collect();
+    for el in v.chunks_exact(w) {
+        for (i, x) in el.iter().enumerate() {
+            if released.contains(&i) {
+                if !(x.is_finite() && x.abs() <= MAX_PRIVATE_VALUE) {
+                    return Err(
+                        "table: a noisy count or sum is not a finite number of a plausible size".to_owned(),
+                    );
+                }
+            } else if *x != 0.0 {
+                return Err(
+                    "table: a differentially private answer carries a figure it does not release".to_owned(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The statistics of every cell of a private table, in order.
+pub fn private_stat_names(layout: &Layout) -> Vec<String> {
+    let mut names = vec!["count".to_owned()];
+    for n in &layout.numeric {
+        let c = &n.column;
+        names.extend([format!("{c}_sum"), format!("{c}_mean")]);
+    }
+    names
+}
+
+/// The published table under the Gaussian mechanism, from the sum of `offices`' noisy
+/// answers: every interior cell's noisy count (rounded, at least 0) and sums, margins summed
+/// from the noisy interior cells (so the table adds up), means as noisy sum over noisy count.
+/// No cell is suppressed; the notes give the noise of every figure.
+pub fn pool_private(
+    spec: &ExperimentSpec,
+    layout: &Layout,
+    pooled: &[f64],
+    offices: usize,
+) -> Result<TableOutput, String> {
+    let t = spec.table.as_ref().ok_or("the experiment has no table")?;
+    let sigma = spec
+        .privacy
+        .as_ref()
+        .ok_or("the experiment has no [privacy] table")?
+        .noise_multiplier;
+    if pooled.len() != layout.answer_len() {
+        return Err("pooled table has the wrong length".to_owned());
+    }
+    let w = layout.width;
+    let nm = layout.numeric.len();
+    let dims = layout.dims();
+    // Per element: count, then each numeric sum; margins from the interior cells.
+    let mut figures = vec![0.0; layout.elements * (1 + nm)];
+    for e in (0..layout.elements).filter(|&e| !layout.is_margin(e)) {
+        let el = &pooled[e * w..(e + 1) * w];
+        let key = layout.key(e);
+        for subset in 0..1usize << dims.len() {
+            let mut k = key.clone();
+            for (i, d) in dims.iter().enumerate() {
+                if subset & (1 << i) != 0 {
+                    k[i] = *d;
+                }
+            }
+            let at = layout.index(&k) * (1 + nm);
+            figures[at] += el[1];
+            for m in 0..nm {
+                figures[at + 1 + m] += el[layout.numeric_offset(m)];
+            }
+        }
+    }
+    let mut cells = Vec::with_capacity(layout.elements);
+    for e in 0..layout.elements {
+        let key: Vec<String> = layout
+            .key(e)
+            .iter()
+            .zip(&layout.levels)
+            .map(|(&k, levels)| levels.get(k).cloned().unwrap_or_else(|| MARGIN.to_owned()))
+            .collect();
+        let f = &figures[e * (1 + nm)..(e + 1) * (1 + nm)];
+        let n = f[0];
+        let mut values = vec![Some(n.round().max(0.0))];
+        for s in &f[1..] {
+            values.extend([Some(*s), (n >= 1.0).then(|| s / n)]);
+        }
+        cells.push(TableCell {
+            key,
+            margin: layout.is_margin(e),
+            suppressed: None,
+            values,
+        });
+    }
+    let stats = private_stat_names(layout);
+    let mut header = layout.by.clone();
+    header.extend(stats.iter().cloned());
+    let (sd_count, sd_sums) = crate::tabulate::private_noise_sd(layout, sigma);
+    let pooled_sd = (offices.max(1) as f64).sqrt();
+    let mut noise = format!(
+        "differential privacy (Gaussian mechanism, noise multiplier {sigma}): each office added noise to each of its cells; in a pooled cell of {offices} office(s) the count has noise of standard deviation {:.3}",
+        sd_count * pooled_sd
+    );
+    for (num, sd) in layout.numeric.iter().zip(&sd_sums) {
+        noise.push_str(&format!(", the sum of `{}` {:.6e}", num.column, sd * pooled_sd));
+    }
+    noise.push_str("; a margin over k cells has √k times that");
+    let notes = vec![
+        format!("rows: {} rows of every participating office", t.rows.as_str()),
+        noise,
+        "counts: noisy, rounded to whole numbers, at least 0; margins are sums of the noisy cells, so the table adds up".to_owned(),
+        "means: noisy sum / noisy count, empty where the noisy count is below 1; unreliable for small cells".to_owned(),
+        "suppression: none; differential privacy protects every cell (a suppression decided on the true counts would itself disclose)".to_owned(),
+    ];
+    Ok(TableOutput {
+        header,
+        by: layout.by.clone(),
+        stats,
+        rows: t.rows.as_str().to_owned(),
+        cells,
+        notes,
+    })
+}
+
 /// The table algorithm: one step, then done.
 #[derive(Debug)]
 pub struct Table {
@@ -252,6 +387,7 @@ impl Algorithm for Table {
     fn check_answer(&self, step: &Step, answer: Answer<'_>) -> Result<(), String> {
         let layout = self.layout.as_ref().ok_or("the table form is invalid")?;
         match (step.phase, answer.values) {
+            (Phase::Table, Values::F64(v)) if self.spec.privacy.is_some() => check_private(layout, v),
             (Phase::Table, Values::F64(v)) => check(layout, v),
             (Phase::Table, _) => Err("table: answers are float64".to_owned()),
             _ => Err("a table asks for no such answer".to_owned()),
@@ -270,7 +406,13 @@ impl Algorithm for Table {
             return Err(format!("a table asked for {}", step.phase));
         }
         let layout = self.layout.as_ref().ok_or("the table form is invalid")?;
-        let out = pool(&self.spec, layout, &pooled.values.to_f64()).map_err(|e| format!("table: {e}"))?;
+        let values = pooled.values.to_f64();
+        let out = if self.spec.privacy.is_some() {
+            pool_private(&self.spec, layout, &values, pooled.answers)
+        } else {
+            pool(&self.spec, layout, &values)
+        }
+        .map_err(|e| format!("table: {e}"))?;
         let suppressed = out.cells.iter().filter(|c| c.suppressed.is_some()).count();
         // The grand total, when published, is the round's row count; otherwise 0.
         let rows = out
@@ -457,5 +599,81 @@ numeric = [{ column = "wage", min = 0, max = 100, bins = [0, 50, 100], quantiles
         assert!(check(&layout, &v)
             .expect_err("values")
             .contains("suppressed cell carries"));
+    }
+
+    /// The same form under `[privacy]`: clipped wage, no histogram.
+    fn private_spec() -> ExperimentSpec {
+        let mut spec = spec();
+        let table = spec.table.as_mut().expect("table");
+        table.numeric[0].bins.clear();
+        table.numeric[0].quantiles.clear();
+        table.numeric[0].clip = true;
+        spec.privacy = Some(toml::from_str("noise_multiplier = 2.0\ndelta = 1e-5").expect("privacy"));
+        crate::spec::validate(&spec).expect("valid");
+        spec
+    }
+
+    /// Under the Gaussian mechanism the table is validated for what it releases, answers carry
+    /// noisy counts and sums only, and the pooled table's margins add up and nothing is
+    /// suppressed.
+    #[test]
+    fn private_tables_release_noisy_cells_whose_margins_add_up() {
+        use rand::SeedableRng;
+        let spec = private_spec();
+        // What validation refuses under [privacy], by key.
+        let refused = |edit: &dyn Fn(&mut ExperimentSpec), key: &str| {
+            let mut s = spec.clone();
+            edit(&mut s);
+            let err = crate::spec::validate(&s).expect_err(key).to_string();
+            assert!(err.contains(key), "{err}");
+        };
+        refused(&|s| s.table.as_mut().expect("t").numeric[0].clip = false, "clip = true");
+        refused(
+            &|s| s.table.as_mut().expect("t").numeric[0].bins = vec![0.0, 100.0],
+            "histograms and quantiles",
+        );
+        refused(
+            &|s| s.privacy.as_mut().expect("p").sampling_rate = Some(0.1),
+            "clip_norm and sampling_rate",
+        );
+
+        let layout = Layout::new(&spec).expect("layout");
+        let a = [0u32, 0, 1, 2, 2, 2];
+        let b = [0u32, 1, 1, 0, 0, 1];
+        let wage = [10.0, 20.0, 500.0, 40.0, 50.0, 60.0];
+        let t = tabulate(&layout, &[&a, &b], &[&wage], &[true; 6], 1).expect("tabulate");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let answer = crate::tabulate::private_answer(&layout, &t, 2.0, &mut rng);
+        check_private(&layout, &answer).expect("well formed");
+        // Nothing but counts and sums; every value noisy (no exact count survives).
+        let w = layout.width;
+        let o = layout.numeric_offset(0);
+        for (e, el) in answer.chunks_exact(w).enumerate() {
+            assert_eq!(el[0], 0.0);
+            assert_ne!(el[1], t.counts()[e] as f64);
+            assert!(el[o + 1..].iter().all(|x| *x == 0.0));
+        }
+        // A node's answer that carries a sum of squares, or a non-finite count, is refused.
+        let mut bad = answer.clone();
+        bad[o + 1] = 3.0;
+        assert!(check_private(&layout, &bad).expect_err("sq").contains("does not release"));
+        let mut bad = answer.clone();
+        bad[1] = f64::NAN;
+        assert!(check_private(&layout, &bad).expect_err("nan").contains("finite"));
+
+        let out = pool_private(&spec, &layout, &answer, 1).expect("pool");
+        assert!(out.cells.iter().all(|c| c.suppressed.is_none()));
+        assert_eq!(out.stats, vec!["count", "wage_sum", "wage_mean"]);
+        // The grand total's sum is the sum of the interior cells' sums (the wage clipped at 100).
+        let total = out.cells.last().expect("total");
+        let interior: f64 = out
+            .cells
+            .iter()
+            .filter(|c| !c.margin)
+            .map(|c| c.values[1].expect("sum"))
+            .sum();
+        let grand = total.values[1].expect("sum");
+        assert!((grand - interior).abs() < 1e-6 * grand.abs().max(1.0), "{grand} vs {interior}");
+        assert!(out.notes.iter().any(|n| n.contains("differential privacy")));
     }
 }

@@ -250,3 +250,116 @@ fn gaussian_mechanism_ols_at_epsilon_below_one_is_close_to_the_pooled_fit() {
     println!("95% intervals covering the pooled coefficient: {covered} of {all}");
     assert!(covered * 10 >= all * 8, "{covered} of {all}");
 }
+
+/// One office's tabulation of the example's table (train rows).
+fn office_table(
+    layout: &crate::tabulate::Layout,
+    spec: &ExperimentSpec,
+    region: &str,
+) -> crate::tabulate::Tabulated {
+    let schema = spec.schema.as_ref().expect("schema");
+    let request = crate::data::FrameRequest {
+        split_column: schema.split_column.clone(),
+        numeric: layout.numeric.iter().map(|n| n.column.clone()).collect(),
+        categorical: layout
+            .by
+            .iter()
+            .cloned()
+            .zip(layout.levels.iter().cloned())
+            .collect(),
+    };
+    let path = data_dir().join("cps1988").join(format!("{region}.csv"));
+    let frame = crate::data::load_frame(&path, &request, crate::data::LoadLimits::UNLIMITED).expect("frame");
+    let codes: Vec<&[u32]> = layout
+        .by
+        .iter()
+        .map(|c| frame.categorical[c].codes.as_slice())
+        .collect();
+    let values: Vec<&[f64]> = layout
+        .numeric
+        .iter()
+        .map(|n| frame.numeric[&n.column].as_slice())
+        .collect();
+    crate::tabulate::tabulate(layout, &codes, &values, &frame.train, 2).expect("tabulate")
+}
+
+/// The CPS table of counts and mean wage by ethnicity × smsa at ε = 0.96 per office
+/// (`configs/experiment-table-dp.toml`) against the same table without noise (wages clipped at
+/// the same bound): the errors match the noise the notes announce.
+#[test]
+fn gaussian_table_at_epsilon_below_one_against_the_exact_table() {
+    use crate::algorithm::table::pool_private;
+    use crate::tabulate::{node_answer, private_answer, CellRules, Layout};
+    let spec = example("experiment-table-dp.toml");
+    crate::spec::validate(&spec).expect("valid");
+    let cost = spec.privacy_cost_per_round().expect("cost");
+    assert_eq!((cost.steps, cost.sampling_rate), (1, 1.0));
+    let layout = Layout::new(&spec).expect("layout");
+    let tables: Vec<_> = REGIONS.iter().map(|r| office_table(&layout, &spec, r)).collect();
+    // The exact pooled table: every office's unsuppressed answer, summed.
+    let no_rules = CellRules {
+        min_cell: 1,
+        dominance_n: 1,
+        dominance_k: 100.0,
+    };
+    let mut exact = vec![0.0; layout.answer_len()];
+    for t in &tables {
+        let (a, _) = node_answer(&layout, t, no_rules).expect("answer");
+        exact.iter_mut().zip(a).for_each(|(e, x)| *e += x);
+    }
+    let w = layout.width;
+    let o = layout.numeric_offset(0);
+    let sigma = spec.privacy.as_ref().expect("privacy").noise_multiplier;
+    let (sd_count, sd_sum) = crate::tabulate::private_noise_sd(&layout, sigma);
+    let pooled_sd = (REGIONS.len() as f64).sqrt();
+    let mut worst_count_z: f64 = 0.0;
+    for seed in 1..=5 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut pooled = vec![0.0; layout.answer_len()];
+        for t in &tables {
+            let a = private_answer(&layout, t, sigma, &mut rng);
+            crate::algorithm::table::check_private(&layout, &a).expect("a well-formed private answer");
+            pooled.iter_mut().zip(a).for_each(|(p, x)| *p += x);
+        }
+        let out = pool_private(&spec, &layout, &pooled, REGIONS.len()).expect("pool");
+        let mut shown = Vec::new();
+        for (e, cell) in out.cells.iter().enumerate() {
+            assert_eq!(cell.suppressed, None);
+            let n = exact[e * w + 1];
+            let mean = exact[e * w + o] / n;
+            let noisy_n = cell.values[0].expect("count");
+            let noisy_mean = cell.values[2].expect("mean");
+            // Margins sum k interior cells' noise.
+            let k = layout
+                .key(e)
+                .iter()
+                .zip(&layout.levels)
+                .map(|(&i, l)| if i == l.len() { l.len() } else { 1 })
+                .product::<usize>() as f64;
+            let z = (noisy_n - n) / (sd_count * pooled_sd * k.sqrt());
+            worst_count_z = worst_count_z.max(z.abs());
+            shown.push(format!(
+                "{}: n {n} ~ {noisy_n} ({:+.2}%), mean {mean:.1} ~ {noisy_mean:.1} ({:+.2}%)",
+                cell.key.join("/"),
+                100.0 * (noisy_n - n) / n,
+                100.0 * (noisy_mean - mean) / mean
+            ));
+            let mean_sd = sd_sum[0] * pooled_sd * k.sqrt() / n;
+            assert!(
+                (noisy_mean - mean).abs() < 6.0 * mean_sd + 6.0 * mean * sd_count * pooled_sd * k.sqrt() / n,
+                "{}",
+                shown.join("\n")
+            );
+        }
+        println!("Gaussian table run {seed}:\n  {}", shown.join("\n  "));
+    }
+    println!(
+        "noise sd per pooled cell: count {:.2}, wage sum {:.0}",
+        sd_count * pooled_sd,
+        sd_sum[0] * pooled_sd
+    );
+    assert!(
+        worst_count_z < 5.0,
+        "a count's error is {worst_count_z} standard deviations"
+    );
+}
