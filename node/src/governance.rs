@@ -248,9 +248,10 @@ impl Governance {
     /// Charge a differentially private answer to its dataset's privacy budget before it is
     /// sent (see [`crate::ledger`]) and audit it; `Ok(Some)` is the notice for the coordinator
     /// (`NodeMsg::PrivacySpent`), `Ok(None)` an answer the ledger does not charge.
-    pub fn charge_privacy(&self, task: &Task, manifest: &str) -> Result<Option<NodeMsg>> {
+    /// `answer` is the answer's digest: the same answer sent again is not charged again.
+    pub fn charge_privacy(&self, task: &Task, manifest: &str, answer: &str) -> Result<Option<NodeMsg>> {
         let budget = self.policy.privacy.as_ref();
-        let Some(charged) = self.privacy.charge(task, manifest, budget)? else {
+        let Some(charged) = self.privacy.charge(task, manifest, budget, answer)? else {
             return Ok(None);
         };
         let cost = task.spec.privacy_cost_per_round();
@@ -266,6 +267,7 @@ impl Governance {
             delta: charged.delta,
             experiment_epsilon: charged.experiment_epsilon,
             dataset_epsilon: charged.dataset_epsilon,
+            repeated: charged.repeated,
         })?;
         let show = budget.is_some_and(|b| b.show_remaining);
         Ok(Some(NodeMsg::PrivacySpent {

@@ -12,8 +12,10 @@
 //!   *other* experiments spent on the dataset, stays within the budget.
 //! - **Charge** ([`PrivacyLedger::charge`]): every noised answer (the round's release: training
 //!   for DP-SGD, the GLM sums, the table cells) is charged durably *before* it leaves the node,
-//!   and refused if the charge would take the dataset over its budget. A retried round is
-//!   charged again: its answer carries fresh noise, so it is a new release.
+//!   and refused if the charge would take the dataset over its budget. A retried round that the
+//!   node answers with the same noisy answer (its memory of answers, while it runs) is not
+//!   charged again: sending a vector twice releases nothing new. After a restart the answer
+//!   carries fresh noise, a new release, and is charged (the charge holds the answer's digest).
 //! - An experiment without `[privacy]` is never charged: it releases exact sums, which the
 //!   disclosure rules protect, not differential privacy. Neither is a data-free `echo`.
 //! - A damaged ledger is never reset: the node refuses differentially private experiments
@@ -73,6 +75,10 @@ pub struct Charge {
     pub cost: PrivacyCost,
     /// UTC, RFC 3339.
     pub at: String,
+    /// SHA-256 of the released answer: the same answer sent again (a retry the node answers
+    /// from its memory of noisy answers) releases nothing new and is not charged again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -94,6 +100,8 @@ pub struct Charged {
     /// The dataset's budget left, when it has one.
     pub remaining: Option<f64>,
     pub delta: f64,
+    /// The answer was charged before (the same noisy answer sent again): nothing was added.
+    pub repeated: bool,
 }
 
 /// One dataset's spend, for `fedstat-node budget`.
@@ -296,6 +304,7 @@ impl PrivacyLedger {
         task: &Task,
         manifest: &str,
         budget: Option<&PrivacyBudget>,
+        answer: &str,
     ) -> Result<Option<Charged>> {
         let spec = &task.spec;
         if !charged_phase(spec, task.phase) {
@@ -310,6 +319,31 @@ impl PrivacyLedger {
         let dataset_budget = budget.map(|b| b.of(&spec.dataset));
         let delta = dataset_budget.map_or(DEFAULT_BUDGET_DELTA, |b| b.delta);
         let spent = Self::composed(&file, &spec.dataset, |_| true)?;
+        let phase = task.phase.to_string();
+        let repeated = file.datasets.get(&spec.dataset).is_some_and(|charges| {
+            charges.iter().any(|c| {
+                c.experiment == task.experiment
+                    && c.round == task.round
+                    && c.phase == phase
+                    && c.answer.as_deref() == Some(answer)
+            })
+        });
+        if repeated {
+            // Releasing the same vector again is post-processing of the first release.
+            let mine = Self::composed(&file, &spec.dataset, |c| c.experiment == task.experiment)?;
+            let dataset_epsilon = epsilon(&spent, delta);
+            let spec_delta = spec.privacy.as_ref().map_or(delta, |p| p.delta);
+            return Ok(Some(Charged {
+                experiment_epsilon: epsilon(&mine, delta),
+                dataset_epsilon,
+                experiment_epsilon_at_spec_delta: mine
+                    .epsilon(spec_delta)
+                    .map_or(epsilon(&mine, delta), |(e, _)| e),
+                remaining: dataset_budget.map(|b| (b.epsilon - dataset_epsilon).max(0.0)),
+                delta,
+                repeated: true,
+            }));
+        }
         let dataset_epsilon = match dataset_budget {
             Some(b) => decide(&spent, &this, b).map_err(|would| {
                 tracing::warn!(
@@ -332,9 +366,10 @@ impl PrivacyLedger {
                 experiment: task.experiment,
                 manifest: manifest.to_owned(),
                 round: task.round,
-                phase: task.phase.to_string(),
+                phase,
                 cost,
                 at: fedstat_core::audit::now_rfc3339(),
+                answer: Some(answer.to_owned()),
             });
         self.write(&file)?;
         let mine = Self::composed(&file, &spec.dataset, |c| c.experiment == task.experiment)?;
@@ -347,6 +382,7 @@ impl PrivacyLedger {
                 .map_or(epsilon(&mine, delta), |(e, _)| e),
             remaining: dataset_budget.map(|b| (b.epsilon - dataset_epsilon).max(0.0)),
             delta,
+            repeated: false,
         }))
     }
 
@@ -421,6 +457,46 @@ pub fn describe(spend: &[DatasetSpend]) -> Vec<String> {
 mod tests {
     use super::*;
     use fedstat_proto::privacy::PrivacySpec;
+
+    /// A fresh answer's digest: every call a new noisy answer.
+    fn fresh() -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        format!(
+            "answer-{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+
+    /// The same noisy answer sent again (a retry answered from the node's memory) is charged
+    /// once; a new answer to the same round (fresh noise after a restart) is charged again.
+    #[test]
+    fn the_same_answer_sent_again_is_charged_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = PrivacyLedger::new(&dir.path().join("ledger.json"));
+        let b = budget(100.0);
+        let t = task(7, 3, 1, Phase::Train);
+        let first = ledger
+            .charge(&t, "m", Some(&b), "same")
+            .expect("charge")
+            .expect("charged");
+        assert!(!first.repeated);
+        let again = ledger
+            .charge(&t, "m", Some(&b), "same")
+            .expect("charge")
+            .expect("charged");
+        assert!(again.repeated);
+        assert_eq!(again.experiment_epsilon, first.experiment_epsilon);
+        assert_eq!(again.dataset_epsilon, first.dataset_epsilon);
+        let report = ledger.report(&["cps1988".into()], Some(&b)).expect("report");
+        assert_eq!(report[0].experiments[0].charges, 1);
+        let fresh = ledger
+            .charge(&t, "m", Some(&b), "other")
+            .expect("charge")
+            .expect("charged");
+        assert!(!fresh.repeated && fresh.experiment_epsilon > first.experiment_epsilon);
+        let report = ledger.report(&["cps1988".into()], Some(&b)).expect("report");
+        assert_eq!(report[0].experiments[0].charges, 2);
+    }
 
     fn budget(epsilon: f64) -> PrivacyBudget {
         PrivacyBudget {
@@ -499,15 +575,15 @@ mod tests {
         let ledger = PrivacyLedger::new(&path);
         let a = task(1, 6, 0, Phase::Stats);
         ledger.admit(&a, Some(&b)).expect("6 rounds fit");
-        assert_eq!(ledger.charge(&a, "m1", Some(&b)).expect("stats"), None);
+        assert_eq!(ledger.charge(&a, "m1", Some(&b), &fresh()).expect("stats"), None);
         let mut last = None;
         for r in 1..=6 {
             let t = task(1, 6, r, Phase::Train);
-            last = ledger.charge(&t, "m1", Some(&b)).expect("charge");
+            last = ledger.charge(&t, "m1", Some(&b), &fresh()).expect("charge");
             // Evaluation is not charged.
             assert_eq!(
                 ledger
-                    .charge(&task(1, 6, r, Phase::Evaluate), "m1", Some(&b))
+                    .charge(&task(1, 6, r, Phase::Evaluate), "m1", Some(&b), &fresh())
                     .expect("eval"),
                 None
             );
@@ -555,12 +631,12 @@ mod tests {
         // Charges are checked too: four retried rounds fit, the fifth does not and leaves no trace.
         for _ in 0..4 {
             ledger
-                .charge(&task(3, 4, 1, Phase::Train), "m3", Some(&b))
+                .charge(&task(3, 4, 1, Phase::Train), "m3", Some(&b), &fresh())
                 .expect("fits");
         }
         let before = std::fs::read(&path).expect("read");
         let err = ledger
-            .charge(&task(3, 4, 1, Phase::Train), "m3", Some(&b))
+            .charge(&task(3, 4, 1, Phase::Train), "m3", Some(&b), &fresh())
             .expect_err("over");
         assert!(matches!(err, Error::Policy(Refusal::PrivacyBudget)), "{err}");
         assert_eq!(std::fs::read(&path).expect("read"), before);
@@ -588,7 +664,9 @@ mod tests {
         plain.spec.privacy = None;
         ledger.admit(&plain, Some(&budget(0.001))).expect("not DP");
         assert_eq!(
-            ledger.charge(&plain, "m", Some(&budget(0.001))).expect("charge"),
+            ledger
+                .charge(&plain, "m", Some(&budget(0.001)), &fresh())
+                .expect("charge"),
             None
         );
         let echo: ExperimentSpec =
@@ -603,7 +681,7 @@ mod tests {
         let path = dir.path().join("privacy-ledger.json");
         let ledger = PrivacyLedger::new(&path);
         ledger
-            .charge(&task(1, 2, 1, Phase::Train), "m", Some(&budget(10.0)))
+            .charge(&task(1, 2, 1, Phase::Train), "m", Some(&budget(10.0)), &fresh())
             .expect("charge");
         let good = std::fs::read_to_string(&path).expect("read");
         for bad in [
@@ -626,7 +704,7 @@ mod tests {
                 "the node cannot use its privacy ledger; its custodian must check the node's log"
             );
             assert!(ledger
-                .charge(&task(1, 2, 2, Phase::Train), "m", Some(&budget(10.0)))
+                .charge(&task(1, 2, 2, Phase::Train), "m", Some(&budget(10.0)), &fresh())
                 .is_err());
             assert!(ledger.report(&[], None).is_err());
             // Nothing was rewritten over the damaged file.

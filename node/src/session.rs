@@ -426,6 +426,17 @@ fn input_digest(task: &Task, model: Option<&Values>) -> String {
     fedstat_proto::manifest::hex(&h.finalize())
 }
 
+/// SHA-256 of an answer as released: values, weight and side figures.
+fn answer_digest(answer: &crate::worker::Answer) -> String {
+    let mut h = Sha256::new();
+    h.update(answer.values.to_le_bytes());
+    h.update(answer.weight.to_le_bytes());
+    for a in &answer.aux {
+        h.update(a.to_le_bytes());
+    }
+    fedstat_proto::manifest::hex(&h.finalize())
+}
+
 /// Everything before sending, on a blocking thread: validate, admit (policy, approval), check
 /// the task against what the node agreed to (manifest, rounds, one answer per phase and round),
 /// run next to the data, record the answer in the bindings and the audit log. A failure is
@@ -447,7 +458,9 @@ fn prepare(task: &Task, worker: &Worker, gov: &Governance, model: Option<Values>
         let answer = worker.run(task, &hash, model)?;
         // A noised answer is charged to its dataset's privacy budget before anything of it is
         // recorded as given or leaves the node (a refusal here sends nothing).
-        let spent = gov.charge_privacy(task, &hash)?.map(Box::new);
+        let spent = gov
+            .charge_privacy(task, &hash, &answer_digest(&answer))?
+            .map(Box::new);
         gov.record_binding(task, &inputs).map_err(blocked)?;
         if let Some(st) = &task.secure {
             // Only the masked form leaves the node; the coordinator never sees the answer.

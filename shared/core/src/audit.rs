@@ -144,7 +144,8 @@ pub enum AuditEvent {
     /// A differentially private answer charged to its dataset's privacy budget, recorded
     /// before it is sent: the round's cost (`steps` of the Gaussian mechanism with noise
     /// multiplier `noise_multiplier` on a Poisson sample of rate `sampling_rate`), then ε
-    /// spent, at the dataset's δ, by the experiment and by the dataset in all.
+    /// spent, at the dataset's δ, by the experiment and by the dataset in all. `repeated`: the
+    /// same noisy answer was charged before and is sent again (a retry), at no further cost.
     PrivacyCharge {
         experiment: ExperimentId,
         round: u32,
@@ -157,6 +158,8 @@ pub enum AuditEvent {
         delta: f64,
         experiment_epsilon: f64,
         dataset_epsilon: f64,
+        #[serde(default)]
+        repeated: bool,
     },
 
     // The coordinator's records.

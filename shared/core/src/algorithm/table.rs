@@ -627,7 +627,10 @@ numeric = [{ column = "wage", min = 0, max = 100, bins = [0, 50, 100], quantiles
             let err = crate::spec::validate(&s).expect_err(key).to_string();
             assert!(err.contains(key), "{err}");
         };
-        refused(&|s| s.table.as_mut().expect("t").numeric[0].clip = false, "clip = true");
+        refused(
+            &|s| s.table.as_mut().expect("t").numeric[0].clip = false,
+            "clip = true",
+        );
         refused(
             &|s| s.table.as_mut().expect("t").numeric[0].bins = vec![0.0, 100.0],
             "histograms and quantiles",
@@ -656,7 +659,9 @@ numeric = [{ column = "wage", min = 0, max = 100, bins = [0, 50, 100], quantiles
         // A node's answer that carries a sum of squares, or a non-finite count, is refused.
         let mut bad = answer.clone();
         bad[o + 1] = 3.0;
-        assert!(check_private(&layout, &bad).expect_err("sq").contains("does not release"));
+        assert!(check_private(&layout, &bad)
+            .expect_err("sq")
+            .contains("does not release"));
         let mut bad = answer.clone();
         bad[1] = f64::NAN;
         assert!(check_private(&layout, &bad).expect_err("nan").contains("finite"));
@@ -673,7 +678,10 @@ numeric = [{ column = "wage", min = 0, max = 100, bins = [0, 50, 100], quantiles
             .map(|c| c.values[1].expect("sum"))
             .sum();
         let grand = total.values[1].expect("sum");
-        assert!((grand - interior).abs() < 1e-6 * grand.abs().max(1.0), "{grand} vs {interior}");
+        assert!(
+            (grand - interior).abs() < 1e-6 * grand.abs().max(1.0),
+            "{grand} vs {interior}"
+        );
         assert!(out.notes.iter().any(|n| n.contains("differential privacy")));
     }
 }
