@@ -330,19 +330,8 @@ impl PrivacyLedger {
         });
         if repeated {
             // Releasing the same vector again is post-processing of the first release.
-            let mine = Self::composed(&file, &spec.dataset, |c| c.experiment == task.experiment)?;
             let dataset_epsilon = epsilon(&spent, delta);
-            let spec_delta = spec.privacy.as_ref().map_or(delta, |p| p.delta);
-            return Ok(Some(Charged {
-                experiment_epsilon: epsilon(&mine, delta),
-                dataset_epsilon,
-                experiment_epsilon_at_spec_delta: mine
-                    .epsilon(spec_delta)
-                    .map_or(epsilon(&mine, delta), |(e, _)| e),
-                remaining: dataset_budget.map(|b| (b.epsilon - dataset_epsilon).max(0.0)),
-                delta,
-                repeated: true,
-            }));
+            return Self::charged(&file, task, dataset_budget, delta, dataset_epsilon, true).map(Some);
         }
         let dataset_epsilon = match dataset_budget {
             Some(b) => decide(&spent, &this, b).map_err(|would| {
@@ -372,9 +361,22 @@ impl PrivacyLedger {
                 answer: Some(answer.to_owned()),
             });
         self.write(&file)?;
-        let mine = Self::composed(&file, &spec.dataset, |c| c.experiment == task.experiment)?;
+        Self::charged(&file, task, dataset_budget, delta, dataset_epsilon, false).map(Some)
+    }
+
+    /// The figures of a charge, from the ledger as it stands after it.
+    fn charged(
+        file: &LedgerFile,
+        task: &Task,
+        dataset_budget: Option<Budget>,
+        delta: f64,
+        dataset_epsilon: f64,
+        repeated: bool,
+    ) -> Result<Charged> {
+        let spec = &task.spec;
+        let mine = Self::composed(file, &spec.dataset, |c| c.experiment == task.experiment)?;
         let spec_delta = spec.privacy.as_ref().map_or(delta, |p| p.delta);
-        Ok(Some(Charged {
+        Ok(Charged {
             experiment_epsilon: epsilon(&mine, delta),
             dataset_epsilon,
             experiment_epsilon_at_spec_delta: mine
@@ -382,8 +384,8 @@ impl PrivacyLedger {
                 .map_or(epsilon(&mine, delta), |(e, _)| e),
             remaining: dataset_budget.map(|b| (b.epsilon - dataset_epsilon).max(0.0)),
             delta,
-            repeated: false,
-        }))
+            repeated,
+        })
     }
 
     /// Spend per dataset (those in `offered` and any the ledger holds), for

@@ -11,10 +11,10 @@ use std::time::SystemTime;
 
 use fedstat_core::aggregate::Values;
 use fedstat_core::algorithm::{self, standardize};
+use fedstat_core::data::load_frame;
 use fedstat_core::data::{
     column_sums, load_design_with_codes, LoadLimits, LocalData, Standardization, StandardizationExt,
 };
-use fedstat_core::data::{load_frame, FrameRequest};
 use fedstat_core::glm::{self, Family};
 use fedstat_core::model::{evaluate, train_dp_sgd, train_sgd, DpSgd};
 use fedstat_core::privacy;
@@ -339,16 +339,7 @@ impl Worker {
             .datasets
             .get(&spec.dataset)
             .ok_or_else(|| Error::UnknownDataset(spec.dataset.clone()))?;
-        let request = FrameRequest {
-            split_column: schema.split_column.clone(),
-            numeric: layout.numeric.iter().map(|n| n.column.clone()).collect(),
-            categorical: layout
-                .by
-                .iter()
-                .cloned()
-                .zip(layout.levels.iter().cloned())
-                .collect(),
-        };
+        let request = layout.frame_request(&schema.split_column);
         let limits = LoadLimits {
             max_cells: policy.max_cells(),
         };

@@ -30,7 +30,7 @@
 //! gets a further suppression on one of its lines; repeat until none is determined.
 
 use fedstat_proto::spec::ExperimentSpec;
-use fedstat_proto::table::{Suppression, TableNumeric, TableRows, TableSpec};
+use fedstat_proto::table::{Suppression, TableNumeric, TableRows, TableSpec, MARGIN};
 
 /// Most interior cells of a table.
 pub const MAX_CELLS: u64 = 10_000;
@@ -295,6 +295,41 @@ impl Layout {
         key
     }
 
+    /// An interior cell and every margin over it (each subset of its dimensions summed out):
+    /// the elements one row of that cell counts in.
+    pub fn cell_and_margins(&self, idx: usize) -> impl Iterator<Item = usize> + '_ {
+        let key = self.key(idx);
+        let dims = self.dims();
+        (0..1usize << dims.len()).map(move |subset| {
+            let mut k = key.clone();
+            for (i, d) in dims.iter().enumerate() {
+                if subset & (1 << i) != 0 {
+                    k[i] = *d;
+                }
+            }
+            self.index(&k)
+        })
+    }
+
+    /// What a node loads for this table: the split column, the numeric columns, the `by`
+    /// columns with their declared levels.
+    pub fn frame_request(&self, split_column: &str) -> crate::data::FrameRequest {
+        crate::data::FrameRequest {
+            split_column: split_column.to_owned(),
+            numeric: self.numeric.iter().map(|n| n.column.clone()).collect(),
+            categorical: self.by.iter().cloned().zip(self.levels.iter().cloned()).collect(),
+        }
+    }
+
+    /// The printed key of element `idx`: each `by` column's level, or [`MARGIN`] where it sums.
+    pub fn printed_key(&self, idx: usize) -> Vec<String> {
+        self.key(idx)
+            .iter()
+            .zip(&self.levels)
+            .map(|(&k, levels)| levels.get(k).cloned().unwrap_or_else(|| MARGIN.to_owned()))
+            .collect()
+    }
+
     /// Whether element `idx` sums over at least one dimension.
     pub fn is_margin(&self, idx: usize) -> bool {
         self.key(idx).iter().zip(&self.levels).any(|(k, l)| *k == l.len())
@@ -529,7 +564,6 @@ pub fn private_answer<R: rand::Rng + ?std::marker::Sized>(
 ) -> Vec<f64> {
     let nm = layout.numeric.len();
     let w = layout.width;
-    let dims = layout.dims();
     let (sd_count, sd_sums) = private_noise_sd(layout, noise_multiplier);
     let mut out = vec![0.0; layout.answer_len()];
     let mut noisy = vec![0.0; nm];
@@ -538,16 +572,8 @@ pub fn private_answer<R: rand::Rng + ?std::marker::Sized>(
         for (m, v) in noisy.iter_mut().enumerate() {
             *v = t.acc[e * nm + m].sum.value() + sd_sums[m] * crate::privacy::standard_normal(rng);
         }
-        // The cell itself and every margin over it: each subset of its dimensions summed out.
-        let key = layout.key(e);
-        for subset in 0..1usize << dims.len() {
-            let mut k = key.clone();
-            for (i, d) in dims.iter().enumerate() {
-                if subset & (1 << i) != 0 {
-                    k[i] = *d;
-                }
-            }
-            let at = layout.index(&k) * w;
+        for at in layout.cell_and_margins(e) {
+            let at = at * w;
             out[at + 1] += count;
             for (m, v) in noisy.iter().enumerate() {
                 out[at + layout.numeric_offset(m)] += v;

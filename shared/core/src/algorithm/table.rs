@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fedstat_proto::output::Output;
-use fedstat_proto::table::{Suppression, TableCell, TableOutput, MARGIN};
+use fedstat_proto::table::{Suppression, TableCell, TableOutput, TableSpec};
 use fedstat_proto::wire::{DType, Phase, RoundRecord};
 
 use crate::aggregate::{AggregatorKind, Pooled, Values};
@@ -153,12 +153,7 @@ pub fn pool(spec: &ExperimentSpec, layout: &Layout, pooled: &[f64]) -> Result<Ta
     let mut cells = Vec::with_capacity(layout.elements);
     let stats = stat_names(layout);
     for (e, st) in status.iter().enumerate() {
-        let key: Vec<String> = layout
-            .key(e)
-            .iter()
-            .zip(&layout.levels)
-            .map(|(&k, levels)| levels.get(k).cloned().unwrap_or_else(|| MARGIN.to_owned()))
-            .collect();
+        let key = layout.printed_key(e);
         let values = if st.is_some() {
             vec![None; stats.len()]
         } else {
@@ -183,8 +178,6 @@ pub fn pool(spec: &ExperimentSpec, layout: &Layout, pooled: &[f64]) -> Result<Ta
             values,
         });
     }
-    let mut header = layout.by.clone();
-    header.extend(stats.iter().cloned());
     let notes = vec![
         format!("rows: {} rows of every participating office", t.rows.as_str()),
         "var: sample variance (divisor n - 1); mean and var are empty for too few rows".to_owned(),
@@ -196,14 +189,27 @@ pub fn pool(spec: &ExperimentSpec, layout: &Layout, pooled: &[f64]) -> Result<Ta
             t.dominance_k
         ),
     ];
-    Ok(TableOutput {
+    Ok(output(layout, t, stats, cells, notes))
+}
+
+/// The published table: the `by` columns and `stats` as its header.
+fn output(
+    layout: &Layout,
+    t: &TableSpec,
+    stats: Vec<String>,
+    cells: Vec<TableCell>,
+    notes: Vec<String>,
+) -> TableOutput {
+    let mut header = layout.by.clone();
+    header.extend(stats.iter().cloned());
+    TableOutput {
         header,
         by: layout.by.clone(),
         stats,
         rows: t.rows.as_str().to_owned(),
         cells,
         notes,
-    })
+    }
 }
 
 /// Largest magnitude of a noisy count or sum in a private answer (below the 2^62 every sum
@@ -270,20 +276,12 @@ pub fn pool_private(
     }
     let w = layout.width;
     let nm = layout.numeric.len();
-    let dims = layout.dims();
     // Per element: count, then each numeric sum; margins from the interior cells.
     let mut figures = vec![0.0; layout.elements * (1 + nm)];
     for e in (0..layout.elements).filter(|&e| !layout.is_margin(e)) {
         let el = &pooled[e * w..(e + 1) * w];
-        let key = layout.key(e);
-        for subset in 0..1usize << dims.len() {
-            let mut k = key.clone();
-            for (i, d) in dims.iter().enumerate() {
-                if subset & (1 << i) != 0 {
-                    k[i] = *d;
-                }
-            }
-            let at = layout.index(&k) * (1 + nm);
+        for at in layout.cell_and_margins(e) {
+            let at = at * (1 + nm);
             figures[at] += el[1];
             for m in 0..nm {
                 figures[at + 1 + m] += el[layout.numeric_offset(m)];
@@ -292,12 +290,7 @@ pub fn pool_private(
     }
     let mut cells = Vec::with_capacity(layout.elements);
     for e in 0..layout.elements {
-        let key: Vec<String> = layout
-            .key(e)
-            .iter()
-            .zip(&layout.levels)
-            .map(|(&k, levels)| levels.get(k).cloned().unwrap_or_else(|| MARGIN.to_owned()))
-            .collect();
+        let key = layout.printed_key(e);
         let f = &figures[e * (1 + nm)..(e + 1) * (1 + nm)];
         let n = f[0];
         let mut values = vec![Some(n.round().max(0.0))];
@@ -311,9 +304,6 @@ pub fn pool_private(
             values,
         });
     }
-    let stats = private_stat_names(layout);
-    let mut header = layout.by.clone();
-    header.extend(stats.iter().cloned());
     let (sd_count, sd_sums) = crate::tabulate::private_noise_sd(layout, sigma);
     let pooled_sd = (offices.max(1) as f64).sqrt();
     let mut noise = format!(
@@ -331,14 +321,7 @@ pub fn pool_private(
         "means: noisy sum / noisy count, empty where the noisy count is below 1; unreliable for small cells".to_owned(),
         "suppression: none; differential privacy protects every cell (a suppression decided on the true counts would itself disclose)".to_owned(),
     ];
-    Ok(TableOutput {
-        header,
-        by: layout.by.clone(),
-        stats,
-        rows: t.rows.as_str().to_owned(),
-        cells,
-        notes,
-    })
+    Ok(output(layout, t, private_stat_names(layout), cells, notes))
 }
 
 /// The table algorithm: one step, then done.

@@ -258,16 +258,7 @@ fn office_table(
     region: &str,
 ) -> crate::tabulate::Tabulated {
     let schema = spec.schema.as_ref().expect("schema");
-    let request = crate::data::FrameRequest {
-        split_column: schema.split_column.clone(),
-        numeric: layout.numeric.iter().map(|n| n.column.clone()).collect(),
-        categorical: layout
-            .by
-            .iter()
-            .cloned()
-            .zip(layout.levels.iter().cloned())
-            .collect(),
-    };
+    let request = layout.frame_request(&schema.split_column);
     let path = data_dir().join("cps1988").join(format!("{region}.csv"));
     let frame = crate::data::load_frame(&path, &request, crate::data::LoadLimits::UNLIMITED).expect("frame");
     let codes: Vec<&[u32]> = layout
