@@ -45,6 +45,7 @@ fn every_example_config_parses() {
             "experiment-logit-dp.toml",
             "experiment-logit.toml",
             "experiment-ols-dp.toml",
+            "experiment-table-dp.toml",
             "experiment-table.toml",
             "node.toml",
             "researcher.toml"
