@@ -285,7 +285,7 @@ impl Worker {
             if family != Family::Gaussian || task.round != 1 {
                 return Err(Error::Policy(Refusal::NotPrivate(task.phase.to_string())));
             }
-            let sums = privacy::gaussian_ols_sums(spec, data, &mut privacy::os_rng())?;
+            let sums = privacy::gaussian_ols_sums(spec, data, &mut privacy::discrete::os_noise_rng()?)?;
             return Ok(Answer::sum(algorithm::glm::answer(&sums)));
         }
         let intercept = algorithm::glm::has_intercept(&names);
@@ -392,7 +392,9 @@ impl Worker {
         if let Some(p) = &spec.privacy {
             // The Gaussian mechanism instead of the cell rules: the noise protects every cell,
             // and a suppression decided on the true counts would itself disclose.
-            let answer = tabulate::private_answer(&layout, &t, p.noise_multiplier, &mut privacy::os_rng());
+            let mut rng = privacy::discrete::os_noise_rng()?;
+            let answer = tabulate::private_answer(&layout, &t, p.noise_multiplier, &mut rng)
+                .map_err(fedstat_core::Error::from)?;
             tracing::info!(experiment = ?task.experiment, "table cells answered with Gaussian noise");
             return Ok(Answer::sum(Values::F64(answer)));
         }

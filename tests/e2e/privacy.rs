@@ -111,7 +111,9 @@ fn dp_sgd_gaussian_ols_and_a_gaussian_table_run_on_offices_that_require_dp() {
         .as_f64()
         .expect("r2");
     println!("Gaussian-mechanism OLS over the binaries: test R² {r2:.4} (pooled non-private {pooled:.4})");
-    assert!(r2 >= 0.9 * pooled, "{r2} against {pooled}");
+    // One release: over 30 of them (privacy::measured) R² ran from 0.86 to 1.0 times the
+    // pooled fit's; this bound is below any of them.
+    assert!(r2 >= 0.75 * pooled, "{r2} against {pooled}");
 
     // The table under the Gaussian mechanism: every cell published, none suppressed, each
     // count within 5 noise standard deviations of the pooled pandas count.

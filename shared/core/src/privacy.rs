@@ -9,9 +9,11 @@
 //! **Randomness.** Noise (and DP-SGD's Poisson subsample) is drawn from a ChaCha20 generator
 //! seeded from the operating system ([`os_rng`]) at the node, never from the spec's seed: anyone
 //! who knows the seed could otherwise subtract the noise, and amplification by subsampling
-//! assumes the sample is secret. DP runs are therefore not reproducible bit for bit. Gaussian
-//! samples come from the Box–Muller transform in `f64`; the known floating-point weakness of
-//! textbook samplers (Mironov, CCS 2012) is not closed here.
+//! assumes the sample is secret. DP runs are therefore not reproducible bit for bit. The
+//! single-release mechanisms (exact OLS sums, table cells) draw an exact discrete Gaussian on a
+//! power-of-two grid ([`discrete`]), which closes the floating-point side channel of textbook
+//! samplers (Mironov, CCS 2012). DP-SGD's per-step noise and node-level noise still come from
+//! the Box–Muller transform in `f64`: their accounting is for the continuous Gaussian.
 //!
 //! **What a DP experiment releases** (and what `privacy_cost_per_round` charges):
 //! - FedAvg with DP-SGD: per round the local model after `ceil(local_epochs / q)` noisy steps,
@@ -379,6 +381,12 @@ pub fn ols_sensitivity(p: usize) -> f64 {
     ((p * (p + 1) / 2 + p + 1) as f64).sqrt()
 }
 
+/// The noise of the exact linear model's sums: every one of the p(p+1)/2 + p + 1 released
+/// values may change with one row.
+pub fn ols_noise(noise_multiplier: f64, p: usize) -> Result<discrete::GridNoise> {
+    discrete::GridNoise::new(noise_multiplier, ols_sensitivity(p), p * (p + 1) / 2 + p + 1)
+}
+
 /// The public change of basis of an exact linear model under the Gaussian mechanism: every
 /// design column is computed in a transformed form whose values lie in [−1, 1], and `t` maps
 /// a transformed row back to the design's row (`raw_j = Σ_i transformed_i · t[i][j]`).
@@ -543,17 +551,19 @@ impl OlsBasis {
 ///
 /// Every row is clipped into the declared ranges and moved into the public basis of
 /// [`OlsBasis`] (all values in [−1, 1]); the sums at β = 0 are taken there (X̃ᵀX̃, X̃ᵀỹ and
-/// ỹᵀỹ; the row count n and Σỹ are their constant's entries), N(0, (σΔ)²) is added to each
+/// ỹᵀỹ; the row count n and Σỹ are their constant's entries), noise of standard deviation σΔ
+/// is added to each (a discrete Gaussian on a fine grid, [`discrete`], so no floating-point
+/// side channel)
 /// entry with Δ from [`ols_sensitivity`], and the noisy
 /// sums are mapped back to the design's units: XᵀX = Tᵀ X̃ᵀX̃ T, Xᵀy = Tᵀ(h_y X̃ᵀỹ + m_y X̃ᵀ1)
 /// (X̃ᵀ1 is the constant's column of X̃ᵀX̃), yᵀy = h_y² ỹᵀỹ + 2 h_y m_y Σỹ + m_y² n,
 /// Σy = h_y Σỹ + m_y n. The rest of the answer is derived from these (post-processing):
 /// Pearson χ² and the null deviance at 0 equal yᵀy, the row count is the noisy n rounded (at
 /// least 0), Σw = n, Σwy = Σy. Diagonals and yᵀy are floored at 0.
-pub fn gaussian_ols_sums<R: Rng + ?Sized>(
+pub fn gaussian_ols_sums(
     spec: &ExperimentSpec,
     data: &LocalData,
-    rng: &mut R,
+    rng: &mut discrete::NoiseRng,
 ) -> Result<StepSums> {
     let privacy: &PrivacySpec = spec
         .privacy
@@ -585,15 +595,17 @@ pub fn gaussian_ols_sums<R: Rng + ?Sized>(
         }
         yty += yt * yt;
     }
-    let sd = privacy.noise_multiplier * ols_sensitivity(p);
+    let noise = ols_noise(privacy.noise_multiplier, p)?;
     for a in 0..p {
         for c in a..p {
-            g[a * p + c] += sd * standard_normal(rng);
+            g[a * p + c] = noise.add(g[a * p + c], rng)?;
             g[c * p + a] = g[a * p + c];
         }
     }
-    add_gaussian(&mut b, sd, rng);
-    let yty = yty + sd * standard_normal(rng);
+    for v in b.iter_mut() {
+        *v = noise.add(*v, rng)?;
+    }
+    let yty = noise.add(yty, rng)?;
     // The constant's entries: the row count and Σỹ (validation requires an intercept).
     let (n, sy) = (g[0], b[0]);
 
@@ -638,7 +650,8 @@ pub fn gaussian_ols_sums<R: Rng + ?Sized>(
 /// model fitted on pooled noisy sums (`sums`, solved at `beta`), from `nodes` offices' noise:
 /// the delta method, exact for the linearised estimator.
 ///
-/// The noise is public in distribution: each office added N(0, (σΔ)²) to every entry e of its
+/// The noise is public in distribution: each office added noise of variance (σΔ)² (slightly
+/// more: [`ols_noise`]) to every entry e of its
 /// sums in the basis of [`OlsBasis`] (X̃ᵀX̃'s upper triangle and X̃ᵀỹ), so the pooled noise has
 /// variance s² = (σΔ)²·nodes per entry, independently. The nodes' map back to the design's
 /// units is linear in e, and β = A⁻¹b (A = XᵀX, b = Xᵀy) moves by dβ = A⁻¹(db − dA·β). So
@@ -662,7 +675,7 @@ pub fn ols_noise_covariance(
             "the sums do not match the declared columns".to_owned(),
         ));
     }
-    let var = (privacy.noise_multiplier * ols_sensitivity(p)).powi(2) * nodes.max(1) as f64;
+    let var = ols_noise(privacy.noise_multiplier, p)?.sd().powi(2) * nodes.max(1) as f64;
     let yh = if basis.y_half > 0.0 { basis.y_half } else { 1.0 };
     let t = |row: usize, col: usize| basis.t[row * p + col];
     // (T·β)_a: row a of the transformed design times β, in design units.
@@ -885,6 +898,11 @@ bounds = [
 
     /// With (almost) no noise, the sums made in the public basis and mapped back equal the
     /// exact sums of the design (every row inside the bounds).
+    /// A seeded generator of the discrete noise.
+    fn noise_rng(seed: u64) -> discrete::NoiseRng {
+        <discrete::NoiseRng as rand_010::SeedableRng>::seed_from_u64(seed)
+    }
+
     /// log(wage) on the CPS design at the west office under the Gaussian mechanism with
     /// noise multiplier `sigma`, and that office's data.
     fn ols_fixture(sigma: f64) -> (ExperimentSpec, LocalData) {
@@ -930,7 +948,7 @@ bounds = [
             true,
         )
         .expect("test value");
-        let noisy = gaussian_ols_sums(&s, &data, &mut ChaCha8Rng::seed_from_u64(1)).expect("test value");
+        let noisy = gaussian_ols_sums(&s, &data, &mut noise_rng(1)).expect("test value");
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * (1.0 + b.abs());
         for (a, b) in noisy
             .xtwx
@@ -959,8 +977,7 @@ bounds = [
         let names = s.design().expect("test value").names();
         let p = names.len();
         let fit = |seed: u64| {
-            let sums =
-                gaussian_ols_sums(&s, &data, &mut ChaCha8Rng::seed_from_u64(seed)).expect("test value");
+            let sums = gaussian_ols_sums(&s, &data, &mut noise_rng(seed)).expect("test value");
             let beta = glm::irls_step(&sums, &names).expect("positive definite");
             (sums, beta)
         };
@@ -1050,3 +1067,5 @@ bounds = [
 
 #[cfg(test)]
 mod measured;
+
+pub mod discrete;

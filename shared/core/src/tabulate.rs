@@ -543,34 +543,55 @@ pub fn private_sensitivity(layout: &Layout) -> f64 {
     ((1 + layout.numeric.len()) as f64).sqrt()
 }
 
+/// The noise on one office's cell in normalised units (count, Σx_c / B_c): one row touches
+/// one cell, 1 + m values.
+pub fn private_noise(
+    layout: &Layout,
+    noise_multiplier: f64,
+) -> Result<crate::privacy::discrete::GridNoise, TableError> {
+    crate::privacy::discrete::GridNoise::new(
+        noise_multiplier,
+        private_sensitivity(layout),
+        1 + layout.numeric.len(),
+    )
+    .map_err(|_| TableError::Shape("the noise parameters are out of range"))
+}
+
 /// Standard deviations of the noise on one office's cell: on the count, and on each numeric
-/// column's sum (`σ · √(1 + m) · B_c`).
-pub fn private_noise_sd(layout: &Layout, noise_multiplier: f64) -> (f64, Vec<f64>) {
-    let sd = noise_multiplier * private_sensitivity(layout);
-    (sd, layout.numeric.iter().map(|n| sd * bound(n)).collect())
+/// column's sum (`σ · √(1 + m) · B_c`, slightly more: [`private_noise`]).
+pub fn private_noise_sd(layout: &Layout, noise_multiplier: f64) -> Result<(f64, Vec<f64>), TableError> {
+    let sd = private_noise(layout, noise_multiplier)?.sd();
+    Ok((sd, layout.numeric.iter().map(|n| sd * bound(n)).collect()))
 }
 
 /// A node's answer to a table under the Gaussian mechanism (`[privacy]`): every interior
-/// cell's count and numeric sums with N(0, sd²) added ([`private_noise_sd`]), the margins the
+/// cell's count and numeric sums with noise added ([`private_noise_sd`]; a discrete Gaussian
+/// on a fine grid of the normalised values, so no floating-point side channel), the margins the
 /// sums of those noisy cells; Σx², Σ|x| and histograms are not released (zeros). No cell is
 /// suppressed: a data-dependent suppression would itself release something the noise does not
 /// cover. Values must have been clipped into their bounds (`clip = true`, checked by
 /// validation).
-pub fn private_answer<R: rand::Rng + ?std::marker::Sized>(
+pub fn private_answer(
     layout: &Layout,
     t: &Tabulated,
     noise_multiplier: f64,
-    rng: &mut R,
-) -> Vec<f64> {
+    rng: &mut crate::privacy::discrete::NoiseRng,
+) -> Result<Vec<f64>, TableError> {
     let nm = layout.numeric.len();
     let w = layout.width;
-    let (sd_count, sd_sums) = private_noise_sd(layout, noise_multiplier);
+    let noise = private_noise(layout, noise_multiplier)?;
+    let drawn = |v: f64, rng: &mut crate::privacy::discrete::NoiseRng| {
+        noise
+            .add(v, rng)
+            .map_err(|_| TableError::Shape("a cell's figure is out of the noise's range"))
+    };
     let mut out = vec![0.0; layout.answer_len()];
     let mut noisy = vec![0.0; nm];
     for e in (0..layout.elements).filter(|&e| !layout.is_margin(e)) {
-        let count = t.counts[e] as f64 + sd_count * crate::privacy::standard_normal(rng);
+        let count = drawn(t.counts[e] as f64, rng)?;
         for (m, v) in noisy.iter_mut().enumerate() {
-            *v = t.acc[e * nm + m].sum.value() + sd_sums[m] * crate::privacy::standard_normal(rng);
+            let b = bound(&layout.numeric[m]);
+            *v = drawn(t.acc[e * nm + m].sum.value() / b, rng)? * b;
         }
         for at in layout.cell_and_margins(e) {
             let at = at * w;
@@ -580,7 +601,7 @@ pub fn private_answer<R: rand::Rng + ?std::marker::Sized>(
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// The node's answer: primary suppression by its rules, secondary suppression with its margins

@@ -304,7 +304,7 @@ pub fn pool_private(
             values,
         });
     }
-    let (sd_count, sd_sums) = crate::tabulate::private_noise_sd(layout, sigma);
+    let (sd_count, sd_sums) = crate::tabulate::private_noise_sd(layout, sigma).map_err(|e| e.to_string())?;
     let pooled_sd = (offices.max(1) as f64).sqrt();
     let mut noise = format!(
         "differential privacy (Gaussian mechanism, noise multiplier {sigma}): each office added noise to each of its cells; in a pooled cell of {offices} office(s) the count has noise of standard deviation {:.3}",
@@ -601,7 +601,6 @@ numeric = [{ column = "wage", min = 0, max = 100, bins = [0, 50, 100], quantiles
     /// suppressed.
     #[test]
     fn private_tables_release_noisy_cells_whose_margins_add_up() {
-        use rand::SeedableRng;
         let spec = private_spec();
         // What validation refuses under [privacy], by key.
         let refused = |edit: &dyn Fn(&mut ExperimentSpec), key: &str| {
@@ -628,8 +627,8 @@ numeric = [{ column = "wage", min = 0, max = 100, bins = [0, 50, 100], quantiles
         let b = [0u32, 1, 1, 0, 0, 1];
         let wage = [10.0, 20.0, 500.0, 40.0, 50.0, 60.0];
         let t = tabulate(&layout, &[&a, &b], &[&wage], &[true; 6], 1).expect("tabulate");
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        let answer = crate::tabulate::private_answer(&layout, &t, 2.0, &mut rng);
+        let mut rng = <crate::privacy::discrete::NoiseRng as rand_010::SeedableRng>::seed_from_u64(9);
+        let answer = crate::tabulate::private_answer(&layout, &t, 2.0, &mut rng).expect("answer");
         check_private(&layout, &answer).expect("well formed");
         // Nothing but counts and sums; every value noisy (no exact count survives).
         let w = layout.width;

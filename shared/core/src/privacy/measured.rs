@@ -145,6 +145,11 @@ fn dp_sgd_logit_at_epsilon_below_one_keeps_the_central_accuracy() {
 }
 
 /// One exact OLS fit from the offices' noisy sums, through the algorithm's check and pooling.
+/// A seeded generator of the discrete noise.
+fn noise_rng(seed: u64) -> super::discrete::NoiseRng {
+    <super::discrete::NoiseRng as rand_010::SeedableRng>::seed_from_u64(seed)
+}
+
 fn dp_ols(spec: &ExperimentSpec, data: &[LocalData], seed: u64) -> fedstat_proto::output::GlmSummary {
     let mut alg = Glm::new(spec, Checkpoint::default()).expect("glm");
     let p = spec.num_params() as usize;
@@ -152,7 +157,7 @@ fn dp_ols(spec: &ExperimentSpec, data: &[LocalData], seed: u64) -> fedstat_proto
     while let Some(step) = alg.next_step(now) {
         let mut total = vec![0.0; algorithm::glm::answer_len(p)];
         for (k, d) in data.iter().enumerate() {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed * 100 + k as u64);
+            let mut rng = noise_rng(seed * 100 + k as u64);
             let sums = super::gaussian_ols_sums(spec, d, &mut rng).expect("sums");
             let v = algorithm::glm::answer(&sums);
             let a = algorithm::Answer {
@@ -202,8 +207,11 @@ fn gaussian_mechanism_ols_at_epsilon_below_one_is_close_to_the_pooled_fit() {
     );
     // The pooled fit's own standard errors, for the share the noise adds.
     let pooled = crate::glm::fit_pooled(crate::glm::Family::Gaussian, &train, &names, 1).expect("pooled fit");
+    // Thirty releases: a single one can land anywhere in the noise's range.
+    const RUNS: u64 = 30;
     let mut covered = 0;
-    for seed in 1..=5 {
+    let (mut r2s, mut rmses, mut wholes) = (Vec::new(), Vec::new(), Vec::new());
+    for seed in 1..=RUNS {
         let summary = dp_ols(&spec, &data, seed);
         let beta = summary.coefficients.clone();
         // Its intervals hold the noise's variance too: they cover the pooled coefficients.
@@ -218,37 +226,42 @@ fn gaussian_mechanism_ols_at_epsilon_below_one_is_close_to_the_pooled_fit() {
             .zip(summary.std_errors.iter().zip(&pooled.std_errors))
             .map(|(n, (dp, se))| format!("{n} {:.1}x", dp / se))
             .collect();
-        let rel: Vec<f64> = beta
-            .iter()
-            .zip(&exact)
-            .map(|(b, e)| ((b - e) / e).abs())
-            .collect();
         let m = score(&beta);
         let (r2, rmse) = (m.r2.expect("r2"), m.rmse.expect("rmse"));
-        let shown: Vec<String> = names
-            .iter()
-            .zip(&rel)
-            .map(|(n, r)| format!("{n} {:.2}%", 100.0 * r))
-            .collect();
-        println!(
-            "Gaussian mechanism run {seed}: R² {r2:.4}, RMSE {rmse:.4}; relative error {}",
-            shown.join(", ")
-        );
-        assert!(r2 >= m0.r2.expect("r2") - 0.01, "R² {r2}");
-        assert!(rmse <= 1.01 * m0.rmse.expect("rmse"), "RMSE {rmse}");
         let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
         let diff: Vec<f64> = beta.iter().zip(&exact).map(|(b, e)| b - e).collect();
         let whole = norm(&diff) / norm(&exact);
-        println!("  relative error of the coefficient vector {:.2}%", 100.0 * whole);
         println!(
-            "  standard errors against the pooled fit's: {}",
+            "Gaussian mechanism run {seed}: R² {r2:.4}, RMSE {rmse:.4}, coefficient vector off by {:.2}%; standard errors against the pooled fit's: {}",
+            100.0 * whole,
             inflation.join(", ")
         );
-        assert!(whole < 0.1, "relative error of the coefficients {whole}");
+        r2s.push(r2);
+        rmses.push(rmse);
+        wholes.push(whole);
     }
-    let all = 5 * names.len();
-    println!("95% intervals covering the pooled coefficient: {covered} of {all}");
-    assert!(covered * 10 >= all * 8, "{covered} of {all}");
+    let spread = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[0], v[v.len() / 2], v[v.len() - 1])
+    };
+    let (r2_low, r2_median, r2_high) = spread(&mut r2s);
+    let (rmse_low, rmse_median, rmse_high) = spread(&mut rmses);
+    let (w_low, w_median, w_high) = spread(&mut wholes);
+    let all = RUNS as usize * names.len();
+    println!(
+        "over {RUNS} releases: test R² median {r2_median:.4} ({r2_low:.4}–{r2_high:.4}), RMSE median {rmse_median:.4} ({rmse_low:.4}–{rmse_high:.4}), coefficient vector off by {:.1}% ({:.1}–{:.1}%); 95% intervals covering the pooled coefficient: {covered} of {all}",
+        100.0 * w_median,
+        100.0 * w_low,
+        100.0 * w_high
+    );
+    let pooled_r2 = m0.r2.expect("r2");
+    assert!(r2_median >= 0.95 * pooled_r2, "median R² {r2_median}");
+    assert!(r2_low >= 0.8 * pooled_r2, "lowest R² {r2_low}");
+    assert!(
+        w_median < 0.1,
+        "median relative error of the coefficients {w_median}"
+    );
+    assert!(covered * 100 >= all * 90, "{covered} of {all}");
 }
 
 /// One office's tabulation of the example's table (train rows).
@@ -301,14 +314,14 @@ fn gaussian_table_at_epsilon_below_one_against_the_exact_table() {
     let w = layout.width;
     let o = layout.numeric_offset(0);
     let sigma = spec.privacy.as_ref().expect("privacy").noise_multiplier;
-    let (sd_count, sd_sum) = crate::tabulate::private_noise_sd(&layout, sigma);
+    let (sd_count, sd_sum) = crate::tabulate::private_noise_sd(&layout, sigma).expect("noise");
     let pooled_sd = (REGIONS.len() as f64).sqrt();
     let mut worst_count_z: f64 = 0.0;
     for seed in 1..=5 {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut rng = noise_rng(seed);
         let mut pooled = vec![0.0; layout.answer_len()];
         for t in &tables {
-            let a = private_answer(&layout, t, sigma, &mut rng);
+            let a = private_answer(&layout, t, sigma, &mut rng).expect("answer");
             crate::algorithm::table::check_private(&layout, &a).expect("a well-formed private answer");
             pooled.iter_mut().zip(a).for_each(|(p, x)| *p += x);
         }
