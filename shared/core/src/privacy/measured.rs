@@ -124,8 +124,9 @@ fn dp_sgd_logit_at_epsilon_below_one_keeps_the_central_accuracy() {
         "central Newton fit: accuracy {acc0:.4}, log-loss {loss0:.4}, AUC {:.4}",
         exact.auc.expect("auc")
     );
-    let mut accs = Vec::new();
-    for seed in 1..=5 {
+    // Thirty runs: one run's noise can land anywhere in its range.
+    let (mut accs, mut losses) = (Vec::new(), Vec::new());
+    for seed in 1..=30 {
         let beta = dp_fedavg(&spec, &data, seed);
         let m = score(&beta);
         let (acc, loss) = (m.accuracy.expect("acc"), m.log_loss.expect("loss"));
@@ -134,22 +135,36 @@ fn dp_sgd_logit_at_epsilon_below_one_keeps_the_central_accuracy() {
             100.0 * acc / acc0,
             m.auc.expect("auc")
         );
-        assert!(acc >= 0.95 * acc0, "accuracy {acc} against {acc0}");
-        assert!(loss <= 1.1 * loss0, "log-loss {loss} against {loss0}");
         accs.push(acc);
+        losses.push(loss);
     }
+    accs.sort_by(f64::total_cmp);
+    losses.sort_by(f64::total_cmp);
+    let median = |v: &[f64]| v[v.len() / 2];
+    let (acc_med, loss_med) = (median(&accs), median(&losses));
+    let (acc_low, acc_high) = (accs[0], accs[accs.len() - 1]);
+    let (loss_low, loss_high) = (losses[0], losses[losses.len() - 1]);
     println!(
-        "DP-SGD mean accuracy {:.4}",
-        accs.iter().sum::<f64>() / accs.len() as f64
+        "over 30 runs: accuracy median {acc_med:.4} ({acc_low:.4}–{acc_high:.4}), log-loss median {loss_med:.4} ({loss_low:.4}–{loss_high:.4})"
+    );
+    assert!(acc_med >= 0.97 * acc0, "median accuracy {acc_med} against {acc0}");
+    assert!(acc_low >= 0.93 * acc0, "lowest accuracy {acc_low} against {acc0}");
+    assert!(
+        loss_med <= 1.06 * loss0,
+        "median log-loss {loss_med} against {loss0}"
+    );
+    assert!(
+        loss_high <= 1.12 * loss0,
+        "highest log-loss {loss_high} against {loss0}"
     );
 }
 
-/// One exact OLS fit from the offices' noisy sums, through the algorithm's check and pooling.
 /// A seeded generator of the discrete noise.
 fn noise_rng(seed: u64) -> super::discrete::NoiseRng {
     <super::discrete::NoiseRng as rand_010::SeedableRng>::seed_from_u64(seed)
 }
 
+/// One exact OLS fit from the offices' noisy sums, through the algorithm's check and pooling.
 fn dp_ols(spec: &ExperimentSpec, data: &[LocalData], seed: u64) -> fedstat_proto::output::GlmSummary {
     let mut alg = Glm::new(spec, Checkpoint::default()).expect("glm");
     let p = spec.num_params() as usize;
