@@ -13,7 +13,6 @@ use fedstat_core::model::{evaluate, fit_central, metrics, Metrics};
 use fedstat_core::spec::ExperimentSpec;
 use fedstat_proto::output::{GlmSummary, Output};
 use fedstat_proto::wire::ExperimentState;
-use ndarray::{concatenate, Axis};
 
 use crate::client::Client;
 use crate::config::ResearcherConfig;
@@ -441,26 +440,6 @@ async fn same_without_secure_aggregation(
     Ok(())
 }
 
-/// The offices' rows one after the other, weights and offsets with them (kept when every
-/// office has them).
-fn stack(parts: &[Design]) -> Result<Design> {
-    let join = |views: Vec<ndarray::ArrayView1<f64>>| {
-        concatenate(Axis(0), &views).map_err(|e| Error::Demo(format!("pooling rows: {e}")))
-    };
-    let optional = |part: fn(&Design) -> Option<&ndarray::Array1<f64>>| {
-        let views: Option<Vec<_>> = parts.iter().map(|d| part(d).map(|a| a.view())).collect();
-        views.map(join).transpose()
-    };
-    let xs: Vec<_> = parts.iter().map(|d| d.x.view()).collect();
-    Ok(Design {
-        x: concatenate(Axis(0), &xs).map_err(|e| Error::Demo(format!("pooling rows: {e}")))?,
-        y: join(parts.iter().map(|d| d.y.view()).collect())?,
-        weights: optional(|d| d.weights.as_ref())?,
-        offset: optional(|d| d.offset.as_ref())?,
-        ids: parts.iter().flat_map(|d| d.ids.iter().copied()).collect(),
-    })
-}
-
 /// An exact GLM fitted on all files' training rows pooled in this process.
 pub fn central_glm(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result<GlmSummary> {
     let plan = spec.design().map_err(fedstat_core::data::design_error)?;
@@ -469,7 +448,7 @@ pub fn central_glm(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result
     for (office, path) in files {
         train.push(load_design(path, &plan, Some(office), LoadLimits::UNLIMITED)?.train);
     }
-    let pooled = stack(&train)?;
+    let pooled = Design::stack(&train)?;
     Ok(fit_pooled(
         family,
         &pooled,
@@ -517,8 +496,8 @@ pub fn central_fit(spec: &ExperimentSpec, files: &[(String, PathBuf)]) -> Result
     }
     let names: Vec<String> = plan.names().into_iter().skip(1).collect();
     let st = Standardization::from_sums(&sums, &names)?;
-    let mut pooled_train = stack(&train)?;
-    let mut pooled_test = stack(&test)?;
+    let mut pooled_train = Design::stack(&train)?;
+    let mut pooled_test = Design::stack(&test)?;
     st.apply(&mut pooled_train.x);
     st.apply(&mut pooled_test.x);
     let beta = fit_central(

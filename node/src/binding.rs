@@ -179,21 +179,9 @@ impl Bindings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstat_core::spec::ExperimentSpec;
 
     fn task(id: ExperimentId, phase: Phase, round: u32) -> Task {
-        let spec: ExperimentSpec =
-            toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("example");
-        Task {
-            experiment: id,
-            round,
-            phase,
-            submitter: "researcher `alice`".into(),
-            spec,
-            standardization: None,
-            model: None,
-            secure: None,
-        }
+        crate::testing::task(crate::testing::example_spec(), id, round, phase)
     }
 
     #[test]

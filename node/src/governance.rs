@@ -305,7 +305,6 @@ pub fn verify_audit(path: &std::path::Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedstat_core::spec::ExperimentSpec;
     use fedstat_proto::wire::Phase;
     use serde_json::Value;
     use std::path::Path;
@@ -320,19 +319,9 @@ mod tests {
     }
 
     fn task(rounds: u32) -> Task {
-        let mut spec: ExperimentSpec =
-            toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("example");
+        let mut spec = crate::testing::example_spec();
         spec.rounds = rounds;
-        Task {
-            experiment: 3,
-            round: 0,
-            phase: Phase::Stats,
-            submitter: "researcher `alice`".into(),
-            spec,
-            standardization: None,
-            model: None,
-            secure: None,
-        }
+        crate::testing::task(spec, 3, 0, Phase::Stats)
     }
 
     fn kinds(cfg: &NodeConfig) -> Vec<String> {

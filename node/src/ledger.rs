@@ -510,8 +510,7 @@ mod tests {
 
     /// A DP-SGD logistic regression: `rounds` rounds of 1/q steps at σ.
     fn task(experiment: ExperimentId, rounds: u32, round: u32, phase: Phase) -> Task {
-        let mut spec: ExperimentSpec =
-            toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("example");
+        let mut spec = crate::testing::example_spec();
         spec.rounds = rounds;
         spec.training.local_epochs = 1;
         spec.privacy = Some(PrivacySpec {
@@ -522,16 +521,7 @@ mod tests {
             bounds: Vec::new(),
             node_level: None,
         });
-        Task {
-            experiment,
-            round,
-            phase,
-            submitter: "researcher `alice`".into(),
-            spec,
-            standardization: None,
-            model: None,
-            secure: None,
-        }
+        crate::testing::task(spec, experiment, round, phase)
     }
 
     fn eps_of_rounds(rounds: u64) -> f64 {

@@ -102,3 +102,29 @@ pub fn check(config: &config::NodeConfig, experiment: &Path) -> Result<Vec<Strin
     }
     Ok(out)
 }
+
+/// What the node's unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use fedstat_core::spec::ExperimentSpec;
+    use fedstat_proto::wire::{ExperimentId, Phase, Task};
+
+    /// The shipped example experiment (`configs/experiment-logit.toml`).
+    pub fn example_spec() -> ExperimentSpec {
+        toml::from_str(include_str!("../../configs/experiment-logit.toml")).expect("example")
+    }
+
+    /// A task of experiment `experiment` from researcher alice, without model or masking.
+    pub fn task(spec: ExperimentSpec, experiment: ExperimentId, round: u32, phase: Phase) -> Task {
+        Task {
+            experiment,
+            round,
+            phase,
+            submitter: "researcher `alice`".into(),
+            spec,
+            standardization: None,
+            model: None,
+            secure: None,
+        }
+    }
+}

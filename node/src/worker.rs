@@ -530,16 +530,7 @@ mod tests {
     }
 
     fn task(spec: &fedstat_core::spec::ExperimentSpec, phase: Phase, round: u32) -> Task {
-        Task {
-            experiment: 1,
-            round,
-            phase,
-            submitter: "researcher `alice`".into(),
-            spec: spec.clone(),
-            standardization: None,
-            model: None,
-            secure: None,
-        }
+        crate::testing::task(spec.clone(), 1, round, phase)
     }
 
     /// A DP experiment's answers: no exact statistics or evaluation; DP-SGD models with the

@@ -46,6 +46,29 @@ impl LoadLimits {
 }
 
 impl Design {
+    /// Several offices' rows one after the other (the pooled data a federated fit is checked
+    /// against): weights and offsets kept when every part has them, row ids carried along.
+    pub fn stack<'a>(parts: impl IntoIterator<Item = &'a Design>) -> Result<Design> {
+        let parts: Vec<&Design> = parts.into_iter().collect();
+        let join = |views: Vec<ndarray::ArrayView1<f64>>| {
+            ndarray::concatenate(ndarray::Axis(0), &views)
+                .map_err(|e| Error::Model(format!("pooling rows: {e}")))
+        };
+        let optional = |part: fn(&Design) -> Option<&Array1<f64>>| {
+            let views: Option<Vec<_>> = parts.iter().map(|d| part(d).map(|a| a.view())).collect();
+            views.map(join).transpose()
+        };
+        let xs: Vec<_> = parts.iter().map(|d| d.x.view()).collect();
+        Ok(Design {
+            x: ndarray::concatenate(ndarray::Axis(0), &xs)
+                .map_err(|e| Error::Model(format!("pooling rows: {e}")))?,
+            y: join(parts.iter().map(|d| d.y.view()).collect())?,
+            weights: optional(|d| d.weights.as_ref())?,
+            offset: optional(|d| d.offset.as_ref())?,
+            ids: parts.iter().flat_map(|d| d.ids.iter().copied()).collect(),
+        })
+    }
+
     /// Number of rows.
     pub fn rows(&self) -> usize {
         self.x.nrows()

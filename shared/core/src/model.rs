@@ -568,7 +568,7 @@ pub fn unstandardize(params: &[f64], st: &Standardization) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests {
-    use ndarray::{concatenate, Array1, Array2, Axis};
+    use ndarray::{Array1, Array2};
 
     use super::*;
     use crate::data::tests::{data_dir, load_region, logit_schema, ols_schema, REGIONS};
@@ -580,18 +580,6 @@ mod tests {
         train: Design,
         test: Design,
         names: Vec<String>,
-    }
-
-    fn stack(parts: &[&Design]) -> Design {
-        let xs: Vec<_> = parts.iter().map(|d| d.x.view()).collect();
-        let ys: Vec<_> = parts.iter().map(|d| d.y.view()).collect();
-        Design {
-            x: concatenate(Axis(0), &xs).expect("same width"),
-            y: concatenate(Axis(0), &ys).expect("vectors"),
-            weights: None,
-            offset: None,
-            ids: parts.iter().flat_map(|d| d.ids.iter().copied()).collect(),
-        }
     }
 
     #[test]
@@ -669,8 +657,8 @@ mod tests {
             st.apply(&mut d.train.x);
             st.apply(&mut d.test.x);
         }
-        let train = stack(&regions.iter().map(|d| &d.train).collect::<Vec<_>>());
-        let test = stack(&regions.iter().map(|d| &d.test).collect::<Vec<_>>());
+        let train = Design::stack(regions.iter().map(|d| &d.train)).expect("stack");
+        let test = Design::stack(regions.iter().map(|d| &d.test)).expect("stack");
         Pooled {
             regions,
             st,

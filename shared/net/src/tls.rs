@@ -503,25 +503,10 @@ mod tests {
 
     const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
-    /// A fresh federation: its PKI dir plus issued node certificate `ons`.
-    struct Fed {
-        _tmp: tempfile::TempDir,
-        dir: PathBuf,
-    }
+    /// A fresh federation and the TLS files of its parties.
+    use crate::test_ca::TestCa as Fed;
 
     impl Fed {
-        fn new(federation: &str) -> Fed {
-            let tmp = tempfile::tempdir().expect("tempdir");
-            let dir = tmp.path().to_path_buf();
-            pki::init(
-                &pki::CaDir::new(&dir),
-                federation,
-                &["localhost".into(), "127.0.0.1".into()],
-            )
-            .expect("init");
-            Fed { _tmp: tmp, dir }
-        }
-
         fn server_files(&self) -> TlsFiles {
             self.files("coordinator")
         }

@@ -7,7 +7,6 @@
 
 use std::time::Instant;
 
-use ndarray::{concatenate, Axis};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -36,18 +35,6 @@ fn offices(spec: &ExperimentSpec) -> Vec<LocalData> {
             crate::data::load_design(&path, &plan, None, crate::data::LoadLimits::UNLIMITED).expect("load")
         })
         .collect()
-}
-
-fn stack(parts: Vec<&Design>) -> Design {
-    let xs: Vec<_> = parts.iter().map(|d| d.x.view()).collect();
-    let ys: Vec<_> = parts.iter().map(|d| d.y.view()).collect();
-    Design {
-        x: concatenate(Axis(0), &xs).expect("same width"),
-        y: concatenate(Axis(0), &ys).expect("vectors"),
-        weights: None,
-        offset: None,
-        ids: Vec::new(),
-    }
 }
 
 /// One DP FedAvg run: only training steps, each office's DP-SGD model with weight 1.
@@ -109,8 +96,8 @@ fn dp_sgd_logit_at_epsilon_below_one_keeps_the_central_accuracy() {
         st.apply(&mut d.x);
         d
     };
-    let train = stack(data.iter().map(|d| &d.train).collect());
-    let test = std(&stack(data.iter().map(|d| &d.test).collect()));
+    let train = Design::stack(data.iter().map(|d| &d.train)).expect("stack");
+    let test = std(&Design::stack(data.iter().map(|d| &d.test)).expect("stack"));
     let central = fit_central(spec.model, std(&train).x.view(), train.y.view(), 0.0, &[]).expect("central");
     let score = |beta: &[f64]| {
         metrics(
@@ -205,8 +192,8 @@ fn gaussian_mechanism_ols_at_epsilon_below_one_is_close_to_the_pooled_fit() {
     assert_eq!((cost.steps, cost.sampling_rate), (1, 1.0));
     let data = offices(&spec);
     let names = spec.design_columns();
-    let train = stack(data.iter().map(|d| &d.train).collect());
-    let test = stack(data.iter().map(|d| &d.test).collect());
+    let train = Design::stack(data.iter().map(|d| &d.train)).expect("stack");
+    let test = Design::stack(data.iter().map(|d| &d.test)).expect("stack");
     let exact = fit_central(spec.model, train.x.view(), train.y.view(), 0.0, &names).expect("pooled OLS");
     let score = |beta: &[f64]| {
         metrics(
